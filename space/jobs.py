@@ -1,0 +1,188 @@
+"""JobManager: one training at a time, in a background thread the browser cannot kill.
+
+The event handler that starts a training returns at once; the training belongs to this service,
+so closing the tab does not stop it, and any page polls `snapshot()` to show its state. The same
+`gpu_lock` is held by the training thread and by generation, so they never share the GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+from trainer.config import TrainConfig
+from trainer.events import (
+    CancelToken,
+    CheckpointEvent,
+    Event,
+    EventHandler,
+    PhaseEvent,
+    ProgressEvent,
+    RunResult,
+    SampleEvent,
+    StepEvent,
+    WarningEvent,
+)
+
+log = logging.getLogger(__name__)
+
+JobState = Literal["idle", "starting", "running", "completed", "cancelled", "failed"]
+TrainFn = Callable[[TrainConfig, EventHandler, CancelToken], RunResult]
+
+
+class BusyError(RuntimeError):
+    """A training is already running."""
+
+
+@dataclass(frozen=True)
+class JobSnapshot:
+    """Everything a page needs to draw a job; `version` changes whenever anything else does."""
+
+    job_id: int = 0
+    version: int = 0
+    state: JobState = "idle"
+    phase: str = ""
+    message: str = ""
+    step: int = 0
+    total: int = 0
+    eta_seconds: float | None = None
+    losses: tuple[tuple[int, float], ...] = ()
+    samples: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
+    run_dir: str | None = None
+    instance_prompt: str = ""
+    error: str | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.state in ("starting", "running")
+
+
+def _default_train(config: TrainConfig, on_event: EventHandler, cancel: CancelToken) -> RunResult:
+    from trainer import train  # the engine is imported when the first job starts, not at import
+
+    return train(config, on_event=on_event, cancel=cancel)
+
+
+@dataclass
+class _Job:
+    snapshot: JobSnapshot
+    cancel: CancelToken = field(default_factory=CancelToken)
+    first_signal: threading.Event = field(default_factory=threading.Event)
+    exception: BaseException | None = None
+
+
+class JobManager:
+    def __init__(self, train_fn: TrainFn = _default_train, gpu_lock: threading.Lock | None = None) -> None:
+        self._train_fn = train_fn
+        self.gpu_lock = gpu_lock or threading.Lock()
+        self._lock = threading.Lock()  # guards _job and its snapshot
+        self._job: _Job | None = None
+        self._next_id = 1
+        self._finished = threading.Condition(self._lock)
+
+    # --- reading -------------------------------------------------------------------------
+    def snapshot(self) -> JobSnapshot:
+        with self._lock:
+            return self._job.snapshot if self._job else JobSnapshot()
+
+    def wait(self, timeout: float | None = None) -> JobSnapshot:
+        """Block until the current job is no longer active (tests, the API)."""
+        with self._finished:
+            self._finished.wait_for(lambda: not (self._job and self._job.snapshot.active), timeout)
+            return self._job.snapshot if self._job else JobSnapshot()
+
+    # --- control -------------------------------------------------------------------------
+    def start(self, config: TrainConfig, preflight_timeout: float = 60.0) -> JobSnapshot:
+        """Start `config` in the background; raise BusyError if a job runs.
+
+        Waits (up to `preflight_timeout` seconds) until the engine is past checking inputs and
+        loading the model, so that the errors it raises there (bad images, bad config, an unknown
+        model) reach the caller as exceptions with the engine's words.
+        """
+        with self._lock:
+            if self._job and self._job.snapshot.active:
+                snap = self._job.snapshot
+                raise BusyError(f"A training is already running (step {snap.step}/{snap.total}).")
+            job = _Job(JobSnapshot(
+                job_id=self._next_id, state="starting", phase="starting", message="Starting…",
+                total=config.max_train_steps, run_dir=config.output_dir,
+                instance_prompt=config.instance_prompt, started_at=time.time(),
+            ))
+            self._next_id += 1
+            self._job = job
+        threading.Thread(target=self._run, args=(job, config), name=f"train-{job.snapshot.job_id}",
+                         daemon=True).start()
+        job.first_signal.wait(preflight_timeout)
+        if job.exception is not None:
+            raise job.exception
+        return self.snapshot()
+
+    def cancel(self) -> bool:
+        """Ask the running job to stop at its next step (it keeps a usable checkpoint)."""
+        with self._lock:
+            if not (self._job and self._job.snapshot.active):
+                return False
+            self._job.cancel.cancel()
+        self._update(self._job, message="Cancelling at the next step…")
+        return True
+
+    # --- the background thread -----------------------------------------------------------
+    def _run(self, job: _Job, config: TrainConfig) -> None:
+        def on_event(event: Event) -> None:
+            self._apply(job, event)
+            # Loading can still fail on user input (fp16 on a CPU, a wrong model id): keep start() waiting.
+            if not isinstance(event, WarningEvent) and getattr(event, "phase", None) != "loading":
+                job.first_signal.set()
+
+        if not self.gpu_lock.acquire(blocking=False):
+            self._update(job, message="Waiting for a generation to finish with the GPU…")
+            self.gpu_lock.acquire()
+        try:
+            self._update(job, state="running")
+            result = self._train_fn(config, on_event, job.cancel)
+        except Exception as err:  # reported to the UI; the traceback goes to the server log only
+            log.exception("Training %s failed", job.snapshot.job_id)
+            job.exception = err
+            message = str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}"
+            self._update(job, state="failed", error=message, message="Failed.", finished_at=time.time())
+        else:
+            self._update(
+                job, state=result.status, phase="done", step=result.step, total=result.total_steps,
+                run_dir=str(result.run_dir), eta_seconds=0.0, finished_at=time.time(),
+                message="Cancelled: the last checkpoint is kept." if result.cancelled else "Done.",
+                samples=tuple(dict.fromkeys((*job.snapshot.samples, *map(str, result.samples)))),
+                warnings=tuple(dict.fromkeys((*job.snapshot.warnings, *result.warnings))),
+            )
+        finally:
+            self.gpu_lock.release()
+            job.first_signal.set()
+            with self._finished:
+                self._finished.notify_all()
+
+    def _apply(self, job: _Job, event: Event) -> None:
+        snap = job.snapshot
+        if isinstance(event, PhaseEvent):
+            self._update(job, phase=event.phase, message=event.message or event.phase.capitalize())
+        elif isinstance(event, StepEvent):
+            self._update(job, phase="training", step=event.step, total=event.total,
+                         eta_seconds=event.eta_seconds, losses=(*snap.losses, (event.step, event.loss)))
+        elif isinstance(event, ProgressEvent):
+            self._update(job, phase=event.phase, message=f"{event.phase}: {event.done}/{event.total}")
+        elif isinstance(event, SampleEvent):
+            self._update(job, samples=(*snap.samples, *map(str, event.paths)))
+        elif isinstance(event, CheckpointEvent):
+            self._update(job, message=f"Checkpoint saved at step {event.step}.")
+        elif isinstance(event, WarningEvent):
+            self._update(job, warnings=(*snap.warnings, event.message))
+
+    def _update(self, job: _Job, **changes: object) -> None:
+        with self._lock:
+            job.snapshot = dataclasses.replace(job.snapshot, version=job.snapshot.version + 1, **changes)

@@ -1,0 +1,93 @@
+"""Every sentence the UI shows, in one place: help strings, banners and status lines."""
+
+from __future__ import annotations
+
+from space.hardware import Hardware, SpaceInfo
+
+TITLE = "DreamBooth Studio"
+INTRO = (
+    "# DreamBooth Studio\n"
+    "Teach Stable Diffusion a subject from 3–20 photos, then generate it anywhere. "
+    "**Train** makes a run, **Generate** samples from it, **Publish** pushes it to the Hub."
+)
+
+DEMO_NOTICE = (
+    "**Demo model.** The first base model, *Tiny demo model*, is a tiny Stable Diffusion built "
+    "on this machine in seconds: it trains on a CPU and needs no network, but its images are "
+    "noise. It shows every step of the workflow. To train a real model, pick a Stable Diffusion "
+    "id from the list (or type any Hub id or a local diffusers folder) on a machine with a GPU."
+)
+
+
+def hardware_line(hw: Hardware) -> str:
+    if hw.has_gpu:
+        return f"**Hardware:** {hw.label}. Defaults below are chosen to fit it."
+    return (
+        f"**Hardware:** {hw.label}. Real Stable Diffusion training needs a GPU; "
+        "on this machine use the tiny demo model."
+    )
+
+
+def space_notice(space: SpaceInfo, hw: Hardware) -> str:
+    """Empty outside a Space. On a CPU Space, point to the duplicate route."""
+    if not space.space_id:
+        return ""
+    lines = []
+    if not hw.has_gpu:
+        lines.append(
+            f"**This Space runs on a CPU.** Training a real model here would take days. "
+            f"[Duplicate this Space]({space.duplicate_url}) to your account and give the copy a "
+            "GPU (a T4 is enough for LoRA) in its settings; your runs then stay private to you."
+        )
+    if space.persistent_storage:
+        lines.append("Runs are saved under `/data` (persistent storage): they survive restarts.")
+    else:
+        lines.append("This Space has no persistent storage: runs are lost when it restarts. Publish them.")
+    return "\n\n".join(lines)
+
+
+# --- Train tab -------------------------------------------------------------------------
+IMAGES_HELP = "3–20 photos of your subject: varied backgrounds, angles and lighting; square crops work best."
+IDENTIFIER_HELP = (
+    "A rare word that will name your subject, e.g. `sks` or `zwx`. Avoid real words: the model "
+    "already knows them."
+)
+CLASS_NOUN_HELP = "What the subject is, in one or two words: dog, man, backpack, painting."
+INSTANCE_PROMPT_HELP = "Caption of your photos; must contain the identifier. Filled from the fields above."
+CLASS_PROMPT_HELP = "Caption of generic class images (prior preservation). Must not contain the identifier."
+CONCEPT_HELP = (
+    "Presets as in the popular training Spaces: steps = 200 × images; the text encoder trains "
+    "for 30% (object), 65% (person) or 15% (style) of the steps."
+)
+METHOD_HELP = "LoRA: small file, less memory, fast. Full: the whole UNet, best fidelity, needs 16+ GB."
+BASE_MODEL_HELP = "Pick one, or type any Hub id (user/model) or a local diffusers folder."
+PRIOR_HELP = "Also train on generic class images so every dog does not become *your* dog."
+VALIDATION_HELP = "Sampled during training; empty = the instance prompt."
+BUSY = "A training is already running (step {step}/{total}). Only one runs at a time: its progress is shown below."
+IDLE = "No training yet. Upload photos and press **Start training**."
+
+
+def images_count(n: int) -> str:
+    if n == 0:
+        return "No photos yet."
+    advice = "" if 3 <= n <= 20 else " — DreamBooth wants 3 to 20."
+    return f"**{n}** photo{'s' if n != 1 else ''}{advice}"
+
+
+def eta_text(seconds: float | None) -> str:
+    if seconds is None:
+        return "estimating…"
+    seconds = int(round(seconds))
+    minutes, sec = divmod(seconds, 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m {sec:02d}s"
+
+
+# --- Generate tab ----------------------------------------------------------------------
+MODEL_SOURCE_HELP = (
+    "A run of this app (newest first), the demo model, or any Hub repo id: a full model or a LoRA "
+    "whose model card names its base model."
+)
+SEED_HELP = "Same seed + same settings = same images."
+SIZE_HELP = "Multiples of 8."
+GENERATE_BUSY = "A training is using the GPU right now (step {step}/{total}). Generate again when it has finished."

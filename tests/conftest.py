@@ -1,0 +1,62 @@
+"""Shared fixtures: the tiny SD models (built once per session) and a folder of subject images.
+
+Kept light on purpose: the environment defaults below must be set before anything from Hugging
+Face or gradio is imported, and the heavy imports happen inside the fixtures that need them.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Offline, quiet and single-threaded tokenizers for every test, unless the caller chose otherwise.
+for _name, _value in {
+    "HF_HUB_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "GRADIO_ANALYTICS_ENABLED": "False",
+    "TOKENIZERS_PARALLELISM": "false",
+}.items():
+    os.environ.setdefault(_name, _value)
+
+from pathlib import Path
+
+import pytest
+
+SUBJECT_SIZE = 64
+# Where the subject's square sits in each image: one subject, seen slightly differently each time.
+SUBJECT_OFFSETS: tuple[tuple[int, int], ...] = ((0, 0), (5, -3), (-4, 4), (3, 6))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny SD 1.5-shaped base model (epsilon prediction), saved once for the whole session."""
+    from trainer.tiny import build_tiny_pipeline
+
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_vpred_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same tiny model with a v-prediction scheduler (as SD 2.x 768 models use)."""
+    from trainer.tiny import build_tiny_pipeline
+
+    return build_tiny_pipeline(
+        tmp_path_factory.mktemp("tiny-sd-vpred") / "model", prediction_type="v_prediction"
+    )
+
+
+@pytest.fixture
+def subject_images(tmp_path: Path) -> Path:
+    """A folder of 4 distinct 64x64 PNGs of one subject: a red square on white, shifted per image."""
+    from PIL import Image, ImageDraw
+
+    folder = tmp_path / "subject"
+    folder.mkdir()
+    half = 14
+    for i, (dx, dy) in enumerate(SUBJECT_OFFSETS):
+        image = Image.new("RGB", (SUBJECT_SIZE, SUBJECT_SIZE), "white")
+        cx, cy = SUBJECT_SIZE // 2 + dx, SUBJECT_SIZE // 2 + dy
+        ImageDraw.Draw(image).rectangle(
+            (cx - half, cy - half, cx + half - 1, cy + half - 1), fill=(220, 20, 20)
+        )
+        image.save(folder / f"subject_{i}.png")
+    return folder

@@ -1,0 +1,136 @@
+"""The command line: `python -m trainer train --config run.json [--field value ...]`, `push`."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import types
+import typing
+from pathlib import Path
+
+from .config import ConfigError, TrainConfig
+
+_FIELD_TYPES = typing.get_type_hints(TrainConfig)
+
+
+def _scalar_type(tp) -> type:
+    """int | None -> int; Literal[...] -> str; tuple[str, ...] -> str."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return _scalar_type(args[0])
+    if typing.get_origin(tp) is typing.Literal:
+        return type(args[0])
+    if typing.get_origin(tp) is tuple:
+        return args[0]
+    return tp
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    for f in dataclasses.fields(TrainConfig):
+        tp = _FIELD_TYPES[f.name]
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f"{f.metadata.get('help', '')} (default: {default!r})"
+        kwargs: dict = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+        if tp is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+            continue
+        scalar = _scalar_type(tp)
+        if typing.get_origin(tp) is tuple:
+            kwargs["nargs"] = "+"
+        if typing.get_origin(tp) is typing.Literal:
+            kwargs["choices"] = typing.get_args(tp)
+        elif (inner := [a for a in typing.get_args(tp) if typing.get_origin(a) is typing.Literal]):
+            kwargs["choices"] = typing.get_args(inner[0])
+        parser.add_argument(flag, type=scalar, **kwargs)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    values = {}
+    if args.config:
+        values = TrainConfig.load(Path(args.config)).to_dict()
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    values.update({k: v for k, v in vars(args).items() if k in names})
+    return TrainConfig.from_dict(values)
+
+
+def _print_event(event) -> None:
+    from .events import PhaseEvent, SampleEvent, StepEvent, WarningEvent
+
+    if isinstance(event, StepEvent):
+        eta = f" eta {event.eta_seconds:.0f}s" if event.eta_seconds is not None else ""
+        print(f"step {event.step}/{event.total} loss {event.loss:.4f} lr {event.lr:.2e}{eta}", flush=True)
+    elif isinstance(event, PhaseEvent):
+        print(f"[{event.phase}] {event.message}", flush=True)
+    elif isinstance(event, SampleEvent):
+        print(f"samples at step {event.step}: {', '.join(str(p) for p in event.paths)}", flush=True)
+    elif isinstance(event, WarningEvent):
+        print(f"warning: {event.message}", file=sys.stderr, flush=True)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from . import train
+    from .events import CancelToken
+
+    config = config_from_args(args)
+    cancel = CancelToken()
+    try:
+        result = train(config, on_event=_print_event, cancel=cancel)
+    except KeyboardInterrupt:
+        return 130
+    print(f"{result.status}: {result.step}/{result.total_steps} steps; run folder {result.run_dir}")
+    return 0
+
+
+def _push(args: argparse.Namespace) -> int:
+    from .hub import publish
+
+    token = os.environ.get(args.token_env) if args.token_env else None
+    if args.token_env and not token:
+        raise ConfigError(f"`--token-env`: the environment variable {args.token_env} is not set")
+    result = publish(Path(args.run_dir), args.repo_id, private=args.private, token=token)
+    print(result.url)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m trainer", description="DreamBooth Studio engine")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train_p = sub.add_parser("train", help="Fine-tune a model on your subject.",
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    train_p.add_argument("--config", help="A config.json (e.g. a run folder's) to start from; flags override it.")
+    add_config_arguments(train_p)
+    train_p.set_defaults(func=_train)
+
+    push_p = sub.add_parser("push", help="Publish a run folder to the Hugging Face Hub.")
+    push_p.add_argument("run_dir", help="The run folder to publish.")
+    push_p.add_argument("--repo-id", required=True, help="Target repo, e.g. you/sks-dog.")
+    push_p.add_argument("--private", action=argparse.BooleanOptionalAction, default=True,
+                        help="Private repo (default) or --no-private / --public.")
+    push_p.add_argument("--public", dest="private", action="store_false", help="Same as --no-private.")
+    push_p.add_argument("--token-env", default="HF_TOKEN",
+                        help="Environment variable holding the token (never pass a token in argv).")
+    push_p.set_defaults(func=_push)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:  # engine errors with user-facing messages, e.g. bad images
+        from .data import ImageDataError
+
+        if isinstance(err, ImageDataError):
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""Training batches: which images a step sees, their latents and prompt embeddings.
+
+Everything random here (data order, crops, flips, the VAE's latent sample, noise, timesteps)
+is drawn from generators seeded by (seed, micro-step), never from global state: a run resumed
+at step k sees exactly the batches an uninterrupted run sees.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .config import TrainConfig
+from .data import ImageSet, prepare_image
+from .models import Components
+
+
+def step_generator(seed: int, micro_step: int, salt: int = 0) -> torch.Generator:
+    return torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + micro_step * 7 + salt)
+
+
+@dataclass
+class Batch:
+    latents: torch.Tensor  # instance rows first, then class rows
+    input_ids: torch.Tensor  # token ids of each row's prompt
+    n_instance: int
+
+
+class BatchSource:
+    """Instance (and class) images, with latents cached once when nothing augments them."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        parts: Components,
+        instance: ImageSet,
+        classes: ImageSet | None,
+        device: torch.device,
+        process_index: int = 0,
+        num_processes: int = 1,
+    ) -> None:
+        self.config = config
+        self.parts = parts
+        self.instance = instance
+        self.classes = classes
+        self.device = device
+        self.rank, self.world = process_index, num_processes
+        # One epoch covers every instance image and every class image at least once.
+        self.epoch_len = max(len(instance), len(classes) if classes else 0)
+        self.instance_ids = self._tokenize(config.instance_prompt)
+        self.class_ids = self._tokenize(config.class_prompt) if classes else None
+        self._moments: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _tokenize(self, prompt: str) -> torch.Tensor:
+        tok = self.parts.tokenizer
+        return tok(prompt, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                   return_tensors="pt").input_ids[0]
+
+    # --- latents ----------------------------------------------------------------------
+    @torch.no_grad()
+    def _encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        vae = self.parts.vae
+        dist = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist
+        return dist.mean.float(), dist.std.float()
+
+    def cache_latents(self, on_progress: Callable[[int, int], None]) -> None:
+        """Encode each image once: the VAE encode is a third of a 512-px step's compute."""
+        sets = [("instance", self.instance)] + ([("class", self.classes)] if self.classes else [])
+        total = sum(len(s) for _, s in sets)
+        done = 0
+        for name, images in sets:
+            means, stds = [], []
+            for i in range(len(images)):
+                pixels = prepare_image(images.image(i), self.config.resolution, True, False)[None]
+                mean, std = self._encode(pixels)
+                means.append(mean)
+                stds.append(std)
+                done += 1
+                on_progress(done, total)
+            self._moments[name] = (torch.cat(means), torch.cat(stds))
+
+    def _latent(self, name: str, images: ImageSet, index: int, gen: torch.Generator) -> torch.Tensor:
+        if name in self._moments:
+            mean, std = (t[index : index + 1] for t in self._moments[name])
+        else:
+            crop_rng = random.Random(int(torch.randint(0, 2**31, (1,), generator=gen)))
+            flip = self.config.random_flip and bool(torch.rand((), generator=gen) < 0.5)
+            pixels = prepare_image(images.image(index), self.config.resolution, self.config.center_crop, flip,
+                                   crop_rng)[None]
+            mean, std = self._encode(pixels)
+        # Sampling the latent distribution each step, as encoding each step would.
+        eps = torch.randn(mean.shape, generator=gen).to(mean.device)
+        latent = mean + std * eps
+        vae_cfg = self.parts.vae.config
+        shift = getattr(vae_cfg, "shift_factor", None) or 0.0
+        return (latent - shift) * vae_cfg.scaling_factor
+
+    # --- batches ----------------------------------------------------------------------
+    def batch(self, micro_step: int) -> Batch:
+        size = self.config.train_batch_size
+        gen = step_generator(self.config.seed, micro_step, salt=1)
+        latents, ids, class_latents, class_ids = [], [], [], []
+        for j in range(size):
+            sample = (micro_step * self.world + self.rank) * size + j
+            epoch, offset = divmod(sample, self.epoch_len)
+            order = torch.randperm(self.epoch_len, generator=step_generator(self.config.seed, epoch, salt=2))
+            position = int(order[offset])
+            latents.append(self._latent("instance", self.instance, position % len(self.instance), gen))
+            ids.append(self.instance_ids)
+            if self.classes is not None:
+                class_latents.append(self._latent("class", self.classes, position % len(self.classes), gen))
+                class_ids.append(self.class_ids)
+        return Batch(
+            latents=torch.cat(latents + class_latents).to(self.device),
+            input_ids=torch.stack(ids + class_ids).to(self.device),
+            n_instance=size,
+        )
+
+
+class PromptEmbeddings:
+    """Text-encoder outputs, pre-computed while the text encoder is frozen."""
+
+    def __init__(self, parts: Components) -> None:
+        self.parts = parts
+        self._cache: dict[bytes, torch.Tensor] = {}
+
+    def clear(self) -> None:
+        self._cache.clear()
+
+    @torch.no_grad()
+    def cached(self, input_ids: torch.Tensor) -> torch.Tensor:
+        rows = []
+        for row in input_ids:
+            key = row.cpu().numpy().tobytes()
+            if key not in self._cache:
+                self._cache[key] = self.parts.text_encoder(row[None])[0]
+            rows.append(self._cache[key])
+        return torch.cat(rows)

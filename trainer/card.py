@@ -1,0 +1,227 @@
+"""The model card (README.md) of a run folder: Hub metadata, a usage snippet, settings, samples.
+
+The card describes the run from what is in the folder, so it is correct whoever calls it: the
+engine at the end of training (no repo yet: the snippet loads the folder itself) and `publish`
+just before upload (the snippet loads the real repo id).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Literal
+
+from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
+
+from .config import TrainConfig
+
+CARD_NAME = "README.md"
+CONFIG_NAME = "config.json"
+PIPELINE_INDEX = "model_index.json"
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the name diffusers' save/load_lora_weights use
+SAMPLES_DIR = "samples"
+MAX_CARD_SAMPLES = 8
+
+RunKind = Literal["full", "lora"]
+
+# Licenses of well-known bases, for when the base's own card is not at hand (offline training).
+_KNOWN_LICENSES: tuple[tuple[str, str], ...] = (  # (fnmatch pattern of the Hub id, license)
+    ("runwayml/stable-diffusion-v1-5", "creativeml-openrail-m"),
+    ("stable-diffusion-v1-5/*", "creativeml-openrail-m"),
+    ("CompVis/*", "creativeml-openrail-m"),
+    ("stabilityai/stable-diffusion-2*", "openrail++"),
+)
+# A local folder inside the Hugging Face cache still knows which Hub repo it came from.
+_CACHE_SNAPSHOT = re.compile(r"models--(?P<org>[^/\\]+?)--(?P<name>[^/\\]+)[/\\]snapshots[/\\]")
+# Validation samples are saved as step-000400-p0-1.png: step, prompt index, image index.
+_SAMPLE_NAME = re.compile(r"^step-(?P<step>\d+)-p(?P<prompt>\d+)-(?P<index>\d+)\.png$")
+
+
+def run_kind(run_dir: Path) -> RunKind | None:
+    """"full" for a saved pipeline, "lora" for a LoRA file, None while no weights are saved."""
+    if (run_dir / PIPELINE_INDEX).is_file():
+        return "full"
+    if (run_dir / LORA_WEIGHTS).is_file():
+        return "lora"
+    return None
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: str  # relative to the run folder, with forward slashes (as in the repo)
+    prompt: str
+    step: int
+
+
+def list_samples(run_dir: Path, config: TrainConfig) -> list[Sample]:
+    """The validation samples of the last step that has any, prompt by prompt."""
+    parsed = []
+    for path in sorted((run_dir / SAMPLES_DIR).glob("*.png")):
+        match = _SAMPLE_NAME.match(path.name)
+        step, p = (int(match["step"]), int(match["prompt"])) if match else (-1, -1)
+        prompts = config.validation_prompts
+        prompt = prompts[p] if 0 <= p < len(prompts) else config.instance_prompt
+        parsed.append(Sample(f"{SAMPLES_DIR}/{path.name}", prompt, step))
+    if not parsed:
+        return []
+    last = max(sample.step for sample in parsed)
+    return [sample for sample in parsed if sample.step == last][:MAX_CARD_SAMPLES]
+
+
+def hub_base_model(pretrained_model: str) -> str | None:
+    """The Hub id of the base model, or None when it is a local folder of unknown origin."""
+    match = _CACHE_SNAPSHOT.search(pretrained_model)
+    if match:
+        return f"{match['org']}/{match['name']}"
+    if Path(pretrained_model).expanduser().exists():
+        return None
+    try:
+        validate_repo_id(pretrained_model)
+    except HFValidationError:
+        return None
+    return pretrained_model if "/" in pretrained_model else None
+
+
+def base_license(pretrained_model: str) -> str | None:
+    """The base model's license: from its own card when it is on disk, else from the known list."""
+    local = Path(pretrained_model).expanduser()
+    if (local / CARD_NAME).is_file():
+        license_ = ModelCard.load(local / CARD_NAME, ignore_metadata_errors=True).data.license
+        if license_:
+            return str(license_)
+    hub_id = hub_base_model(pretrained_model)
+    if hub_id is None:
+        return None
+    return next((license_ for pattern, license_ in _KNOWN_LICENSES if fnmatchcase(hub_id, pattern)), None)
+
+
+def build_model_card(run_dir: Path, repo_id: str | None = None) -> ModelCard:
+    """The card of `run_dir`; `repo_id` None makes the usage snippet load the folder itself."""
+    run_dir = Path(run_dir)
+    config = TrainConfig.load(run_dir / CONFIG_NAME)
+    kind = run_kind(run_dir) or config.method
+    samples = list_samples(run_dir, config)
+    base_id = hub_base_model(config.pretrained_model)
+
+    tags = ["text-to-image", "diffusers", "dreambooth", "stable-diffusion", "diffusers-training"]
+    if kind == "lora":
+        tags.append("lora")
+    data = ModelCardData(
+        base_model=base_id,
+        license=base_license(config.pretrained_model),
+        library_name="diffusers",
+        pipeline_tag="text-to-image",
+        tags=tags,
+        instance_prompt=config.instance_prompt,
+        widget=[{"text": s.prompt, "output": {"url": s.path}} for s in samples] or None,
+    )
+    where = repo_id or str(run_dir.resolve())
+    body = "\n".join([
+        f"# DreamBooth {'LoRA' if kind == 'lora' else 'fine-tune'}: `{config.identifier}`",
+        "",
+        f"{_describe(kind, config, base_id)} It was trained with DreamBooth on a few photos of one subject,",
+        f"named by the identifier `{config.identifier}`. Prompt with the instance prompt",
+        f"**`{config.instance_prompt}`**, or any prompt that uses `{config.identifier}` the same way.",
+        "",
+        "## Use it",
+        "",
+        "```python",
+        _usage(kind, where, base_id or config.pretrained_model, config),
+        "```",
+        "",
+        "## Samples",
+        "",
+        _gallery(samples),
+        "",
+        "## Training settings",
+        "",
+        _settings_table(kind, config),
+        "",
+        "Trained with DreamBooth Studio; `config.json` in this repo holds every setting of the run.",
+        "",
+    ])
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
+
+
+def write_model_card(run_dir: Path, repo_id: str | None = None) -> Path:
+    """Write `run_dir/README.md` (see build_model_card) and return its path."""
+    path = Path(run_dir) / CARD_NAME
+    build_model_card(run_dir, repo_id).save(path)
+    return path
+
+
+def _describe(kind: str, config: TrainConfig, base_id: str | None) -> str:
+    base = f"[{base_id}](https://huggingface.co/{base_id})" if base_id else f"`{config.pretrained_model}`"
+    if kind == "lora":
+        return f"LoRA weights (rank {config.lora_rank}) for {base}."
+    return f"A full Stable Diffusion pipeline fine-tuned from {base}."
+
+
+def _usage(kind: str, where: str, base: str, config: TrainConfig) -> str:
+    prompt = config.instance_prompt.replace('"', '\\"')
+    lines = ["import torch", "from diffusers import StableDiffusionPipeline", ""]
+    if kind == "lora":
+        revision = f', revision="{config.revision}"' if config.revision else ""
+        lines += [
+            "pipe = StableDiffusionPipeline.from_pretrained(",
+            f'    "{base}"{revision}, torch_dtype=torch.float16, use_safetensors=True',
+            ').to("cuda")',
+            f'pipe.load_lora_weights("{where}", weight_name="{LORA_WEIGHTS}")',
+        ]
+    else:
+        lines += [
+            "pipe = StableDiffusionPipeline.from_pretrained(",
+            f'    "{where}", torch_dtype=torch.float16, use_safetensors=True',
+            ').to("cuda")',
+        ]
+    lines += [
+        f'image = pipe("{prompt}", num_inference_steps=25, guidance_scale=7.5).images[0]',
+        f'image.save("{config.identifier}.png")',
+    ]
+    return "\n".join(lines)
+
+
+def _gallery(samples: list[Sample]) -> str:
+    if not samples:
+        return "No validation samples were saved during training."
+    step = samples[0].step
+    head = f"Validation samples at step {step}:" if step >= 0 else "Validation samples:"
+    images = "\n".join(f"![{_cell(s.prompt)}]({s.path})" for s in samples)
+    return f"{head}\n\n{images}"
+
+
+def _settings_table(kind: str, config: TrainConfig) -> str:
+    method = f"LoRA, rank {config.lora_rank}, alpha {config.lora_alpha or config.lora_rank}" if kind == "lora" \
+        else "full fine-tuning of the UNet"
+    prior = (
+        f"yes: `{config.class_prompt}`, {config.num_class_images} class images, weight {config.prior_loss_weight}"
+        if config.with_prior_preservation else "no"
+    )
+    text_encoder = f"yes, for {config.text_encoder_steps_fraction:.0%} of the steps" \
+        if config.train_text_encoder else "no"
+    rows = [
+        ("Base model", f"`{config.pretrained_model}`" + (f" @ `{config.revision}`" if config.revision else "")),
+        ("Method", method),
+        ("Text encoder trained", text_encoder),
+        ("Instance prompt", f"`{config.instance_prompt}`"),
+        ("Prior preservation", prior),
+        ("Steps", str(config.max_train_steps)),
+        ("Learning rate", f"{config.lr:g} ({config.lr_scheduler}, {config.lr_warmup_steps} warm-up steps)"),
+        ("Batch size", f"{config.train_batch_size} x {config.gradient_accumulation_steps} accumulation"),
+        ("Resolution", f"{config.resolution} px"),
+        ("Mixed precision", config.mixed_precision),
+        ("Optimizer", "AdamW 8-bit" if config.use_8bit_adam else "AdamW"),
+        ("Min-SNR gamma", "off" if config.snr_gamma is None else f"{config.snr_gamma:g}"),
+        ("Offset noise", f"{config.offset_noise:g}"),
+        ("Seed", str(config.seed)),
+    ]
+    return "\n".join(["| Setting | Value |", "|---|---|", *(f"| {k} | {_cell(v)} |" for k, v in rows)])
+
+
+def _cell(text: str) -> str:
+    """Text safe inside a Markdown table cell or image alt text."""
+    return text.replace("|", "\\|").replace("[", "(").replace("]", ")").replace("\n", " ")

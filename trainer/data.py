@@ -1,0 +1,243 @@
+"""Training images: find them, check every one before training, load them as RGB, turn them into tensors."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import warnings
+from collections import Counter, OrderedDict
+from collections.abc import Sequence
+from io import BytesIO
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+MIN_SIDE = 64  # below this an image carries too little of the subject to be worth upscaling
+SIXTEEN_BIT_MODES: tuple[str, ...] = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+class ImageProblem(NamedTuple):
+    path: Path
+    reason: str
+
+
+class ImageDataError(ValueError):
+    """Images the run cannot use; `problems` holds every one and str() lists them one per line."""
+
+    def __init__(self, problems: Sequence[ImageProblem], field: str | None = None) -> None:
+        self.problems = list(problems)
+        self.field = field
+        super().__init__("\n".join(_describe(self.problems, field)))
+
+
+def _describe(problems: list[ImageProblem], field: str | None) -> list[str]:
+    if field is not None:  # a source path is wrong: its reason already names the full path
+        return [f"`{field}`: {p.reason}" for p in problems]
+    # The file name is what the user recognises; the full path only where two names collide.
+    names = Counter(p.path.name for p in problems)
+    return [f"{p.path.name if names[p.path.name] == 1 else p.path}: {p.reason}" for p in problems]
+
+
+def collect_image_paths(sources: Sequence[str | Path], field: str = "instance_data") -> list[Path]:
+    """Expand folders (non-recursive, sorted) and keep files named explicitly, whatever their suffix."""
+    paths: list[Path] = []
+    problems: list[ImageProblem] = []
+    for source in sources:
+        if str(source).strip() == "":  # Path("") is the working directory: never what was meant
+            problems.append(ImageProblem(Path(), "an empty path was given"))
+            continue
+        path = Path(source).expanduser()
+        if path.is_dir():
+            found = sorted(
+                (p for p in path.iterdir() if _is_image_name(p.name) and p.is_file()),
+                key=lambda p: (p.name.casefold(), p.name),
+            )
+            if not found:
+                problems.append(
+                    ImageProblem(path, f"folder {path} has no images ({', '.join(IMAGE_SUFFIXES)})")
+                )
+            paths.extend(found)
+        elif path.exists():
+            paths.append(path)  # named explicitly: check_images reports it if it is no image
+        else:
+            problems.append(ImageProblem(path, f"{path} does not exist"))
+    if problems:
+        raise ImageDataError(problems, field)
+    unique: dict[Path, Path] = {}  # a file given both alone and inside its folder trains once
+    for path in paths:
+        unique.setdefault(path.resolve(), path)
+    return list(unique.values())
+
+
+def _is_image_name(name: str) -> bool:
+    # Hidden files include macOS "._photo.jpg" resource forks, which look like images but are not.
+    return not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES
+
+
+def check_images(paths: Sequence[Path], resolution: int) -> list[str]:
+    """Decode every image; raise one ImageDataError listing all problems, else return warnings."""
+    problems: list[ImageProblem] = []
+    notes: list[str] = []
+    first_with_hash: dict[str, Path] = {}
+    for path in paths:
+        try:
+            data = path.read_bytes()
+        except PermissionError:
+            problems.append(ImageProblem(path, "cannot be read (permission denied)"))
+            continue
+        except OSError as err:
+            problems.append(ImageProblem(path, f"cannot be read ({err.strerror or err})"))
+            continue
+        if not data:
+            problems.append(ImageProblem(path, "empty file (0 bytes)"))
+            continue
+        try:
+            image = _decode_rgb(BytesIO(data), still_only=True)
+        except _ImageRejected as err:
+            problems.append(ImageProblem(path, str(err)))
+            continue
+        width, height = image.size
+        if min(width, height) < MIN_SIDE:
+            problems.append(
+                ImageProblem(path, f"is {width}x{height} px; at least {MIN_SIDE} px on each side is needed")
+            )
+            continue
+        if min(width, height) < resolution:
+            notes.append(
+                f"{path.name} is {width}x{height} px, smaller than the training resolution {resolution}: "
+                "it will be upscaled"
+            )
+        digest = hashlib.sha256(data).hexdigest()
+        if digest in first_with_hash:
+            notes.append(
+                f"{path.name} has the same content as {first_with_hash[digest].name}: "
+                "it will weigh twice in training"
+            )
+        first_with_hash.setdefault(digest, path)
+    if problems:
+        raise ImageDataError(problems)
+    return notes
+
+
+class _ImageRejected(Exception):
+    """Internal: the reason a file cannot be decoded, phrased for the user."""
+
+
+def _decode_rgb(source: Path | BytesIO, still_only: bool) -> Image.Image:
+    """Fully decode under the decompression-bomb limit, turn upright, convert to RGB."""
+    # Pillow only warns between 1x and 2x MAX_IMAGE_PIXELS; a warning lost in a log is no check,
+    # so it becomes an error here, locally, without touching the global limit.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(source) as opened:
+                frames = getattr(opened, "n_frames", 1)
+                if still_only and frames > 1:
+                    raise _ImageRejected(f"is animated ({frames} frames); use a still image")
+                opened.load()  # decodes all pixel data: a truncated file fails here, not mid-training
+                upright = ImageOps.exif_transpose(opened)  # a copy, so it outlives the closed file
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise _ImageRejected("is too large (decompression-bomb limit)") from None
+        except UnidentifiedImageError:
+            raise _ImageRejected("is not an image (Pillow cannot identify its format)") from None
+        except (OSError, SyntaxError, ValueError, EOFError) as err:  # what Pillow's decoders raise
+            raise _ImageRejected(f"is truncated or corrupt ({err})") from None
+    return _to_rgb(upright)
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in SIXTEEN_BIT_MODES:
+        # Pillow's own I;16 -> L conversion clips at 255 instead of scaling, which turns most
+        # 16-bit photos white; divide by 256 so 65535 -> 255 and 32768 -> 128.
+        values = np.asarray(image).astype(np.int64).clip(0, 65535) // 256
+        return Image.fromarray(values.astype(np.uint8)).convert("RGB")
+    if image.mode == "F":
+        raise _ImageRejected("has 32-bit float pixels, which cannot be trained on; save it as 8 or 16 bit")
+    if image.has_transparency_data:
+        # Transparent pixels keep arbitrary colour values (often black); show them on white instead.
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    try:
+        return image.convert("RGB")  # L, P, 1, CMYK, YCbCr, LAB, ...; a no-op copy for RGB
+    except ValueError:
+        raise _ImageRejected(f"has pixel mode {image.mode}, which cannot be converted to RGB") from None
+
+
+def load_rgb(path: Path) -> Image.Image:
+    """Load an image checked by check_images as an upright, fully loaded RGB image."""
+    try:
+        return _decode_rgb(path, still_only=False)
+    except _ImageRejected as err:
+        raise ImageDataError([ImageProblem(path, str(err))]) from None
+
+
+def _resize_short_side(image: Image.Image, side: int) -> Image.Image:
+    width, height = image.size
+    if min(width, height) == side:
+        return image
+    scale = side / min(width, height)
+    size = (max(side, round(width * scale)), max(side, round(height * scale)))
+    # LANCZOS keeps detail when shrinking; it rings when enlarging, where BICUBIC does not.
+    resample = Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.BICUBIC
+    return image.resize(size, resample)
+
+
+def prepare_image(
+    image: Image.Image,
+    resolution: int,
+    center_crop: bool,
+    flip: bool,
+    crop_rng: random.Random | None = None,
+) -> torch.Tensor:
+    """Resize the short side to `resolution`, crop a square, maybe mirror; float [3, res, res] in [-1, 1]."""
+    if image.mode != "RGB":
+        raise ValueError(f"prepare_image expects an RGB image (see load_rgb), got mode {image.mode}")
+    image = _resize_short_side(image, resolution)
+    width, height = image.size
+    if center_crop:
+        left, top = (width - resolution) // 2, (height - resolution) // 2
+    else:
+        # Without a generator, the `random` module: accelerate's set_seed seeds it, too.
+        randint = crop_rng.randint if crop_rng is not None else random.randint
+        left, top = randint(0, width - resolution), randint(0, height - resolution)
+    image = image.crop((left, top, left + resolution, top + resolution))
+    if flip:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    pixels = torch.from_numpy(np.array(image, dtype=np.float32))  # a writable copy, [H, W, 3] in 0..255
+    return (pixels.permute(2, 0, 1) / 127.5 - 1.0).contiguous()
+
+
+class ImageSet:
+    """Checked image paths, loaded on first use and kept in a small least-recently-used cache.
+
+    Pass `short_side=resolution` to cache images already shrunk to the training size: prepare_image
+    then skips its resize, and 20 phone photos take ~20 MB instead of ~700 MB.
+    """
+
+    def __init__(self, paths: Sequence[Path], cache_size: int = 32, short_side: int | None = None) -> None:
+        self.paths = list(paths)
+        self.cache_size = cache_size
+        self.short_side = short_side
+        self._cache: OrderedDict[int, Image.Image] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def image(self, i: int) -> Image.Image:
+        """The i-th image as RGB; shared with the cache, so treat it as read-only."""
+        if i in self._cache:
+            self._cache.move_to_end(i)
+            return self._cache[i]
+        image = load_rgb(self.paths[i])
+        if self.short_side is not None and min(image.size) > self.short_side:  # never enlarge here
+            image = _resize_short_side(image, self.short_side)
+        if self.cache_size > 0:
+            self._cache[i] = image
+            if len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return image

@@ -1,0 +1,138 @@
+"""Load the base model's parts, freeze what is frozen, add LoRA, choose dtypes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers.models.attention_processor import AttnProcessor2_0
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from .config import TrainConfig
+
+UNET_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
+TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+class ModelLoadError(RuntimeError):
+    """The base model could not be loaded; the message names the model and the part."""
+
+
+@dataclass
+class Components:
+    tokenizer: CLIPTokenizer
+    text_encoder: CLIPTextModel
+    vae: AutoencoderKL
+    unet: UNet2DConditionModel
+    noise_scheduler: DDPMScheduler
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+
+def weight_dtype(mixed_precision: str) -> torch.dtype:
+    """Dtype of the frozen modules; trainable weights always stay fp32."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+
+
+def load_components(config: TrainConfig) -> Components:
+    """Everything through `from_pretrained`, so a Hub id and a local folder take one path."""
+    source = config.pretrained_model
+    common = {"revision": config.revision, "use_safetensors": True}
+
+    def load(part: str, loader):
+        try:
+            if part in ("tokenizer", "scheduler"):
+                return loader(source, subfolder=part, revision=config.revision)
+            return loader(source, subfolder=part, variant=config.variant, **common)
+        except (OSError, ValueError, EnvironmentError) as err:
+            # from_pretrained's own messages are long; keep the first line and name the part.
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ModelLoadError(
+                f"`pretrained_model`: could not load the {part} of {source!r}"
+                f"{f' (variant {config.variant})' if config.variant else ''}: {first}"
+            ) from None
+
+    return Components(
+        tokenizer=load("tokenizer", CLIPTokenizer.from_pretrained),
+        text_encoder=load("text_encoder", CLIPTextModel.from_pretrained),
+        vae=load("vae", AutoencoderKL.from_pretrained),
+        unet=load("unet", UNet2DConditionModel.from_pretrained),
+        noise_scheduler=load("scheduler", DDPMScheduler.from_pretrained),
+    )
+
+
+def prepare_for_training(parts: Components, config: TrainConfig, device: torch.device) -> None:
+    """Freeze, attach LoRA adapters, set dtypes and memory savers, in place.
+
+    Frozen modules sit in the mixed-precision dtype to halve their memory; every trainable
+    parameter is fp32, because fp16 master weights are what makes GradScaler fail with
+    "Attempting to unscale FP16 gradients".
+    """
+    frozen_dtype = weight_dtype(config.mixed_precision)
+    parts.vae.requires_grad_(False)
+    parts.text_encoder.requires_grad_(False)
+    parts.unet.requires_grad_(config.method == "full")
+
+    if config.method == "lora":
+        from peft import LoraConfig
+
+        alpha = config.lora_alpha or config.lora_rank
+        parts.unet.add_adapter(
+            LoraConfig(r=config.lora_rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                       target_modules=UNET_LORA_TARGETS)
+        )
+        if config.train_text_encoder:
+            parts.text_encoder.add_adapter(
+                LoraConfig(r=config.lora_rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                           target_modules=TEXT_LORA_TARGETS)
+            )
+    elif config.train_text_encoder:
+        parts.text_encoder.requires_grad_(True)
+
+    # The VAE is never trained; it stays fp32 under fp16 because SD's VAE overflows in fp16.
+    parts.vae.to(device)
+    if config.mixed_precision == "bf16":
+        parts.vae.to(dtype=frozen_dtype)
+    for module in (parts.unet, parts.text_encoder):
+        module.to(device)
+        if frozen_dtype != torch.float32:
+            module.to(dtype=frozen_dtype)
+        for param in module.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()
+
+    parts.unet.set_attn_processor(AttnProcessor2_0())  # PyTorch SDPA: fused, memory-efficient attention
+    if config.gradient_checkpointing:
+        parts.unet.enable_gradient_checkpointing()
+        if config.train_text_encoder:
+            parts.text_encoder.activation_checkpointing_enable()
+    parts.vae.eval()
+    parts.unet.train()
+    parts.text_encoder.train(config.train_text_encoder)
+
+
+def trainable_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def trainable_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable tensors by name: what a checkpoint must hold to restore the run."""
+    names = {name for name, p in module.named_parameters() if p.requires_grad}
+    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items() if k in names}
+
+
+def load_trainable_state_dict(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    expected = {name for name, p in module.named_parameters() if p.requires_grad}
+    missing, extra = expected - set(state), set(state) - expected
+    if missing or extra:
+        raise ModelLoadError(
+            f"checkpoint does not match the {what}: {len(missing)} missing and {len(extra)} unexpected "
+            f"tensors (was it made with another method or base model?)"
+        )
+    params = dict(module.named_parameters())
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value.to(params[name].device, params[name].dtype))

@@ -1,0 +1,54 @@
+"""The accelerator a run trains under, and the run folder's status file."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import ProjectConfiguration
+
+from .config import ConfigError, TrainConfig
+
+TRACKER_PROJECT = "dreambooth"
+
+
+def make_accelerator(config: TrainConfig, run_dir: Path) -> Accelerator:
+    if config.mixed_precision == "fp16" and not torch.cuda.is_available():
+        # accelerate would silently train in fp32 here; say so instead.
+        raise ConfigError("`mixed_precision` fp16 needs a CUDA GPU; on this machine use 'bf16' or 'no'")
+    if config.report_to == "wandb" and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("`report_to` wandb needs the wandb package: `pip install wandb`, or use 'tensorboard'")
+    # accelerate keeps one AcceleratorState per process; a second train() in the same process
+    # (the app, the tests) must start from a clean one. The distributed PartialState is kept.
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+    accelerator = Accelerator(
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        mixed_precision=config.mixed_precision,
+        log_with=None if config.report_to == "none" else config.report_to,
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
+    )
+    if config.report_to != "none":
+        accelerator.init_trackers(TRACKER_PROJECT, config=_tracker_config(config))
+    return accelerator
+
+
+def _tracker_config(config: TrainConfig) -> dict[str, str | int | float | bool]:
+    """Trackers take flat scalars. TrainConfig holds no secret (the Hub token never enters it)."""
+    flat: dict[str, str | int | float | bool] = {}
+    for key, value in config.to_dict().items():
+        if isinstance(value, bool | int | float | str):
+            flat[key] = value
+        elif value is not None:
+            flat[key] = json.dumps(value)
+    return flat
+
+
+def write_run_status(run_dir: Path, status: str, step: int, total: int) -> None:
+    tmp = run_dir / ".run.json.tmp"
+    tmp.write_text(json.dumps({"status": status, "step": step, "total_steps": total}) + "\n", encoding="utf-8")
+    tmp.replace(run_dir / "run.json")

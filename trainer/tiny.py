@@ -1,0 +1,112 @@
+"""A tiny, randomly initialised Stable Diffusion with the same classes and layout as SD 1.5.
+
+It trains and samples in seconds on a CPU, needs no network, and is saved exactly like a real
+base model (`model_index.json` + one folder per component, safetensors only), so everything that
+loads SD 1.5 loads it too. The tests build it once per session; the app offers it as its offline
+demo base model. Its images are noise-like: it checks the plumbing, not the art.
+
+The only asset it needs is the real CLIP tokenizer in `trainer/assets/clip-tokenizer`, written by
+`python tools/build_clip_tokenizer.py`, so prompts tokenize to the ids SD 1.5 sees.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "clip-tokenizer"
+PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "v_prediction")
+
+# Width 32 with 8 groups keeps every GroupNorm valid; two blocks give the VAE a 2x downsampling,
+# so a 32x32 image is a 16x16 latent, which is the UNet's sample_size.
+UNET_CONFIG: dict[str, Any] = {
+    "sample_size": 16,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": (32, 64),
+    "layers_per_block": 1,
+    "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+    "cross_attention_dim": 32,  # = the text encoder's hidden_size
+    "attention_head_dim": 4,  # diffusers reads this as the number of heads, as in SD 1.5's config
+    "norm_num_groups": 8,
+}
+VAE_CONFIG: dict[str, Any] = {
+    "sample_size": 32,
+    "in_channels": 3,
+    "out_channels": 3,
+    "block_out_channels": (32, 64),
+    "layers_per_block": 1,
+    "down_block_types": ("DownEncoderBlock2D", "DownEncoderBlock2D"),
+    "up_block_types": ("UpDecoderBlock2D", "UpDecoderBlock2D"),
+    "latent_channels": 4,
+    "norm_num_groups": 8,
+}
+# The full 49,408-token vocabulary is most of the folder's size (49408 x 32 floats), but it lets the
+# real tokenizer's ids, placeholder tokens included, index the embedding unchanged.
+TEXT_ENCODER_CONFIG: dict[str, Any] = {
+    "vocab_size": 49408,
+    "hidden_size": 32,
+    "intermediate_size": 37,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",  # as OpenAI's CLIP ViT-L/14 used by SD 1.5
+    "layer_norm_eps": 1e-5,
+    "bos_token_id": 49406,
+    "eos_token_id": 49407,  # the pooled output is read at the first EOS of each prompt
+    "pad_token_id": 1,  # SD 1.5's value; CLIPTextModel never reads it
+}
+# SD 1.5's scheduler/scheduler_config.json.
+SCHEDULER_CONFIG: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "skip_prk_steps": True,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+}
+
+
+def build_tiny_pipeline(out_dir: Path, seed: int = 0, prediction_type: str = "epsilon") -> Path:
+    """Build, save (safetensors) and return `out_dir`; the same seed gives the same weights."""
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"`prediction_type` has to be one of {PREDICTION_TYPES} but is {prediction_type!r}.")
+    if not (TOKENIZER_DIR / "vocab.json").is_file():
+        raise FileNotFoundError(
+            f"The CLIP tokenizer is missing from {TOKENIZER_DIR}: run `python tools/build_clip_tokenizer.py`."
+        )
+    out_dir = Path(out_dir)
+
+    # Re-seed before each component, so changing one component's config leaves the others' weights alone.
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**UNET_CONFIG)
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(**VAE_CONFIG)
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT_ENCODER_CONFIG))
+    tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER_DIR)
+    scheduler = PNDMScheduler(**SCHEDULER_CONFIG, prediction_type=prediction_type)
+
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(out_dir, safe_serialization=True)
+    # Ship the tokenizer as SD 1.5 does (vocab.json + merges.txt) instead of the tokenizer.json that
+    # save_pretrained writes: 1.5 MB instead of 3.6 MB, and it loads faster. Same ids either way.
+    shutil.rmtree(out_dir / "tokenizer")
+    shutil.copytree(TOKENIZER_DIR, out_dir / "tokenizer")
+    return out_dir
