@@ -6,7 +6,7 @@ import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,7 @@ from trainer.config import DEFAULT_LR, ConfigError, TrainConfig
 MIN_IMAGES, MAX_IMAGES = 3, 20
 
 
-class Concept(str, Enum):
+class Concept(StrEnum):
     OBJECT = "object"
     PERSON = "person"
     STYLE = "style"

@@ -35,6 +35,11 @@ JobState = Literal["idle", "starting", "running", "completed", "cancelled", "fai
 TrainFn = Callable[[TrainConfig, EventHandler, CancelToken], RunResult]
 
 
+def error_message(err: BaseException) -> str:
+    """The engine's own words for input errors; the exception type too for anything else."""
+    return str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}"
+
+
 class BusyError(RuntimeError):
     """A training is already running."""
 
@@ -65,7 +70,7 @@ class JobSnapshot:
         return self.state in ("starting", "running")
 
 
-def _default_train(config: TrainConfig, on_event: EventHandler, cancel: CancelToken) -> RunResult:
+def default_train(config: TrainConfig, on_event: EventHandler, cancel: CancelToken) -> RunResult:
     from trainer import train  # the engine is imported when the first job starts, not at import
 
     return train(config, on_event=on_event, cancel=cancel)
@@ -80,7 +85,7 @@ class _Job:
 
 
 class JobManager:
-    def __init__(self, train_fn: TrainFn = _default_train, gpu_lock: threading.Lock | None = None) -> None:
+    def __init__(self, train_fn: TrainFn = default_train, gpu_lock: threading.Lock | None = None) -> None:
         self._train_fn = train_fn
         self.gpu_lock = gpu_lock or threading.Lock()
         self._lock = threading.Lock()  # guards _job and its snapshot
@@ -151,8 +156,7 @@ class JobManager:
         except Exception as err:  # reported to the UI; the traceback goes to the server log only
             log.exception("Training %s failed", job.snapshot.job_id)
             job.exception = err
-            message = str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}"
-            self._update(job, state="failed", error=message, message="Failed.", finished_at=time.time())
+            self._update(job, state="failed", error=error_message(err), message="", finished_at=time.time())
         else:
             self._update(
                 job, state=result.status, phase="done", step=result.step, total=result.total_steps,

@@ -195,16 +195,21 @@ def _gallery(samples: list[Sample]) -> str:
 
 
 def _settings_table(kind: str, config: TrainConfig) -> str:
-    method = f"LoRA, rank {config.lora_rank}, alpha {config.lora_alpha or config.lora_rank}" if kind == "lora" \
-        else "full fine-tuning of the UNet"
-    prior = (
-        f"yes: `{config.class_prompt}`, {config.num_class_images} class images, weight {config.prior_loss_weight}"
-        if config.with_prior_preservation else "no"
-    )
-    text_encoder = f"yes, for {config.text_encoder_steps_fraction:.0%} of the steps" \
-        if config.train_text_encoder else "no"
+    method = "full fine-tuning of the UNet"
+    if kind == "lora":
+        method = f"LoRA, rank {config.lora_rank}, alpha {config.lora_alpha or config.lora_rank}"
+    prior = "no"
+    if config.with_prior_preservation:
+        prior = (
+            f"yes: `{config.class_prompt}`, {config.num_class_images} class images, "
+            f"weight {config.prior_loss_weight}"
+        )
+    text_encoder = "no"
+    if config.train_text_encoder:
+        text_encoder = f"yes, for {config.text_encoder_steps_fraction:.0%} of the steps"
+    base = f"`{config.pretrained_model}`" + (f" @ `{config.revision}`" if config.revision else "")
     rows = [
-        ("Base model", f"`{config.pretrained_model}`" + (f" @ `{config.revision}`" if config.revision else "")),
+        ("Base model", base),
         ("Method", method),
         ("Text encoder trained", text_encoder),
         ("Instance prompt", f"`{config.instance_prompt}`"),

@@ -47,7 +47,7 @@ def load_components(config: TrainConfig) -> Components:
             if part in ("tokenizer", "scheduler"):
                 return loader(source, subfolder=part, revision=config.revision)
             return loader(source, subfolder=part, variant=config.variant, **common)
-        except (OSError, ValueError, EnvironmentError) as err:
+        except (OSError, ValueError) as err:
             # from_pretrained's own messages are long; keep the first line and name the part.
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ModelLoadError(

@@ -16,12 +16,16 @@ from .config import ConfigError, TrainConfig
 TRACKER_PROJECT = "dreambooth"
 
 
-def make_accelerator(config: TrainConfig, run_dir: Path) -> Accelerator:
+def check_runtime(config: TrainConfig) -> None:
+    """What this machine cannot do for the config, said before anything loads."""
     if config.mixed_precision == "fp16" and not torch.cuda.is_available():
         # accelerate would silently train in fp32 here; say so instead.
         raise ConfigError("`mixed_precision` fp16 needs a CUDA GPU; on this machine use 'bf16' or 'no'")
     if config.report_to == "wandb" and importlib.util.find_spec("wandb") is None:
         raise ConfigError("`report_to` wandb needs the wandb package: `pip install wandb`, or use 'tensorboard'")
+
+
+def make_accelerator(config: TrainConfig, run_dir: Path) -> Accelerator:
     # accelerate keeps one AcceleratorState per process; a second train() in the same process
     # (the app, the tests) must start from a clean one. The distributed PartialState is kept.
     AcceleratorState._reset_state()

@@ -1,0 +1,81 @@
+"""DreamBooth Studio: `python app.py` serves the UI on http://127.0.0.1:7860.
+
+Importing this module builds the UI (`demo`, for `gradio app.py` and Spaces) and nothing else:
+no model is loaded and no training thread starts until someone asks for one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+import gradio as gr
+
+from space.layout import CSS, Services, build_app
+
+AUTH_ENV = "DREAMBOOTH_AUTH"  # "user:password", an alternative to --auth that stays out of argv
+
+
+def create_app(runs_dir: Path | None = None) -> tuple[gr.Blocks, Services]:
+    services = Services.create(runs_dir=runs_dir)
+    return build_app(services), services
+
+
+def parse_auth(text: str | None) -> tuple[str, str] | None:
+    if not text:
+        return None
+    user, sep, password = text.partition(":")
+    if not sep or not user or not password:
+        raise ValueError("--auth must look like USER:PASSWORD, both non-empty")
+    return user, password
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="app.py", description="Serve the DreamBooth Studio UI.")
+    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+                        help="Interface to listen on (0.0.0.0 for the local network). Default 127.0.0.1.")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
+                        help="Port. Default 7860.")
+    parser.add_argument("--share", action="store_true", help="Also create a public gradio.live link.")
+    parser.add_argument("--auth", default=None, metavar="USER:PASS",
+                        help=f"Require this login (or set {AUTH_ENV}=USER:PASS, which keeps it out of ps).")
+    parser.add_argument("--runs-dir", type=Path, default=None,
+                        help="Where runs are saved. Default ./runs, or /data/runs on a Space with storage.")
+    args = parser.parse_args(argv)
+    try:
+        args.auth = parse_auth(args.auth or os.environ.get(AUTH_ENV))
+    except ValueError as err:
+        parser.error(str(err))
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app, services = (demo, _services) if args.runs_dir is None else create_app(args.runs_dir)
+    if args.share and args.auth is None:
+        print("Warning: the public link will be open to anyone who has it; protect it with --auth USER:PASS.")
+    app.queue(default_concurrency_limit=1)
+    app.launch(
+        server_name=args.host,
+        server_port=args.port,
+        share=args.share,
+        auth=args.auth,
+        allowed_paths=[str(services.runs_dir.resolve())],
+        prevent_thread_lock=True,
+        theme=gr.themes.Soft(),
+        css=CSS,
+    )
+    if args.share and not app.share_url:
+        print(f"Could not create the public link (is this machine offline?). "
+              f"Still serving locally on {app.local_url}", file=sys.stderr)
+    app.block_thread()
+
+
+demo, _services = create_app()
+
+if __name__ == "__main__":
+    main()

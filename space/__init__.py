@@ -1,0 +1,1 @@
+"""The Gradio UI of DreamBooth Studio: tabs that call the trainer engine, never the reverse."""

@@ -1,0 +1,194 @@
+"""The Train tab: the form, Start and Cancel, and a live view of the JobManager's job.
+
+The Start handler only validates and hands the config to the JobManager; every open page draws
+the job by polling it with a gr.Timer, so a closed tab loses nothing and a second visitor sees
+the running job. Launch alone with `python -m space.train_tab`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from space import texts
+from space.form import Concept, form_to_config, preset_values, prompts_for
+from space.hardware import DEMO_MODEL, KNOWN_MODELS, DemoModel, Hardware, default_resolution, safe_defaults
+from space.jobs import BusyError, JobManager, JobSnapshot, error_message
+
+log = logging.getLogger(__name__)
+MAX_PLOT_POINTS = 500
+MODEL_CHOICES: list[tuple[str, str]] = [("Tiny demo model (built locally, runs on CPU)", DEMO_MODEL)] + [
+    (model_id, model_id) for model_id in KNOWN_MODELS
+]
+
+
+@dataclass
+class TrainTab:
+    finished_run: gr.State  # run folder of the last finished job this page has seen
+
+
+def build_train_tab(jobs: JobManager, runs_dir: Path, hardware: Hardware, demo: DemoModel) -> TrainTab:
+    d = safe_defaults(hardware)
+    preset = preset_values(Concept.OBJECT.value, 0, d["method"])
+    instance_prompt0, class_prompt0 = prompts_for("sks", "dog", Concept.OBJECT.value)
+    gr.Markdown(f"{texts.hardware_line(hardware)}\n\n{texts.DEMO_NOTICE}")
+    with gr.Row():
+        with gr.Column():
+            images = gr.File(label="Instance photos", file_count="multiple", file_types=["image"],
+                             elem_id="train-images")
+            count = gr.Markdown(texts.images_count(0), elem_id="image-count")
+            preview = gr.Gallery(label="Preview", columns=5, height=200, interactive=False)
+        with gr.Column():
+            concept = gr.Radio([c.value for c in Concept], value=Concept.OBJECT.value, label="Concept type",
+                               info=texts.CONCEPT_HELP)
+            with gr.Row():
+                identifier = gr.Textbox("sks", label="Identifier", info=texts.IDENTIFIER_HELP)
+                class_noun = gr.Textbox("dog", label="Class noun", info=texts.CLASS_NOUN_HELP)
+            instance_prompt = gr.Textbox(instance_prompt0, label="Instance prompt", info=texts.INSTANCE_PROMPT_HELP)
+            class_prompt = gr.Textbox(class_prompt0, label="Class prompt", info=texts.CLASS_PROMPT_HELP)
+            method = gr.Radio([("LoRA", "lora"), ("Full fine-tune", "full")], value=d["method"], label="Method",
+                              info=texts.METHOD_HELP)
+            base_model = gr.Dropdown(MODEL_CHOICES, value=d["base_model"], allow_custom_value=True,
+                                     label="Base model", info=texts.BASE_MODEL_HELP)
+            with gr.Row():
+                prior = gr.Checkbox(False, label="Prior preservation", info=texts.PRIOR_HELP)
+                num_class = gr.Slider(1, 1000, 100, step=1, label="Class images")
+    with gr.Accordion("Advanced", open=False):
+        with gr.Row():
+            steps = gr.Number(preset["max_train_steps"], precision=0, label="Training steps", elem_id="steps")
+            lr = gr.Number(preset["learning_rate"], label="Learning rate")
+            batch = gr.Slider(1, 8, d["train_batch_size"], step=1, label="Batch size")
+            accum = gr.Slider(1, 16, 1, step=1, label="Gradient accumulation")
+        with gr.Row():
+            train_te = gr.Checkbox(preset["train_text_encoder"], label="Train the text encoder")
+            te_fraction = gr.Slider(0.05, 1.0, preset["text_encoder_steps_fraction"], step=0.05,
+                                    label="…for this fraction of the steps")
+            resolution = gr.Number(d["resolution"], precision=0, step=8, label="Resolution")
+        with gr.Row():
+            adam8 = gr.Checkbox(d["use_8bit_adam"], label="8-bit Adam")
+            checkpointing = gr.Checkbox(d["gradient_checkpointing"], label="Gradient checkpointing")
+            precision = gr.Radio(["no", "fp16", "bf16"], value=d["mixed_precision"], label="Mixed precision")
+            seed = gr.Number(0, precision=0, label="Seed")
+        with gr.Row():
+            ckpt_steps = gr.Number(500, precision=0, label="Checkpoint every N steps")
+            val_prompt = gr.Textbox("", label="Validation prompt", info=texts.VALIDATION_HELP)
+            val_steps = gr.Number(100, precision=0, label="Sample every N steps", elem_id="validation-steps")
+    with gr.Row():
+        start = gr.Button("Start training", variant="primary", elem_id="start-training")
+        cancel = gr.Button("Cancel", variant="stop", elem_id="cancel-training")
+    status = gr.Markdown(texts.IDLE, elem_id="train-status")
+    with gr.Row():
+        loss_plot = gr.LinePlot(_loss_frame(()), x="step", y="loss", title="Loss", height=260,
+                                elem_id="loss-plot")
+        samples = gr.Gallery(label="Validation samples", columns=4, height=260, elem_id="train-samples")
+    warnings = gr.Textbox(label="Warnings", lines=3, max_lines=8, interactive=False)
+    seen, finished_run, timer = gr.State((0, -1, 0, 0)), gr.State(""), gr.Timer(1.0)
+
+    form: dict[str, Any] = {
+        "images": images, "identifier": identifier, "class_noun": class_noun, "concept": concept,
+        "instance_prompt": instance_prompt, "class_prompt": class_prompt, "method": method,
+        "base_model": base_model, "with_prior_preservation": prior, "num_class_images": num_class,
+        "max_train_steps": steps, "learning_rate": lr, "train_batch_size": batch,
+        "gradient_accumulation_steps": accum, "train_text_encoder": train_te,
+        "text_encoder_steps_fraction": te_fraction, "resolution": resolution, "use_8bit_adam": adam8,
+        "gradient_checkpointing": checkpointing, "mixed_precision": precision, "seed": seed,
+        "checkpointing_steps": ckpt_steps, "validation_prompt": val_prompt, "validation_steps": val_steps,
+    }
+
+    # --- wiring: form helpers ------------------------------------------------------------
+    def on_images(files: list[str] | None, kind: str, how: str) -> tuple[Any, str, int]:
+        paths = list(files or [])
+        return paths, texts.images_count(len(paths)), preset_values(kind, len(paths), how)["max_train_steps"]
+
+    def on_preset(files: list[str] | None, kind: str, how: str) -> tuple[Any, ...]:
+        p = preset_values(kind, len(files or []), how)
+        return p["max_train_steps"], p["learning_rate"], p["train_text_encoder"], p["text_encoder_steps_fraction"]
+
+    private: dict[str, Any] = {"api_visibility": "private", "show_progress": "hidden", "queue": False}
+    images.change(on_images, [images, concept, method], [preview, count, steps], **private)
+    gr.on([concept.change, method.change], on_preset, [images, concept, method], [steps, lr, train_te, te_fraction],
+          **private)
+    gr.on([identifier.change, class_noun.change, concept.change], prompts_for, [identifier, class_noun, concept],
+          [instance_prompt, class_prompt], **private)
+    base_model.change(default_resolution, base_model, resolution, **private)
+
+    # --- wiring: the job -----------------------------------------------------------------
+    def start_training(**values: Any) -> str:
+        """Validate the form and start a training in the background; returns at once."""
+        try:
+            config = form_to_config(values, runs_dir, resolve_model=demo.resolve)
+            snap = jobs.start(config)
+        except BusyError as err:
+            raise gr.Error(str(err)) from None
+        except Exception as err:  # every engine check lands here with its own words
+            log.info("Training refused: %s", err)
+            raise gr.Error(error_message(err), print_exception=False) from None
+        return render_status(snap)
+
+    def cancel_training() -> str:
+        """Stop the running training at its next step; its checkpoint is kept."""
+        return "Cancelling at the next step…" if jobs.cancel() else "No training is running."
+
+    def poll(last: tuple[int, int, int, int]) -> tuple[Any, ...]:
+        """Redraw only what changed since this page last drew (job id, version, #samples, #warnings)."""
+        snap = jobs.snapshot()
+        now = (snap.job_id, snap.version, len(snap.samples), len(snap.warnings))
+        if now == tuple(last):
+            return (gr.skip(),) * 6
+        same_job = now[0] == last[0]
+        done = snap.state in ("completed", "cancelled") and snap.run_dir
+        return (now, render_status(snap), _loss_frame(snap.losses),
+                gr.skip() if same_job and now[2] == last[2] else list(snap.samples),
+                gr.skip() if same_job and now[3] == last[3] else "\n".join(snap.warnings),
+                snap.run_dir if done else gr.skip())
+
+    start.click(start_training, None, status, inputs_kwargs=form, api_name="train", concurrency_id="gpu")
+    cancel.click(cancel_training, None, status, api_name="cancel", concurrency_limit=None)
+    timer.tick(poll, seen, [seen, status, loss_plot, samples, warnings, finished_run], api_visibility="private",
+               show_progress="hidden", concurrency_limit=None)
+    gr.api(lambda: job_status(jobs), api_name="job_status")
+    return TrainTab(finished_run=finished_run)
+
+
+def job_status(jobs: JobManager) -> dict[str, Any]:
+    """The current job as plain data, for gradio_client."""
+    snap = jobs.snapshot()
+    return {"state": snap.state, "phase": snap.phase, "step": snap.step, "total": snap.total,
+            "run_dir": snap.run_dir, "error": snap.error, "samples": list(snap.samples),
+            "losses": [list(p) for p in snap.losses]}
+
+
+def render_status(snap: JobSnapshot) -> str:
+    if snap.state == "idle":
+        return texts.IDLE
+    head = {"starting": "⏳ Starting", "running": "🏃 Training", "completed": "✅ Completed",
+            "cancelled": "⏹️ Cancelled", "failed": "❌ Failed"}[snap.state]
+    lines = [f"**{head}** · phase: {snap.phase} · step **{snap.step}/{snap.total}**"]
+    if snap.active:
+        lines[0] += f" · ETA {texts.eta_text(snap.eta_seconds)}"
+    if snap.message:
+        lines.append(snap.message)
+    if snap.error:
+        lines.append(f"**Error:** {snap.error}")
+    if snap.run_dir and not snap.active:
+        lines.append(f"Run folder: `{snap.run_dir}`")
+    return "\n\n".join(lines)
+
+
+def _loss_frame(losses: tuple[tuple[int, float], ...]) -> pd.DataFrame:
+    points = list(losses)
+    stride = max(1, len(points) // MAX_PLOT_POINTS)  # long runs: plot every k-th step
+    return pd.DataFrame(points[::stride], columns=["step", "loss"])
+
+
+if __name__ == "__main__":
+    from space.hardware import default_cache_dir, detect_hardware
+
+    with gr.Blocks(title=texts.TITLE) as app:
+        build_train_tab(JobManager(), Path("runs"), detect_hardware(), DemoModel(default_cache_dir()))
+    app.launch()

@@ -1,0 +1,107 @@
+"""The app with the real engine on the tiny model: the Blocks it builds, then gradio_client driving
+a served app through its API (train a few steps, watch the job, generate from the run)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from space.hardware import DEMO_MODEL
+
+# A training the tiny model finishes in seconds on 2 CPU cores.
+TINY_TRAINING: dict[str, Any] = {
+    "identifier": "sks", "class_noun": "square", "instance_prompt": "a photo of sks square",
+    "max_train_steps": 6, "validation_steps": 3, "checkpointing_steps": 3, "resolution": 32,
+    "use_8bit_adam": True, "method": "lora",
+}
+
+
+@contextmanager
+def serve_app(tmp: Path, tiny_model_dir: Path) -> Iterator[tuple[str, Any]]:
+    """Serve the whole app on a free port; its demo model is the session's tiny model (copied)."""
+    from space.layout import Services, build_app
+
+    cache = tmp / "cache"
+    shutil.copytree(tiny_model_dir, cache / "tiny-sd")
+    services = Services.create(runs_dir=tmp / "runs", cache_dir=cache)
+    app = build_app(services)
+    app.queue(default_concurrency_limit=1)
+    app.launch(prevent_thread_lock=True, quiet=True, server_name="127.0.0.1", server_port=None)
+    try:
+        yield app.local_url, services
+    finally:
+        services.jobs.wait(120)  # never leave a training thread behind
+        app.close()
+
+
+def test_importing_app_builds_the_ui_and_nothing_else(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    import app
+
+    assert app.demo.title == "DreamBooth Studio"
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "cache").exists()  # no run, no model built
+    assert app._services.jobs.snapshot().state == "idle"
+    args = app.parse_args(["--port", "7999", "--auth", "ann:secret", "--runs-dir", "x"])
+    assert (args.host, args.port, args.auth, args.runs_dir, args.share) == ("127.0.0.1", 7999, ("ann", "secret"),
+                                                                             Path("x"), False)
+    with pytest.raises(SystemExit):
+        app.parse_args(["--auth", "no-colon"])
+
+
+def test_blocks_build_with_the_real_engine(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from space.layout import Services, build_app
+
+    services = Services.create(runs_dir=tmp_path / "runs", cache_dir=tmp_path / "cache")
+    app = build_app(services)
+    config = app.get_config_file()
+    api_names = {dep.get("api_name") for dep in config["dependencies"]}
+    assert {"train", "cancel", "generate", "job_status"} <= api_names
+    labels = {c["props"].get("label") for c in config["components"]}
+    assert {"Instance photos", "Base model", "Training steps", "8-bit Adam", "Scheduler", "LoRA scale"} <= labels
+    assert not services.demo.built  # the demo model is built on first use only
+    assert Path(services.demo.resolve(DEMO_MODEL)).joinpath("model_index.json").is_file()
+    assert services.demo.resolve("user/model") == "user/model"
+
+
+def test_gradio_client_trains_then_generates(tmp_path: Path, tiny_model_dir: Path, subject_images: Path) -> None:
+    from gradio_client import Client, handle_file
+
+    images = [handle_file(str(p)) for p in sorted(subject_images.glob("*.png"))]
+    with serve_app(tmp_path, tiny_model_dir) as (url, services):
+        client = Client(url, verbose=False)
+        with pytest.raises(Exception, match="must contain the identifier"):  # the engine's words, as gr.Error
+            client.predict(images=images, **{**_form(), "instance_prompt": "a photo of a square"}, api_name="/train")
+        status = client.predict(images=images, **_form(), api_name="/train")
+        assert "step" in status
+        deadline = time.monotonic() + 120
+        while (job := client.predict(api_name="/job_status"))["state"] in ("starting", "running"):
+            assert time.monotonic() < deadline, job
+            time.sleep(0.5)
+        assert job["state"] == "completed", job
+        assert job["step"] == 6 and len(job["losses"]) == 6 and job["samples"]
+        run_dir = Path(job["run_dir"])
+        assert (run_dir / "pytorch_lora_weights.safetensors").is_file() and run_dir.parent == tmp_path / "runs"
+
+        gallery = client.predict(str(run_dir), "a photo of sks square", "", 7.5, 2, "Euler ancestral", 3, 32, 32, 2,
+                                 1.0, api_name="/generate")
+        assert len(gallery) == 2 and all(os.path.isfile(item["image"]) for item in gallery)
+        with pytest.raises(Exception, match="multiples of 8"):
+            client.predict(str(run_dir), "x", "", 7.5, 2, "DDIM", 0, 30, 32, 1, 1.0, api_name="/generate")
+
+
+def _form() -> dict[str, Any]:
+    """Every Train form field by its API name, as a scripted client sends them."""
+    return {
+        **TINY_TRAINING, "concept": "object", "class_prompt": "a photo of square", "base_model": DEMO_MODEL,
+        "with_prior_preservation": False, "num_class_images": 10, "learning_rate": 1e-4, "train_batch_size": 1,
+        "gradient_accumulation_steps": 1, "train_text_encoder": False, "text_encoder_steps_fraction": 1.0,
+        "gradient_checkpointing": False, "mixed_precision": "no", "seed": 0, "validation_prompt": "",
+    }

@@ -1,0 +1,153 @@
+"""Units of the UI that need no server: form → TrainConfig, presets, prompts, the JobManager."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from space.form import PRESETS, Concept, form_to_config, new_run_dir, preset_values, prompts_for
+from space.hardware import DEMO_MODEL, Hardware, default_resolution, safe_defaults
+from space.jobs import BusyError, JobManager
+from trainer.config import ConfigError, TrainConfig
+from trainer.events import CancelToken, PhaseEvent, RunResult, SampleEvent, StepEvent, WarningEvent
+
+
+def form(images: list[str], **changes: Any) -> dict[str, Any]:
+    """The Train form as the tab hands it over: keys as in train_tab's `form`."""
+    values: dict[str, Any] = {
+        "images": images, "identifier": "sks", "class_noun": "dog", "concept": "object",
+        "instance_prompt": "a photo of sks dog", "class_prompt": "a photo of dog", "method": "lora",
+        "base_model": "some/model", "with_prior_preservation": False, "num_class_images": 50,
+        "max_train_steps": 6.0, "learning_rate": 1e-4, "train_batch_size": 1, "gradient_accumulation_steps": 2,
+        "train_text_encoder": True, "text_encoder_steps_fraction": 0.3, "resolution": 32,
+        "use_8bit_adam": True, "gradient_checkpointing": False, "mixed_precision": "no", "seed": 7,
+        "checkpointing_steps": 3, "validation_prompt": "", "validation_steps": 2,
+    }
+    values.update(changes)
+    return values
+
+
+@pytest.fixture
+def four_images(tmp_path: Path) -> list[str]:
+    return [str(tmp_path / f"{i}.png") for i in range(4)]
+
+
+def test_form_maps_every_field(tmp_path: Path, four_images: list[str]) -> None:
+    config = form_to_config(form(four_images), tmp_path / "runs")
+    assert isinstance(config, TrainConfig)
+    assert config.instance_data == tuple(four_images)
+    assert (config.pretrained_model, config.identifier, config.method) == ("some/model", "sks", "lora")
+    assert (config.max_train_steps, config.learning_rate, config.gradient_accumulation_steps) == (6, 1e-4, 2)
+    assert config.train_text_encoder and config.text_encoder_steps_fraction == 0.3
+    assert (config.resolution, config.seed, config.checkpointing_steps, config.validation_steps) == (32, 7, 3, 2)
+    assert config.use_8bit_adam and not config.gradient_checkpointing
+    assert config.validation_prompts == ("a photo of sks dog",)  # empty validation prompt = instance prompt
+    assert Path(config.output_dir).parent == tmp_path / "runs" and "sks" in Path(config.output_dir).name
+
+
+def test_form_accepts_client_file_dicts_and_resolves_the_demo(tmp_path: Path, four_images: list[str]) -> None:
+    values = form([{"path": p, "meta": {"_type": "gradio.FileData"}} for p in four_images], base_model=DEMO_MODEL)
+    config = form_to_config(values, tmp_path, resolve_model=lambda m: "/models/tiny" if m == DEMO_MODEL else m)
+    assert config.instance_data == tuple(four_images) and config.pretrained_model == "/models/tiny"
+
+
+@pytest.mark.parametrize(
+    ("changes", "words"),
+    [
+        ({"instance_prompt": "a photo of a dog"}, "`instance_prompt` must contain the identifier 'sks'"),
+        ({"identifier": "two words", "instance_prompt": "two words"}, "`identifier` must be one word"),
+        ({"resolution": 33}, "`resolution` must be a positive multiple of 8, got 33"),
+        ({"max_train_steps": 2.5}, "`max_train_steps` must be a whole number"),
+        ({"learning_rate": "fast"}, "`learning_rate` must be a number"),
+        ({"with_prior_preservation": True, "class_prompt": "a photo of sks dog"}, "`class_prompt` must not contain"),
+        ({"base_model": " "}, "`pretrained_model` is required"),
+    ],
+)
+def test_form_errors_are_the_engines_words(tmp_path: Path, four_images: list[str], changes: dict, words: str) -> None:
+    with pytest.raises(ConfigError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        form_to_config(form(four_images, **changes), tmp_path)
+
+
+@pytest.mark.parametrize("n", [0, 2, 21])
+def test_form_wants_3_to_20_images(tmp_path: Path, n: int) -> None:
+    with pytest.raises(ConfigError, match=f"`instance_data` needs 3 to 20 images, got {n}"):
+        form_to_config(form([f"{i}.png" for i in range(n)]), tmp_path)
+
+
+def test_presets_follow_the_training_spaces() -> None:
+    assert {c: p.text_encoder_fraction for c, p in PRESETS.items()} == {
+        Concept.OBJECT: 0.30, Concept.PERSON: 0.65, Concept.STYLE: 0.15}
+    values = preset_values("person", 5, "full")
+    assert values == {"max_train_steps": 1000, "learning_rate": 5e-6, "train_text_encoder": True,
+                      "text_encoder_steps_fraction": 0.65}
+    assert preset_values("style", 4, "lora")["learning_rate"] == 1e-4
+
+
+def test_prompts_and_run_dirs(tmp_path: Path) -> None:
+    assert prompts_for("zwx", "backpack", "object") == ("a photo of zwx backpack", "a photo of backpack")
+    assert prompts_for("zwx", "painting", "style") == ("a painting in the style of zwx", "a painting")
+    first = new_run_dir(tmp_path, "zwx / é")
+    first.mkdir()
+    second = new_run_dir(tmp_path, "zwx / é")
+    assert first != second and first.name.endswith("-zwx") and not second.exists()
+
+
+def test_safe_defaults_fit_the_hardware() -> None:
+    cpu = safe_defaults(Hardware("cpu", "CPU", None))
+    assert cpu["base_model"] == DEMO_MODEL and cpu["mixed_precision"] == "no" and not cpu["use_8bit_adam"]
+    assert cpu["resolution"] == default_resolution(DEMO_MODEL) == 32
+    t4 = safe_defaults(Hardware("cuda", "Tesla T4", 15.0))
+    assert (t4["method"], t4["mixed_precision"], t4["gradient_checkpointing"]) == ("lora", "fp16", True)
+    a100 = safe_defaults(Hardware("cuda", "A100", 80.0, bf16=True))
+    assert (a100["method"], a100["mixed_precision"], a100["use_8bit_adam"]) == ("full", "bf16", False)
+
+
+def fake_train(release: threading.Event, fail: Exception | None = None):
+    """A train() stand-in: emits the engine's events, waits for `release`, honours cancel."""
+
+    def train(config: TrainConfig, on_event, cancel: CancelToken) -> RunResult:
+        on_event(PhaseEvent("loading"))
+        if fail is not None:
+            raise fail
+        on_event(WarningEvent("careful"))
+        on_event(PhaseEvent("training"))
+        step = 0
+        for step in range(1, config.max_train_steps + 1):
+            on_event(StepEvent(step, config.max_train_steps, 1.0 / step, 1e-4, 1.0))
+            release.wait(5)
+            if cancel.cancelled:
+                break
+        on_event(SampleEvent(step, (Path("s.png"),)))
+        status = "cancelled" if cancel.cancelled else "completed"
+        return RunResult(Path(config.output_dir), status, step, config.max_train_steps, None, None)
+
+    return train
+
+
+def test_job_manager_runs_one_job_at_a_time_and_cancels(tmp_path: Path) -> None:
+    release = threading.Event()
+    jobs = JobManager(fake_train(release))
+    config = TrainConfig(output_dir=str(tmp_path), max_train_steps=50, instance_prompt="sks")
+    snap = jobs.start(config)
+    assert snap.active and snap.job_id == 1
+    with pytest.raises(BusyError, match="already running"):
+        jobs.start(config)
+    assert not jobs.gpu_lock.acquire(blocking=False)  # generation must wait for the GPU
+    assert jobs.cancel()
+    release.set()
+    done = jobs.wait(10)
+    assert done.state == "cancelled" and done.warnings == ("careful",) and done.samples == ("s.png",)
+    assert done.losses[0] == (1, 1.0) and done.step < 50
+    assert jobs.gpu_lock.acquire(blocking=False)
+    jobs.gpu_lock.release()
+
+
+def test_job_manager_raises_engine_errors_from_start(tmp_path: Path) -> None:
+    jobs = JobManager(fake_train(threading.Event(), fail=ConfigError("`mixed_precision` fp16 needs a CUDA GPU")))
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
+        jobs.start(TrainConfig(output_dir=str(tmp_path)))
+    assert jobs.snapshot().state == "failed" and jobs.snapshot().error == "`mixed_precision` fp16 needs a CUDA GPU"
+    assert not jobs.snapshot().active  # a failed job does not block the next one

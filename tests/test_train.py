@@ -1,0 +1,162 @@
+"""Tiny-model DreamBooth trainings on CPU: they check that something was learned or moved."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from train_helpers import denoising_loss, max_abs_diff, safetensors_dir, tiny_config
+
+from trainer import CancelToken, train
+from trainer.events import CheckpointEvent, PhaseEvent, ProgressEvent, SampleEvent, StepEvent
+
+
+def test_full_with_prior_8bit_and_checkpointing_moves_unet_not_vae(tiny_model_dir, subject_images, tmp_path):
+    events = []
+    config = tiny_config(
+        tiny_model_dir, subject_images, tmp_path / "run", method="full", learning_rate=1e-3,
+        with_prior_preservation=True, class_prompt="a photo of a square", num_class_images=3,
+        class_cache_dir=str(tmp_path / "class-cache"), use_8bit_adam=True, gradient_checkpointing=True,
+        validation_prompts=("a photo of sks square",), validation_steps=3, report_to="tensorboard",
+    )
+    result = train(config, on_event=events.append)
+
+    assert result.status == "completed" and result.step == 6
+    run = result.run_dir
+    base_unet, new_unet = safetensors_dir(tiny_model_dir / "unet"), safetensors_dir(run / "unet")
+    assert max_abs_diff(base_unet, new_unet) > 1e-4, "the UNet did not move"
+    assert max_abs_diff(safetensors_dir(tiny_model_dir / "vae"), safetensors_dir(run / "vae")) == 0.0
+    assert max_abs_diff(safetensors_dir(tiny_model_dir / "text_encoder"), safetensors_dir(run / "text_encoder")) == 0.0
+
+    # The run folder describes itself: config, metrics, samples, TensorBoard events, card.
+    assert json.loads((run / "config.json").read_text())["with_prior_preservation"] is True
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(1, 7))
+    assert all(m["prior_loss"] is not None for m in metrics)
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step-000003-p0-0.png", "step-000006-p0-0.png"]
+    assert list((run / "logs").rglob("events.out.tfevents.*")), "no TensorBoard event file"
+    assert "instance_prompt: a photo of sks square" in (run / "README.md").read_text()
+
+    phases = [e.phase for e in events if isinstance(e, PhaseEvent)]
+    assert phases[:4] == ["loading", "class-images", "caching", "training"] and phases[-1] == "done"
+    assert [e.step for e in events if isinstance(e, StepEvent)] == list(range(1, 7))
+    assert [e.step for e in events if isinstance(e, SampleEvent)] == [3, 6]
+
+    # Plain diffusers loads the output and generates.
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(run)
+    image = pipe("a photo of sks square", num_inference_steps=2, height=32, width=32, output_type="np").images
+    assert image.shape == (1, 32, 32, 3) and torch.isfinite(torch.from_numpy(image)).all()
+
+
+def test_class_image_cache_is_reused(tiny_model_dir, subject_images, tmp_path):
+    cache = tmp_path / "cache"
+    common = dict(with_prior_preservation=True, class_prompt="a photo of a square", num_class_images=3,
+                  class_cache_dir=str(cache), max_train_steps=1)
+    first: list = []
+    train(tiny_config(tiny_model_dir, subject_images, tmp_path / "a", **common), on_event=first.append)
+    made = sorted(cache.rglob("class-*.png"))
+    assert len(made) == 3 and len(list(cache.rglob("manifest.json"))) == 1
+    stamps = {p: p.stat().st_mtime_ns for p in made}
+
+    second: list = []
+    train(tiny_config(tiny_model_dir, subject_images, tmp_path / "b", **common), on_event=second.append)
+    assert not [e for e in second if isinstance(e, ProgressEvent) and e.phase == "class-images"]
+    assert {p: p.stat().st_mtime_ns for p in sorted(cache.rglob("class-*.png"))} == stamps
+
+    # Asking for more generates only the missing ones.
+    third: list = []
+    train(tiny_config(tiny_model_dir, subject_images, tmp_path / "c", **{**common, "num_class_images": 5}),
+          on_event=third.append)
+    progress = [e for e in third if isinstance(e, ProgressEvent) and e.phase == "class-images"]
+    assert progress[-1].total == 2
+    assert len(list(cache.rglob("class-*.png"))) == 5
+
+
+def test_overfitting_lowers_the_loss_on_the_instance_images(tiny_model_dir, subject_images, tmp_path):
+    prompt = "a photo of sks square"
+    config = tiny_config(tiny_model_dir, subject_images, tmp_path / "run", method="lora", learning_rate=1e-2,
+                         lora_rank=8, max_train_steps=40, train_batch_size=2)
+    result = train(config)
+    before = denoising_loss(tiny_model_dir, subject_images, prompt)
+    after = denoising_loss(tiny_model_dir, subject_images, prompt, lora_dir=result.run_dir)
+    assert after < 0.8 * before, f"loss {before:.4f} -> {after:.4f}"
+
+
+def test_lora_output_loads_in_plain_diffusers_and_changes_the_image(tiny_model_dir, subject_images, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    config = tiny_config(tiny_model_dir, subject_images, tmp_path / "run", learning_rate=1e-2, max_train_steps=8,
+                         train_text_encoder=True)
+    result = train(config)
+    assert result.weights == result.run_dir / "pytorch_lora_weights.safetensors"
+
+    def image(with_lora: bool):
+        pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir)
+        if with_lora:
+            pipe.load_lora_weights(result.run_dir)
+        out = pipe("a photo of sks square", num_inference_steps=3, height=32, width=32, output_type="np",
+                   generator=torch.Generator().manual_seed(0))
+        return torch.from_numpy(out.images[0])
+
+    plain, tuned = image(False), image(True)
+    assert (plain - tuned).abs().mean() > 1e-3
+
+
+def test_text_encoder_stops_training_after_its_fraction(tiny_model_dir, subject_images, tmp_path):
+    config = tiny_config(tiny_model_dir, subject_images, tmp_path / "run", method="full", learning_rate=1e-3,
+                         train_text_encoder=True, text_encoder_steps_fraction=0.5, checkpointing_steps=3,
+                         checkpoints_total_limit=None)
+    result = train(config)
+    from safetensors.torch import load_file
+
+    te_at_3 = load_file(result.run_dir / "checkpoints" / "checkpoint-000003" / "text_encoder.safetensors")
+    te_final = safetensors_dir(result.run_dir / "text_encoder")
+    te_base = safetensors_dir(tiny_model_dir / "text_encoder")
+    moved = max((te_final[k] - te_base[k]).abs().max().item() for k in te_at_3)
+    changed_after_3 = max((te_final[k] - te_at_3[k]).abs().max().item() for k in te_at_3)
+    assert moved > 1e-5, "the text encoder never trained"
+    assert changed_after_3 == 0.0, "the text encoder kept training after its fraction of the steps"
+
+
+def _trainable(run: Path) -> dict[str, torch.Tensor]:
+    return safetensors_dir(run / "checkpoints" / sorted(p.name for p in (run / "checkpoints").iterdir())[-1])
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_resume_after_cancel_ends_with_the_same_weights(tiny_model_dir, subject_images, tmp_path, method):
+    common = dict(method=method, learning_rate=1e-3, max_train_steps=8, checkpointing_steps=8,
+                  train_text_encoder=True, random_flip=True, with_prior_preservation=True,
+                  class_prompt="a photo of a square", num_class_images=2, class_cache_dir=str(tmp_path / "cc"),
+                  gradient_accumulation_steps=2, lr_scheduler="linear", lr_warmup_steps=2)
+    straight = train(tiny_config(tiny_model_dir, subject_images, tmp_path / "straight", **common))
+    assert straight.status == "completed"
+
+    cancel = CancelToken()
+
+    def stop_at_3(event):
+        if isinstance(event, StepEvent) and event.step == 3:
+            cancel.cancel()
+
+    events: list = []
+    interrupted_cfg = tiny_config(tiny_model_dir, subject_images, tmp_path / "resumed", **common)
+    first = train(interrupted_cfg, on_event=lambda e: (events.append(e), stop_at_3(e)), cancel=cancel)
+    assert first.status == "cancelled" and first.step == 3
+    assert first.checkpoint is not None and first.checkpoint.name == "checkpoint-000003"
+    assert [e.step for e in events if isinstance(e, CheckpointEvent)] == [3]
+
+    # A half-written checkpoint (killed mid-save) is never taken for the latest one.
+    (first.run_dir / "checkpoints" / ".tmp-checkpoint-000004").mkdir()
+    resumed = train(interrupted_cfg.replace(resume_from_checkpoint="latest"))
+    assert resumed.status == "completed" and resumed.step == 8
+
+    assert max_abs_diff(_trainable(straight.run_dir), _trainable(resumed.run_dir)) == 0.0
+
+
+def test_v_prediction_model_trains(tiny_vpred_model_dir, subject_images, tmp_path):
+    result = train(tiny_config(tiny_vpred_model_dir, subject_images, tmp_path / "run", max_train_steps=2))
+    metrics = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics)

@@ -1,0 +1,298 @@
+"""Publish a run folder to the Hugging Face Hub, and download published models back.
+
+Everything goes through huggingface_hub's own client (whoami, create_repo, upload_folder,
+snapshot_download). Every failure leaves as a HubError whose message says what to do; none of
+them, nor anything this module writes or logs, contains the token.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx2
+from huggingface_hub import HfApi, constants, get_token, snapshot_download
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    HfHubHTTPError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from huggingface_hub.utils import validate_repo_id
+
+from .card import (
+    CARD_NAME,
+    CONFIG_NAME,
+    LORA_WEIGHTS,
+    PIPELINE_INDEX,
+    SAMPLES_DIR,
+    run_kind,
+    write_model_card,
+)
+from .config import TrainConfig
+
+TOKEN_ENV = "HF_TOKEN"
+TOKENS_URL = "https://huggingface.co/settings/tokens"
+LIBRARY_NAME = "dreambooth-studio"
+# A model repo gets the weights, the card, its sample images and the run's config; never the
+# checkpoints, logs or metrics. Pickle formats are never uploaded nor downloaded.
+_NEVER = ["checkpoints/*", "logs/*", "metrics.jsonl", "*.bin", "*.ckpt", "*.pt", "*.pth", "*.pkl"]
+DOWNLOAD_PATTERNS = ["*.json", "*.txt", "*.safetensors", "*.model", CARD_NAME]
+
+
+class HubError(Exception):
+    """A publish or download that failed; the message is meant for the user as is."""
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    url: str
+    commit: str
+    repo_id: str
+
+
+def resolve_token(token: str | None = None, env_var: str = TOKEN_ENV) -> str | None:
+    """The token to use: `token` if given, else $`env_var`, else the one saved by `hf auth login`."""
+    for candidate in (token, os.environ.get(env_var), get_token()):
+        if candidate and candidate.strip():
+            return candidate.strip()
+    return None
+
+
+def hub_endpoint(endpoint: str | None = None) -> str:
+    """`endpoint`, else $HF_ENDPOINT read now (huggingface_hub reads it only at import)."""
+    return (endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+
+
+def check_token(token: str | None, endpoint: str | None = None, *, write: bool = True) -> str:
+    """Ask the Hub who owns `token` (seconds, before hours of training); return the username."""
+    token = resolve_token(token)
+    if token is None:
+        raise HubError(
+            "No Hugging Face token: sign in, set the HF_TOKEN environment variable, or paste a token "
+            f"with write access ({TOKENS_URL})."
+        )
+    api = HfApi(endpoint=hub_endpoint(endpoint), library_name=LIBRARY_NAME)
+    try:
+        info = api.whoami(token=token)
+    except Exception as err:
+        raise _hub_error(err, "check the token", token=token, endpoint=api.endpoint) from None
+    role = (info.get("auth", {}).get("accessToken") or {}).get("role")
+    if write and role == "read":
+        raise HubError(
+            f"The token of {info.get('name')} is read-only: publishing needs a token with the 'write' role "
+            f"({TOKENS_URL})."
+        )
+    return str(info["name"])
+
+
+def publish(
+    run_dir: Path,
+    repo_id: str,
+    *,
+    private: bool = True,
+    token: str | None = None,
+    endpoint: str | None = None,
+) -> PublishResult:
+    """Create `repo_id` if needed and commit the run's model files to it; return the link.
+
+    A second publish to the same repo is a new commit (none if nothing changed). On any failure
+    the run folder is left as it was, so it can be published later.
+    """
+    run_dir = Path(run_dir)
+    # 1. check everything local before the network
+    repo_id = repo_id.strip()
+    _validate_repo_id(repo_id)
+    kind = _check_publishable(run_dir)
+    # 2. the token and its owner
+    token = resolve_token(token)
+    username = check_token(token, endpoint)
+    if "/" not in repo_id:
+        repo_id = f"{username}/{repo_id}"
+    api = HfApi(endpoint=hub_endpoint(endpoint), token=token, library_name=LIBRARY_NAME)
+    # 3. the repo (an existing one is fine: it gets a new commit)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+    except Exception as err:
+        action = f"create {repo_id}"
+        raise _hub_error(err, action, token=token, endpoint=api.endpoint, repo_id=repo_id) from None
+    # 4. the card names the repo; restored if the upload fails
+    card = run_dir / CARD_NAME
+    previous_card = card.read_bytes() if card.is_file() else None
+    write_model_card(run_dir, repo_id)
+    steps = TrainConfig.load(run_dir / CONFIG_NAME).max_train_steps
+    try:
+        info = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=run_dir,
+            allow_patterns=upload_patterns(run_dir),
+            ignore_patterns=_NEVER,
+            commit_message=f"DreamBooth {kind}: {run_dir.name} ({steps} steps)",
+        )
+    except Exception as err:
+        if previous_card is None:
+            card.unlink(missing_ok=True)
+        else:
+            card.write_bytes(previous_card)
+        action = f"upload to {repo_id}"
+        raise _hub_error(err, action, token=token, endpoint=api.endpoint, repo_id=repo_id) from None
+    return PublishResult(url=f"{api.endpoint}/{repo_id}", commit=info.oid, repo_id=repo_id)
+
+
+def upload_patterns(run_dir: Path) -> list[str]:
+    """What belongs in the model repo: the card, config, samples and weights of this kind of run."""
+    patterns = [CARD_NAME, CONFIG_NAME, f"{SAMPLES_DIR}/*.png"]
+    if run_kind(run_dir) == "lora":
+        return [*patterns, LORA_WEIGHTS]
+    # A pipeline's components are the folders its model_index.json names.
+    index = json.loads((run_dir / PIPELINE_INDEX).read_text(encoding="utf-8"))
+    components = [name for name, spec in index.items() if not name.startswith("_") and isinstance(spec, list)]
+    return [*patterns, PIPELINE_INDEX, *(f"{name}/*" for name in components)]
+
+
+def download_model(
+    repo_id: str,
+    token: str | None = None,
+    *,
+    revision: str | None = None,
+    endpoint: str | None = None,
+    cache_dir: Path | None = None,
+) -> Path:
+    """Download a model repo's safetensors weights, configs and card; return the local folder."""
+    _validate_repo_id(repo_id)
+    token = resolve_token(token)
+    try:
+        folder = snapshot_download(
+            repo_id,
+            revision=revision,
+            token=token,
+            endpoint=hub_endpoint(endpoint),
+            cache_dir=cache_dir,
+            allow_patterns=DOWNLOAD_PATTERNS,
+            ignore_patterns=_NEVER,
+            library_name=LIBRARY_NAME,
+        )
+    except Exception as err:
+        raise _hub_error(err, f"download {repo_id}", token=token, endpoint=hub_endpoint(endpoint),
+                         repo_id=repo_id) from None
+    return Path(folder)
+
+
+def class_noun(config: TrainConfig) -> str:
+    """The class word of the subject: the word after the identifier in the instance prompt ("dog")."""
+    words = config.instance_prompt.split()
+    if config.identifier in words:
+        after = words[words.index(config.identifier) + 1:]
+        if after:
+            return after[0].strip(".,;:!?")
+    return config.class_prompt.split()[-1] if config.class_prompt.split() else ""
+
+
+def suggest_repo_name(identifier: str, class_noun: str, username: str | None, unique: bool = False) -> str:
+    """A valid repo id such as "alice/sks-dog-dreambooth"; `unique` appends a random suffix."""
+    words = [w for w in (_slug(identifier), _slug(class_noun), "dreambooth") if w]
+    if unique:
+        words.append(secrets.token_hex(3))
+    name = "-".join(words)
+    prefix = f"{_slug(username)}/" if username and _slug(username) else ""
+    name = name[: 96 - len(prefix)].strip("-.")
+    repo_id = prefix + name
+    _validate_repo_id(repo_id)
+    return repo_id
+
+
+def _slug(text: str | None) -> str:
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", (text or "").strip())
+    slug = re.sub(r"-{2,}", "-", re.sub(r"\.{2,}", ".", slug))
+    return slug.strip("-.")
+
+
+def _validate_repo_id(repo_id: str) -> None:
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise HubError(f"Invalid repo id {repo_id!r}: {err} Use 'name' or 'username/name'.") from None
+    if repo_id.endswith((".git", ".ipynb")):
+        raise HubError(f"Invalid repo id {repo_id!r}: a repo name cannot end with .git or .ipynb.")
+
+
+def _check_publishable(run_dir: Path) -> str:
+    if not (run_dir / CONFIG_NAME).is_file():
+        raise HubError(f"{run_dir} is not a run folder: it has no {CONFIG_NAME}.")
+    kind = run_kind(run_dir)
+    if kind is None:
+        raise HubError(
+            f"{run_dir} has no trained weights yet ({LORA_WEIGHTS} or {PIPELINE_INDEX}): "
+            "finish or resume the training, then publish."
+        )
+    return kind
+
+
+def _hub_error(
+    err: Exception, action: str, *, token: str | None, endpoint: str, repo_id: str | None = None
+) -> HubError:
+    """One clear message per way a Hub call fails; the token is scrubbed from anything quoted."""
+    later = " The local run is untouched and can be published later."
+    if isinstance(err, HubError):
+        return err
+    if isinstance(err, HFValidationError):
+        message = f"Invalid repo id {repo_id!r}: {err}"
+    elif isinstance(err, OfflineModeIsEnabled) or (
+        isinstance(err, LocalEntryNotFoundError) and isinstance(err.__cause__, OfflineModeIsEnabled)
+    ):
+        message = f"Cannot {action}: HF_HUB_OFFLINE is set, so the Hub is not contacted. Unset it and retry."
+    elif isinstance(err, (httpx2.TransportError, LocalEntryNotFoundError)):
+        message = (
+            f"Cannot {action}: the Hugging Face Hub at {endpoint} cannot be reached "
+            f"({type(err.__cause__ or err).__name__}). Check the network connection and retry."
+        )
+    elif isinstance(err, RepositoryNotFoundError):
+        message = (
+            f"Cannot {action}: the repo {repo_id} does not exist, or it is private and the token "
+            "cannot read it."
+        )
+    elif isinstance(err, (RevisionNotFoundError, EntryNotFoundError)):
+        message = f"Cannot {action}: {_server_words(err)}"
+    elif isinstance(err, HfHubHTTPError) and err.response is not None:
+        status = err.response.status_code
+        if status == 401:
+            message = (
+                f"Cannot {action}: the Hub rejected the token (401 Unauthorized); it is invalid, "
+                f"expired or revoked. Create a new one at {TOKENS_URL}."
+            )
+        elif status == 403:
+            namespace = repo_id.split("/")[0] if repo_id else "it"
+            message = (
+                f"Cannot {action}: the token has no write permission there (403 Forbidden). Use a token "
+                f"with the 'write' role, or one allowed to write to {namespace}."
+            )
+        elif status == 404:
+            message = f"Cannot {action}: not found on the Hub (404)."
+        elif status == 400:
+            message = f"Cannot {action}: the Hub refused the request (400): {_server_words(err)}"
+        elif status == 429:
+            message = f"Cannot {action}: too many requests to the Hub (429). Wait a minute and retry."
+        elif status >= 500:
+            message = f"Cannot {action}: the Hub is having trouble ({status}). Retry in a few minutes."
+        else:
+            message = f"Cannot {action}: the Hub answered {status}: {_server_words(err)}"
+    else:
+        message = f"Cannot {action}: {type(err).__name__}: {err}"
+    if action.startswith(("upload", "create")):
+        message += later
+    return HubError(_scrub(message, token))
+
+
+def _server_words(err: HfHubHTTPError) -> str:
+    return getattr(err, "server_message", None) or str(err).strip().splitlines()[0]
+
+
+def _scrub(text: str, token: str | None) -> str:
+    return text.replace(token, "hf_***") if token else text

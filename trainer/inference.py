@@ -1,0 +1,226 @@
+"""The Generate service: resolve a model (local run or Hub repo), keep it loaded, make images.
+
+A model is named by one string: a local run folder, a local pipeline folder or a Hub repo id.
+A full pipeline loads as is; a LoRA loads its base model (named by its card's `base_model`, else
+by its config.json) plus the LoRA file. Only safetensors weights are ever loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    UniPCMultistepScheduler,
+)
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from huggingface_hub import ModelCard
+from PIL.Image import Image
+
+from .card import CARD_NAME, CONFIG_NAME, LORA_WEIGHTS, run_kind
+from .hub import download_model
+
+SCHEDULERS: dict[str, type[SchedulerMixin]] = {
+    "DPM++ 2M": DPMSolverMultistepScheduler,
+    "Euler ancestral": EulerAncestralDiscreteScheduler,
+    "Euler": EulerDiscreteScheduler,
+    "DDIM": DDIMScheduler,
+    "PNDM": PNDMScheduler,
+    "UniPC": UniPCMultistepScheduler,
+}
+ADAPTER_NAME = "dreambooth"
+MAX_SIZE = 2048
+MAX_IMAGES = 8
+MAX_STEPS = 200
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    prompt: str
+    negative_prompt: str = ""
+    guidance_scale: float = 7.5
+    steps: int = 25
+    scheduler: str = "DPM++ 2M"
+    seed: int = 0
+    width: int = 512
+    height: int = 512
+    num_images: int = 1
+    lora_scale: float = 1.0
+
+    def validate(self) -> GenerateRequest:
+        """Raise ValueError naming the first bad field; return self so calls chain."""
+        if not self.prompt.strip():
+            raise ValueError("`prompt` must not be empty")
+        if self.width % 8 or self.height % 8:
+            raise ValueError(f"`width` and `height` must be multiples of 8, got {self.width} and {self.height}")
+        if not (8 <= self.width <= MAX_SIZE and 8 <= self.height <= MAX_SIZE):
+            raise ValueError(
+                f"`width` and `height` must be between 8 and {MAX_SIZE}, got {self.width} and {self.height}"
+            )
+        if not 1 <= self.steps <= MAX_STEPS:
+            raise ValueError(f"`steps` must be between 1 and {MAX_STEPS}, got {self.steps}")
+        if self.guidance_scale < 0:
+            raise ValueError(f"`guidance_scale` must be >= 0, got {self.guidance_scale}")
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"`scheduler` must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
+        if not 0 <= self.seed < 2**63:
+            raise ValueError(f"`seed` must be between 0 and 2**63 - 1, got {self.seed}")
+        if not 1 <= self.num_images <= MAX_IMAGES:
+            raise ValueError(f"`num_images` must be between 1 and {MAX_IMAGES}, got {self.num_images}")
+        if not 0.0 <= self.lora_scale <= 2.0:
+            raise ValueError(f"`lora_scale` must be between 0 and 2, got {self.lora_scale}")
+        return self
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """What to load: a full pipeline folder, or a base pipeline folder plus a LoRA folder."""
+
+    name: str  # as the user named it: a path or a repo id
+    kind: Literal["full", "lora"]
+    pipeline_dir: Path  # the full pipeline, or the LoRA's base pipeline
+    lora_dir: Path | None = None
+
+
+def resolve_model(source: str, *, token: str | None = None, endpoint: str | None = None) -> ModelSource:
+    """Find the folders behind `source` (a local folder or a Hub repo id), downloading if needed."""
+    source = source.strip()
+    if not source:
+        raise ValueError("No model given: choose a local run or enter a Hub repo id.")
+    local = Path(source).expanduser()
+    if local.is_dir():
+        return _from_folder(source, local, token=token, endpoint=endpoint)
+    if local.is_absolute() or source.startswith((".", "~")) or source.count("/") != 1:
+        raise ValueError(f"{source!r} is neither a local model folder nor a Hub repo id (user/name).")
+    return _from_folder(source, download_model(source, token, endpoint=endpoint), token=token, endpoint=endpoint)
+
+
+def _from_folder(name: str, folder: Path, *, token: str | None, endpoint: str | None) -> ModelSource:
+    kind = run_kind(folder)
+    if kind == "full":
+        return ModelSource(name, "full", folder)
+    if kind is None:
+        raise ValueError(
+            f"{name} has no safetensors weights to load: expected model_index.json (a full pipeline) "
+            f"or {LORA_WEIGHTS} (a LoRA)."
+        )
+    base, revision = lora_base_model(folder)
+    if base is None:
+        raise ValueError(f"{name} is a LoRA but names no base model (no base_model in its card or config).")
+    base_dir = Path(base).expanduser()
+    if not base_dir.is_dir():
+        base_dir = download_model(base, token, revision=revision, endpoint=endpoint)
+    if run_kind(base_dir) != "full":
+        raise ValueError(f"The base model of {name}, {base}, is not a diffusers pipeline (no model_index.json).")
+    return ModelSource(name, "lora", base_dir, lora_dir=folder)
+
+
+def lora_base_model(folder: Path) -> tuple[str | None, str | None]:
+    """(base model, revision) of a LoRA folder: the card's base_model first, then config.json."""
+    config: dict = {}
+    if (folder / CONFIG_NAME).is_file():
+        config = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
+    revision = config.get("revision")
+    if (folder / CARD_NAME).is_file():
+        base = ModelCard.load(folder / CARD_NAME, ignore_metadata_errors=True).data.base_model
+        if isinstance(base, list):
+            base = base[0] if base else None
+        if base:
+            return str(base), revision
+    return config.get("pretrained_model") or None, revision
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device: str) -> torch.dtype:
+    return torch.float16 if str(device).startswith("cuda") else torch.float32
+
+
+def load_pipeline(source: ModelSource, device: str, dtype: torch.dtype) -> StableDiffusionPipeline:
+    """Load from local folders only, safetensors only, no remote code, no safety checker."""
+    pipe = StableDiffusionPipeline.from_pretrained(
+        source.pipeline_dir,
+        torch_dtype=dtype,
+        use_safetensors=True,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    if source.lora_dir is not None:
+        pipe.load_lora_weights(
+            source.lora_dir, weight_name=LORA_WEIGHTS, adapter_name=ADAPTER_NAME, use_safetensors=True
+        )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+class PipelineCache:
+    """Keeps the last pipeline loaded: switching models costs a load, repeated prompts do not."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._key: tuple[str, str, torch.dtype] | None = None
+        self._pipe: StableDiffusionPipeline | None = None
+
+    def get(
+        self,
+        source: str,
+        device: str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        token: str | None = None,
+        endpoint: str | None = None,
+    ) -> StableDiffusionPipeline:
+        device = device or default_device()
+        dtype = dtype or default_dtype(device)
+        key = (source.strip(), str(device), dtype)
+        with self._lock:
+            if self._key != key or self._pipe is None:
+                self._pipe = None  # free the old one before loading the new one
+                self._key = None
+                self._pipe = load_pipeline(resolve_model(source, token=token, endpoint=endpoint), device, dtype)
+                self._key = key
+            return self._pipe
+
+    def clear(self) -> None:
+        with self._lock:
+            self._key, self._pipe = None, None
+
+
+def generate(pipe: StableDiffusionPipeline, request: GenerateRequest) -> list[Image]:
+    """Images for `request`; image i is what seed `seed + i` gives alone, on any device."""
+    request.validate()
+    # 1. a scheduler for this request, without touching the cached pipeline
+    scheduler = SCHEDULERS[request.scheduler].from_config(pipe.scheduler.config)
+    run = StableDiffusionPipeline(**{**pipe.components, "scheduler": scheduler}, requires_safety_checker=False)
+    run.set_progress_bar_config(disable=True)
+    # 2. one CPU generator per image: the same latents whatever the device
+    generators = [torch.Generator(device="cpu").manual_seed(request.seed + i) for i in range(request.num_images)]
+    # 3. the LoRA strength, when a LoRA is loaded
+    has_lora = any(ADAPTER_NAME in names for names in pipe.get_list_adapters().values())
+    extra = {"cross_attention_kwargs": {"scale": request.lora_scale}} if has_lora else {}
+    with torch.inference_mode():
+        result = run(
+            prompt=request.prompt,
+            negative_prompt=request.negative_prompt or None,
+            num_inference_steps=request.steps,
+            guidance_scale=request.guidance_scale,
+            width=request.width,
+            height=request.height,
+            num_images_per_prompt=request.num_images,
+            generator=generators,
+            **extra,
+        )
+    return list(result.images)
