@@ -151,7 +151,11 @@ def build_train_tab(jobs: JobManager, runs_dir: Path, hardware: Hardware, demo: 
     cancel.click(cancel_training, None, status, api_name="cancel", concurrency_limit=None)
     timer.tick(poll, seen, [seen, status, loss_plot, samples, warnings, finished_run], api_visibility="private",
                show_progress="hidden", concurrency_limit=None)
-    gr.api(lambda: job_status(jobs), api_name="job_status")
+    def current_job() -> dict[str, Any]:
+        """The current training job as plain data: state, phase, step, total, run_dir, error, samples, losses."""
+        return job_status(jobs)
+
+    gr.api(current_job, api_name="job_status")
     return TrainTab(finished_run=finished_run)
 
 

@@ -52,7 +52,8 @@ class Blob:
 
     @property
     def pointer(self) -> bytes:
-        return f"version https://git-lfs.github.com/spec/v1\noid sha256:{self.sha256}\nsize {len(self.data)}\n".encode()
+        spec = "https://git-lfs.github.com/spec/v1"
+        return f"version {spec}\noid sha256:{self.sha256}\nsize {len(self.data)}\n".encode()
 
     @property
     def git_oid(self) -> str:
@@ -149,7 +150,8 @@ class FakeHub:
         digest = hashlib.sha1(f"{parent}\n{message}\n{len(repo.commits)}".encode())
         for path in sorted(files):
             digest.update(f"{path}:{files[path].git_oid}".encode())
-        commit = Commit(digest.hexdigest(), message, files, datetime.now(UTC).isoformat())
+        date = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"  # the Hub's format
+        commit = Commit(digest.hexdigest(), message, files, date)
         repo.commits.append(commit)
         return commit
 
@@ -220,8 +222,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(data)
 
     def _json(self, payload: Any, status: int = 200, headers: dict | None = None, head: bool = False) -> None:
-        content_type = (headers or {}).pop("Content-Type", "application/json")
-        self._send(status, json.dumps(payload).encode(), {"Content-Type": content_type, **(headers or {})}, head)
+        headers = {"Content-Type": "application/json", **(headers or {})}
+        self._send(status, json.dumps(payload).encode(), headers, head)
 
     # --- auth --------------------------------------------------------------------------
     def account(self, required: bool = True) -> Account | None:
@@ -276,7 +278,7 @@ def _create_repo(h: _Handler, method: str, match: re.Match, query: dict, body: b
     if payload.get("type", "model") != "model":
         raise HubError(400, "This test Hub only hosts models")
     if account.role != "write" or namespace != account.name:
-        raise HubError(403, f"You don't have the rights to create a model under the namespace \"{namespace}\"")
+        raise HubError(403, f"You don't have the rights to create a model under the namespace {namespace}")
     url = f"{h.hub.url}/{repo_id}"
     with h.hub.lock:
         if repo_id in h.hub.repos:
@@ -378,7 +380,8 @@ def _lfs_batch(h: _Handler, method: str, match: re.Match, query: dict, body: byt
                 "verify": {"href": f"{h.hub.url}/{match['repo']}.git/info/lfs/objects/verify"},
             }
         objects.append(answer)
-    h._json({"transfer": "basic", "objects": objects}, headers={"Content-Type": "application/vnd.git-lfs+json"})
+    lfs_json = {"Content-Type": "application/vnd.git-lfs+json"}
+    h._json({"transfer": "basic", "objects": objects}, headers=lfs_json)
 
 
 def _lfs_upload(h: _Handler, method: str, match: re.Match, query: dict, body: bytes) -> None:
@@ -479,3 +482,73 @@ _ROUTES = [
     ("PUT", r"/_lfs/upload/(?P<oid>[0-9a-f]{64})", _lfs_upload),
     ("GET HEAD", rf"/{_REPO}/resolve/(?P<rev>[^/]+)/(?P<path>.+)", _resolve_file),
 ]
+
+
+# --- run folders as the engine writes them, for the tests that publish and load them -------
+def make_run(run_dir: Any, base_dir: Any, method: str, *, pretrained_model: str | None = None,
+             seed: int = 0) -> Any:
+    """A finished run of the tiny model: config, weights (perturbed so they differ from the base),
+    two steps of samples, and the checkpoints, logs and metrics that must never be uploaded."""
+    from pathlib import Path
+
+    import numpy as np
+    import torch
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from PIL import Image
+
+    from trainer.config import TrainConfig
+
+    run_dir, base_dir = Path(run_dir), Path(base_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    TrainConfig(
+        pretrained_model=pretrained_model or str(base_dir),
+        instance_data=(str(run_dir.parent / "subject"),),
+        identifier="sks",
+        instance_prompt="a photo of sks dog",
+        output_dir=str(run_dir),
+        method=method,  # type: ignore[arg-type]
+        max_train_steps=10,
+        resolution=32,
+        validation_prompts=("a photo of sks dog on the beach",),
+        seed=seed,
+    ).save(run_dir / "config.json")
+
+    generator = torch.Generator().manual_seed(seed)
+    if method == "lora":
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft import LoraConfig
+        from peft.utils import get_peft_model_state_dict
+
+        unet = UNet2DConditionModel.from_pretrained(base_dir / "unet")
+        unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                    target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+        with torch.no_grad():
+            for name, param in unet.named_parameters():
+                if "lora_B" in name:
+                    param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+        StableDiffusionPipeline.save_lora_weights(
+            run_dir, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+        )
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            base_dir, safety_checker=None, requires_safety_checker=False
+        )
+        with torch.no_grad():
+            for param in pipe.unet.parameters():
+                param.add_(torch.randn(param.shape, generator=generator) * 0.02)
+        pipe.save_pretrained(run_dir, safe_serialization=True)
+
+    samples = run_dir / "samples"
+    samples.mkdir(exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for step in (5, 10):
+        pixels = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(samples / f"step-{step:06d}-p0-0.png")
+    checkpoint = run_dir / "checkpoints" / "checkpoint-000010"
+    checkpoint.mkdir(parents=True, exist_ok=True)
+    (checkpoint / "model.safetensors").write_bytes(b"checkpoint weights")
+    (checkpoint / "optimizer.bin").write_bytes(b"optimizer state")
+    (run_dir / "logs").mkdir(exist_ok=True)
+    (run_dir / "logs" / "train.log").write_text("step 10 loss 0.1\n")
+    (run_dir / "metrics.jsonl").write_text('{"step": 10, "loss": 0.1}\n')
+    return run_dir
