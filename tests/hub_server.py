@@ -118,7 +118,9 @@ class FakeHub:
         Handler.hub = hub
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        ).start()
         return self
 
     def stop(self) -> None:
@@ -259,14 +261,16 @@ class _Handler(BaseHTTPRequestHandler):
 def _whoami(h: _Handler, method: str, match: re.Match, query: dict, body: bytes) -> None:
     account = h.account()
     assert account is not None
-    h._json({
-        "type": "user",
-        "id": "0" * 24,
-        "name": account.name,
-        "fullname": account.name.title(),
-        "orgs": [],
-        "auth": {"type": "access_token", "accessToken": {"displayName": "tests", "role": account.role}},
-    })
+    h._json(
+        {
+            "type": "user",
+            "id": "0" * 24,
+            "name": account.name,
+            "fullname": account.name.title(),
+            "orgs": [],
+            "auth": {"type": "access_token", "accessToken": {"displayName": "tests", "role": account.role}},
+        }
+    )
 
 
 def _create_repo(h: _Handler, method: str, match: re.Match, query: dict, body: bytes) -> None:
@@ -308,20 +312,22 @@ def _repo_info(h: _Handler, method: str, match: re.Match, query: dict, body: byt
     repo_id = match["repo"]
     repo = h.readable_repo(repo_id)
     commit = _resolve(repo, match["rev"] or "main")
-    h._json({
-        "_id": "1" * 24,
-        "id": repo_id,
-        "modelId": repo_id,
-        "author": repo_id.split("/")[0],
-        "sha": commit.oid,
-        "private": repo.private,
-        "disabled": False,
-        "gated": False,
-        "tags": [],
-        "lastModified": commit.date,
-        "createdAt": repo.commits[0].date,
-        "siblings": [{"rfilename": path} for path in sorted(commit.files)],
-    })
+    h._json(
+        {
+            "_id": "1" * 24,
+            "id": repo_id,
+            "modelId": repo_id,
+            "author": repo_id.split("/")[0],
+            "sha": commit.oid,
+            "private": repo.private,
+            "disabled": False,
+            "gated": False,
+            "tags": [],
+            "lastModified": commit.date,
+            "createdAt": repo.commits[0].date,
+            "siblings": [{"rfilename": path} for path in sorted(commit.files)],
+        }
+    )
 
 
 def _tree(h: _Handler, method: str, match: re.Match, query: dict, body: bytes) -> None:
@@ -333,7 +339,7 @@ def _tree(h: _Handler, method: str, match: re.Match, query: dict, body: bytes) -
     for path, blob in sorted(commit.files.items()):
         if prefix and not path.startswith(prefix + "/"):
             continue
-        rest = path[len(prefix) + 1:] if prefix else path
+        rest = path[len(prefix) + 1 :] if prefix else path
         parts = rest.split("/")
         for depth in range(1, len(parts)):  # the folders on the way
             folder = "/".join(([prefix] if prefix else []) + parts[:depth])
@@ -355,12 +361,14 @@ def _preupload(h: _Handler, method: str, match: re.Match, query: dict, body: byt
         path, size = item["path"], item["size"]
         lfs = size > LFS_THRESHOLD or any(fnmatchcase(path.rsplit("/", 1)[-1], p) for p in LFS_PATTERNS)
         existing = head.files.get(path)
-        answers.append({
-            "path": path,
-            "uploadMode": "lfs" if lfs else "regular",
-            "shouldIgnore": False,
-            "oid": existing.etag if existing is not None else None,
-        })
+        answers.append(
+            {
+                "path": path,
+                "uploadMode": "lfs" if lfs else "regular",
+                "shouldIgnore": False,
+                "oid": existing.etag if existing is not None else None,
+            }
+        )
     h._json({"files": answers})
 
 
@@ -428,12 +436,14 @@ def _commit(h: _Handler, method: str, match: re.Match, query: dict, body: bytes)
             elif key != "header":
                 raise HubError(400, f"Unknown commit operation {key}")
         commit = h.hub.commit(repo, header["summary"], files)
-    h._json({
-        "success": True,
-        "commitOid": commit.oid,
-        "commitUrl": f"{h.hub.url}/{repo_id}/commit/{commit.oid}",
-        "pullRequestUrl": None,
-    })
+    h._json(
+        {
+            "success": True,
+            "commitOid": commit.oid,
+            "commitUrl": f"{h.hub.url}/{repo_id}/commit/{commit.oid}",
+            "pullRequestUrl": None,
+        }
+    )
 
 
 def _resolve_file(h: _Handler, method: str, match: re.Match, query: dict, body: bytes) -> None:
@@ -457,7 +467,7 @@ def _resolve_file(h: _Handler, method: str, match: re.Match, query: dict, body: 
         start = int(ranged[1])
         end = int(ranged[2]) if ranged[2] else len(data) - 1
         headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
-        data, status = data[start:end + 1], 206
+        data, status = data[start : end + 1], 206
     h._send(status, data, headers, head=method == "HEAD")
 
 
@@ -485,8 +495,9 @@ _ROUTES = [
 
 
 # --- run folders as the engine writes them, for the tests that publish and load them -------
-def make_run(run_dir: Any, base_dir: Any, method: str, *, pretrained_model: str | None = None,
-             seed: int = 0) -> Any:
+def make_run(
+    run_dir: Any, base_dir: Any, method: str, *, pretrained_model: str | None = None, seed: int = 0
+) -> Any:
     """A finished run of the tiny model: config, weights (perturbed so they differ from the base),
     two steps of samples, and the checkpoints, logs and metrics that must never be uploaded."""
     from pathlib import Path
@@ -520,8 +531,14 @@ def make_run(run_dir: Any, base_dir: Any, method: str, *, pretrained_model: str 
         from peft.utils import get_peft_model_state_dict
 
         unet = UNet2DConditionModel.from_pretrained(base_dir / "unet")
-        unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
-                                    target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+        unet.add_adapter(
+            LoraConfig(
+                r=4,
+                lora_alpha=4,
+                init_lora_weights="gaussian",
+                target_modules=["to_k", "to_q", "to_v", "to_out.0"],
+            )
+        )
         with torch.no_grad():
             for name, param in unet.named_parameters():
                 if "lora_B" in name:

@@ -42,7 +42,7 @@ _SAMPLE_NAME = re.compile(r"^step-(?P<step>\d+)-p(?P<prompt>\d+)-(?P<index>\d+)\
 
 
 def run_kind(run_dir: Path) -> RunKind | None:
-    """"full" for a saved pipeline, "lora" for a LoRA file, None while no weights are saved."""
+    """ "full" for a saved pipeline, "lora" for a LoRA file, None while no weights are saved."""
     if (run_dir / PIPELINE_INDEX).is_file():
         return "full"
     if (run_dir / LORA_WEIGHTS).is_file():
@@ -120,30 +120,33 @@ def build_model_card(run_dir: Path, repo_id: str | None = None) -> ModelCard:
         widget=[{"text": s.prompt, "output": {"url": s.path}} for s in samples] or None,
     )
     where = repo_id or str(run_dir.resolve())
-    body = "\n".join([
-        f"# DreamBooth {'LoRA' if kind == 'lora' else 'fine-tune'}: `{config.identifier}`",
-        "",
-        f"{_describe(kind, config, base_id)} It was trained with DreamBooth on a few photos of one subject,",
-        f"named by the identifier `{config.identifier}`. Prompt with the instance prompt",
-        f"**`{config.instance_prompt}`**, or any prompt that uses `{config.identifier}` the same way.",
-        "",
-        "## Use it",
-        "",
-        "```python",
-        _usage(kind, where, base_id or config.pretrained_model, config),
-        "```",
-        "",
-        "## Samples",
-        "",
-        _gallery(samples),
-        "",
-        "## Training settings",
-        "",
-        _settings_table(kind, config),
-        "",
-        "Trained with DreamBooth Studio; `config.json` in this repo holds every setting of the run.",
-        "",
-    ])
+    body = "\n".join(
+        [
+            f"# DreamBooth {'LoRA' if kind == 'lora' else 'fine-tune'}: `{config.identifier}`",
+            "",
+            _describe(kind, config, base_id),
+            f"It was trained with DreamBooth on a few photos of one subject, named by the identifier "
+            f"`{config.identifier}`. Prompt with the instance prompt",
+            f"**`{config.instance_prompt}`**, or any prompt that uses `{config.identifier}` the same way.",
+            "",
+            "## Use it",
+            "",
+            "```python",
+            _usage(kind, where, base_id or config.pretrained_model, config),
+            "```",
+            "",
+            "## Samples",
+            "",
+            _gallery(samples),
+            "",
+            "## Training settings",
+            "",
+            _settings_table(kind, config),
+            "",
+            "Trained with DreamBooth Studio; `config.json` in this repo holds every setting of the run.",
+            "",
+        ]
+    )
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
 
 

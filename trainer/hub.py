@@ -45,6 +45,7 @@ LIBRARY_NAME = "dreambooth-studio"
 # checkpoints, logs or metrics. Pickle formats are never uploaded nor downloaded.
 _NEVER = ["checkpoints/*", "logs/*", "metrics.jsonl", "*.bin", "*.ckpt", "*.pt", "*.pth", "*.pkl"]
 DOWNLOAD_PATTERNS = ["*.json", "*.txt", "*.safetensors", "*.model", CARD_NAME]
+UNTOUCHED = " The local run is untouched and can be published later."
 
 
 class HubError(Exception):
@@ -113,7 +114,10 @@ def publish(
     kind = _check_publishable(run_dir)
     # 2. the token and its owner
     token = resolve_token(token)
-    username = check_token(token, endpoint)
+    try:
+        username = check_token(token, endpoint)
+    except HubError as err:
+        raise HubError(f"{err}{UNTOUCHED}") from None
     if "/" not in repo_id:
         repo_id = f"{username}/{repo_id}"
     api = HfApi(endpoint=hub_endpoint(endpoint), token=token, library_name=LIBRARY_NAME)
@@ -122,7 +126,9 @@ def publish(
         api.create_repo(repo_id, private=private, exist_ok=True)
     except Exception as err:
         action = f"create {repo_id}"
-        raise _hub_error(err, action, token=token, endpoint=api.endpoint, repo_id=repo_id) from None
+        raise _hub_error(
+            err, action, token=token, endpoint=api.endpoint, repo_id=repo_id, suffix=UNTOUCHED
+        ) from None
     # 4. the card names the repo; restored if the upload fails
     card = run_dir / CARD_NAME
     previous_card = card.read_bytes() if card.is_file() else None
@@ -142,7 +148,9 @@ def publish(
         else:
             card.write_bytes(previous_card)
         action = f"upload to {repo_id}"
-        raise _hub_error(err, action, token=token, endpoint=api.endpoint, repo_id=repo_id) from None
+        raise _hub_error(
+            err, action, token=token, endpoint=api.endpoint, repo_id=repo_id, suffix=UNTOUCHED
+        ) from None
     return PublishResult(url=f"{api.endpoint}/{repo_id}", commit=info.oid, repo_id=repo_id)
 
 
@@ -180,8 +188,9 @@ def download_model(
             library_name=LIBRARY_NAME,
         )
     except Exception as err:
-        raise _hub_error(err, f"download {repo_id}", token=token, endpoint=hub_endpoint(endpoint),
-                         repo_id=repo_id) from None
+        raise _hub_error(
+            err, f"download {repo_id}", token=token, endpoint=hub_endpoint(endpoint), repo_id=repo_id
+        ) from None
     return Path(folder)
 
 
@@ -189,7 +198,7 @@ def class_noun(config: TrainConfig) -> str:
     """The class word of the subject: the word after the identifier in the instance prompt ("dog")."""
     words = config.instance_prompt.split()
     if config.identifier in words:
-        after = words[words.index(config.identifier) + 1:]
+        after = words[words.index(config.identifier) + 1 :]
         if after:
             return after[0].strip(".,;:!?")
     return config.class_prompt.split()[-1] if config.class_prompt.split() else ""
@@ -236,10 +245,15 @@ def _check_publishable(run_dir: Path) -> str:
 
 
 def _hub_error(
-    err: Exception, action: str, *, token: str | None, endpoint: str, repo_id: str | None = None
+    err: Exception,
+    action: str,
+    *,
+    token: str | None,
+    endpoint: str,
+    repo_id: str | None = None,
+    suffix: str = "",
 ) -> HubError:
     """One clear message per way a Hub call fails; the token is scrubbed from anything quoted."""
-    later = " The local run is untouched and can be published later."
     if isinstance(err, HubError):
         return err
     if isinstance(err, HFValidationError):
@@ -285,9 +299,7 @@ def _hub_error(
             message = f"Cannot {action}: the Hub answered {status}: {_server_words(err)}"
     else:
         message = f"Cannot {action}: {type(err).__name__}: {err}"
-    if action.startswith(("upload", "create")):
-        message += later
-    return HubError(_scrub(message, token))
+    return HubError(_scrub(message + suffix, token))
 
 
 def _server_words(err: HfHubHTTPError) -> str:

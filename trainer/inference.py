@@ -62,7 +62,9 @@ class GenerateRequest:
         if not self.prompt.strip():
             raise ValueError("`prompt` must not be empty")
         if self.width % 8 or self.height % 8:
-            raise ValueError(f"`width` and `height` must be multiples of 8, got {self.width} and {self.height}")
+            raise ValueError(
+                f"`width` and `height` must be multiples of 8, got {self.width} and {self.height}"
+            )
         if not (8 <= self.width <= MAX_SIZE and 8 <= self.height <= MAX_SIZE):
             raise ValueError(
                 f"`width` and `height` must be between 8 and {MAX_SIZE}, got {self.width} and {self.height}"
@@ -102,7 +104,9 @@ def resolve_model(source: str, *, token: str | None = None, endpoint: str | None
         return _from_folder(source, local, token=token, endpoint=endpoint)
     if local.is_absolute() or source.startswith((".", "~")) or source.count("/") != 1:
         raise ValueError(f"{source!r} is neither a local model folder nor a Hub repo id (user/name).")
-    return _from_folder(source, download_model(source, token, endpoint=endpoint), token=token, endpoint=endpoint)
+    return _from_folder(
+        source, download_model(source, token, endpoint=endpoint), token=token, endpoint=endpoint
+    )
 
 
 def _from_folder(name: str, folder: Path, *, token: str | None, endpoint: str | None) -> ModelSource:
@@ -121,7 +125,9 @@ def _from_folder(name: str, folder: Path, *, token: str | None, endpoint: str | 
     if not base_dir.is_dir():
         base_dir = download_model(base, token, revision=revision, endpoint=endpoint)
     if run_kind(base_dir) != "full":
-        raise ValueError(f"The base model of {name}, {base}, is not a diffusers pipeline (no model_index.json).")
+        raise ValueError(
+            f"The base model of {name}, {base}, is not a diffusers pipeline (no model_index.json)."
+        )
     return ModelSource(name, "lora", base_dir, lora_dir=folder)
 
 
@@ -190,7 +196,9 @@ class PipelineCache:
             if self._key != key or self._pipe is None:
                 self._pipe = None  # free the old one before loading the new one
                 self._key = None
-                self._pipe = load_pipeline(resolve_model(source, token=token, endpoint=endpoint), device, dtype)
+                self._pipe = load_pipeline(
+                    resolve_model(source, token=token, endpoint=endpoint), device, dtype
+                )
                 self._key = key
             return self._pipe
 
@@ -204,10 +212,14 @@ def generate(pipe: StableDiffusionPipeline, request: GenerateRequest) -> list[Im
     request.validate()
     # 1. a scheduler for this request, without touching the cached pipeline
     scheduler = SCHEDULERS[request.scheduler].from_config(pipe.scheduler.config)
-    run = StableDiffusionPipeline(**{**pipe.components, "scheduler": scheduler}, requires_safety_checker=False)
+    run = StableDiffusionPipeline(
+        **{**pipe.components, "scheduler": scheduler}, requires_safety_checker=False
+    )
     run.set_progress_bar_config(disable=True)
     # 2. one CPU generator per image: the same latents whatever the device
-    generators = [torch.Generator(device="cpu").manual_seed(request.seed + i) for i in range(request.num_images)]
+    generators = [
+        torch.Generator(device="cpu").manual_seed(request.seed + i) for i in range(request.num_images)
+    ]
     # 3. the LoRA strength, when a LoRA is loaded
     has_lora = any(ADAPTER_NAME in names for names in pipe.get_list_adapters().values())
     extra = {"cross_attention_kwargs": {"scale": request.lora_scale}} if has_lora else {}

@@ -1,0 +1,105 @@
+"""Engine parts on their own: dtypes, optimizer fallback, loss weighting, checkpoint retention."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+from train_helpers import tiny_config
+
+from trainer import train
+from trainer.checkpoints import list_checkpoints
+from trainer.loss import dreambooth_loss, target_for
+from trainer.models import load_components, prepare_for_training
+from trainer.optim import make_optimizer
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_bf16_keeps_trainable_weights_fp32_and_frozen_ones_bf16(tiny_model_dir, subject_images, tmp_path, method):
+    config = tiny_config(tiny_model_dir, subject_images, tmp_path / "run", method=method, mixed_precision="bf16",
+                         train_text_encoder=True)
+    parts = load_components(config)
+    prepare_for_training(parts, config, torch.device("cpu"))
+    for module in (parts.unet, parts.text_encoder):
+        trainable = [p for p in module.parameters() if p.requires_grad]
+        frozen = [p for p in module.parameters() if not p.requires_grad]
+        assert trainable and all(p.dtype == torch.float32 for p in trainable)
+        assert all(p.dtype == torch.bfloat16 for p in frozen)
+        if method == "lora":
+            assert frozen, "LoRA must leave the base weights frozen"
+    assert not any(p.requires_grad for p in parts.vae.parameters())
+
+
+def test_bf16_training_runs_on_cpu(tiny_model_dir, subject_images, tmp_path):
+    result = train(tiny_config(tiny_model_dir, subject_images, tmp_path / "run", mixed_precision="bf16",
+                               max_train_steps=2))
+    assert result.status == "completed"
+
+
+def test_without_bitsandbytes_falls_back_to_torch_adamw_with_a_reason(tiny_model_dir, subject_images, tmp_path,
+                                                                        monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # makes `import bitsandbytes` raise ImportError
+    notes: list[str] = []
+    param = torch.nn.Parameter(torch.zeros(8))
+    opt = make_optimizer([param], [], tiny_config(tiny_model_dir, subject_images, tmp_path), notes.append)
+    assert type(opt) is torch.optim.AdamW
+    assert len(notes) == 1 and "bitsandbytes failed to import" in notes[0] and "pip install bitsandbytes" in notes[0]
+
+
+def test_8bit_adam_is_used_when_available(tiny_model_dir, subject_images, tmp_path):
+    import bitsandbytes as bnb
+
+    param = torch.nn.Parameter(torch.zeros(8192))
+    opt = make_optimizer([param], [], tiny_config(tiny_model_dir, subject_images, tmp_path), lambda m: None)
+    assert isinstance(opt, bnb.optim.AdamW8bit)
+    param.grad = torch.ones_like(param)
+    opt.step()
+    assert any(t.dtype == torch.uint8 for state in opt.state.values() for t in state.values()
+               if isinstance(t, torch.Tensor))
+
+
+def test_loss_target_follows_prediction_type():
+    latents, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    t = torch.tensor([10, 500])
+    eps = DDPMScheduler(prediction_type="epsilon")
+    vpred = DDPMScheduler(prediction_type="v_prediction")
+    assert torch.equal(target_for(eps, latents, noise, t), noise)
+    assert torch.allclose(target_for(vpred, latents, noise, t), vpred.get_velocity(latents, noise, t))
+
+
+def test_prior_loss_is_weighted_and_min_snr_downweights_easy_timesteps(tiny_model_dir, subject_images, tmp_path):
+    sched = DDPMScheduler()
+    pred, target = torch.zeros(2, 4, 8, 8), torch.ones(2, 4, 8, 8)
+    target[1] *= 2  # class row error 4, instance row error 1
+    t = torch.tensor([5, 5])
+    config = tiny_config(tiny_model_dir, subject_images, tmp_path, prior_loss_weight=0.5)
+    parts = dreambooth_loss(pred, target, t, n_instance=1, noise_scheduler=sched, config=config)
+    assert parts.instance == pytest.approx(1.0) and parts.prior == pytest.approx(4.0)
+    assert parts.total.item() == pytest.approx(1.0 + 0.5 * 4.0)
+
+    # At t=5 the SNR is huge, so min-SNR-5 scales the loss down by about 5/SNR.
+    weighted = dreambooth_loss(pred[:1], target[:1], t[:1], 1, sched, config.replace(snr_gamma=5.0))
+    assert weighted.instance < 0.01
+
+
+def test_only_the_last_k_checkpoints_are_kept(tiny_model_dir, subject_images, tmp_path):
+    result = train(tiny_config(tiny_model_dir, subject_images, tmp_path / "run", checkpointing_steps=2,
+                               checkpoints_total_limit=2, max_train_steps=6, gradient_checkpointing=True,
+                               train_text_encoder=True, offset_noise=0.1, snr_gamma=5.0))
+    assert [p.name for p in list_checkpoints(result.run_dir)] == ["checkpoint-000004", "checkpoint-000006"]
+
+
+def test_own_class_images_are_used_before_generating(tiny_model_dir, subject_images, tmp_path):
+    from PIL import Image
+
+    own = tmp_path / "own-class"
+    own.mkdir()
+    for i in range(2):
+        Image.new("RGB", (64, 64), (i * 100, 50, 50)).save(own / f"c{i}.png")
+    events: list = []
+    train(tiny_config(tiny_model_dir, subject_images, tmp_path / "run", with_prior_preservation=True,
+                      class_prompt="a photo of a square", num_class_images=3, class_data_dir=str(own),
+                      class_cache_dir=str(tmp_path / "cache"), max_train_steps=1), on_event=events.append)
+    assert len(list((tmp_path / "cache").rglob("class-*.png"))) == 1  # 3 wanted, 2 given: 1 generated
