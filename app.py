@@ -35,15 +35,27 @@ def parse_auth(text: str | None) -> tuple[str, str] | None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="app.py", description="Serve the DreamBooth Studio UI.")
-    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
-                        help="Interface to listen on (0.0.0.0 for the local network). Default 127.0.0.1.")
-    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
-                        help="Port. Default 7860.")
+    parser.add_argument(
+        "--host",
+        default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+        help="Interface to listen on (0.0.0.0 for the local network). Default 127.0.0.1.",
+    )
+    parser.add_argument(
+        "--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")), help="Port. Default 7860."
+    )
     parser.add_argument("--share", action="store_true", help="Also create a public gradio.live link.")
-    parser.add_argument("--auth", default=None, metavar="USER:PASS",
-                        help=f"Require this login (or set {AUTH_ENV}=USER:PASS, which keeps it out of ps).")
-    parser.add_argument("--runs-dir", type=Path, default=None,
-                        help="Where runs are saved. Default ./runs, or /data/runs on a Space with storage.")
+    parser.add_argument(
+        "--auth",
+        default=None,
+        metavar="USER:PASS",
+        help=f"Require this login (or set {AUTH_ENV}=USER:PASS, which keeps it out of ps).",
+    )
+    parser.add_argument(
+        "--runs-dir",
+        type=Path,
+        default=None,
+        help="Where runs are saved. Default ./runs, or /data/runs on a Space with storage.",
+    )
     args = parser.parse_args(argv)
     try:
         args.auth = parse_auth(args.auth or os.environ.get(AUTH_ENV))
@@ -55,6 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     app, services = (demo, _services) if args.runs_dir is None else create_app(args.runs_dir)
     if args.share and args.auth is None:
         print("Warning: the public link will be open to anyone who has it; protect it with --auth USER:PASS.")
@@ -70,8 +83,10 @@ def main(argv: list[str] | None = None) -> None:
         css=CSS,
     )
     if args.share and not app.share_url:
-        print(f"Could not create the public link (is this machine offline?). "
-              f"Still serving locally on {app.local_url}", file=sys.stderr)
+        print(
+            f"Could not create the public link (is this machine offline?). Still serving locally on {app.local_url}",
+            file=sys.stderr,
+        )
     app.block_thread()
 
 

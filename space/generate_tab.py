@@ -15,13 +15,13 @@ from typing import Any
 import gradio as gr
 import torch
 from PIL import Image
-from trainer.inference import SCHEDULERS, GenerateRequest, PipelineCache, generate
 
 from space import texts
 from space.hardware import DEMO_MODEL, DemoModel, Hardware
 from space.jobs import JobManager, error_message
 from trainer.card import run_kind
 from trainer.config import ConfigError, TrainConfig
+from trainer.inference import SCHEDULERS, GenerateRequest, PipelineCache, generate
 
 log = logging.getLogger(__name__)
 MAX_SEED = 2**31 - 1
@@ -81,11 +81,19 @@ def build_generate_tab(
     with gr.Row():
         with gr.Column(scale=2):
             with gr.Row():
-                model = gr.Dropdown(runs, value=first, allow_custom_value=True, label="Model",
-                                    info=texts.MODEL_SOURCE_HELP, scale=4, elem_id="generate-model")
+                model = gr.Dropdown(
+                    runs,
+                    value=first,
+                    allow_custom_value=True,
+                    label="Model",
+                    info=texts.MODEL_SOURCE_HELP,
+                    scale=4,
+                    elem_id="generate-model",
+                )
                 refresh = gr.Button("↻ Refresh", scale=1, size="sm")
-            prompt = gr.Textbox(instance_prompt_of(first) or "a photo of sks dog", label="Prompt", lines=2,
-                                elem_id="generate-prompt")
+            prompt = gr.Textbox(
+                instance_prompt_of(first) or "a photo of sks dog", label="Prompt", lines=2, elem_id="generate-prompt"
+            )
             negative = gr.Textbox("", label="Negative prompt")
             with gr.Row():
                 guidance = gr.Slider(1.0, 20.0, 7.5, step=0.5, label="Guidance scale")
@@ -93,15 +101,22 @@ def build_generate_tab(
                 scheduler = gr.Dropdown(list(SCHEDULERS), value=DEFAULT_SCHEDULER, label="Scheduler")
             with gr.Row():
                 seed = gr.Number(0, precision=0, label="Seed", info=texts.SEED_HELP)
-                dice = gr.Button("🎲 Random seed", size="sm")
+                dice = gr.Button("Random seed", size="sm")
                 width = gr.Number(size, precision=0, step=8, label="Width", info=texts.SIZE_HELP, elem_id="width")
                 height = gr.Number(size, precision=0, step=8, label="Height", info=texts.SIZE_HELP, elem_id="height")
             with gr.Row():
                 num_images = gr.Slider(1, 8, 1, step=1, label="Images")
                 lora_scale = gr.Slider(0.0, 1.5, 1.0, step=0.05, label="LoRA scale")
             run = gr.Button("Generate", variant="primary", elem_id="generate")
-        gallery = gr.Gallery(label="Images", columns=2, height=520, format="png", buttons=["download", "fullscreen"],
-                             scale=3, elem_id="generate-gallery")
+        gallery = gr.Gallery(
+            label="Images",
+            columns=2,
+            height=520,
+            format="png",
+            buttons=["download", "fullscreen"],
+            scale=3,
+            elem_id="generate-gallery",
+        )
 
     def on_model(source: str) -> tuple[Any, Any, Any]:
         """Prefill the run's instance prompt; the tiny demo model samples at its native 32 px."""
@@ -109,15 +124,31 @@ def build_generate_tab(
         return instance_prompt_of(source) or gr.skip(), size, size
 
     def generate_images(
-        model: str, prompt: str, negative_prompt: str, guidance_scale: float, steps: int, scheduler: str,
-        seed: int, width: int, height: int, num_images: int, lora_scale: float,
+        model: str,
+        prompt: str,
+        negative_prompt: str,
+        guidance_scale: float,
+        steps: int,
+        scheduler: str,
+        seed: int,
+        width: int,
+        height: int,
+        num_images: int,
+        lora_scale: float,
     ) -> list[Image.Image]:
         """Generate images from a run folder, the demo model or a Hub repo (full or LoRA)."""
         try:
             request = GenerateRequest(
-                prompt=prompt, negative_prompt=negative_prompt, guidance_scale=float(guidance_scale),
-                steps=int(steps), scheduler=scheduler, seed=int(seed), width=int(width), height=int(height),
-                num_images=int(num_images), lora_scale=float(lora_scale),
+                prompt=prompt,
+                negative_prompt=negative_prompt,
+                guidance_scale=float(guidance_scale),
+                steps=int(steps),
+                scheduler=scheduler,
+                seed=int(seed),
+                width=int(width),
+                height=int(height),
+                num_images=int(num_images),
+                lora_scale=float(lora_scale),
             )
             request.validate()
         except (TypeError, ValueError) as err:
@@ -139,9 +170,14 @@ def build_generate_tab(
     private: dict[str, Any] = {"api_visibility": "private", "show_progress": "hidden", "queue": False}
     model.change(on_model, model, [prompt, width, height], **private)
     dice.click(lambda: random.randint(0, MAX_SEED), None, seed, **private)
-    run.click(generate_images, [model, prompt, negative, guidance, steps, scheduler, seed, width, height,
-                                num_images, lora_scale], gallery, api_name="generate", concurrency_id="gpu",
-              concurrency_limit=1)
+    run.click(
+        generate_images,
+        [model, prompt, negative, guidance, steps, scheduler, seed, width, height, num_images, lora_scale],
+        gallery,
+        api_name="generate",
+        concurrency_id="gpu",
+        concurrency_limit=1,
+    )
     tab = GenerateTab(model=model, prompt=prompt, runs_dir=runs_dir)
     refresh.click(tab.refresh, None, model, **private)
     return tab
@@ -162,6 +198,7 @@ if __name__ == "__main__":
     from space.hardware import default_cache_dir, detect_hardware
 
     with gr.Blocks(title=texts.TITLE) as app:
-        build_generate_tab(JobManager(), Path("runs"), detect_hardware(), DemoModel(default_cache_dir()),
-                           PipelineCache())
+        build_generate_tab(
+            JobManager(), Path("runs"), detect_hardware(), DemoModel(default_cache_dir()), PipelineCache()
+        )
     app.launch()

@@ -61,9 +61,15 @@ def safe_defaults(hw: Hardware) -> dict[str, Any]:
     """Form values that fit this machine: the documented memory recipes of diffusers' scripts."""
     if hw.device != "cuda":
         # No CUDA: no 8-bit Adam, no fp16 autocast; the tiny demo model is the only sane default.
-        return {"base_model": DEMO_MODEL, "method": "lora", "mixed_precision": "no",
-                "use_8bit_adam": False, "gradient_checkpointing": False,
-                "resolution": DEMO_RESOLUTION, "train_batch_size": 1}
+        return {
+            "base_model": DEMO_MODEL,
+            "method": "lora",
+            "mixed_precision": "no",
+            "use_8bit_adam": False,
+            "gradient_checkpointing": False,
+            "resolution": DEMO_RESOLUTION,
+            "train_batch_size": 1,
+        }
     memory = hw.memory_gb or 0.0
     return {
         "base_model": next(iter(KNOWN_MODELS)),

@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from trainer.config import TrainConfig
 from trainer.events import (
@@ -69,6 +69,21 @@ class JobSnapshot:
     def active(self) -> bool:
         return self.state in ("starting", "running")
 
+    def as_dict(self) -> dict[str, Any]:
+        """Plain data for API clients."""
+        return {
+            "state": self.state,
+            "phase": self.phase,
+            "step": self.step,
+            "total": self.total,
+            "eta_seconds": self.eta_seconds,
+            "run_dir": self.run_dir,
+            "error": self.error,
+            "warnings": list(self.warnings),
+            "samples": list(self.samples),
+            "losses": [list(point) for point in self.losses],
+        }
+
 
 def default_train(config: TrainConfig, on_event: EventHandler, cancel: CancelToken) -> RunResult:
     from trainer import train  # the engine is imported when the first job starts, not at import
@@ -116,15 +131,21 @@ class JobManager:
             if self._job and self._job.snapshot.active:
                 snap = self._job.snapshot
                 raise BusyError(f"A training is already running (step {snap.step}/{snap.total}).")
-            job = _Job(JobSnapshot(
-                job_id=self._next_id, state="starting", phase="starting", message="Starting…",
-                total=config.max_train_steps, run_dir=config.output_dir,
-                instance_prompt=config.instance_prompt, started_at=time.time(),
-            ))
+            job = _Job(
+                JobSnapshot(
+                    job_id=self._next_id,
+                    state="starting",
+                    phase="starting",
+                    message="Starting…",
+                    total=config.max_train_steps,
+                    run_dir=config.output_dir,
+                    instance_prompt=config.instance_prompt,
+                    started_at=time.time(),
+                )
+            )
             self._next_id += 1
             self._job = job
-        threading.Thread(target=self._run, args=(job, config), name=f"train-{job.snapshot.job_id}",
-                         daemon=True).start()
+        threading.Thread(target=self._run, args=(job, config), name=f"train-{job.snapshot.job_id}", daemon=True).start()
         job.first_signal.wait(preflight_timeout)
         if job.exception is not None:
             raise job.exception
@@ -159,8 +180,14 @@ class JobManager:
             self._update(job, state="failed", error=error_message(err), message="", finished_at=time.time())
         else:
             self._update(
-                job, state=result.status, phase="done", step=result.step, total=result.total_steps,
-                run_dir=str(result.run_dir), eta_seconds=0.0, finished_at=time.time(),
+                job,
+                state=result.status,
+                phase="done",
+                step=result.step,
+                total=result.total_steps,
+                run_dir=str(result.run_dir),
+                eta_seconds=0.0,
+                finished_at=time.time(),
                 message="Cancelled: the last checkpoint is kept." if result.cancelled else "Done.",
                 samples=tuple(dict.fromkeys((*job.snapshot.samples, *map(str, result.samples)))),
                 warnings=tuple(dict.fromkeys((*job.snapshot.warnings, *result.warnings))),
@@ -176,8 +203,14 @@ class JobManager:
         if isinstance(event, PhaseEvent):
             self._update(job, phase=event.phase, message=event.message or event.phase.capitalize())
         elif isinstance(event, StepEvent):
-            self._update(job, phase="training", step=event.step, total=event.total,
-                         eta_seconds=event.eta_seconds, losses=(*snap.losses, (event.step, event.loss)))
+            self._update(
+                job,
+                phase="training",
+                step=event.step,
+                total=event.total,
+                eta_seconds=event.eta_seconds,
+                losses=(*snap.losses, (event.step, event.loss)),
+            )
         elif isinstance(event, ProgressEvent):
             self._update(job, phase=event.phase, message=f"{event.phase}: {event.done}/{event.total}")
         elif isinstance(event, SampleEvent):

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import gradio as gr
-from trainer.inference import PipelineCache
 
 from space import texts
 from space.generate_tab import build_generate_tab
@@ -26,6 +25,7 @@ from space.hardware import (
 )
 from space.jobs import JobManager, TrainFn, default_train
 from space.train_tab import build_train_tab
+from trainer.inference import PipelineCache
 
 CSS = """
 #train-status { min-height: 4em; }
@@ -83,8 +83,9 @@ def build_app(services: Services) -> gr.Blocks:
                     build_publish_tab(s.runs_dir)
 
         # Cross-tab wiring: a finished training becomes the Generate tab's model.
-        train.finished_run.change(gen.show_run, train.finished_run, [gen.model, gen.prompt],
-                                  api_visibility="private", show_progress="hidden")
+        train.finished_run.change(
+            gen.show_run, train.finished_run, [gen.model, gen.prompt], api_visibility="private", show_progress="hidden"
+        )
         app.load(gen.refresh, None, gen.model, api_visibility="private", show_progress="hidden")
     return app
 

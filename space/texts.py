@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from space.hardware import Hardware, SpaceInfo
+from space.jobs import JobSnapshot
 
 TITLE = "DreamBooth Studio"
 INTRO = (
@@ -49,8 +50,7 @@ def space_notice(space: SpaceInfo, hw: Hardware) -> str:
 # --- Train tab -------------------------------------------------------------------------
 IMAGES_HELP = "3–20 photos of your subject: varied backgrounds, angles and lighting; square crops work best."
 IDENTIFIER_HELP = (
-    "A rare word that will name your subject, e.g. `sks` or `zwx`. Avoid real words: the model "
-    "already knows them."
+    "A rare word that will name your subject, e.g. `sks` or `zwx`. Avoid real words: the model already knows them."
 )
 CLASS_NOUN_HELP = "What the subject is, in one or two words: dog, man, backpack, painting."
 INSTANCE_PROMPT_HELP = "Caption of your photos; must contain the identifier. Filled from the fields above."
@@ -63,7 +63,6 @@ METHOD_HELP = "LoRA: small file, less memory, fast. Full: the whole UNet, best f
 BASE_MODEL_HELP = "Pick one, or type any Hub id (user/model) or a local diffusers folder."
 PRIOR_HELP = "Also train on generic class images so every dog does not become *your* dog."
 VALIDATION_HELP = "Sampled during training; empty = the instance prompt."
-BUSY = "A training is already running (step {step}/{total}). Only one runs at a time: its progress is shown below."
 IDLE = "No training yet. Upload photos and press **Start training**."
 
 
@@ -72,6 +71,23 @@ def images_count(n: int) -> str:
         return "No photos yet."
     advice = "" if 3 <= n <= 20 else " — DreamBooth wants 3 to 20."
     return f"**{n}** photo{'s' if n != 1 else ''}{advice}"
+
+
+def job_status(snap: JobSnapshot) -> str:
+    """The status line(s) under Start/Cancel."""
+    if snap.state == "idle":
+        return IDLE
+    head = {"starting": "Starting", "running": "Training", "completed": "Completed", "cancelled": "Cancelled"}
+    lines = [f"**{head.get(snap.state, 'Failed')}** · phase: {snap.phase} · step **{snap.step}/{snap.total}**"]
+    if snap.active:
+        lines[0] += f" · ETA {eta_text(snap.eta_seconds)}"
+    if snap.message:
+        lines.append(snap.message)
+    if snap.error:
+        lines.append(f"**Error:** {snap.error}")
+    if snap.run_dir and not snap.active:
+        lines.append(f"Run folder: `{snap.run_dir}`")
+    return "\n\n".join(lines)
 
 
 def eta_text(seconds: float | None) -> str:

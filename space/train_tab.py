@@ -18,7 +18,7 @@ import pandas as pd
 from space import texts
 from space.form import Concept, form_to_config, preset_values, prompts_for
 from space.hardware import DEMO_MODEL, KNOWN_MODELS, DemoModel, Hardware, default_resolution, safe_defaults
-from space.jobs import BusyError, JobManager, JobSnapshot, error_message
+from space.jobs import BusyError, JobManager, error_message
 
 log = logging.getLogger(__name__)
 MAX_PLOT_POINTS = 500
@@ -39,22 +39,33 @@ def build_train_tab(jobs: JobManager, runs_dir: Path, hardware: Hardware, demo: 
     gr.Markdown(f"{texts.hardware_line(hardware)}\n\n{texts.DEMO_NOTICE}")
     with gr.Row():
         with gr.Column():
-            images = gr.File(label="Instance photos", file_count="multiple", file_types=["image"],
-                             elem_id="train-images")
+            images = gr.File(
+                label="Instance photos", file_count="multiple", file_types=["image"], elem_id="train-images"
+            )
             count = gr.Markdown(texts.images_count(0), elem_id="image-count")
             preview = gr.Gallery(label="Preview", columns=5, height=200, interactive=False)
         with gr.Column():
-            concept = gr.Radio([c.value for c in Concept], value=Concept.OBJECT.value, label="Concept type",
-                               info=texts.CONCEPT_HELP)
+            concept = gr.Radio(
+                [c.value for c in Concept], value=Concept.OBJECT.value, label="Concept type", info=texts.CONCEPT_HELP
+            )
             with gr.Row():
                 identifier = gr.Textbox("sks", label="Identifier", info=texts.IDENTIFIER_HELP)
                 class_noun = gr.Textbox("dog", label="Class noun", info=texts.CLASS_NOUN_HELP)
             instance_prompt = gr.Textbox(instance_prompt0, label="Instance prompt", info=texts.INSTANCE_PROMPT_HELP)
             class_prompt = gr.Textbox(class_prompt0, label="Class prompt", info=texts.CLASS_PROMPT_HELP)
-            method = gr.Radio([("LoRA", "lora"), ("Full fine-tune", "full")], value=d["method"], label="Method",
-                              info=texts.METHOD_HELP)
-            base_model = gr.Dropdown(MODEL_CHOICES, value=d["base_model"], allow_custom_value=True,
-                                     label="Base model", info=texts.BASE_MODEL_HELP)
+            method = gr.Radio(
+                [("LoRA", "lora"), ("Full fine-tune", "full")],
+                value=d["method"],
+                label="Method",
+                info=texts.METHOD_HELP,
+            )
+            base_model = gr.Dropdown(
+                MODEL_CHOICES,
+                value=d["base_model"],
+                allow_custom_value=True,
+                label="Base model",
+                info=texts.BASE_MODEL_HELP,
+            )
             with gr.Row():
                 prior = gr.Checkbox(False, label="Prior preservation", info=texts.PRIOR_HELP)
                 num_class = gr.Slider(1, 1000, 100, step=1, label="Class images")
@@ -66,8 +77,9 @@ def build_train_tab(jobs: JobManager, runs_dir: Path, hardware: Hardware, demo: 
             accum = gr.Slider(1, 16, 1, step=1, label="Gradient accumulation")
         with gr.Row():
             train_te = gr.Checkbox(preset["train_text_encoder"], label="Train the text encoder")
-            te_fraction = gr.Slider(0.05, 1.0, preset["text_encoder_steps_fraction"], step=0.05,
-                                    label="…for this fraction of the steps")
+            te_fraction = gr.Slider(
+                0.05, 1.0, preset["text_encoder_steps_fraction"], step=0.05, label="…for this fraction of the steps"
+            )
             resolution = gr.Number(d["resolution"], precision=0, step=8, label="Resolution")
         with gr.Row():
             adam8 = gr.Checkbox(d["use_8bit_adam"], label="8-bit Adam")
@@ -83,38 +95,67 @@ def build_train_tab(jobs: JobManager, runs_dir: Path, hardware: Hardware, demo: 
         cancel = gr.Button("Cancel", variant="stop", elem_id="cancel-training")
     status = gr.Markdown(texts.IDLE, elem_id="train-status")
     with gr.Row():
-        loss_plot = gr.LinePlot(_loss_frame(()), x="step", y="loss", title="Loss", height=260,
-                                elem_id="loss-plot")
+        loss_plot = gr.LinePlot(_loss_frame(()), x="step", y="loss", title="Loss", height=260, elem_id="loss-plot")
         samples = gr.Gallery(label="Validation samples", columns=4, height=260, elem_id="train-samples")
     warnings = gr.Textbox(label="Warnings", lines=3, max_lines=8, interactive=False)
     seen, finished_run, timer = gr.State((0, -1, 0, 0)), gr.State(""), gr.Timer(1.0)
 
     form: dict[str, Any] = {
-        "images": images, "identifier": identifier, "class_noun": class_noun, "concept": concept,
-        "instance_prompt": instance_prompt, "class_prompt": class_prompt, "method": method,
-        "base_model": base_model, "with_prior_preservation": prior, "num_class_images": num_class,
-        "max_train_steps": steps, "learning_rate": lr, "train_batch_size": batch,
-        "gradient_accumulation_steps": accum, "train_text_encoder": train_te,
-        "text_encoder_steps_fraction": te_fraction, "resolution": resolution, "use_8bit_adam": adam8,
-        "gradient_checkpointing": checkpointing, "mixed_precision": precision, "seed": seed,
-        "checkpointing_steps": ckpt_steps, "validation_prompt": val_prompt, "validation_steps": val_steps,
+        "images": images,
+        "identifier": identifier,
+        "class_noun": class_noun,
+        "concept": concept,
+        "instance_prompt": instance_prompt,
+        "class_prompt": class_prompt,
+        "method": method,
+        "base_model": base_model,
+        "with_prior_preservation": prior,
+        "num_class_images": num_class,
+        "max_train_steps": steps,
+        "learning_rate": lr,
+        "train_batch_size": batch,
+        "gradient_accumulation_steps": accum,
+        "train_text_encoder": train_te,
+        "text_encoder_steps_fraction": te_fraction,
+        "resolution": resolution,
+        "use_8bit_adam": adam8,
+        "gradient_checkpointing": checkpointing,
+        "mixed_precision": precision,
+        "seed": seed,
+        "checkpointing_steps": ckpt_steps,
+        "validation_prompt": val_prompt,
+        "validation_steps": val_steps,
     }
 
     # --- wiring: form helpers ------------------------------------------------------------
-    def on_images(files: list[str] | None, kind: str, how: str) -> tuple[Any, str, int]:
+    def on_images(files: list[str] | None, kind: str, how: str, before: int) -> tuple[Any, ...]:
+        """Preview and count; the preset's steps follow the number of photos, only when it changes."""
         paths = list(files or [])
-        return paths, texts.images_count(len(paths)), preset_values(kind, len(paths), how)["max_train_steps"]
+        n = len(paths)
+        new_steps = preset_values(kind, n, how)["max_train_steps"] if n != before else gr.skip()
+        return paths, texts.images_count(n), new_steps, n
 
     def on_preset(files: list[str] | None, kind: str, how: str) -> tuple[Any, ...]:
         p = preset_values(kind, len(files or []), how)
         return p["max_train_steps"], p["learning_rate"], p["train_text_encoder"], p["text_encoder_steps_fraction"]
 
     private: dict[str, Any] = {"api_visibility": "private", "show_progress": "hidden", "queue": False}
-    images.change(on_images, [images, concept, method], [preview, count, steps], **private)
-    gr.on([concept.change, method.change], on_preset, [images, concept, method], [steps, lr, train_te, te_fraction],
-          **private)
-    gr.on([identifier.change, class_noun.change, concept.change], prompts_for, [identifier, class_noun, concept],
-          [instance_prompt, class_prompt], **private)
+    n_images = gr.State(0)
+    images.change(on_images, [images, concept, method, n_images], [preview, count, steps, n_images], **private)
+    gr.on(
+        [concept.change, method.change],
+        on_preset,
+        [images, concept, method],
+        [steps, lr, train_te, te_fraction],
+        **private,
+    )
+    gr.on(
+        [identifier.change, class_noun.change, concept.change],
+        prompts_for,
+        [identifier, class_noun, concept],
+        [instance_prompt, class_prompt],
+        **private,
+    )
     base_model.change(default_resolution, base_model, resolution, **private)
 
     # --- wiring: the job -----------------------------------------------------------------
@@ -128,7 +169,7 @@ def build_train_tab(jobs: JobManager, runs_dir: Path, hardware: Hardware, demo: 
         except Exception as err:  # every engine check lands here with its own words
             log.info("Training refused: %s", err)
             raise gr.Error(error_message(err), print_exception=False) from None
-        return render_status(snap)
+        return texts.job_status(snap)
 
     def cancel_training() -> str:
         """Stop the running training at its next step; its checkpoint is kept."""
@@ -142,52 +183,43 @@ def build_train_tab(jobs: JobManager, runs_dir: Path, hardware: Hardware, demo: 
             return (gr.skip(),) * 6
         same_job = now[0] == last[0]
         done = snap.state in ("completed", "cancelled") and snap.run_dir
-        return (now, render_status(snap), _loss_frame(snap.losses),
-                gr.skip() if same_job and now[2] == last[2] else list(snap.samples),
-                gr.skip() if same_job and now[3] == last[3] else "\n".join(snap.warnings),
-                snap.run_dir if done else gr.skip())
+        return (
+            now,
+            texts.job_status(snap),
+            _loss_frame(snap.losses),
+            gr.skip() if same_job and now[2] == last[2] else list(snap.samples),
+            gr.skip() if same_job and now[3] == last[3] else "\n".join(snap.warnings),
+            snap.run_dir if done else gr.skip(),
+        )
 
     start.click(start_training, None, status, inputs_kwargs=form, api_name="train", concurrency_id="gpu")
     cancel.click(cancel_training, None, status, api_name="cancel", concurrency_limit=None)
-    timer.tick(poll, seen, [seen, status, loss_plot, samples, warnings, finished_run], api_visibility="private",
-               show_progress="hidden", concurrency_limit=None)
+    timer.tick(
+        poll,
+        seen,
+        [seen, status, loss_plot, samples, warnings, finished_run],
+        api_visibility="private",
+        show_progress="hidden",
+        concurrency_limit=None,
+    )
+
     def current_job() -> dict[str, Any]:
         """The current training job as plain data: state, phase, step, total, run_dir, error, samples, losses."""
-        return job_status(jobs)
+        return jobs.snapshot().as_dict()
 
     gr.api(current_job, api_name="job_status")
     return TrainTab(finished_run=finished_run)
 
 
-def job_status(jobs: JobManager) -> dict[str, Any]:
-    """The current job as plain data, for gradio_client."""
-    snap = jobs.snapshot()
-    return {"state": snap.state, "phase": snap.phase, "step": snap.step, "total": snap.total,
-            "run_dir": snap.run_dir, "error": snap.error, "samples": list(snap.samples),
-            "losses": [list(p) for p in snap.losses]}
-
-
-def render_status(snap: JobSnapshot) -> str:
-    if snap.state == "idle":
-        return texts.IDLE
-    head = {"starting": "⏳ Starting", "running": "🏃 Training", "completed": "✅ Completed",
-            "cancelled": "⏹️ Cancelled", "failed": "❌ Failed"}[snap.state]
-    lines = [f"**{head}** · phase: {snap.phase} · step **{snap.step}/{snap.total}**"]
-    if snap.active:
-        lines[0] += f" · ETA {texts.eta_text(snap.eta_seconds)}"
-    if snap.message:
-        lines.append(snap.message)
-    if snap.error:
-        lines.append(f"**Error:** {snap.error}")
-    if snap.run_dir and not snap.active:
-        lines.append(f"Run folder: `{snap.run_dir}`")
-    return "\n\n".join(lines)
-
-
 def _loss_frame(losses: tuple[tuple[int, float], ...]) -> pd.DataFrame:
-    points = list(losses)
-    stride = max(1, len(points) // MAX_PLOT_POINTS)  # long runs: plot every k-th step
-    return pd.DataFrame(points[::stride], columns=["step", "loss"])
+    points = list(losses)[:: max(1, len(losses) // MAX_PLOT_POINTS)]  # long runs: every k-th step
+    # Typed columns even when empty: the plot reads "quantitative" axes from the dtypes.
+    return pd.DataFrame(
+        {
+            "step": pd.Series([p[0] for p in points], dtype="int64"),
+            "loss": pd.Series([p[1] for p in points], dtype="float64"),
+        }
+    )
 
 
 if __name__ == "__main__":

@@ -17,9 +17,15 @@ from space.hardware import DEMO_MODEL
 
 # A training the tiny model finishes in seconds on 2 CPU cores.
 TINY_TRAINING: dict[str, Any] = {
-    "identifier": "sks", "class_noun": "square", "instance_prompt": "a photo of sks square",
-    "max_train_steps": 6, "validation_steps": 3, "checkpointing_steps": 3, "resolution": 32,
-    "use_8bit_adam": True, "method": "lora",
+    "identifier": "sks",
+    "class_noun": "square",
+    "instance_prompt": "a photo of sks square",
+    "max_train_steps": 6,
+    "validation_steps": 3,
+    "checkpointing_steps": 3,
+    "resolution": 32,
+    "use_8bit_adam": True,
+    "method": "lora",
 }
 
 
@@ -37,7 +43,8 @@ def serve_app(tmp: Path, tiny_model_dir: Path) -> Iterator[tuple[str, Any]]:
     try:
         yield app.local_url, services
     finally:
-        services.jobs.wait(120)  # never leave a training thread behind
+        services.jobs.cancel()  # never leave a training thread behind
+        services.jobs.wait(120)
         app.close()
 
 
@@ -50,8 +57,13 @@ def test_importing_app_builds_the_ui_and_nothing_else(tmp_path: Path, monkeypatc
     assert not (tmp_path / "runs").exists() and not (tmp_path / "cache").exists()  # no run, no model built
     assert app._services.jobs.snapshot().state == "idle"
     args = app.parse_args(["--port", "7999", "--auth", "ann:secret", "--runs-dir", "x"])
-    assert (args.host, args.port, args.auth, args.runs_dir, args.share) == ("127.0.0.1", 7999, ("ann", "secret"),
-                                                                             Path("x"), False)
+    assert (args.host, args.port, args.auth, args.runs_dir, args.share) == (
+        "127.0.0.1",
+        7999,
+        ("ann", "secret"),
+        Path("x"),
+        False,
+    )
     with pytest.raises(SystemExit):
         app.parse_args(["--auth", "no-colon"])
 
@@ -71,6 +83,22 @@ def test_blocks_build_with_the_real_engine(tmp_path: Path, tiny_model_dir: Path)
     assert services.demo.resolve("user/model") == "user/model"
 
 
+def test_on_a_cpu_space_it_offers_to_duplicate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from space.hardware import SpaceInfo, default_runs_dir
+    from space.layout import Services, build_app
+
+    monkeypatch.setenv("SPACE_ID", "ann/dreambooth-studio")
+    monkeypatch.delenv("DREAMBOOTH_RUNS_DIR", raising=False)
+    services = Services.create(runs_dir=tmp_path / "runs", cache_dir=tmp_path / "cache")
+    config = build_app(services).get_config_file()
+    texts = " ".join(str(c["props"].get("value")) for c in config["components"])
+    if not services.hardware.has_gpu:
+        assert "Duplicate this Space" in texts and "ann/dreambooth-studio?duplicate=true" in texts
+        assert "Duplicate Space" in texts  # gr.DuplicateButton
+    assert default_runs_dir(SpaceInfo("ann/x", persistent_storage=True)) == Path("/data/runs")
+    assert default_runs_dir(SpaceInfo(None, persistent_storage=True)) == Path("runs")
+
+
 def test_gradio_client_trains_then_generates(tmp_path: Path, tiny_model_dir: Path, subject_images: Path) -> None:
     from gradio_client import Client, handle_file
 
@@ -81,6 +109,8 @@ def test_gradio_client_trains_then_generates(tmp_path: Path, tiny_model_dir: Pat
             client.predict(images=images, **{**_form(), "instance_prompt": "a photo of a square"}, api_name="/train")
         status = client.predict(images=images, **_form(), api_name="/train")
         assert "step" in status
+        with pytest.raises(Exception, match="already running"):  # a second visitor is told it is busy
+            client.predict(images=images, **_form(), api_name="/train")
         deadline = time.monotonic() + 120
         while (job := client.predict(api_name="/job_status"))["state"] in ("starting", "running"):
             assert time.monotonic() < deadline, job
@@ -90,8 +120,20 @@ def test_gradio_client_trains_then_generates(tmp_path: Path, tiny_model_dir: Pat
         run_dir = Path(job["run_dir"])
         assert (run_dir / "pytorch_lora_weights.safetensors").is_file() and run_dir.parent == tmp_path / "runs"
 
-        gallery = client.predict(str(run_dir), "a photo of sks square", "", 7.5, 2, "Euler ancestral", 3, 32, 32, 2,
-                                 1.0, api_name="/generate")
+        gallery = client.predict(
+            str(run_dir),
+            "a photo of sks square",
+            "",
+            7.5,
+            2,
+            "Euler ancestral",
+            3,
+            32,
+            32,
+            2,
+            1.0,
+            api_name="/generate",
+        )
         assert len(gallery) == 2 and all(os.path.isfile(item["image"]) for item in gallery)
         with pytest.raises(Exception, match="multiples of 8"):
             client.predict(str(run_dir), "x", "", 7.5, 2, "DDIM", 0, 30, 32, 1, 1.0, api_name="/generate")
@@ -100,8 +142,19 @@ def test_gradio_client_trains_then_generates(tmp_path: Path, tiny_model_dir: Pat
 def _form() -> dict[str, Any]:
     """Every Train form field by its API name, as a scripted client sends them."""
     return {
-        **TINY_TRAINING, "concept": "object", "class_prompt": "a photo of square", "base_model": DEMO_MODEL,
-        "with_prior_preservation": False, "num_class_images": 10, "learning_rate": 1e-4, "train_batch_size": 1,
-        "gradient_accumulation_steps": 1, "train_text_encoder": False, "text_encoder_steps_fraction": 1.0,
-        "gradient_checkpointing": False, "mixed_precision": "no", "seed": 0, "validation_prompt": "",
+        **TINY_TRAINING,
+        "concept": "object",
+        "class_prompt": "a photo of square",
+        "base_model": DEMO_MODEL,
+        "with_prior_preservation": False,
+        "num_class_images": 10,
+        "learning_rate": 1e-4,
+        "train_batch_size": 1,
+        "gradient_accumulation_steps": 1,
+        "train_text_encoder": False,
+        "text_encoder_steps_fraction": 1.0,
+        "gradient_checkpointing": False,
+        "mixed_precision": "no",
+        "seed": 0,
+        "validation_prompt": "",
     }

@@ -18,13 +18,30 @@ from trainer.events import CancelToken, PhaseEvent, RunResult, SampleEvent, Step
 def form(images: list[str], **changes: Any) -> dict[str, Any]:
     """The Train form as the tab hands it over: keys as in train_tab's `form`."""
     values: dict[str, Any] = {
-        "images": images, "identifier": "sks", "class_noun": "dog", "concept": "object",
-        "instance_prompt": "a photo of sks dog", "class_prompt": "a photo of dog", "method": "lora",
-        "base_model": "some/model", "with_prior_preservation": False, "num_class_images": 50,
-        "max_train_steps": 6.0, "learning_rate": 1e-4, "train_batch_size": 1, "gradient_accumulation_steps": 2,
-        "train_text_encoder": True, "text_encoder_steps_fraction": 0.3, "resolution": 32,
-        "use_8bit_adam": True, "gradient_checkpointing": False, "mixed_precision": "no", "seed": 7,
-        "checkpointing_steps": 3, "validation_prompt": "", "validation_steps": 2,
+        "images": images,
+        "identifier": "sks",
+        "class_noun": "dog",
+        "concept": "object",
+        "instance_prompt": "a photo of sks dog",
+        "class_prompt": "a photo of dog",
+        "method": "lora",
+        "base_model": "some/model",
+        "with_prior_preservation": False,
+        "num_class_images": 50,
+        "max_train_steps": 6.0,
+        "learning_rate": 1e-4,
+        "train_batch_size": 1,
+        "gradient_accumulation_steps": 2,
+        "train_text_encoder": True,
+        "text_encoder_steps_fraction": 0.3,
+        "resolution": 32,
+        "use_8bit_adam": True,
+        "gradient_checkpointing": False,
+        "mixed_precision": "no",
+        "seed": 7,
+        "checkpointing_steps": 3,
+        "validation_prompt": "",
+        "validation_steps": 2,
     }
     values.update(changes)
     return values
@@ -79,10 +96,17 @@ def test_form_wants_3_to_20_images(tmp_path: Path, n: int) -> None:
 
 def test_presets_follow_the_training_spaces() -> None:
     assert {c: p.text_encoder_fraction for c, p in PRESETS.items()} == {
-        Concept.OBJECT: 0.30, Concept.PERSON: 0.65, Concept.STYLE: 0.15}
+        Concept.OBJECT: 0.30,
+        Concept.PERSON: 0.65,
+        Concept.STYLE: 0.15,
+    }
     values = preset_values("person", 5, "full")
-    assert values == {"max_train_steps": 1000, "learning_rate": 5e-6, "train_text_encoder": True,
-                      "text_encoder_steps_fraction": 0.65}
+    assert values == {
+        "max_train_steps": 1000,
+        "learning_rate": 5e-6,
+        "train_text_encoder": True,
+        "text_encoder_steps_fraction": 0.65,
+    }
     assert preset_values("style", 4, "lora")["learning_rate"] == 1e-4
 
 

@@ -180,10 +180,7 @@ def test_card_of_a_hub_base_names_it_and_inherits_its_license(lora_run: Path, fu
 
     full = build_model_card(full_run, "tester/sks-full")
     assert "lora" not in full.data.tags
-    assert (
-        'from_pretrained(\n    "tester/sks-full", torch_dtype=torch.float16, use_safetensors=True'
-        in full.text
-    )
+    assert 'from_pretrained(\n    "tester/sks-full", dtype=torch.float16, use_safetensors=True' in full.text
     assert "load_lora_weights" not in full.text
     # Without a repo (end of training), the snippet loads the run folder itself.
     assert str(full_run.resolve()) in write_model_card(full_run).read_text()
@@ -402,3 +399,31 @@ def test_hub_module_reads_the_endpoint_when_called(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:1/")
     assert hub_module.hub_endpoint() == "http://127.0.0.1:1"
     assert hub_module.hub_endpoint("http://example.test") == "http://example.test"
+
+
+# --- the Publish tab -----------------------------------------------------------------------
+def test_publish_tab_publishes_with_the_preferred_token(
+    hub: FakeHub, lora_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gradio as gr
+
+    from space.publish_tab import build_publish_tab, list_runs, publish_run, suggest_for_run
+
+    with gr.Blocks() as demo:
+        build_publish_tab(lora_run.parent)
+    assert [fn.api_name for fn in demo.fns.values() if fn.api_name == "publish"] == ["publish"]
+    assert list_runs(lora_run.parent) == [("sks-lora (LoRA)", str(lora_run))]
+    assert suggest_for_run(str(lora_run), None, unique=False) == "sks-dog-dreambooth"
+
+    link = publish_run(str(lora_run), "sks-dog-dreambooth", True, WRITE_TOKEN)
+    assert f"[{USER}/sks-dog-dreambooth]({hub.url}/{USER}/sks-dog-dreambooth) (private" in link
+    with pytest.raises(gr.Error, match=r"401 Unauthorized"):
+        publish_run(str(lora_run), "sks-dog-dreambooth", True, "hf_typedButWrong")
+    with pytest.raises(gr.Error, match="No Hugging Face token"):
+        publish_run(str(lora_run), "sks-dog-dreambooth", True, "")
+    # OAuth login first, then the HF_TOKEN secret, then the typed token.
+    oauth = gr.OAuthToken(token=WRITE_TOKEN, scope="openid profile write-repos", expires_at=0)
+    publish_run(str(lora_run), "sks-oauth", True, "hf_typedButWrong", oauth)
+    monkeypatch.setenv("HF_TOKEN", WRITE_TOKEN)
+    publish_run(str(lora_run), "sks-secret", True, "hf_typedButWrong")
+    assert {f"{USER}/sks-oauth", f"{USER}/sks-secret"} <= set(hub.repos)

@@ -171,14 +171,14 @@ def _usage(kind: str, where: str, base: str, config: TrainConfig) -> str:
         revision = f', revision="{config.revision}"' if config.revision else ""
         lines += [
             "pipe = StableDiffusionPipeline.from_pretrained(",
-            f'    "{base}"{revision}, torch_dtype=torch.float16, use_safetensors=True',
+            f'    "{base}"{revision}, dtype=torch.float16, use_safetensors=True',
             ').to("cuda")',
             f'pipe.load_lora_weights("{where}", weight_name="{LORA_WEIGHTS}")',
         ]
     else:
         lines += [
             "pipe = StableDiffusionPipeline.from_pretrained(",
-            f'    "{where}", torch_dtype=torch.float16, use_safetensors=True',
+            f'    "{where}", dtype=torch.float16, use_safetensors=True',
             ').to("cuda")',
         ]
     lines += [

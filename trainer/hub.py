@@ -46,6 +46,9 @@ LIBRARY_NAME = "dreambooth-studio"
 _NEVER = ["checkpoints/*", "logs/*", "metrics.jsonl", "*.bin", "*.ckpt", "*.pt", "*.pth", "*.pkl"]
 DOWNLOAD_PATTERNS = ["*.json", "*.txt", "*.safetensors", "*.model", CARD_NAME]
 UNTOUCHED = " The local run is untouched and can be published later."
+# What the client raises when the Hub says no or cannot be reached (HfHubHTTPError is both an
+# httpx2.HTTPError and an OSError; LFS transfer failures come wrapped in a RuntimeError).
+_HUB_FAILURES = (httpx2.HTTPError, OSError, ValueError, RuntimeError)
 
 
 class HubError(Exception):
@@ -83,7 +86,7 @@ def check_token(token: str | None, endpoint: str | None = None, *, write: bool =
     api = HfApi(endpoint=hub_endpoint(endpoint), library_name=LIBRARY_NAME)
     try:
         info = api.whoami(token=token)
-    except Exception as err:
+    except _HUB_FAILURES as err:
         raise _hub_error(err, "check the token", token=token, endpoint=api.endpoint) from None
     role = (info.get("auth", {}).get("accessToken") or {}).get("role")
     if write and role == "read":
@@ -112,6 +115,7 @@ def publish(
     repo_id = repo_id.strip()
     _validate_repo_id(repo_id)
     kind = _check_publishable(run_dir)
+    steps = TrainConfig.load(run_dir / CONFIG_NAME).max_train_steps  # a broken config fails here
     # 2. the token and its owner
     token = resolve_token(token)
     try:
@@ -124,7 +128,7 @@ def publish(
     # 3. the repo (an existing one is fine: it gets a new commit)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
-    except Exception as err:
+    except _HUB_FAILURES as err:
         action = f"create {repo_id}"
         raise _hub_error(
             err, action, token=token, endpoint=api.endpoint, repo_id=repo_id, suffix=UNTOUCHED
@@ -133,7 +137,6 @@ def publish(
     card = run_dir / CARD_NAME
     previous_card = card.read_bytes() if card.is_file() else None
     write_model_card(run_dir, repo_id)
-    steps = TrainConfig.load(run_dir / CONFIG_NAME).max_train_steps
     try:
         info = api.upload_folder(
             repo_id=repo_id,
@@ -142,7 +145,7 @@ def publish(
             ignore_patterns=_NEVER,
             commit_message=f"DreamBooth {kind}: {run_dir.name} ({steps} steps)",
         )
-    except Exception as err:
+    except _HUB_FAILURES as err:
         if previous_card is None:
             card.unlink(missing_ok=True)
         else:
@@ -187,7 +190,7 @@ def download_model(
             ignore_patterns=_NEVER,
             library_name=LIBRARY_NAME,
         )
-    except Exception as err:
+    except _HUB_FAILURES as err:
         raise _hub_error(
             err, f"download {repo_id}", token=token, endpoint=hub_endpoint(endpoint), repo_id=repo_id
         ) from None
@@ -254,8 +257,8 @@ def _hub_error(
     suffix: str = "",
 ) -> HubError:
     """One clear message per way a Hub call fails; the token is scrubbed from anything quoted."""
-    if isinstance(err, HubError):
-        return err
+    if isinstance(err, RuntimeError) and isinstance(err.__cause__, _HUB_FAILURES):
+        err = err.__cause__  # "Error while uploading 'x' to the Hub." wraps the real failure
     if isinstance(err, HFValidationError):
         message = f"Invalid repo id {repo_id!r}: {err}"
     elif isinstance(err, OfflineModeIsEnabled) or (

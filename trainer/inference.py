@@ -123,6 +123,11 @@ def _from_folder(name: str, folder: Path, *, token: str | None, endpoint: str | 
         raise ValueError(f"{name} is a LoRA but names no base model (no base_model in its card or config).")
     base_dir = Path(base).expanduser()
     if not base_dir.is_dir():
+        if base_dir.is_absolute() or base.startswith((".", "~")) or base.count("/") != 1:
+            raise ValueError(
+                f"The base model of {name} is the folder {base}, which is not on this machine: "
+                "publish the base model too, or train from a Hub model."
+            )
         base_dir = download_model(base, token, revision=revision, endpoint=endpoint)
     if run_kind(base_dir) != "full":
         raise ValueError(
@@ -158,7 +163,7 @@ def load_pipeline(source: ModelSource, device: str, dtype: torch.dtype) -> Stabl
     """Load from local folders only, safetensors only, no remote code, no safety checker."""
     pipe = StableDiffusionPipeline.from_pretrained(
         source.pipeline_dir,
-        torch_dtype=dtype,
+        dtype=dtype,
         use_safetensors=True,
         safety_checker=None,
         feature_extractor=None,

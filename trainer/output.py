@@ -15,7 +15,8 @@ from .models import Components
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 
 
-def _pipeline(parts: Components, unet: torch.nn.Module, text_encoder: torch.nn.Module) -> StableDiffusionPipeline:
+def pipeline_from_parts(parts: Components, unet: torch.nn.Module, text_encoder: torch.nn.Module) -> StableDiffusionPipeline:
+    """An inference pipeline over the in-memory modules (no copy), with a fast multistep sampler."""
     pipe = StableDiffusionPipeline(
         vae=parts.vae,
         text_encoder=text_encoder,
@@ -41,7 +42,7 @@ def make_samples(
 ) -> list[Path]:
     """One image per (prompt, index) with seed `config.seed + index`: comparable across steps."""
     folder.mkdir(parents=True, exist_ok=True)
-    pipe = _pipeline(parts, unet, text_encoder)
+    pipe = pipeline_from_parts(parts, unet, text_encoder)
     was_training = unet.training, text_encoder.training
     unet.eval()
     text_encoder.eval()

@@ -74,20 +74,10 @@ def _generate(
     on_progress: Callable[[int, int], None],
 ) -> None:
     """Generate images start..start+count-1; image i is seeded with i, so the cache is reproducible."""
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+    from .output import pipeline_from_parts
 
     cache.mkdir(parents=True, exist_ok=True)
-    pipe = StableDiffusionPipeline(
-        vae=parts.vae,
-        text_encoder=parts.text_encoder,
-        tokenizer=parts.tokenizer,
-        unet=parts.unet,
-        scheduler=DPMSolverMultistepScheduler.from_config(parts.noise_scheduler.config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
+    pipe = pipeline_from_parts(parts, parts.unet, parts.text_encoder)
     done = 0
     while done < count:
         batch = min(config.sample_batch_size, count - done)

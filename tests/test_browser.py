@@ -1,0 +1,97 @@
+"""The app in a real headless Chromium (Debian's), as a person uses it: upload four photos, train
+the tiny model a few steps, watch progress and the loss plot move, then generate from the run.
+
+Screenshots of both tabs are saved under test-artifacts/ (gitignored) for a human to look at.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import pytest
+from test_app import serve_app
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+STEP = re.compile(r"step (\d+)/(\d+)")
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium: apt-get install -y chromium"),
+]
+
+
+def test_train_then_generate_in_a_browser(tmp_path: Path, tiny_model_dir: Path, subject_images: Path) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    photos = sorted(str(p) for p in subject_images.glob("*.png"))
+    ARTIFACTS.mkdir(exist_ok=True)
+    with serve_app(tmp_path, tiny_model_dir) as (url, services), sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1600})
+        page.set_default_timeout(60_000)
+        page.goto(url)
+
+        # 1. The form: four photos (previews + count), then a short training in Advanced.
+        page.locator("#train-images input[type=file]").set_input_files(photos)
+        expect(page.locator("#image-count")).to_contain_text("4 photos")
+        expect(page.locator("img[src*='subject_']")).to_have_count(4)
+        page.get_by_text("Advanced").click()
+        expect(page.locator("#steps input")).to_have_value("800")  # the object preset: 200 x 4 photos
+        _set_number(page, "#steps input", "6")
+        _set_number(page, "#validation-steps input", "3")
+
+        # 2. Start; watch the status count steps and the loss plot redraw, until it completes.
+        page.locator("#start-training").click()
+        steps_seen, plots_seen = set(), set()
+        status = page.locator("#train-status")
+        deadline = time.monotonic() + 90
+        while "Completed" not in (text := status.inner_text()):
+            assert "Failed" not in text and time.monotonic() < deadline, text
+            if match := STEP.search(text):
+                steps_seen.add(int(match[1]))
+            plots_seen.add(_loss_line(page))
+            time.sleep(0.25)
+        assert "step 6/6" in status.inner_text()
+        assert len(steps_seen - {0}) >= 2, f"progress never moved: {steps_seen}"
+        assert len(plots_seen - {None}) >= 2, "the loss plot never redrew"
+        expect(page.locator("#train-samples img").first).to_be_visible()
+        page.screenshot(path=str(ARTIFACTS / "train-tab.png"), full_page=True)
+
+        # 3. Generate: the run just trained is selected and its prompt filled in.
+        page.get_by_role("tab", name="Generate").click()
+        run_dir = services.jobs.snapshot().run_dir
+        expect(page.locator("#generate-model input")).to_have_value(re.compile(Path(run_dir).name))
+        expect(page.locator("#generate-prompt textarea")).to_have_value("a photo of sks dog")
+        expect(page.locator("#width input")).to_have_value("32")
+        _set_number(page, "#generate-steps input[type=number]", "2")
+        page.locator("#generate").click()
+        expect(page.locator("#generate-gallery img").first).to_be_visible(timeout=60_000)
+        page.screenshot(path=str(ARTIFACTS / "generate-tab.png"), full_page=True)
+        browser.close()
+    assert (ARTIFACTS / "train-tab.png").stat().st_size > 0 and (ARTIFACTS / "generate-tab.png").stat().st_size > 0
+
+
+def _set_number(page, selector: str, value: str) -> None:
+    field = page.locator(selector)
+    field.fill(value)
+    field.press("Tab")  # gradio commits a number on blur
+    from playwright.sync_api import expect
+
+    expect(field).to_have_value(value)
+
+
+def _loss_line(page) -> str | None:
+    """The SVG path of the loss line: it changes whenever the plot gains points."""
+    line = page.locator("#loss-plot path[aria-roledescription='line mark']")
+    return line.first.get_attribute("d") if line.count() else None
