@@ -92,7 +92,7 @@ def build_generate_tab(
                 )
                 refresh = gr.Button("↻ Refresh", scale=1, size="sm")
             prompt = gr.Textbox(
-                instance_prompt_of(first) or "a photo of sks dog", label="Prompt", lines=2, elem_id="generate-prompt"
+                instance_prompt_of(first) or "a photo of zwx dog", label="Prompt", lines=2, elem_id="generate-prompt"
             )
             negative = gr.Textbox("", label="Negative prompt")
             with gr.Row():

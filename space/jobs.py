@@ -174,8 +174,11 @@ class JobManager:
         try:
             self._update(job, state="running")
             result = self._train_fn(config, on_event, job.cancel)
-        except Exception as err:  # reported to the UI; the traceback goes to the server log only
-            log.exception("Training %s failed", job.snapshot.job_id)
+        except Exception as err:  # reported to the UI; a traceback goes to the server log only
+            if isinstance(err, ValueError):  # the engine refused the input: no traceback needed
+                log.warning("Training %s refused: %s", job.snapshot.job_id, err)
+            else:
+                log.exception("Training %s failed", job.snapshot.job_id)
             job.exception = err
             self._update(job, state="failed", error=error_message(err), message="", finished_at=time.time())
         else:

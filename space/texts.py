@@ -50,7 +50,8 @@ def space_notice(space: SpaceInfo, hw: Hardware) -> str:
 # --- Train tab -------------------------------------------------------------------------
 IMAGES_HELP = "3–20 photos of your subject: varied backgrounds, angles and lighting; square crops work best."
 IDENTIFIER_HELP = (
-    "A rare word that will name your subject, e.g. `sks` or `zwx`. Avoid real words: the model already knows them."
+    "A rare word that will name your subject, e.g. `zwx`. Avoid real words: the model already knows them "
+    "(the popular `sks` is also a rifle)."
 )
 CLASS_NOUN_HELP = "What the subject is, in one or two words: dog, man, backpack, painting."
 INSTANCE_PROMPT_HELP = "Caption of your photos; must contain the identifier. Filled from the fields above."

@@ -22,6 +22,7 @@ from space.jobs import BusyError, JobManager, error_message
 
 log = logging.getLogger(__name__)
 MAX_PLOT_POINTS = 500
+DEFAULT_IDENTIFIER = "zwx"  # a made-up word; the popular "sks" is also the name of a rifle
 MODEL_CHOICES: list[tuple[str, str]] = [("Tiny demo model (built locally, runs on CPU)", DEMO_MODEL)] + [
     (model_id, model_id) for model_id in KNOWN_MODELS
 ]
@@ -35,7 +36,7 @@ class TrainTab:
 def build_train_tab(jobs: JobManager, runs_dir: Path, hardware: Hardware, demo: DemoModel) -> TrainTab:
     d = safe_defaults(hardware)
     preset = preset_values(Concept.OBJECT.value, 0, d["method"])
-    instance_prompt0, class_prompt0 = prompts_for("sks", "dog", Concept.OBJECT.value)
+    instance_prompt0, class_prompt0 = prompts_for(DEFAULT_IDENTIFIER, "dog", Concept.OBJECT.value)
     gr.Markdown(f"{texts.hardware_line(hardware)}\n\n{texts.DEMO_NOTICE}")
     with gr.Row():
         with gr.Column():
@@ -49,7 +50,7 @@ def build_train_tab(jobs: JobManager, runs_dir: Path, hardware: Hardware, demo: 
                 [c.value for c in Concept], value=Concept.OBJECT.value, label="Concept type", info=texts.CONCEPT_HELP
             )
             with gr.Row():
-                identifier = gr.Textbox("sks", label="Identifier", info=texts.IDENTIFIER_HELP)
+                identifier = gr.Textbox(DEFAULT_IDENTIFIER, label="Identifier", info=texts.IDENTIFIER_HELP)
                 class_noun = gr.Textbox("dog", label="Class noun", info=texts.CLASS_NOUN_HELP)
             instance_prompt = gr.Textbox(instance_prompt0, label="Instance prompt", info=texts.INSTANCE_PROMPT_HELP)
             class_prompt = gr.Textbox(class_prompt0, label="Class prompt", info=texts.CLASS_PROMPT_HELP)

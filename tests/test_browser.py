@@ -53,7 +53,7 @@ def test_train_then_generate_in_a_browser(tmp_path: Path, tiny_model_dir: Path, 
 
         # 2. Start; watch the status count steps and the loss plot redraw, until it completes.
         page.locator("#start-training").click()
-        steps_seen, plots_seen = set(), set()
+        steps_seen, plots_seen, visitor_checked = set(), set(), False
         status = page.locator("#train-status")
         deadline = time.monotonic() + 90
         while "Completed" not in (text := status.inner_text()):
@@ -62,7 +62,14 @@ def test_train_then_generate_in_a_browser(tmp_path: Path, tiny_model_dir: Path, 
                 steps_seen.add(int(match[1]))
             plots_seen.add(_loss_line(page))
             time.sleep(0.25)
-        assert "step 6/6" in status.inner_text()
+            if steps_seen - {0} and not visitor_checked:  # a page opened now shows the running job
+                visitor = browser.new_page()
+                visitor.goto(url)
+                expect(visitor.locator("#train-status")).to_contain_text(re.compile(r"(Training|Completed) · phase"))
+                visitor.close()
+                visitor_checked = True
+        plots_seen.add(_loss_line(page))  # the final plot, drawn with the "Completed" status
+        assert "step 6/6" in status.inner_text() and visitor_checked
         assert len(steps_seen - {0}) >= 2, f"progress never moved: {steps_seen}"
         assert len(plots_seen - {None}) >= 2, "the loss plot never redrew"
         expect(page.locator("#train-samples img").first).to_be_visible()
@@ -72,7 +79,7 @@ def test_train_then_generate_in_a_browser(tmp_path: Path, tiny_model_dir: Path, 
         page.get_by_role("tab", name="Generate").click()
         run_dir = services.jobs.snapshot().run_dir
         expect(page.locator("#generate-model input")).to_have_value(re.compile(Path(run_dir).name))
-        expect(page.locator("#generate-prompt textarea")).to_have_value("a photo of sks dog")
+        expect(page.locator("#generate-prompt textarea")).to_have_value("a photo of zwx dog")
         expect(page.locator("#width input")).to_have_value("32")
         _set_number(page, "#generate-steps input[type=number]", "2")
         page.locator("#generate").click()

@@ -427,3 +427,38 @@ def test_publish_tab_publishes_with_the_preferred_token(
     monkeypatch.setenv("HF_TOKEN", WRITE_TOKEN)
     publish_run(str(lora_run), "sks-secret", True, "hf_typedButWrong")
     assert {f"{USER}/sks-oauth", f"{USER}/sks-secret"} <= set(hub.repos)
+
+
+# --- the command line ----------------------------------------------------------------------
+def _cli_env(hub: FakeHub, tmp_path: Path, token: str) -> dict[str, str]:
+    return {**os.environ, "HF_ENDPOINT": hub.url, "HF_TOKEN": token, "HF_HUB_OFFLINE": "0",
+            "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(tmp_path / "hf-home"), "PYTHONPATH": str(ROOT)}
+
+
+def test_cli_push_publishes_and_a_bad_token_gets_a_message(hub: FakeHub, lora_run: Path, tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "trainer", "push", str(lora_run), "--repo-id", "sks-dog"]
+    ok = subprocess.run(cmd, env=_cli_env(hub, tmp_path, WRITE_TOKEN), capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert ok.stdout.strip().endswith(f"{USER}/sks-dog")
+    assert set(hub.files(f"{USER}/sks-dog")) == MODEL_FILES_LORA
+
+    bad = subprocess.run(cmd, env=_cli_env(hub, tmp_path, CANARY), capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and "\nerror: " in "\n" + bad.stderr and "401" in bad.stderr
+    assert "Traceback" not in bad.stderr and CANARY not in bad.stdout + bad.stderr
+
+
+def test_cli_train_with_push_checks_the_token_before_training(hub: FakeHub, tiny_model_dir: Path,
+                                                               subject_images: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "trainer", "train", "--pretrained-model", str(tiny_model_dir),
+           "--instance-data", str(subject_images), "--instance-prompt", "a photo of sks square",
+           "--output-dir", str(run), "--resolution", "32", "--max-train-steps", "1", "--report-to", "none",
+           "--push-to-hub", "sks-square"]
+    bad = subprocess.run(cmd, env=_cli_env(hub, tmp_path, CANARY), capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and "401" in bad.stderr and "Traceback" not in bad.stderr
+    assert not run.exists(), "training started although the token was refused"
+
+    ok = subprocess.run(cmd, env=_cli_env(hub, tmp_path, WRITE_TOKEN), capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert ok.stdout.strip().endswith(f"{USER}/sks-square")
+    assert hub.repos[f"{USER}/sks-square"].private is True

@@ -10,7 +10,7 @@ import types
 import typing
 from pathlib import Path
 
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig, UserError
 
 _FIELD_TYPES = typing.get_type_hints(TrainConfig)
 
@@ -74,22 +74,41 @@ def _train(args: argparse.Namespace) -> int:
     from . import train
     from .events import CancelToken
 
-    config = config_from_args(args)
+    config = config_from_args(args).validate()
+    token = None
+    if args.push_to_hub:
+        from .hub import check_token, resolve_token
+
+        # A bad token fails now, in seconds, not after the training.
+        token = resolve_token(_token_from_env(args.token_env))
+        check_token(token)
     cancel = CancelToken()
     try:
         result = train(config, on_event=_print_event, cancel=cancel)
     except KeyboardInterrupt:
         return 130
     print(f"{result.status}: {result.step}/{result.total_steps} steps; run folder {result.run_dir}")
+    if args.push_to_hub and result.status == "completed":
+        from .hub import publish
+
+        print(publish(result.run_dir, args.push_to_hub, private=args.private, token=token).url)
     return 0
+
+
+def _token_from_env(var: str | None) -> str | None:
+    """The token is read from the environment, never from argv (where `ps` and shell history see it)."""
+    if not var:
+        return None
+    token = os.environ.get(var)
+    if not token:
+        raise ConfigError(f"`--token-env`: the environment variable {var} is not set")
+    return token
 
 
 def _push(args: argparse.Namespace) -> int:
     from .hub import publish
 
-    token = os.environ.get(args.token_env) if args.token_env else None
-    if args.token_env and not token:
-        raise ConfigError(f"`--token-env`: the environment variable {args.token_env} is not set")
+    token = _token_from_env(args.token_env)
     result = publish(Path(args.run_dir), args.repo_id, private=args.private, token=token)
     print(result.url)
     return 0
@@ -102,35 +121,36 @@ def build_parser() -> argparse.ArgumentParser:
                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     train_p.add_argument("--config", help="A config.json (e.g. a run folder's) to start from; flags override it.")
     add_config_arguments(train_p)
+    hub = train_p.add_argument_group("publishing when the training completes")
+    hub.add_argument("--push-to-hub", metavar="REPO_ID", default=None,
+                     help="Publish the run to this Hub repo; the token is checked before training starts.")
+    _add_hub_flags(hub)
     train_p.set_defaults(func=_train)
 
     push_p = sub.add_parser("push", help="Publish a run folder to the Hugging Face Hub.")
     push_p.add_argument("run_dir", help="The run folder to publish.")
     push_p.add_argument("--repo-id", required=True, help="Target repo, e.g. you/sks-dog.")
-    push_p.add_argument("--private", action=argparse.BooleanOptionalAction, default=True,
-                        help="Private repo (default) or --no-private / --public.")
-    push_p.add_argument("--public", dest="private", action="store_false", help="Same as --no-private.")
-    push_p.add_argument("--token-env", default="HF_TOKEN",
-                        help="Environment variable holding the token (never pass a token in argv).")
+    _add_hub_flags(push_p)
     push_p.set_defaults(func=_push)
     return parser
+
+
+def _add_hub_flags(parser) -> None:
+    parser.add_argument("--private", action=argparse.BooleanOptionalAction, default=True,
+                        help="Private repo (default) or --no-private / --public.")
+    parser.add_argument("--public", dest="private", action="store_false", help="Same as --no-private.")
+    parser.add_argument("--token-env", default=None, metavar="VAR",
+                        help="Environment variable holding the token (default: HF_TOKEN, then the token saved by "
+                             "`hf auth login`). A token is never passed in argv, where `ps` and shell history see it.")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
-    except Exception as err:  # engine errors with user-facing messages, e.g. bad images
-        from .data import ImageDataError
-
-        if isinstance(err, ImageDataError):
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        raise
-
+        return 2 if isinstance(err, ConfigError | ValueError) else 1
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -27,7 +27,11 @@ LR_SCHEDULERS: tuple[str, ...] = (
 DEFAULT_LR: dict[str, float] = {"full": 5e-6, "lora": 1e-4}
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """An error whose message is written for the user: shown as it is, never as a traceback."""
+
+
+class ConfigError(UserError, ValueError):
     """A TrainConfig field holds a value the engine cannot use; the message names the field."""
 
 

@@ -15,9 +15,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .config import UserError
+
 IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 MIN_SIDE = 64  # below this an image carries too little of the subject to be worth upscaling
 SIXTEEN_BIT_MODES: tuple[str, ...] = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
 
 
 class ImageProblem(NamedTuple):
@@ -25,7 +29,7 @@ class ImageProblem(NamedTuple):
     reason: str
 
 
-class ImageDataError(ValueError):
+class ImageDataError(UserError, ValueError):
     """Images the run cannot use; `problems` holds every one and str() lists them one per line."""
 
     def __init__(self, problems: Sequence[ImageProblem], field: str | None = None) -> None:

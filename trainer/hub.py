@@ -36,7 +36,7 @@ from .card import (
     run_kind,
     write_model_card,
 )
-from .config import TrainConfig
+from .config import TrainConfig, UserError
 
 TOKEN_ENV = "HF_TOKEN"
 TOKENS_URL = "https://huggingface.co/settings/tokens"
@@ -51,7 +51,7 @@ UNTOUCHED = " The local run is untouched and can be published later."
 _HUB_FAILURES = (httpx2.HTTPError, OSError, ValueError, RuntimeError)
 
 
-class HubError(Exception):
+class HubError(UserError):
     """A publish or download that failed; the message is meant for the user as is."""
 
 

@@ -9,10 +9,9 @@ from pathlib import Path
 import torch
 from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
+from .card import LORA_WEIGHTS
 from .config import TrainConfig
 from .models import Components
-
-LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 
 
 def pipeline_from_parts(parts: Components, unet: torch.nn.Module, text_encoder: torch.nn.Module) -> StableDiffusionPipeline:

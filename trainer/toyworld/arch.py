@@ -20,7 +20,7 @@ VAE_CONFIG: dict[str, Any] = {
     "sample_size": 32,
     "in_channels": 3,
     "out_channels": 3,
-    "block_out_channels": (32, 32, 64),
+    "block_out_channels": (16, 32, 64),
     "layers_per_block": 1,
     "down_block_types": ("DownEncoderBlock2D",) * 3,
     "up_block_types": ("UpDecoderBlock2D",) * 3,
