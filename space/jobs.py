@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from trainer.config import TrainConfig
@@ -131,6 +133,7 @@ class JobManager:
             if self._job and self._job.snapshot.active:
                 snap = self._job.snapshot
                 raise BusyError(f"A training is already running (step {snap.step}/{snap.total}).")
+            config = keep_uploads(config)
             job = _Job(
                 JobSnapshot(
                     job_id=self._next_id,
@@ -226,3 +229,19 @@ class JobManager:
     def _update(self, job: _Job, **changes: object) -> None:
         with self._lock:
             job.snapshot = dataclasses.replace(job.snapshot, version=job.snapshot.version + 1, **changes)
+
+
+def keep_uploads(config: TrainConfig) -> TrainConfig:
+    """Copy the uploaded photos into the run folder: gradio deletes its temporary uploads, and a
+    run must stay repeatable and resumable from its own config.json."""
+    dest = Path(config.output_dir) / "instance_images"
+    sources = [Path(p) for p in config.instance_data]
+    if all(p.is_file() for p in sources) and not all(p.parent == dest for p in sources):
+        dest.mkdir(parents=True, exist_ok=True)
+        copies = []
+        for i, src in enumerate(sources):
+            target = dest / f"{i:02d}-{src.name}"
+            shutil.copy2(src, target)
+            copies.append(str(target))
+        return config.replace(instance_data=tuple(copies))
+    return config

@@ -175,3 +175,16 @@ def test_job_manager_raises_engine_errors_from_start(tmp_path: Path) -> None:
         jobs.start(TrainConfig(output_dir=str(tmp_path)))
     assert jobs.snapshot().state == "failed" and jobs.snapshot().error == "`mixed_precision` fp16 needs a CUDA GPU"
     assert not jobs.snapshot().active  # a failed job does not block the next one
+
+
+def test_uploads_are_copied_into_the_run_folder(tmp_path: Path, four_images: list[str]) -> None:
+    from space.jobs import keep_uploads
+
+    config = TrainConfig(output_dir=str(tmp_path / "run"), instance_data=tuple(four_images))
+    kept = keep_uploads(config)
+    copies = [Path(p) for p in kept.instance_data]
+    assert [p.parent for p in copies] == [tmp_path / "run" / "instance_images"] * 4
+    assert [p.read_bytes() for p in copies] == [Path(p).read_bytes() for p in four_images]
+    assert keep_uploads(kept) == kept  # already in place: nothing copied twice
+    folder = config.replace(instance_data=(str(tmp_path),))
+    assert keep_uploads(folder) == folder  # a folder (CLI-style) is used where it is

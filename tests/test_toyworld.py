@@ -1,0 +1,91 @@
+"""The toy world end to end, CI-sized: the generator, the judge, the pretrained toy model, and a
+DreamBooth run on the example subject that must visibly learn it (trainer.eval, small counts)."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from trainer.toyworld import TOY_MODEL_DIR, example_subject
+from trainer.toyworld.world import Scene, held_out_combos, random_scene, render, train_combos
+
+# Floors under the pretrained model's measured accuracy (see docs/toyworld.md), with slack for
+# the few samples drawn here: a broken export or a wrong scheduler falls far below them.
+HELD_OUT_FLOOR = {"shape": 0.6, "color": 0.6, "background": 0.6}
+
+
+@pytest.fixture(scope="module")
+def judge():
+    from trainer.toyworld.judge import Judge
+
+    return Judge()
+
+
+@pytest.fixture(scope="module")
+def toy_pipe():
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    torch.set_num_threads(2)
+    pipe = StableDiffusionPipeline.from_pretrained(TOY_MODEL_DIR, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_world_is_deterministic_and_held_out_is_disjoint() -> None:
+    scene = Scene("star", "red", "white", scale=0.3, dx=0.1)
+    assert np.array_equal(np.asarray(render(scene)), np.asarray(render(scene)))
+    assert scene.caption() == "a photo of a red star on a white background"
+    a, b = random.Random(3), random.Random(3)
+    assert random_scene(a) == random_scene(b)
+    assert not set(held_out_combos()) & set(train_combos())
+
+
+def test_judge_reads_the_world(judge) -> None:
+    rng = random.Random(77)
+    scenes = [random_scene(rng, split_fraction=0.4) for _ in range(200)]
+    readings = judge.read([render(s) for s in scenes])
+    for attribute in ("shape", "color", "color2", "background"):
+        accuracy = np.mean([getattr(r, attribute) == getattr(s, attribute) for r, s in zip(readings, scenes, strict=True)])
+        assert accuracy >= 0.95, f"judge {attribute} accuracy {accuracy:.2f}"
+
+
+def test_toy_model_is_small_and_follows_held_out_prompts(judge, toy_pipe) -> None:
+    from trainer.toyworld.score import generate
+
+    size = sum(f.stat().st_size for f in TOY_MODEL_DIR.rglob("*") if f.is_file())
+    assert size <= 20 * 2**20, f"toy model is {size / 2**20:.1f} MB"
+    combos = held_out_combos()[::2]  # 10 of the 20 held-out combinations, 2 images each
+    correct = {k: 0 for k in HELD_OUT_FLOOR}
+    for shape, color, background in combos:
+        images = generate(toy_pipe, Scene(shape, color, background).caption(), 2, steps=15)
+        for reading in judge.read(images):
+            correct["shape"] += reading.shape == shape
+            correct["color"] += reading.color == color
+            correct["background"] += reading.background == background
+    for attribute, floor in HELD_OUT_FLOOR.items():
+        assert correct[attribute] / (2 * len(combos)) >= floor, (attribute, correct)
+
+
+def test_example_subject_is_new_to_the_base_model(tmp_path: Path) -> None:
+    folder = example_subject(tmp_path / "subject")
+    images = sorted(folder.glob("*.png"))
+    assert len(images) == 5
+    from PIL import Image
+
+    assert all(Image.open(p).size == (64, 64) for p in images)
+
+
+@pytest.mark.slow
+def test_dreambooth_learns_the_example_subject(tmp_path: Path) -> None:
+    from trainer.eval import main
+
+    results = main(["--example", "--no-prior", "--steps", "150", "--samples", "6", "--inference-steps", "15",
+                    "--output-dir", str(tmp_path / "run"), "--threads", "2", "--json", str(tmp_path / "r.json")])
+    assert results["base"]["subject_accuracy"] <= 0.2
+    assert results["trained"]["subject_accuracy"] >= results["base"]["subject_accuracy"] + 0.5
+    assert results["trained"]["subject_similarity"] > results["base"]["subject_similarity"]
+    assert (tmp_path / "r.json").is_file()
