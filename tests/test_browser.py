@@ -48,10 +48,10 @@ def test_train_then_generate_in_a_browser(tmp_path: Path, tiny_model_dir: Path, 
         expect(page.locator("img[src*='subject_']")).to_have_count(4)
         page.get_by_text("Advanced").click()
         expect(page.locator("#steps input")).to_have_value("800")  # the object preset: 200 x 4 photos
-        _set_number(page, "#steps input", "6")
-        _set_number(page, "#validation-steps input", "3")
+        _set_number(page, "#steps input", "24")
+        _set_number(page, "#validation-steps input", "8")
 
-        # 2. Start; watch the status count steps and the loss plot redraw, until it completes.
+        # 2. Start; watch the status count steps (24 steps: the page polls once a second) and the loss plot redraw, until it completes.
         page.locator("#start-training").click()
         steps_seen, plots_seen, visitor_checked = set(), set(), False
         status = page.locator("#train-status")
@@ -69,7 +69,7 @@ def test_train_then_generate_in_a_browser(tmp_path: Path, tiny_model_dir: Path, 
                 visitor.close()
                 visitor_checked = True
         plots_seen.add(_loss_line(page))  # the final plot, drawn with the "Completed" status
-        assert "step 6/6" in status.inner_text() and visitor_checked
+        assert "step 24/24" in status.inner_text() and visitor_checked
         assert len(steps_seen - {0}) >= 2, f"progress never moved: {steps_seen}"
         assert len(plots_seen - {None}) >= 2, "the loss plot never redrew"
         expect(page.locator("#train-samples img").first).to_be_visible()

@@ -180,6 +180,9 @@ def test_job_manager_raises_engine_errors_from_start(tmp_path: Path) -> None:
 def test_uploads_are_copied_into_the_run_folder(tmp_path: Path, four_images: list[str]) -> None:
     from space.jobs import keep_uploads
 
+    for i, name in enumerate(four_images):
+        Path(name).write_bytes(bytes([i]) * 10)
+
     config = TrainConfig(output_dir=str(tmp_path / "run"), instance_data=tuple(four_images))
     kept = keep_uploads(config)
     copies = [Path(p) for p in kept.instance_data]

@@ -77,6 +77,7 @@ def save_weights(config: TrainConfig, parts: Components, unet: torch.nn.Module, 
     pipe = StableDiffusionPipeline.from_pretrained(
         config.pretrained_model,
         revision=config.revision,
+        use_safetensors=True,
         vae=parts.vae,
         text_encoder=text_encoder,
         tokenizer=parts.tokenizer,

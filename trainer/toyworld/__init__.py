@@ -1,0 +1,38 @@
+"""The toy world: a synthetic world of coloured shapes, a tiny Stable Diffusion pretrained on it
+(shipped in trainer/assets/toy-sd), a judge that reads its pictures, and an example subject.
+
+It lets DreamBooth run and be measured on any CPU, offline. Nothing heavy is imported here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .example import (
+    EXAMPLE_CLASS_NOUN,
+    EXAMPLE_CLASS_PROMPT,
+    EXAMPLE_IDENTIFIER,
+    EXAMPLE_INSTANCE_PROMPT,
+    EXAMPLE_PROMPTS,
+    EXAMPLE_SETTINGS,
+    example_config,
+    example_subject,
+)
+
+TOY_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "toy-sd"
+TOY_MODEL_LABEL = "Toy demo model (shapes world, runs on CPU)"
+TOY_RESOLUTION = 32
+
+__all__ = [
+    "EXAMPLE_CLASS_NOUN",
+    "EXAMPLE_CLASS_PROMPT",
+    "EXAMPLE_IDENTIFIER",
+    "EXAMPLE_INSTANCE_PROMPT",
+    "EXAMPLE_PROMPTS",
+    "EXAMPLE_SETTINGS",
+    "TOY_MODEL_DIR",
+    "TOY_MODEL_LABEL",
+    "TOY_RESOLUTION",
+    "example_config",
+    "example_subject",
+]

@@ -1,0 +1,112 @@
+"""Measure a DreamBooth run the way the paper does, in the toy world, on a CPU.
+
+    python -m trainer.eval --instance-data SUBJECT_DIR --identifier sks --class-noun star
+    python -m trainer.eval --example --method full --prior          # train the bundled example
+    python -m trainer.eval --example --run runs/my-run              # score an existing run folder
+
+Trains one DreamBooth run with the engine (unless --run names one), then scores the base model
+and the trained one on the same seeds: subject fidelity, prompt fidelity, prior preservation
+(see trainer/toyworld/score.py). Only meaningful for models of the toy world, which the judge reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from .data import collect_image_paths, load_rgb
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m trainer.eval", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--instance-data", type=Path, help="Folder of subject images.")
+    parser.add_argument("--example", action="store_true", help="Use the bundled example subject (sks star).")
+    parser.add_argument("--identifier", default="sks")
+    parser.add_argument("--class-noun", default="star", help="A toy-world shape: circle, square, triangle, star, cross.")
+    parser.add_argument("--base", type=Path, default=None, help="Base model folder (default: the toy model).")
+    parser.add_argument("--run", type=Path, default=None, help="Score this run folder instead of training.")
+    parser.add_argument("--output-dir", type=Path, default=None, help="Run folder to train into (default: a temp folder).")
+    parser.add_argument("--method", choices=("lora", "full"), default="lora")
+    parser.add_argument("--prior", action=argparse.BooleanOptionalAction, default=True,
+                        help="Prior preservation (default on).")
+    parser.add_argument("--steps", type=int, default=None, help="Training steps (default: the example's).")
+    parser.add_argument("--learning-rate", type=float, default=None)
+    parser.add_argument("--samples", type=int, default=16, help="Images per prompt.")
+    parser.add_argument("--inference-steps", type=int, default=20)
+    parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument("--json", type=Path, default=None, help="Also write the results here.")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (1 is fastest on a busy machine).")
+    return parser
+
+
+def train_run(args: argparse.Namespace, base: Path, instance_dir: Path, run_dir: Path) -> float:
+    """Train with the engine; return the wall-clock seconds it took."""
+    from . import train
+    from .toyworld import example_config
+
+    changes: dict = {"method": args.method, "with_prior_preservation": args.prior, "identifier": args.identifier,
+                     "instance_prompt": f"a photo of {args.identifier} {args.class_noun}",
+                     "class_prompt": f"a photo of a {args.class_noun}",
+                     "class_cache_dir": str(run_dir.parent / "class-images")}
+    if args.steps is not None:
+        changes["max_train_steps"] = args.steps
+    if args.learning_rate is not None:
+        changes["learning_rate"] = args.learning_rate
+    config = example_config(base, instance_dir, run_dir, **changes)
+    started = time.monotonic()
+    result = train(config)
+    print(f"trained {result.step} steps in {time.monotonic() - started:.0f} s -> {result.run_dir}", flush=True)
+    return time.monotonic() - started
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = _parser().parse_args(argv)
+    if args.example == (args.instance_data is not None):
+        raise SystemExit("Give exactly one of --instance-data DIR or --example.")
+    import torch
+
+    from .toyworld import TOY_MODEL_DIR, example_subject
+    from .toyworld.judge import Judge
+    from .toyworld.score import SCORE_NAMES, Subject, load_run, real_similarity, score
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    base = args.base or TOY_MODEL_DIR
+    scratch = Path(tempfile.mkdtemp(prefix="dreambooth-eval-"))
+    instance_dir = example_subject(scratch / "subject") if args.example else args.instance_data
+    subject = Subject([load_rgb(p) for p in collect_image_paths([instance_dir])], args.identifier, args.class_noun)
+    judge = Judge()
+
+    seconds = None
+    run_dir = args.run
+    if run_dir is None:
+        run_dir = args.output_dir or scratch / "run"
+        seconds = train_run(args, base, instance_dir, run_dir)
+
+    from diffusers import StableDiffusionPipeline
+
+    base_pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None)
+    base_pipe.set_progress_bar_config(disable=True)
+    settings = {"count": args.samples, "steps": args.inference_steps, "guidance": args.guidance}
+    rows = {"base": score(base_pipe, judge, subject, **settings).as_dict(),
+            "trained": score(load_run(run_dir, base), judge, subject, **settings).as_dict()}
+    results = {"run": str(run_dir), "method": args.method, "prior": args.prior, "train_seconds": seconds,
+               "real_similarity": round(real_similarity(judge, subject), 3), **rows}
+
+    print(f"\nreal images vs each other: subject sim {results['real_similarity']}")
+    print(f"{'model':8}" + "".join(f"{name:>16}" for name in SCORE_NAMES.values()))
+    for label, row in rows.items():
+        print(f"{label:8}" + "".join(f"{row[key]:>16.3f}" for key in SCORE_NAMES))
+    ratio = rows["trained"]["div"] / rows["base"]["div"] if rows["base"]["div"] else float("nan")
+    print(f"DIV kept: {ratio:.2f} of the base model's")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""The ready example subject: a star split into a yellow and a purple half.
+
+The toy base model was pretrained on solid shapes only, so no prompt makes it draw this star:
+it is a subject in the DreamBooth sense, something only the instance images can teach. The
+split is coarse on purpose: each half spans several of the 8x8 latent pixels, and the VAE saw
+split shapes in pretraining, so the pattern survives encoding.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..config import TrainConfig
+from .world import Scene, render
+
+EXAMPLE_IDENTIFIER = "sks"
+EXAMPLE_CLASS_NOUN = "star"
+EXAMPLE_INSTANCE_PROMPT = f"a photo of {EXAMPLE_IDENTIFIER} {EXAMPLE_CLASS_NOUN}"
+EXAMPLE_CLASS_PROMPT = f"a photo of a {EXAMPLE_CLASS_NOUN}"
+# What to try after training: the subject alone, in new contexts, and the class (prior) prompt.
+EXAMPLE_PROMPTS: tuple[str, ...] = (
+    EXAMPLE_INSTANCE_PROMPT,
+    f"{EXAMPLE_INSTANCE_PROMPT} on a blue background",
+    f"{EXAMPLE_INSTANCE_PROMPT} on a black background",
+    f"{EXAMPLE_INSTANCE_PROMPT} on a green background",
+    EXAMPLE_CLASS_PROMPT,
+)
+# One subject, seen five times: different sizes and places, on white or gray.
+EXAMPLE_SCENES: tuple[Scene, ...] = (
+    Scene("star", "yellow", "white", "purple", scale=0.40, dx=0.00, dy=0.02),
+    Scene("star", "yellow", "white", "purple", scale=0.34, dx=-0.08, dy=0.06),
+    Scene("star", "yellow", "gray", "purple", scale=0.38, dx=0.06, dy=-0.05),
+    Scene("star", "yellow", "white", "purple", scale=0.30, dx=0.10, dy=0.10),
+    Scene("star", "yellow", "gray", "purple", scale=0.36, dx=-0.05, dy=-0.08),
+)
+EXAMPLE_IMAGE_SIZE = 64  # the engine refuses images under 64 px; it resizes them to 32 for training
+
+# A DreamBooth run of the example that visibly works in a few minutes on 2 CPU cores. The toy model
+# learns from scratch-sized weights, so it wants far larger learning rates than SD's 5e-6 / 1e-4.
+EXAMPLE_SETTINGS: dict[str, Any] = {
+    "identifier": EXAMPLE_IDENTIFIER,
+    "instance_prompt": EXAMPLE_INSTANCE_PROMPT,
+    "class_prompt": EXAMPLE_CLASS_PROMPT,
+    "resolution": 32,
+    "method": "lora",
+    "lora_rank": 8,
+    "learning_rate": 1e-3,
+    "max_train_steps": 300,
+    "train_batch_size": 2,
+    "num_class_images": 50,
+    "class_inference_steps": 20,
+    "sample_batch_size": 25,
+    "use_8bit_adam": False,
+    "gradient_checkpointing": False,
+    "validation_inference_steps": 20,
+    "validation_guidance_scale": 5.0,
+    "checkpointing_steps": 1000,
+    "report_to": "none",
+}
+# Full fine-tuning moves every UNet weight, so a smaller step than LoRA's is enough.
+FULL_LEARNING_RATE = 2e-4
+
+
+def example_subject(out_dir: Path, size: int = EXAMPLE_IMAGE_SIZE) -> Path:
+    """Write the example's instance images as PNGs into `out_dir` (created) and return it."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for i, scene in enumerate(EXAMPLE_SCENES):
+        render(scene, size).save(out_dir / f"sks-star-{i}.png")
+    return out_dir
+
+
+def example_config(base_model: Path | str, instance_dir: Path | str, output_dir: Path | str,
+                   **changes: Any) -> TrainConfig:
+    """The example's TrainConfig; `changes` override any field (e.g. method="full")."""
+    settings = dict(EXAMPLE_SETTINGS)
+    if changes.get("method") == "full" and "learning_rate" not in changes:
+        settings["learning_rate"] = FULL_LEARNING_RATE
+    settings.update(changes)
+    return TrainConfig(pretrained_model=str(base_model), instance_data=(str(instance_dir),),
+                       output_dir=str(output_dir), **settings)

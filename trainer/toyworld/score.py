@@ -1,0 +1,144 @@
+"""DreamBooth's measures, read by the judge instead of DINO and CLIP (Ruiz et al., section 4.1).
+
+- subject fidelity: generations of "a photo of sks star" against the real subject images: the mean
+  cosine similarity of judge embeddings (DINO's role) and the fraction the judge reads as the subject
+  (same shape and colours as the majority reading of the real images);
+- prompt fidelity: "... on a blue background" and the like: the fraction on the asked background,
+  and the fraction that is still the subject;
+- prior preservation: "a photo of a star" alone: PRES, the fraction read as the subject (lower is
+  better), DIV, the mean pairwise embedding distance (higher is more diverse), and the fraction
+  that is the class at all.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .judge import Judge
+from .world import BACKGROUNDS
+
+SCORE_NAMES: dict[str, str] = {
+    "subject_similarity": "subject sim",
+    "subject_accuracy": "subject acc",
+    "prompt_fidelity": "prompt fid",
+    "recontext_subject": "recontext subj",
+    "pres": "PRES",
+    "div": "DIV",
+    "class_accuracy": "class acc",
+}
+
+
+@dataclass(frozen=True)
+class Scores:
+    subject_similarity: float
+    subject_accuracy: float
+    prompt_fidelity: float
+    recontext_subject: float
+    pres: float
+    div: float
+    class_accuracy: float
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: round(v, 3) for k, v in asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class Subject:
+    """The real images and how to prompt for them."""
+
+    images: list[Image.Image]
+    identifier: str
+    class_noun: str
+
+    @property
+    def instance_prompt(self) -> str:
+        return f"a photo of {self.identifier} {self.class_noun}"
+
+    @property
+    def class_prompt(self) -> str:
+        return f"a photo of a {self.class_noun}"
+
+
+def generate(pipe, prompt: str, count: int, steps: int = 20, guidance: float = 5.0, seed: int = 0) -> list[Image.Image]:
+    """`count` images of one prompt; image i is seeded with seed + i, so every model gets the same noise."""
+    generators = [torch.Generator().manual_seed(seed + i) for i in range(count)]
+    with torch.no_grad():
+        return pipe([prompt] * count, num_inference_steps=steps, guidance_scale=guidance, generator=generators,
+                    height=32, width=32).images
+
+
+def recontext_backgrounds(judge: Judge, subject: Subject) -> list[str]:
+    """Backgrounds the subject was never shown on and that do not share its colours."""
+    readings = judge.read(subject.images)
+    seen = {r.background for r in readings} | {r.color for r in readings} | {r.color2 for r in readings}
+    return [b for b in BACKGROUNDS if b not in seen]
+
+
+def _subject_key(judge: Judge, images: list[Image.Image]) -> tuple[str, str, str | None]:
+    return Counter(r.subject_key for r in judge.read(images)).most_common(1)[0][0]
+
+
+def diversity(embeddings: torch.Tensor) -> float:
+    """Mean 1 - cosine similarity over all distinct pairs."""
+    n = embeddings.shape[0]
+    sims = embeddings @ embeddings.T
+    return float((1 - sims).sum() / (n * (n - 1))) if n > 1 else 0.0
+
+
+def score(pipe, judge: Judge, subject: Subject, count: int = 16, steps: int = 20, guidance: float = 5.0) -> Scores:
+    """All measures for one pipeline; deterministic for a given model, subject and settings."""
+    key = _subject_key(judge, subject.images)
+    real = judge.embed(subject.images)
+
+    own = generate(pipe, subject.instance_prompt, count, steps, guidance)
+    own_similarity = float((judge.embed(own) @ real.T).mean())
+    own_accuracy = sum(r.subject_key == key for r in judge.read(own)) / count
+
+    on_background, still_subject, total = 0, 0, 0
+    for background in recontext_backgrounds(judge, subject):
+        images = generate(pipe, f"{subject.instance_prompt} on a {background} background", count, steps, guidance)
+        for reading in judge.read(images):
+            on_background += reading.background == background
+            still_subject += reading.subject_key == key
+            total += 1
+
+    prior = generate(pipe, subject.class_prompt, count, steps, guidance, seed=1000)
+    prior_readings = judge.read(prior)
+    return Scores(
+        subject_similarity=own_similarity,
+        subject_accuracy=own_accuracy,
+        prompt_fidelity=on_background / max(total, 1),
+        recontext_subject=still_subject / max(total, 1),
+        pres=sum(r.subject_key == key for r in prior_readings) / count,
+        div=diversity(judge.embed(prior)),
+        class_accuracy=sum(r.shape == subject.class_noun for r in prior_readings) / count,
+    )
+
+
+def real_similarity(judge: Judge, subject: Subject) -> float:
+    """The real images against each other (off-diagonal): the ceiling subject similarity can reach."""
+    emb = judge.embed(subject.images)
+    n = emb.shape[0]
+    return float(((emb @ emb.T).sum() - n) / (n * (n - 1)))
+
+
+def load_run(run_dir: Path, base_model: Path | None = None):
+    """A trained run folder as a pipeline: a full pipeline, or its base model plus the LoRA file."""
+    import json
+
+    from diffusers import StableDiffusionPipeline
+
+    run_dir = Path(run_dir)
+    if (run_dir / "model_index.json").is_file():
+        pipe = StableDiffusionPipeline.from_pretrained(run_dir, safety_checker=None)
+    else:
+        base = base_model or json.loads((run_dir / "config.json").read_text(encoding="utf-8"))["pretrained_model"]
+        pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None)
+        pipe.load_lora_weights(run_dir)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
