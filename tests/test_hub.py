@@ -95,8 +95,15 @@ def test_publish_lora_run_uploads_the_model_files_only_to_a_private_repo(
     assert result.commit == repo.head.oid
     files = hub.files(result.repo_id)
     assert set(files) == MODEL_FILES_LORA  # no checkpoints, logs or metrics
-    for path in MODEL_FILES_LORA - {".gitattributes"}:
+    for path in MODEL_FILES_LORA - {".gitattributes", "config.json"}:
         assert files[path] == (lora_run / path).read_bytes()
+    # The published config keeps every setting but none of this machine's paths.
+    local = json.loads((lora_run / "config.json").read_text())
+    public = json.loads(files["config.json"])
+    assert str(lora_run.parent) in json.dumps(local) and str(lora_run.parent) not in json.dumps(public)
+    assert public["instance_data"] == [Path(p).name for p in local["instance_data"]]
+    assert {k: v for k, v in public.items() if not k.endswith(("_dir", "_data", "pretrained_model"))} == {
+        k: v for k, v in local.items() if not k.endswith(("_dir", "_data", "pretrained_model"))}
     # Both upload paths of the client ran: LFS for weights and images, inline for text files.
     assert {b.lfs for p, b in repo.head.files.items() if p.endswith((".safetensors", ".png"))} == {True}
     assert {b.lfs for p, b in repo.head.files.items() if p.endswith((".md", ".json"))} == {False}

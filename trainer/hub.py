@@ -1,6 +1,6 @@
 """Publish a run folder to the Hugging Face Hub, and download published models back.
 
-Everything goes through huggingface_hub's own client (whoami, create_repo, upload_folder,
+Everything goes through huggingface_hub's own client (whoami, create_repo, create_commit,
 snapshot_download). Every failure leaves as a HubError whose message says what to do; none of
 them, nor anything this module writes or logs, contains the token.
 """
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx2
-from huggingface_hub import HfApi, constants, get_token, snapshot_download
+from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token, snapshot_download
 from huggingface_hub.errors import (
     EntryNotFoundError,
     HfHubHTTPError,
@@ -25,7 +25,7 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
-from huggingface_hub.utils import validate_repo_id
+from huggingface_hub.utils import filter_repo_objects, validate_repo_id
 
 from .card import (
     CARD_NAME,
@@ -138,11 +138,9 @@ def publish(
     previous_card = card.read_bytes() if card.is_file() else None
     write_model_card(run_dir, repo_id)
     try:
-        info = api.upload_folder(
+        info = api.create_commit(
             repo_id=repo_id,
-            folder_path=run_dir,
-            allow_patterns=upload_patterns(run_dir),
-            ignore_patterns=_NEVER,
+            operations=_upload_operations(run_dir),
             commit_message=f"DreamBooth {kind}: {run_dir.name} ({steps} steps)",
         )
     except _HUB_FAILURES as err:
@@ -166,6 +164,28 @@ def upload_patterns(run_dir: Path) -> list[str]:
     index = json.loads((run_dir / PIPELINE_INDEX).read_text(encoding="utf-8"))
     components = [name for name, spec in index.items() if not name.startswith("_") and isinstance(spec, list)]
     return [*patterns, PIPELINE_INDEX, *(f"{name}/*" for name in components)]
+
+
+def _upload_operations(run_dir: Path) -> list[CommitOperationAdd]:
+    """The model files as they are, and config.json with local paths reduced to their names."""
+    files = sorted(p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*") if p.is_file())
+    chosen = filter_repo_objects(files, allow_patterns=upload_patterns(run_dir), ignore_patterns=_NEVER)
+    ops = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(run_dir / rel)) for rel in chosen
+           if rel != CONFIG_NAME]
+    ops.append(CommitOperationAdd(path_in_repo=CONFIG_NAME, path_or_fileobj=public_config(run_dir)))
+    return ops
+
+
+def public_config(run_dir: Path) -> bytes:
+    """The run's settings without the paths of the machine it ran on (they can name its user)."""
+    config = json.loads((run_dir / CONFIG_NAME).read_text(encoding="utf-8"))
+    for key in ("output_dir", "class_data_dir", "class_cache_dir", "resume_from_checkpoint"):
+        if config.get(key) and config[key] != "latest":
+            config[key] = Path(config[key]).name
+    config["instance_data"] = [Path(p).name for p in config.get("instance_data") or []]
+    if Path(config.get("pretrained_model", "")).expanduser().exists():
+        config["pretrained_model"] = Path(config["pretrained_model"]).name
+    return (json.dumps(config, indent=2) + "\n").encode("utf-8")
 
 
 def download_model(
