@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from trainer.config import TrainConfig
+from trainer.config import TrainConfig, UserError
 from trainer.events import (
     CancelToken,
     CheckpointEvent,
@@ -39,7 +39,7 @@ TrainFn = Callable[[TrainConfig, EventHandler, CancelToken], RunResult]
 
 def error_message(err: BaseException) -> str:
     """The engine's own words for input errors; the exception type too for anything else."""
-    return str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}"
+    return str(err) if isinstance(err, UserError | ValueError) else f"{type(err).__name__}: {err}"
 
 
 class BusyError(RuntimeError):
@@ -178,7 +178,7 @@ class JobManager:
             self._update(job, state="running")
             result = self._train_fn(config, on_event, job.cancel)
         except Exception as err:  # reported to the UI; a traceback goes to the server log only
-            if isinstance(err, ValueError):  # the engine refused the input: no traceback needed
+            if isinstance(err, UserError | ValueError):  # the engine refused the input: no traceback needed
                 log.warning("Training %s refused: %s", job.snapshot.job_id, err)
             else:
                 log.exception("Training %s failed", job.snapshot.job_id)
@@ -194,7 +194,7 @@ class JobManager:
                 run_dir=str(result.run_dir),
                 eta_seconds=0.0,
                 finished_at=time.time(),
-                message="Cancelled: the last checkpoint is kept." if result.cancelled else "Done.",
+                message=_finished_message(result),
                 samples=tuple(dict.fromkeys((*job.snapshot.samples, *map(str, result.samples)))),
                 warnings=tuple(dict.fromkeys((*job.snapshot.warnings, *result.warnings))),
             )
@@ -245,3 +245,11 @@ def keep_uploads(config: TrainConfig) -> TrainConfig:
             copies.append(str(target))
         return config.replace(instance_data=tuple(copies))
     return config
+
+
+def _finished_message(result: RunResult) -> str:
+    if not result.cancelled:
+        return "Done."
+    if result.checkpoint is None:
+        return "Cancelled before training started; generated class images stay cached for the next run."
+    return "Cancelled: the last checkpoint is kept."

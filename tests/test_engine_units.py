@@ -103,3 +103,26 @@ def test_own_class_images_are_used_before_generating(tiny_model_dir, subject_ima
                       class_prompt="a photo of a square", num_class_images=3, class_data_dir=str(own),
                       class_cache_dir=str(tmp_path / "cache"), max_train_steps=1), on_event=events.append)
     assert len(list((tmp_path / "cache").rglob("class-*.png"))) == 1  # 3 wanted, 2 given: 1 generated
+
+
+def test_cancel_during_class_images_keeps_what_was_generated(tiny_model_dir, subject_images, tmp_path):
+    from trainer import CancelToken
+    from trainer.events import ProgressEvent
+
+    cancel = CancelToken()
+
+    def on_event(event):
+        if isinstance(event, ProgressEvent) and event.phase == "class-images":
+            cancel.cancel()
+
+    config = tiny_config(tiny_model_dir, subject_images, tmp_path / "run", with_prior_preservation=True,
+                         class_prompt="a photo of a square", num_class_images=6, sample_batch_size=2,
+                         class_cache_dir=str(tmp_path / "cache"))
+    result = train(config, on_event=on_event, cancel=cancel)
+    assert result.status == "cancelled" and result.step == 0 and result.weights is None
+    assert len(list((tmp_path / "cache").rglob("class-*.png"))) == 2  # one batch, then it stopped
+
+    # The next run resumes the cache: only the 4 missing images are generated.
+    events: list = []
+    train(config.replace(output_dir=str(tmp_path / "run2"), max_train_steps=1), on_event=events.append)
+    assert [e.total for e in events if isinstance(e, ProgressEvent) and e.phase == "class-images"][-1] == 4

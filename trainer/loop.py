@@ -81,8 +81,16 @@ def train(config: TrainConfig, on_event: EventHandler | None = None, cancel: Can
             parts.text_encoder.to(dtype=weight_dtype(config.mixed_precision))
         from .prior import class_images
 
+        stop = (lambda: cancel.cancelled) if cancel is not None else (lambda: False)
         with accelerator.main_process_first():
-            paths = class_images(config, parts, device, lambda d, t: emit(ProgressEvent("class-images", d, t)))
+            paths = class_images(config, parts, device, lambda d, t: emit(ProgressEvent("class-images", d, t)),
+                                 should_stop=stop)
+        if stop():  # cancelled while generating: the images made so far stay cached for next time
+            write_run_status(run_dir, "cancelled", 0, config.max_train_steps)
+            accelerator.end_training()
+            emit(PhaseEvent("done", "Cancelled before training"))
+            return RunResult(run_dir=run_dir, status="cancelled", step=0, total_steps=config.max_train_steps,
+                             checkpoint=None, weights=None, warnings=tuple(warnings))
         classes = ImageSet(paths, short_side=config.resolution)
 
     # 5. Trainable setup and optimizer. Seeded here so LoRA's random init is the same every run.

@@ -49,8 +49,12 @@ def class_images(
     parts: Components,
     device: torch.device,
     on_progress: Callable[[int, int], None],
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> list[Path]:
-    """Return `num_class_images` paths: the user's folder first, then cached/generated ones."""
+    """Return `num_class_images` paths: the user's folder first, then cached/generated ones.
+
+    `should_stop` is asked between batches; images generated until then stay in the cache.
+    """
     own = _images_in(Path(config.class_data_dir)) if config.class_data_dir else []
     if len(own) >= config.num_class_images:
         return own[: config.num_class_images]
@@ -59,7 +63,8 @@ def class_images(
     cached = _images_in(cache)
     missing = needed - len(cached)
     if missing > 0:
-        _generate(config, parts, device, cache, start=len(cached), count=missing, on_progress=on_progress)
+        _generate(config, parts, device, cache, start=len(cached), count=missing, on_progress=on_progress,
+                  should_stop=should_stop)
         cached = _images_in(cache)
     return own + cached[:needed]
 
@@ -72,6 +77,7 @@ def _generate(
     start: int,
     count: int,
     on_progress: Callable[[int, int], None],
+    should_stop: Callable[[], bool],
 ) -> None:
     """Generate images start..start+count-1; image i is seeded with i, so the cache is reproducible."""
     from .output import pipeline_from_parts
@@ -79,7 +85,7 @@ def _generate(
     cache.mkdir(parents=True, exist_ok=True)
     pipe = pipeline_from_parts(parts, parts.unet, parts.text_encoder)
     done = 0
-    while done < count:
+    while done < count and not should_stop():
         batch = min(config.sample_batch_size, count - done)
         indices = range(start + done, start + done + batch)
         generators = [torch.Generator(device="cpu").manual_seed(i) for i in indices]
@@ -98,7 +104,7 @@ def _generate(
             tmp.replace(cache / f"class-{index:05d}.png")
         done += batch
         on_progress(done, count)
-    _write_manifest(cache, config, total=start + count)
+    _write_manifest(cache, config, total=start + done)
 
 
 def _write_manifest(cache: Path, config: TrainConfig, total: int) -> None:
