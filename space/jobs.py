@@ -3,6 +3,9 @@
 The event handler that starts a training returns at once; the training belongs to this service,
 so closing the tab does not stop it, and any page polls `snapshot()` to show its state. The same
 `gpu_lock` is held by the training thread and by generation, so they never share the GPU.
+
+A job may also publish its run to the Hub once the training completes (not when cancelled). The
+token for that stays in the job's memory until then: never in the config, events, logs or snapshot.
 """
 
 from __future__ import annotations
@@ -12,10 +15,11 @@ import logging
 import shutil
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from trainer.config import TrainConfig, UserError
 from trainer.events import (
@@ -31,6 +35,9 @@ from trainer.events import (
     WarningEvent,
 )
 
+if TYPE_CHECKING:
+    from trainer.hub import PublishResult
+
 log = logging.getLogger(__name__)
 
 JobState = Literal["idle", "starting", "running", "completed", "cancelled", "failed"]
@@ -44,6 +51,18 @@ def error_message(err: BaseException) -> str:
 
 class BusyError(RuntimeError):
     """A training is already running."""
+
+
+@dataclass(frozen=True)
+class PublishRequest:
+    """Publish the run to `repo_id` once its training completes; the token is kept out of repr."""
+
+    repo_id: str
+    private: bool = True
+    token: str | None = field(default=None, repr=False)
+
+
+PublishFn = Callable[[Path, PublishRequest], "PublishResult"]
 
 
 @dataclass(frozen=True)
@@ -64,12 +83,18 @@ class JobSnapshot:
     run_dir: str | None = None
     instance_prompt: str = ""
     error: str | None = None
+    hub_url: str | None = None  # where the run was published when training finished
+    publish_error: str | None = None  # why that failed; the run itself is fine
     started_at: float | None = None
     finished_at: float | None = None
 
     @property
     def active(self) -> bool:
         return self.state in ("starting", "running")
+
+    @property
+    def publishing(self) -> bool:
+        return self.active and self.phase == "publishing"
 
     def as_dict(self) -> dict[str, Any]:
         """Plain data for API clients."""
@@ -81,6 +106,9 @@ class JobSnapshot:
             "eta_seconds": self.eta_seconds,
             "run_dir": self.run_dir,
             "error": self.error,
+            "message": self.message,
+            "hub_url": self.hub_url,
+            "publish_error": self.publish_error,
             "warnings": list(self.warnings),
             "samples": list(self.samples),
             "losses": [list(point) for point in self.losses],
@@ -93,17 +121,30 @@ def default_train(config: TrainConfig, on_event: EventHandler, cancel: CancelTok
     return train(config, on_event=on_event, cancel=cancel)
 
 
+def default_publish(run_dir: Path, request: PublishRequest) -> PublishResult:
+    from trainer.hub import publish
+
+    return publish(run_dir, request.repo_id, private=request.private, token=request.token)
+
+
 @dataclass
 class _Job:
     snapshot: JobSnapshot
     cancel: CancelToken = field(default_factory=CancelToken)
     first_signal: threading.Event = field(default_factory=threading.Event)
     exception: BaseException | None = None
+    publish: PublishRequest | None = None  # dropped once used: the token lives no longer than needed
 
 
 class JobManager:
-    def __init__(self, train_fn: TrainFn = default_train, gpu_lock: threading.Lock | None = None) -> None:
+    def __init__(
+        self,
+        train_fn: TrainFn = default_train,
+        gpu_lock: threading.Lock | None = None,
+        publish_fn: PublishFn = default_publish,
+    ) -> None:
         self._train_fn = train_fn
+        self._publish_fn = publish_fn
         self.gpu_lock = gpu_lock or threading.Lock()
         self._lock = threading.Lock()  # guards _job and its snapshot
         self._job: _Job | None = None
@@ -122,16 +163,21 @@ class JobManager:
             return self._job.snapshot if self._job else JobSnapshot()
 
     # --- control -------------------------------------------------------------------------
-    def start(self, config: TrainConfig, preflight_timeout: float = 60.0) -> JobSnapshot:
+    def start(
+        self, config: TrainConfig, preflight_timeout: float = 60.0, publish: PublishRequest | None = None
+    ) -> JobSnapshot:
         """Start `config` in the background; raise BusyError if a job runs.
 
         Waits (up to `preflight_timeout` seconds) until the engine is past checking inputs and
         loading the model, so that the errors it raises there (bad images, bad config, an unknown
-        model) reach the caller as exceptions with the engine's words.
+        model) reach the caller as exceptions with the engine's words. With `publish`, a completed
+        training is then published (the caller has checked the token already).
         """
         with self._lock:
             if self._job and self._job.snapshot.active:
                 snap = self._job.snapshot
+                if snap.publishing:
+                    raise BusyError("The last training is being published to the Hub; start again in a moment.")
                 raise BusyError(f"A training is already running (step {snap.step}/{snap.total}).")
             config = keep_uploads(config)
             job = _Job(
@@ -144,7 +190,8 @@ class JobManager:
                     run_dir=config.output_dir,
                     instance_prompt=config.instance_prompt,
                     started_at=time.time(),
-                )
+                ),
+                publish=publish,
             )
             self._next_id += 1
             self._job = job
@@ -157,14 +204,26 @@ class JobManager:
     def cancel(self) -> bool:
         """Ask the running job to stop at its next step (it keeps a usable checkpoint)."""
         with self._lock:
-            if not (self._job and self._job.snapshot.active):
-                return False
+            if not (self._job and self._job.snapshot.active) or self._job.snapshot.publishing:
+                return False  # an upload under way is not interrupted: the training is done
             self._job.cancel.cancel()
         self._update(self._job, message="Cancelling at the next step…")
         return True
 
     # --- the background thread -----------------------------------------------------------
     def _run(self, job: _Job, config: TrainConfig) -> None:
+        try:
+            result = self._train(job, config)
+            if result is not None and job.publish is not None and not result.cancelled:
+                self._publish(job, result.run_dir, job.publish)
+        finally:
+            job.publish = None
+            with self._finished:
+                self._finished.notify_all()
+
+    def _train(self, job: _Job, config: TrainConfig) -> RunResult | None:
+        """Train holding the GPU; the result, or None when it failed (the snapshot says why)."""
+
         def on_event(event: Event) -> None:
             self._apply(job, event)
             # Loading can still fail on user input (fp16 on a CPU, a wrong model id): keep start() waiting.
@@ -184,25 +243,55 @@ class JobManager:
                 log.exception("Training %s failed", job.snapshot.job_id)
             job.exception = err
             self._update(job, state="failed", error=error_message(err), message="", finished_at=time.time())
+            return None
         else:
+            publishing = job.publish is not None and not result.cancelled
             self._update(
                 job,
-                state=result.status,
-                phase="done",
+                # Still active while it publishes: a second training waits, and wait() covers both.
+                state="running" if publishing else result.status,
+                phase="publishing" if publishing else "done",
                 step=result.step,
                 total=result.total_steps,
                 run_dir=str(result.run_dir),
                 eta_seconds=0.0,
                 finished_at=time.time(),
-                message=_finished_message(result),
+                message=f"Trained; publishing to {job.publish.repo_id}…" if publishing else _finished_message(result),
                 samples=tuple(dict.fromkeys((*job.snapshot.samples, *map(str, result.samples)))),
                 warnings=tuple(dict.fromkeys((*job.snapshot.warnings, *result.warnings))),
             )
+            return result
         finally:
-            self.gpu_lock.release()
+            self.gpu_lock.release()  # publishing needs the network, not the GPU
             job.first_signal.set()
-            with self._finished:
-                self._finished.notify_all()
+
+    def _publish(self, job: _Job, run_dir: Path, request: PublishRequest) -> None:
+        """Publish the finished run; a failure is reported and the run stays as it is."""
+        try:
+            result = self._publish_fn(run_dir, request)
+        except Exception as err:  # the run is fine: report, keep the job completed
+            text = _scrub(error_message(err), request.token)
+            if isinstance(err, UserError):  # HubError: a message meant for the user, already scrubbed
+                log.warning("Publishing run %s failed: %s", job.snapshot.job_id, text)
+            else:
+                trace = "".join(traceback.format_exception(err))
+                log.error("Publishing run %s failed:\n%s", job.snapshot.job_id, _scrub(trace, request.token))
+            self._update(
+                job,
+                state="completed",
+                phase="done",
+                publish_error=text,
+                message="Done, but publishing failed. The run is complete: publish it from the Publish tab.",
+            )
+        else:
+            visibility = "private" if request.private else "public"
+            self._update(
+                job,
+                state="completed",
+                phase="done",
+                hub_url=result.url,
+                message=f"Done. Published to [{result.repo_id}]({result.url}) ({visibility}).",
+            )
 
     def _apply(self, job: _Job, event: Event) -> None:
         snap = job.snapshot
@@ -245,6 +334,10 @@ def keep_uploads(config: TrainConfig) -> TrainConfig:
             copies.append(str(target))
         return config.replace(instance_data=tuple(copies))
     return config
+
+
+def _scrub(text: str, token: str | None) -> str:
+    return text.replace(token, "hf_***") if token else text
 
 
 def _finished_message(result: RunResult) -> str:

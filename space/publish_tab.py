@@ -5,25 +5,15 @@ secret, else a password field, in that order. It only ever travels to trainer.hu
 Launch alone: `python -m space.publish_tab [RUNS_DIR]`.
 """
 
-import os
 import sys
 from pathlib import Path
 
 import gradio as gr
 
+from space.tokens import NO_TOKEN, oauth_enabled, pick_token, token_field
 from trainer.card import CONFIG_NAME, run_kind
 from trainer.config import ConfigError, TrainConfig
-from trainer.hub import TOKEN_ENV, HubError, class_noun, publish, suggest_repo_name
-
-NO_TOKEN = (
-    "No Hugging Face token found: paste a token with the **write** role "
-    "([create one](https://huggingface.co/settings/tokens)), or set the `HF_TOKEN` secret."
-)
-
-
-def oauth_enabled() -> bool:
-    """True on a Space whose README enables `hf_oauth` (the Hub then sets OAUTH_CLIENT_ID)."""
-    return bool(os.environ.get("SPACE_ID") and os.environ.get("OAUTH_CLIENT_ID"))
+from trainer.hub import HubError, class_noun, publish, suggest_repo_name
 
 
 def list_runs(runs_dir: Path) -> list[tuple[str, str]]:
@@ -48,13 +38,6 @@ def suggest_for_run(run_dir: str | None, username: str | None, unique: bool) -> 
     except (ConfigError, OSError):
         return ""
     return suggest_repo_name(config.identifier, class_noun(config), username, unique=unique)
-
-
-def pick_token(oauth_token: gr.OAuthToken | None, typed: str | None) -> str | None:
-    """OAuth login first, then the HF_TOKEN secret, then what was typed."""
-    if oauth_token is not None and oauth_token.token:
-        return oauth_token.token
-    return os.environ.get(TOKEN_ENV) or (typed or "").strip() or None
 
 
 def publish_run(
@@ -83,7 +66,6 @@ def publish_run(
 def build_publish_tab(runs_dir: Path) -> None:
     """The tab's content; call it inside `with gr.Tab(...)` of a gr.Blocks."""
     oauth = oauth_enabled()
-    has_secret = bool(os.environ.get(TOKEN_ENV))
     runs = list_runs(runs_dir)
     first = runs[0][1] if runs else None
 
@@ -106,16 +88,7 @@ def build_publish_tab(runs_dir: Path) -> None:
         )
         unique = gr.Button("Make unique", scale=0)
     private = gr.Checkbox(value=True, label="Private repo")
-    token = gr.Textbox(
-        label="Hugging Face token (write)",
-        type="password",
-        visible=not oauth and not has_secret,
-        info="Used for this publish only; never stored or logged.",
-    )
-    if oauth:
-        gr.Markdown("Sign in above; the token of your login is used.")
-    elif has_secret:
-        gr.Markdown("The token comes from this app's `HF_TOKEN` secret.")
+    token = token_field("Used for this publish only; never stored or logged.")
     button = gr.Button("Publish", variant="primary")
     result = gr.Markdown()
 

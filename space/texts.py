@@ -64,6 +64,12 @@ METHOD_HELP = "LoRA: small file, less memory, fast. Full: the whole UNet, best f
 BASE_MODEL_HELP = "Pick one, or type any Hub id (user/model) or a local diffusers folder."
 PRIOR_HELP = "Also train on generic class images so every dog does not become *your* dog."
 VALIDATION_HELP = "Sampled during training; empty = the instance prompt."
+PUBLISH_HELP = (
+    "When the training completes (not when cancelled), push the weights, model card and samples to a "
+    "model repo. The token is checked before training starts, so a bad one fails in seconds."
+)
+HUB_REPO_HELP = "name (under the token owner's account) or namespace/name"
+HUB_TOKEN_HELP = "Checked now, used once when the training completes; never stored or logged."
 IDLE = "No training yet. Upload photos and press **Start training**."
 
 
@@ -79,13 +85,16 @@ def job_status(snap: JobSnapshot) -> str:
     if snap.state == "idle":
         return IDLE
     head = {"starting": "Starting", "running": "Training", "completed": "Completed", "cancelled": "Cancelled"}
-    lines = [f"**{head.get(snap.state, 'Failed')}** · phase: {snap.phase} · step **{snap.step}/{snap.total}**"]
-    if snap.active:
+    state = "Publishing" if snap.publishing else head.get(snap.state, "Failed")
+    lines = [f"**{state}** · phase: {snap.phase} · step **{snap.step}/{snap.total}**"]
+    if snap.active and not snap.publishing:
         lines[0] += f" · ETA {eta_text(snap.eta_seconds)}"
     if snap.message:
         lines.append(snap.message)
     if snap.error:
         lines.append(f"**Error:** {snap.error}")
+    if snap.publish_error:
+        lines.append(f"**Publishing failed:** {snap.publish_error}")
     if snap.run_dir and not snap.active:
         lines.append(f"Run folder: `{snap.run_dir}`")
     return "\n\n".join(lines)

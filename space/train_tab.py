@@ -2,23 +2,29 @@
 
 The Start handler only validates and hands the config to the JobManager; every open page draws
 the job by polling it with a gr.Timer, so a closed tab loses nothing and a second visitor sees
-the running job. Launch alone with `python -m space.train_tab`.
+the running job. With "publish when training finishes", Start first asks the Hub whose token it
+is (seconds), and the job publishes the run when the training completes; the token only ever
+travels in memory to trainer.hub. Launch alone with `python -m space.train_tab`.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
 import pandas as pd
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from space import texts
 from space.form import Concept, form_to_config, preset_values, prompts_for
 from space.hardware import DEMO_MODEL, KNOWN_MODELS, DemoModel, Hardware, default_resolution, safe_defaults
-from space.jobs import BusyError, JobManager, error_message
+from space.jobs import BusyError, JobManager, PublishRequest, error_message
+from space.tokens import NO_TOKEN, oauth_enabled, pick_token, token_field
+from trainer.hub import HubError, check_token, suggest_repo_name
 
 log = logging.getLogger(__name__)
 MAX_PLOT_POINTS = 500
@@ -31,6 +37,34 @@ MODEL_CHOICES: list[tuple[str, str]] = [("Tiny demo model (built locally, runs o
 @dataclass
 class TrainTab:
     finished_run: gr.State  # run folder of the last finished job this page has seen
+
+
+def repo_suggestion(identifier: str, noun: str, username: str | None = None) -> str:
+    """"zwx-dog-dreambooth" (or "alice/…" once the user is known); "" when no valid name comes out."""
+    try:
+        return suggest_repo_name(identifier, noun, username)
+    except HubError:
+        return ""
+
+
+def publish_request(values: Mapping[str, Any], oauth_token: gr.OAuthToken | None) -> PublishRequest | None:
+    """None when publishing is off; else the checked target and token. Raises HubError in seconds
+    (no name, no token, a bad or read-only token), before any training starts."""
+    if not values.get("publish_to_hub"):
+        return None
+    name = str(values.get("hub_repo") or "").strip()
+    if not name:
+        raise HubError("The repo name to publish to is missing.")
+    try:
+        validate_repo_id(name)
+    except HFValidationError as err:
+        raise HubError(f"Invalid repo id {name!r}: {err} Use 'name' or 'username/name'.") from None
+    token = pick_token(oauth_token, values.get("hub_token"))
+    if token is None:
+        raise HubError(NO_TOKEN)
+    username = check_token(token, write=True)  # whoami: a bad token fails now, not after the training
+    repo_id = name if "/" in name else f"{username}/{name}"
+    return PublishRequest(repo_id, private=bool(values.get("hub_private", True)), token=token)
 
 
 def build_train_tab(jobs: JobManager, runs_dir: Path, hardware: Hardware, demo: DemoModel) -> TrainTab:
@@ -91,6 +125,18 @@ def build_train_tab(jobs: JobManager, runs_dir: Path, hardware: Hardware, demo: 
             ckpt_steps = gr.Number(500, precision=0, label="Checkpoint every N steps")
             val_prompt = gr.Textbox("", label="Validation prompt", info=texts.VALIDATION_HELP)
             val_steps = gr.Number(100, precision=0, label="Sample every N steps", elem_id="validation-steps")
+    publish = gr.Checkbox(
+        False, label="Publish to the Hub when training finishes", info=texts.PUBLISH_HELP, elem_id="publish-when-done"
+    )
+    with gr.Column(visible=False) as publish_box:
+        if oauth_enabled():
+            gr.LoginButton()
+        with gr.Row():
+            hub_repo = gr.Textbox(
+                repo_suggestion(DEFAULT_IDENTIFIER, "dog"), label="Repo name", info=texts.HUB_REPO_HELP, scale=4
+            )
+            hub_private = gr.Checkbox(True, label="Private repo", scale=1)
+        hub_token = token_field(texts.HUB_TOKEN_HELP, elem_id="train-hub-token")
     with gr.Row():
         start = gr.Button("Start training", variant="primary", elem_id="start-training")
         cancel = gr.Button("Cancel", variant="stop", elem_id="cancel-training")
@@ -127,6 +173,12 @@ def build_train_tab(jobs: JobManager, runs_dir: Path, hardware: Hardware, demo: 
         "validation_prompt": val_prompt,
         "validation_steps": val_steps,
     }
+    hub_fields: dict[str, Any] = {  # read by publish_request, never by form_to_config
+        "publish_to_hub": publish,
+        "hub_repo": hub_repo,
+        "hub_private": hub_private,
+        "hub_token": hub_token,
+    }
 
     # --- wiring: form helpers ------------------------------------------------------------
     def on_images(files: list[str] | None, kind: str, how: str, before: int) -> tuple[Any, ...]:
@@ -159,12 +211,18 @@ def build_train_tab(jobs: JobManager, runs_dir: Path, hardware: Hardware, demo: 
     )
     base_model.change(default_resolution, base_model, resolution, **private)
 
+    def prefill_repo(ident: str, noun: str, profile: gr.OAuthProfile | None) -> Any:
+        return repo_suggestion(ident, noun, profile.username if profile else None) or gr.skip()
+
+    publish.change(lambda on: gr.Column(visible=on), publish, publish_box, **private)
+    gr.on([identifier.change, class_noun.change], prefill_repo, [identifier, class_noun], hub_repo, **private)
+
     # --- wiring: the job -----------------------------------------------------------------
-    def start_training(**values: Any) -> str:
-        """Validate the form and start a training in the background; returns at once."""
+    def start_training(oauth_token: gr.OAuthToken | None = None, **values: Any) -> str:
+        """Validate the form (and the token, when publishing) and start a training in the background."""
         try:
             config = form_to_config(values, runs_dir, resolve_model=demo.resolve)
-            snap = jobs.start(config)
+            snap = jobs.start(config, publish=publish_request(values, oauth_token))
         except BusyError as err:
             raise gr.Error(str(err)) from None
         except Exception as err:  # every engine check lands here with its own words
@@ -174,7 +232,11 @@ def build_train_tab(jobs: JobManager, runs_dir: Path, hardware: Hardware, demo: 
 
     def cancel_training() -> str:
         """Stop the running training at its next step; its checkpoint is kept."""
-        return "Cancelling at the next step…" if jobs.cancel() else "No training is running."
+        if jobs.cancel():
+            return "Cancelling at the next step…"
+        if jobs.snapshot().publishing:
+            return "The training has finished and is being published; publishing cannot be cancelled."
+        return "No training is running."
 
     def poll(last: tuple[int, int, int, int]) -> tuple[Any, ...]:
         """Redraw only what changed since this page last drew (job id, version, #samples, #warnings)."""
@@ -183,7 +245,7 @@ def build_train_tab(jobs: JobManager, runs_dir: Path, hardware: Hardware, demo: 
         if now == tuple(last):
             return (gr.skip(),) * 6
         same_job = now[0] == last[0]
-        done = snap.state in ("completed", "cancelled") and snap.run_dir
+        done = (snap.state in ("completed", "cancelled") or snap.publishing) and snap.run_dir
         return (
             now,
             texts.job_status(snap),
@@ -193,7 +255,9 @@ def build_train_tab(jobs: JobManager, runs_dir: Path, hardware: Hardware, demo: 
             snap.run_dir if done else gr.skip(),
         )
 
-    start.click(start_training, None, status, inputs_kwargs=form, api_name="train", concurrency_id="gpu")
+    start.click(
+        start_training, None, status, inputs_kwargs={**form, **hub_fields}, api_name="train", concurrency_id="gpu"
+    )
     cancel.click(cancel_training, None, status, api_name="cancel", concurrency_limit=None)
     timer.tick(
         poll,
@@ -205,7 +269,8 @@ def build_train_tab(jobs: JobManager, runs_dir: Path, hardware: Hardware, demo: 
     )
 
     def current_job() -> dict[str, Any]:
-        """The current training job as plain data: state, phase, step, total, run_dir, error, samples, losses."""
+        """The current training job as plain data: state, phase, step, total, run_dir, error, samples, losses,
+        hub_url and publish_error."""
         return jobs.snapshot().as_dict()
 
     gr.api(current_job, api_name="job_status")

@@ -3,6 +3,8 @@ a served app through its API (train a few steps, watch the job, generate from th
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import shutil
 import time
@@ -12,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hub_server import READ_TOKEN, USER, Account, FakeHub
+from test_hub import CANARY, hub  # noqa: F401  (the fake Hub fixture, used by name)
 
 from space.hardware import DEMO_MODEL
 
@@ -137,6 +141,78 @@ def test_gradio_client_trains_then_generates(tmp_path: Path, tiny_model_dir: Pat
         assert len(gallery) == 2 and all(os.path.isfile(item["image"]) for item in gallery)
         with pytest.raises(Exception, match="multiples of 8"):
             client.predict(str(run_dir), "x", "", 7.5, 2, "DDIM", 0, 30, 32, 1, 1.0, api_name="/generate")
+
+
+# --- publish when training finishes (the fake Hub of test_hub.py, over HTTP) ----------------------
+@pytest.mark.parametrize(("token", "words"), [("hf_notAValidToken", "401 Unauthorized"), (READ_TOKEN, "read-only")])
+def test_publishing_with_a_bad_token_fails_in_seconds_before_training(
+    hub: FakeHub,  # noqa: F811  (the fixture imported above)
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    subject_images: Path,
+    token: str,
+    words: str,
+) -> None:
+    from gradio_client import Client, handle_file
+
+    images = [handle_file(str(p)) for p in sorted(subject_images.glob("*.png"))]
+    with serve_app(tmp_path, tiny_model_dir) as (url, services):
+        client = Client(url, verbose=False)
+        began = time.monotonic()
+        with pytest.raises(Exception, match=words):
+            client.predict(images=images, **_form(), **_publishing(token), api_name="/train")
+        assert time.monotonic() - began < 10
+        assert services.jobs.snapshot().state == "idle"
+        runs = tmp_path / "runs"
+        assert not runs.exists() or not any(runs.iterdir()), "a run folder was made although the token was refused"
+    assert hub.repos == {} and [r for r in hub.requests if r[1] != "/api/whoami-v2"] == []
+
+
+def test_publishing_when_training_finishes_puts_the_run_on_the_hub_and_the_token_nowhere(
+    hub: FakeHub,  # noqa: F811
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    subject_images: Path,
+    caplog: pytest.LogCaptureFixture,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    from gradio_client import Client, handle_file
+
+    hub.accounts[CANARY] = Account(USER, "write")
+    caplog.set_level(logging.DEBUG)
+    images = [handle_file(str(p)) for p in sorted(subject_images.glob("*.png"))]
+    short = {"max_train_steps": 4, "validation_steps": 1000, "checkpointing_steps": 1000}
+    with serve_app(tmp_path, tiny_model_dir) as (url, services):
+        client = Client(url, verbose=False)
+        statuses = [client.predict(images=images, **{**_form(), **short}, **_publishing(CANARY), api_name="/train")]
+        deadline = time.monotonic() + 120
+        while (job := client.predict(api_name="/job_status"))["state"] in ("starting", "running"):
+            assert time.monotonic() < deadline, job
+            statuses.append(json.dumps(job))
+            time.sleep(0.2)
+        statuses.append(json.dumps(job))
+        snapshot = services.jobs.snapshot()
+
+    repo_id = f"{USER}/sks-square"
+    assert job["state"] == "completed" and job["publish_error"] is None, job
+    assert job["hub_url"] == f"{hub.url}/{repo_id}" and f"Published to [{repo_id}]" in job["message"]
+    assert hub.repos[repo_id].private is True
+    files = hub.files(repo_id)
+    assert {"pytorch_lora_weights.safetensors", "README.md", "config.json"} <= set(files)
+    run_dir = Path(job["run_dir"])
+    assert files["pytorch_lora_weights.safetensors"] == (run_dir / "pytorch_lora_weights.safetensors").read_bytes()
+    # The token reached the Hub (whoami before training, then the upload) and nothing else.
+    out, err = capfd.readouterr()
+    places = {"stdout": out, "stderr": err, "logs": caplog.text, "snapshot": repr(snapshot), "api": "\n".join(statuses)}
+    for path in (p for p in run_dir.rglob("*") if p.is_file()):
+        places[f"run:{path.relative_to(run_dir).as_posix()}"] = path.read_bytes().decode("latin-1")
+    places.update({f"hub:{p}": data.decode("latin-1") for p, data in files.items()})
+    assert [name for name, text in places.items() if CANARY in text] == []
+    assert {"run:config.json", "run:README.md"} <= set(places) and any(n.startswith("run:logs/") for n in places)
+
+
+def _publishing(token: str) -> dict[str, Any]:
+    return {"publish_to_hub": True, "hub_repo": "sks-square", "hub_private": True, "hub_token": token}
 
 
 def _form() -> dict[str, Any]:

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from space.form import PRESETS, Concept, form_to_config, new_run_dir, preset_values, prompts_for
 from space.hardware import DEMO_MODEL, Hardware, default_resolution, safe_defaults
-from space.jobs import BusyError, JobManager
+from space.jobs import BusyError, JobManager, PublishRequest
 from trainer.config import ConfigError, TrainConfig
 from trainer.events import CancelToken, PhaseEvent, RunResult, SampleEvent, StepEvent, WarningEvent
+from trainer.hub import HubError
 
 
 def form(images: list[str], **changes: Any) -> dict[str, Any]:
@@ -191,3 +193,95 @@ def test_uploads_are_copied_into_the_run_folder(tmp_path: Path, four_images: lis
     assert keep_uploads(kept) == kept  # already in place: nothing copied twice
     folder = config.replace(instance_data=(str(tmp_path),))
     assert keep_uploads(folder) == folder  # a folder (CLI-style) is used where it is
+
+
+# --- publish when training finishes ----------------------------------------------------------
+SECRET = "hf_secretTokenOfTheJobManagerTests"
+
+
+class FakePublish:
+    """A publish() stand-in: records its calls, waits for `release`, then succeeds or raises `fail`."""
+
+    def __init__(self, fail: Exception | None = None) -> None:
+        self.calls: list[tuple[Path, PublishRequest]] = []
+        self.entered, self.release, self.fail = threading.Event(), threading.Event(), fail
+
+    def __call__(self, run_dir: Path, request: PublishRequest) -> SimpleNamespace:
+        self.calls.append((run_dir, request))
+        self.entered.set()
+        self.release.wait(5)
+        if self.fail is not None:
+            raise self.fail
+        return SimpleNamespace(repo_id=request.repo_id, url=f"https://hub.test/{request.repo_id}", commit="abc1234")
+
+
+def test_job_manager_publishes_a_completed_training(tmp_path: Path) -> None:
+    release, publish = threading.Event(), FakePublish()
+    release.set()
+    jobs = JobManager(fake_train(release), publish_fn=publish)
+    config = TrainConfig(output_dir=str(tmp_path / "run"), max_train_steps=3, instance_prompt="sks")
+    jobs.start(config, publish=PublishRequest("tester/sks-dog", private=True, token=SECRET))
+
+    assert publish.entered.wait(10)
+    during = jobs.snapshot()
+    assert during.active and during.publishing and during.phase == "publishing" and during.step == 3
+    assert "publishing to tester/sks-dog" in during.message
+    assert not jobs.cancel()  # an upload under way is not interrupted
+    with pytest.raises(BusyError, match="being published"):
+        jobs.start(config)
+    assert jobs.gpu_lock.acquire(blocking=False)  # generation may use the GPU meanwhile
+    jobs.gpu_lock.release()
+    publish.release.set()
+    done = jobs.wait(10)
+
+    assert done.state == "completed" and done.phase == "done" and done.publish_error is None
+    assert done.hub_url == "https://hub.test/tester/sks-dog"
+    assert "Published to [tester/sks-dog](https://hub.test/tester/sks-dog) (private)" in done.message
+    (run_dir, request), = publish.calls
+    assert run_dir == tmp_path / "run" and request.token == SECRET and request.private
+    assert SECRET not in repr(request) + repr(done) + repr(done.as_dict()) + repr(jobs._job)
+    assert jobs._job.publish is None  # the token is dropped once used
+
+
+@pytest.mark.parametrize("fail", [HubError("Cannot create x: 403 Forbidden."), RuntimeError(f"boom {SECRET}")])
+def test_a_failed_publish_leaves_a_completed_run(
+    tmp_path: Path, fail: Exception, caplog: pytest.LogCaptureFixture
+) -> None:
+    release, publish = threading.Event(), FakePublish(fail)
+    release.set()
+    publish.release.set()
+    jobs = JobManager(fake_train(release), publish_fn=publish)
+    config = TrainConfig(output_dir=str(tmp_path / "run"), max_train_steps=2, instance_prompt="sks")
+    jobs.start(config, publish=PublishRequest("tester/sks-dog", token=SECRET))
+    done = jobs.wait(10)
+
+    assert done.state == "completed" and done.run_dir == str(tmp_path / "run") and done.hub_url is None
+    assert done.publish_error in ("Cannot create x: 403 Forbidden.", "RuntimeError: boom hf_***")
+    assert "publish it from the Publish tab" in done.message
+    assert SECRET not in caplog.text + repr(done) and "Publishing run 1 failed" in caplog.text
+
+
+def test_a_cancelled_training_is_not_published(tmp_path: Path) -> None:
+    release, publish = threading.Event(), FakePublish()
+    jobs = JobManager(fake_train(release), publish_fn=publish)
+    config = TrainConfig(output_dir=str(tmp_path / "run"), max_train_steps=50, instance_prompt="sks")
+    jobs.start(config, publish=PublishRequest("tester/sks-dog", token=SECRET))
+    assert jobs.cancel()
+    release.set()
+    done = jobs.wait(10)
+    assert done.state == "cancelled" and publish.calls == [] and done.hub_url is None
+
+
+def test_publish_request_needs_a_name_and_a_token_before_asking_the_hub(monkeypatch: pytest.MonkeyPatch) -> None:
+    from space.train_tab import publish_request, repo_suggestion
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    assert publish_request({"publish_to_hub": False, "hub_token": SECRET}, None) is None
+    with pytest.raises(HubError, match="repo name to publish to is missing"):
+        publish_request({"publish_to_hub": True, "hub_repo": " "}, None)
+    with pytest.raises(HubError, match="Invalid repo id 'bad--name'"):
+        publish_request({"publish_to_hub": True, "hub_repo": "bad--name", "hub_token": SECRET}, None)
+    with pytest.raises(HubError, match="No Hugging Face token found"):
+        publish_request({"publish_to_hub": True, "hub_repo": "sks-dog", "hub_token": ""}, None)
+    assert repo_suggestion("zwx", "dog") == "zwx-dog-dreambooth"
+    assert repo_suggestion("zwx", "toy car", "alice") == "alice/zwx-toy-car-dreambooth"
