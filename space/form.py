@@ -13,6 +13,29 @@ from typing import Any
 from trainer.config import DEFAULT_LR, ConfigError, TrainConfig
 
 MIN_IMAGES, MAX_IMAGES = 3, 20
+# Form keys that are TrainConfig fields of the same name, and every field form_to_config sets.
+CONFIG_KEYS: tuple[str, ...] = (
+    "identifier",
+    "instance_prompt",
+    "with_prior_preservation",
+    "class_prompt",
+    "num_class_images",
+    "method",
+    "train_text_encoder",
+    "text_encoder_steps_fraction",
+    "max_train_steps",
+    "learning_rate",
+    "train_batch_size",
+    "gradient_accumulation_steps",
+    "resolution",
+    "use_8bit_adam",
+    "gradient_checkpointing",
+    "mixed_precision",
+    "seed",
+    "checkpointing_steps",
+    "validation_steps",
+)
+FORM_FIELDS = frozenset({*CONFIG_KEYS, "pretrained_model", "instance_data", "output_dir", "validation_prompts"})
 
 
 class Concept(StrEnum):
@@ -91,15 +114,22 @@ def _number(values: Mapping[str, Any], field: str, kind: type) -> Any:
     return number
 
 
+def _no_settings(base_model: str) -> Mapping[str, Any]:
+    return {}
+
+
 def form_to_config(
     values: Mapping[str, Any],
     runs_dir: Path,
     resolve_model: Callable[[str], str] = str.strip,
+    model_settings: Callable[[str], Mapping[str, Any]] = _no_settings,
 ) -> TrainConfig:
     """Map the Train form (keys as in train_tab's FORM) to a validated TrainConfig.
 
     Raises ConfigError with the engine's own words; `resolve_model` turns the demo entry of
     the model list into its folder (and is only called once everything else is valid).
+    `model_settings` gives the engine settings a base model wants that the form does not show
+    (the toy model's LoRA rank and sampler steps); the form's own fields always win.
     """
     images = _image_paths(values.get("images"))
     if not MIN_IMAGES <= len(images) <= MAX_IMAGES:
@@ -107,8 +137,10 @@ def form_to_config(
     identifier = str(values.get("identifier") or "").strip()
     validation_prompt = str(values.get("validation_prompt") or "").strip()
     instance_prompt = str(values.get("instance_prompt") or "").strip()
+    base_model = str(values.get("base_model") or "").strip()
+    hidden = {k: v for k, v in model_settings(base_model).items() if k not in FORM_FIELDS}
     config = TrainConfig(
-        pretrained_model=str(values.get("base_model") or "").strip(),
+        pretrained_model=base_model,
         instance_data=images,
         identifier=identifier,
         instance_prompt=instance_prompt,
@@ -131,5 +163,6 @@ def form_to_config(
         checkpointing_steps=_number(values, "checkpointing_steps", int),
         validation_prompts=(validation_prompt or instance_prompt,),
         validation_steps=_number(values, "validation_steps", int),
+        **hidden,
     ).validate()
     return config.replace(pretrained_model=resolve_model(config.pretrained_model))

@@ -1,5 +1,8 @@
 """The Generate tab: pick a run, the demo model or a Hub repo, and sample from it.
 
+For the toy model and a run of the toy world's example, a list of suggested prompts fills the
+prompt box in one click.
+
 Pipelines are cached by model id (trainer.inference.PipelineCache); generation takes the same
 GPU lock as training, so the two never run at once. Launch alone: `python -m space.generate_tab`.
 """
@@ -17,7 +20,8 @@ import torch
 from PIL import Image
 
 from space import texts
-from space.hardware import DEMO_MODEL, DemoModel, Hardware
+from space.example import suggested_prompts
+from space.hardware import DemoModel, Hardware, default_resolution
 from space.jobs import JobManager, error_message
 from trainer.card import run_kind
 from trainer.config import ConfigError, TrainConfig
@@ -25,7 +29,6 @@ from trainer.inference import SCHEDULERS, GenerateRequest, PipelineCache, genera
 
 log = logging.getLogger(__name__)
 MAX_SEED = 2**31 - 1
-DEMO_SIZE = 32
 DEFAULT_SCHEDULER = "DPM++ 2M" if "DPM++ 2M" in SCHEDULERS else next(iter(SCHEDULERS))
 
 
@@ -34,16 +37,17 @@ class GenerateTab:
     model: gr.Dropdown
     prompt: gr.Textbox
     runs_dir: Path
+    demo: DemoModel
 
     def refresh(self) -> Any:
         """The list of runs as it is on disk now (page load, the refresh button)."""
-        return gr.update(choices=model_choices(self.runs_dir))
+        return gr.update(choices=model_choices(self.runs_dir, self.demo))
 
     def show_run(self, run_dir: str) -> tuple[Any, Any]:
         """Select a freshly trained run and prefill its instance prompt (wired to the Train tab)."""
         if not run_dir:
             return gr.skip(), gr.skip()
-        choices = model_choices(self.runs_dir)
+        choices = model_choices(self.runs_dir, self.demo)
         return gr.update(choices=choices, value=run_dir), instance_prompt_of(run_dir) or gr.skip()
 
 
@@ -55,9 +59,10 @@ def list_runs(runs_dir: Path) -> list[Path]:
     return sorted(runs, key=lambda p: p.stat().st_mtime, reverse=True)
 
 
-def model_choices(runs_dir: Path) -> list[tuple[str, str]]:
+def model_choices(runs_dir: Path, demo: DemoModel) -> list[tuple[str, str]]:
     runs = [(f"{p.name} ({run_kind(p)})", str(p)) for p in list_runs(runs_dir)]
-    return runs + [("Tiny demo base model (untrained)", DEMO_MODEL)]
+    label = "Toy demo base model (shapes world)" if demo.has_toy else "Tiny demo base model (untrained)"
+    return [*runs, (label, demo.key)]
 
 
 def instance_prompt_of(model: str) -> str | None:
@@ -73,11 +78,12 @@ def instance_prompt_of(model: str) -> str | None:
 def build_generate_tab(
     jobs: JobManager, runs_dir: Path, hardware: Hardware, demo: DemoModel, cache: PipelineCache
 ) -> GenerateTab:
-    runs = model_choices(runs_dir)
+    runs = model_choices(runs_dir, demo)
     first = runs[0][1]
     device = hardware.device
     dtype = torch.float16 if hardware.device == "cuda" else torch.float32
-    size = DEMO_SIZE if _is_demo(first, demo) else 512
+    size = demo_size(first, demo) or 512
+    suggestions0 = suggested_prompts(first, demo)
     with gr.Row():
         with gr.Column(scale=2):
             with gr.Row():
@@ -93,6 +99,13 @@ def build_generate_tab(
                 refresh = gr.Button("↻ Refresh", scale=1, size="sm")
             prompt = gr.Textbox(
                 instance_prompt_of(first) or "a photo of zwx dog", label="Prompt", lines=2, elem_id="generate-prompt"
+            )
+            suggestions = gr.Dropdown(
+                suggestions0,
+                value=None,
+                label="Suggested prompts",
+                visible=bool(suggestions0),
+                elem_id="prompt-suggestions",
             )
             negative = gr.Textbox("", label="Negative prompt")
             with gr.Row():
@@ -118,10 +131,16 @@ def build_generate_tab(
             elem_id="generate-gallery",
         )
 
-    def on_model(source: str) -> tuple[Any, Any, Any]:
-        """Prefill the run's instance prompt; the tiny demo model samples at its native 32 px."""
-        size = DEMO_SIZE if _is_demo(source, demo) else gr.skip()
-        return instance_prompt_of(source) or gr.skip(), size, size
+    def on_model(source: str) -> tuple[Any, ...]:
+        """Prefill the run's instance prompt and its suggestions; demo models sample at their native size."""
+        size = demo_size(source, demo) or gr.skip()
+        suggested = suggested_prompts(source, demo)
+        return (
+            instance_prompt_of(source) or gr.skip(),
+            size,
+            size,
+            gr.update(choices=suggested, value=None, visible=bool(suggested)),
+        )
 
     def generate_images(
         model: str,
@@ -168,7 +187,8 @@ def build_generate_tab(
             jobs.gpu_lock.release()
 
     private: dict[str, Any] = {"api_visibility": "private", "show_progress": "hidden", "queue": False}
-    model.change(on_model, model, [prompt, width, height], **private)
+    model.change(on_model, model, [prompt, width, height, suggestions], **private)
+    suggestions.input(lambda text: text or gr.skip(), suggestions, prompt, **private)
     dice.click(lambda: random.randint(0, MAX_SEED), None, seed, **private)
     run.click(
         generate_images,
@@ -178,20 +198,22 @@ def build_generate_tab(
         concurrency_id="gpu",
         concurrency_limit=1,
     )
-    tab = GenerateTab(model=model, prompt=prompt, runs_dir=runs_dir)
+    tab = GenerateTab(model=model, prompt=prompt, runs_dir=runs_dir, demo=demo)
     refresh.click(tab.refresh, None, model, **private)
     return tab
 
 
-def _is_demo(source: str, demo: DemoModel) -> bool:
-    """The demo model itself, or a run trained on it."""
-    if source == DEMO_MODEL:
-        return True
+def demo_size(source: str, demo: DemoModel) -> int | None:
+    """The native image size of a demo model, or of a run trained on one; None for anything else."""
+    if not demo.is_demo(source):
+        return None
     config = Path(source) / "config.json"
-    try:
-        return config.is_file() and Path(TrainConfig.load(config).pretrained_model) == demo.path
-    except ConfigError:
-        return False
+    if config.is_file():
+        try:
+            return TrainConfig.load(config).resolution
+        except ConfigError:
+            return None
+    return default_resolution(source)
 
 
 if __name__ == "__main__":

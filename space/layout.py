@@ -15,6 +15,7 @@ import gradio as gr
 from space import texts
 from space.generate_tab import build_generate_tab
 from space.hardware import (
+    TOY_MODEL_DIR,
     DemoModel,
     Hardware,
     SpaceInfo,
@@ -50,13 +51,14 @@ class Services:
         runs_dir: Path | None = None,
         cache_dir: Path | None = None,
         train_fn: TrainFn = default_train,
+        toy_dir: Path = TOY_MODEL_DIR,
     ) -> Services:
         space = detect_space()
         return cls(
             runs_dir=Path(runs_dir) if runs_dir else default_runs_dir(space),
             hardware=detect_hardware(),
             space=space,
-            demo=DemoModel(cache_dir or default_cache_dir()),
+            demo=DemoModel(cache_dir or default_cache_dir(), toy_dir),
             jobs=JobManager(train_fn),
         )
 

@@ -18,15 +18,26 @@ DEMO_NOTICE = (
     "noise. It shows every step of the workflow. To train a real model, pick a Stable Diffusion "
     "id from the list (or type any Hub id or a local diffusers folder) on a machine with a GPU."
 )
+TOY_NOTICE = (
+    "**Demo model.** *Toy demo model* is not Stable Diffusion: it is a tiny model of the same "
+    "shape, trained on a made-up world of coloured shapes (circles, squares, triangles, stars and "
+    "crosses in six colours, on plain backgrounds), 32×32 pixels. It runs on a CPU with no network "
+    "and draws what that world holds, from prompts like *a photo of a red star on a white "
+    "background*, and nothing else. **Try the example** teaches it a star painted half yellow, "
+    "half purple, which no prompt makes it draw, in a few minutes. To train a real model, pick a "
+    "Stable Diffusion id from the list (or type any Hub id or a local diffusers folder) on a "
+    "machine with a GPU."
+)
+
+
+def demo_notice(has_toy: bool) -> str:
+    return TOY_NOTICE if has_toy else DEMO_NOTICE
 
 
 def hardware_line(hw: Hardware) -> str:
     if hw.has_gpu:
         return f"**Hardware:** {hw.label}. Defaults below are chosen to fit it."
-    return (
-        f"**Hardware:** {hw.label}. Real Stable Diffusion training needs a GPU; "
-        "on this machine use the tiny demo model."
-    )
+    return f"**Hardware:** {hw.label}. Real Stable Diffusion training needs a GPU; on this machine use the demo model."
 
 
 def space_notice(space: SpaceInfo, hw: Hardware) -> str:
@@ -71,6 +82,10 @@ PUBLISH_HELP = (
 HUB_REPO_HELP = "name (under the token owner's account) or namespace/name"
 HUB_TOKEN_HELP = "Checked now, used once when the training completes; never stored or logged."
 IDLE = "No training yet. Upload photos and press **Start training**."
+EXAMPLE_HELP = (
+    "Five pictures of a star painted half yellow, half purple: a subject the toy model cannot draw "
+    "from text. The button loads them and the settings that teach it in a few minutes on a CPU."
+)
 
 
 def images_count(n: int) -> str:

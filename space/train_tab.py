@@ -20,8 +20,17 @@ import pandas as pd
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from space import texts
+from space.example import EXAMPLE_FOLDER, example_form, example_images
 from space.form import Concept, form_to_config, preset_values, prompts_for
-from space.hardware import DEMO_MODEL, KNOWN_MODELS, DemoModel, Hardware, default_resolution, safe_defaults
+from space.hardware import (
+    DemoModel,
+    Hardware,
+    default_resolution,
+    hub_offline,
+    model_choices,
+    model_settings,
+    safe_defaults,
+)
 from space.jobs import BusyError, JobManager, PublishRequest, error_message
 from space.tokens import NO_TOKEN, oauth_enabled, pick_token, token_field
 from trainer.hub import HubError, check_token, suggest_repo_name
@@ -29,9 +38,6 @@ from trainer.hub import HubError, check_token, suggest_repo_name
 log = logging.getLogger(__name__)
 MAX_PLOT_POINTS = 500
 DEFAULT_IDENTIFIER = "zwx"  # a made-up word; the popular "sks" is also the name of a rifle
-MODEL_CHOICES: list[tuple[str, str]] = [("Tiny demo model (built locally, runs on CPU)", DEMO_MODEL)] + [
-    (model_id, model_id) for model_id in KNOWN_MODELS
-]
 
 
 @dataclass
@@ -68,10 +74,11 @@ def publish_request(values: Mapping[str, Any], oauth_token: gr.OAuthToken | None
 
 
 def build_train_tab(jobs: JobManager, runs_dir: Path, hardware: Hardware, demo: DemoModel) -> TrainTab:
-    d = safe_defaults(hardware)
+    offline = hub_offline()
+    d = safe_defaults(hardware, demo.key, offline)
     preset = preset_values(Concept.OBJECT.value, 0, d["method"])
     instance_prompt0, class_prompt0 = prompts_for(DEFAULT_IDENTIFIER, "dog", Concept.OBJECT.value)
-    gr.Markdown(f"{texts.hardware_line(hardware)}\n\n{texts.DEMO_NOTICE}")
+    gr.Markdown(f"{texts.hardware_line(hardware)}\n\n{texts.demo_notice(demo.has_toy)}")
     with gr.Row():
         with gr.Column():
             images = gr.File(
@@ -79,6 +86,11 @@ def build_train_tab(jobs: JobManager, runs_dir: Path, hardware: Hardware, demo: 
             )
             count = gr.Markdown(texts.images_count(0), elem_id="image-count")
             preview = gr.Gallery(label="Preview", columns=5, height=200, interactive=False)
+            example = None
+            if demo.has_toy:  # the example is made for the toy model
+                with gr.Row():
+                    example = gr.Button("Try the example", scale=0, elem_id="try-example")
+                    gr.Markdown(texts.EXAMPLE_HELP)
         with gr.Column():
             concept = gr.Radio(
                 [c.value for c in Concept], value=Concept.OBJECT.value, label="Concept type", info=texts.CONCEPT_HELP
@@ -87,7 +99,9 @@ def build_train_tab(jobs: JobManager, runs_dir: Path, hardware: Hardware, demo: 
                 identifier = gr.Textbox(DEFAULT_IDENTIFIER, label="Identifier", info=texts.IDENTIFIER_HELP)
                 class_noun = gr.Textbox("dog", label="Class noun", info=texts.CLASS_NOUN_HELP)
             instance_prompt = gr.Textbox(instance_prompt0, label="Instance prompt", info=texts.INSTANCE_PROMPT_HELP)
-            class_prompt = gr.Textbox(class_prompt0, label="Class prompt", info=texts.CLASS_PROMPT_HELP)
+            class_prompt = gr.Textbox(
+                class_prompt0, label="Class prompt", info=texts.CLASS_PROMPT_HELP, elem_id="class-prompt"
+            )
             method = gr.Radio(
                 [("LoRA", "lora"), ("Full fine-tune", "full")],
                 value=d["method"],
@@ -95,11 +109,12 @@ def build_train_tab(jobs: JobManager, runs_dir: Path, hardware: Hardware, demo: 
                 info=texts.METHOD_HELP,
             )
             base_model = gr.Dropdown(
-                MODEL_CHOICES,
+                model_choices(hardware, demo, offline),
                 value=d["base_model"],
                 allow_custom_value=True,
                 label="Base model",
                 info=texts.BASE_MODEL_HELP,
+                elem_id="base-model",
             )
             with gr.Row():
                 prior = gr.Checkbox(False, label="Prior preservation", info=texts.PRIOR_HELP)
@@ -195,21 +210,34 @@ def build_train_tab(jobs: JobManager, runs_dir: Path, hardware: Hardware, demo: 
     private: dict[str, Any] = {"api_visibility": "private", "show_progress": "hidden", "queue": False}
     n_images = gr.State(0)
     images.change(on_images, [images, concept, method, n_images], [preview, count, steps, n_images], **private)
+    # The presets and prompts follow what the visitor picks and types (.input), never what a handler
+    # writes: the example sets its own steps and prompts, and a preset must not overwrite them.
     gr.on(
-        [concept.change, method.change],
+        [concept.input, method.input],
         on_preset,
         [images, concept, method],
         [steps, lr, train_te, te_fraction],
         **private,
     )
     gr.on(
-        [identifier.change, class_noun.change, concept.change],
+        [identifier.input, class_noun.input, concept.input],
         prompts_for,
         [identifier, class_noun, concept],
         [instance_prompt, class_prompt],
         **private,
     )
     base_model.change(default_resolution, base_model, resolution, **private)
+
+    def try_example() -> dict[Any, Any]:
+        """Fill the form with the toy world's example: its five photos, prompts, model and settings."""
+        photos = example_images(runs_dir / EXAMPLE_FOLDER)
+        values = example_form(photos, demo.key)
+        # n_images is set too, so that the upload's change event keeps the example's steps.
+        filled = {preview: photos, count: texts.images_count(len(photos)), n_images: len(photos)}
+        return {**{form[key]: value for key, value in values.items()}, **filled}
+
+    if example is not None:
+        example.click(try_example, None, [*form.values(), preview, count, n_images], **private)
 
     def prefill_repo(ident: str, noun: str, profile: gr.OAuthProfile | None) -> Any:
         return repo_suggestion(ident, noun, profile.username if profile else None) or gr.skip()
@@ -221,7 +249,7 @@ def build_train_tab(jobs: JobManager, runs_dir: Path, hardware: Hardware, demo: 
     def start_training(oauth_token: gr.OAuthToken | None = None, **values: Any) -> str:
         """Validate the form (and the token, when publishing) and start a training in the background."""
         try:
-            config = form_to_config(values, runs_dir, resolve_model=demo.resolve)
+            config = form_to_config(values, runs_dir, resolve_model=demo.resolve, model_settings=model_settings)
             snap = jobs.start(config, publish=publish_request(values, oauth_token))
         except BusyError as err:
             raise gr.Error(str(err)) from None

@@ -17,7 +17,13 @@ import pytest
 from hub_server import READ_TOKEN, USER, Account, FakeHub
 from test_hub import CANARY, hub  # noqa: F401  (the fake Hub fixture, used by name)
 
-from space.hardware import DEMO_MODEL
+from space.hardware import DEMO_MODEL, TOY_MODEL
+from trainer.toyworld import EXAMPLE_PROMPTS, EXAMPLE_SETTINGS, TOY_MODEL_DIR, TOY_MODEL_LABEL
+
+needs_toy_model = pytest.mark.skipif(
+    not (TOY_MODEL_DIR / "model_index.json").is_file(),
+    reason=f"the pretrained toy model is not in {TOY_MODEL_DIR} yet (it ships with trainer/toyworld)",
+)
 
 # A training the tiny model finishes in seconds on 2 CPU cores.
 TINY_TRAINING: dict[str, Any] = {
@@ -34,13 +40,14 @@ TINY_TRAINING: dict[str, Any] = {
 
 
 @contextmanager
-def serve_app(tmp: Path, tiny_model_dir: Path) -> Iterator[tuple[str, Any]]:
-    """Serve the whole app on a free port; its demo model is the session's tiny model (copied)."""
+def serve_app(tmp: Path, tiny_model_dir: Path, toy_dir: Path | None = None) -> Iterator[tuple[str, Any]]:
+    """Serve the whole app on a free port; its demo model is the session's tiny model (copied), which
+    also stands in for the toy model (fast, and there before the toy model is) unless `toy_dir` is given."""
     from space.layout import Services, build_app
 
     cache = tmp / "cache"
     shutil.copytree(tiny_model_dir, cache / "tiny-sd")
-    services = Services.create(runs_dir=tmp / "runs", cache_dir=cache)
+    services = Services.create(runs_dir=tmp / "runs", cache_dir=cache, toy_dir=toy_dir or cache / "tiny-sd")
     app = build_app(services)
     app.queue(default_concurrency_limit=1)
     app.launch(prevent_thread_lock=True, quiet=True, server_name="127.0.0.1", server_port=None)
@@ -101,6 +108,84 @@ def test_on_a_cpu_space_it_offers_to_duplicate(tmp_path: Path, monkeypatch: pyte
         assert "Duplicate Space" in texts  # gr.DuplicateButton
     assert default_runs_dir(SpaceInfo("ann/x", persistent_storage=True)) == Path("/data/runs")
     assert default_runs_dir(SpaceInfo(None, persistent_storage=True)) == Path("runs")
+
+
+def _component(config: dict[str, Any], elem_id: str) -> dict[str, Any] | None:
+    return next((c for c in config["components"] if c["props"].get("elem_id") == elem_id), None)
+
+
+def test_try_the_example_fills_the_form(tmp_path: Path) -> None:
+    from space.layout import Services, build_app
+
+    stand_in = tmp_path / "toy-sd"  # the handler loads no model: a folder that says it is one will do
+    stand_in.mkdir()
+    (stand_in / "model_index.json").write_text("{}")
+    services = Services.create(runs_dir=tmp_path / "runs", cache_dir=tmp_path / "cache", toy_dir=stand_in)
+    app = build_app(services)
+    assert _component(app.get_config_file(), "try-example") is not None
+    (try_example,) = [f.fn for f in app.fns.values() if f.name == "try_example"]
+
+    filled = {
+        getattr(c, "label", None) or getattr(c, "elem_id", None) or type(c).__name__: v
+        for c, v in try_example().items()
+    }
+    photos = filled["Instance photos"]
+    assert len(photos) == 5 and filled["Preview"] == photos and filled["image-count"] == "**5** photos"
+    assert all(Path(p).parent == tmp_path / "runs" / "example-subject" and Path(p).is_file() for p in photos)
+    assert (filled["Identifier"], filled["Class noun"], filled["Base model"]) == ("sks", "star", TOY_MODEL)
+    assert (filled["Instance prompt"], filled["Class prompt"]) == (
+        EXAMPLE_SETTINGS["instance_prompt"],
+        EXAMPLE_SETTINGS["class_prompt"],
+    )
+    for label, field in [
+        ("Training steps", "max_train_steps"),
+        ("Learning rate", "learning_rate"),
+        ("Method", "method"),
+        ("Resolution", "resolution"),
+        ("Class images", "num_class_images"),
+        ("Batch size", "train_batch_size"),
+    ]:
+        assert filled[label] == EXAMPLE_SETTINGS[field], label
+    assert filled["Prior preservation"] == EXAMPLE_SETTINGS.get("with_prior_preservation", False)
+    assert filled["Validation prompt"] == EXAMPLE_PROMPTS[1]
+    assert not services.demo.built and not list(tmp_path.glob("runs/2*"))  # no model built, no run made
+
+    # Until the toy model is there, the tiny model is the demo model and there is no example to try.
+    fallback = Services.create(runs_dir=tmp_path / "runs", cache_dir=tmp_path / "cache", toy_dir=tmp_path / "none")
+    config = build_app(fallback).get_config_file()
+    assert _component(config, "try-example") is None
+    first = tuple(_component(config, "base-model")["props"]["choices"][0])
+    assert first == ("Tiny demo model (built locally, runs on CPU)", DEMO_MODEL)
+
+
+@needs_toy_model
+def test_the_example_trains_on_the_toy_model_through_the_api(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from gradio_client import Client, handle_file
+
+    from space.example import example_form, example_images
+    from space.layout import Services, build_app
+    from trainer.config import TrainConfig
+
+    real = Services.create(runs_dir=tmp_path / "runs", cache_dir=tmp_path / "cache")  # the shipped toy model
+    base_model = _component(build_app(real).get_config_file(), "base-model")["props"]
+    if not real.hardware.has_gpu:
+        assert tuple(base_model["choices"][0]) == (TOY_MODEL_LABEL, TOY_MODEL) and base_model["value"] == TOY_MODEL
+
+    values = example_form(example_images(tmp_path / "example"))
+    values["images"] = [handle_file(p) for p in values["images"]]
+    short = {"max_train_steps": 4, "validation_steps": 1000, "with_prior_preservation": False}
+    with serve_app(tmp_path, tiny_model_dir, toy_dir=TOY_MODEL_DIR) as (url, services):
+        client = Client(url, verbose=False)
+        client.predict(**{**values, **short}, api_name="/train")
+        job = services.jobs.wait(120).as_dict()
+        assert job["state"] == "completed" and job["step"] == 4, job
+        run_dir = Path(job["run_dir"])
+        run = TrainConfig.load(run_dir / "config.json")
+        assert Path(run.pretrained_model) == TOY_MODEL_DIR and run.lora_rank == EXAMPLE_SETTINGS["lora_rank"]
+        gallery = client.predict(
+            str(run_dir), EXAMPLE_PROMPTS[1], "", 5.0, 2, "DDIM", 0, 32, 32, 1, 1.0, api_name="/generate"
+        )
+        assert len(gallery) == 1 and os.path.isfile(gallery[0]["image"])
 
 
 def test_gradio_client_trains_then_generates(tmp_path: Path, tiny_model_dir: Path, subject_images: Path) -> None:

@@ -1,5 +1,6 @@
 """The app in a real headless Chromium (Debian's), as a person uses it: upload four photos, train
-the tiny model a few steps, watch progress and the loss plot move, then generate from the run.
+the tiny model a few steps, watch progress and the loss plot move, then generate from the run;
+last, one click on "Try the example" fills the form.
 
 Screenshots of both tabs are saved under test-artifacts/ (gitignored) for a human to look at.
 """
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import pytest
 from test_app import serve_app
+
+from trainer.toyworld import EXAMPLE_CLASS_PROMPT, EXAMPLE_SETTINGS, TOY_MODEL_LABEL
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
@@ -85,6 +88,16 @@ def test_train_then_generate_in_a_browser(tmp_path: Path, tiny_model_dir: Path, 
         page.locator("#generate").click()
         expect(page.locator("#generate-gallery img").first).to_be_visible(timeout=60_000)
         page.screenshot(path=str(ARTIFACTS / "generate-tab.png"), full_page=True)
+
+        # 4. Try the example: one click puts its five photos in the upload, with its prompts and settings
+        # (which the concept preset and the prompt helpers must leave alone).
+        page.get_by_role("tab", name="Train").click()
+        page.locator("#try-example").click()
+        expect(page.locator("#image-count")).to_contain_text("5 photos")
+        expect(page.locator("img[src*='sks-star-']")).to_have_count(5)  # the previews
+        expect(page.locator("#base-model input")).to_have_value(TOY_MODEL_LABEL)
+        expect(page.locator("#steps input")).to_have_value(str(EXAMPLE_SETTINGS["max_train_steps"]))
+        expect(page.locator("#class-prompt textarea")).to_have_value(EXAMPLE_CLASS_PROMPT)
         browser.close()
     assert (ARTIFACTS / "train-tab.png").stat().st_size > 0 and (ARTIFACTS / "generate-tab.png").stat().st_size > 0
 

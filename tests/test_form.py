@@ -10,11 +10,37 @@ from typing import Any
 import pytest
 
 from space.form import PRESETS, Concept, form_to_config, new_run_dir, preset_values, prompts_for
-from space.hardware import DEMO_MODEL, Hardware, default_resolution, safe_defaults
+from space.hardware import (
+    DEMO_MODEL,
+    DEMO_MODEL_LABEL,
+    KNOWN_MODELS,
+    TOY_MODEL,
+    DemoModel,
+    Hardware,
+    default_resolution,
+    hub_offline,
+    model_choices,
+    model_settings,
+    safe_defaults,
+)
 from space.jobs import BusyError, JobManager, PublishRequest
 from trainer.config import ConfigError, TrainConfig
 from trainer.events import CancelToken, PhaseEvent, RunResult, SampleEvent, StepEvent, WarningEvent
 from trainer.hub import HubError
+from trainer.toyworld import (
+    EXAMPLE_INSTANCE_PROMPT,
+    EXAMPLE_PROMPTS,
+    EXAMPLE_SETTINGS,
+    TOY_MODEL_DIR,
+    TOY_MODEL_LABEL,
+    TOY_RESOLUTION,
+    example_config,
+)
+
+needs_toy_model = pytest.mark.skipif(
+    not (TOY_MODEL_DIR / "model_index.json").is_file(),
+    reason=f"the pretrained toy model is not in {TOY_MODEL_DIR} yet (it ships with trainer/toyworld)",
+)
 
 
 def form(images: list[str], **changes: Any) -> dict[str, Any]:
@@ -129,6 +155,110 @@ def test_safe_defaults_fit_the_hardware() -> None:
     assert (t4["method"], t4["mixed_precision"], t4["gradient_checkpointing"]) == ("lora", "fp16", True)
     a100 = safe_defaults(Hardware("cuda", "A100", 80.0, bf16=True))
     assert (a100["method"], a100["mixed_precision"], a100["use_8bit_adam"]) == ("full", "bf16", False)
+
+
+# --- the demo models and the toy world's example ----------------------------------------------
+CPU, A100 = Hardware("cpu", "CPU", None), Hardware("cuda", "A100", 80.0, bf16=True)
+
+
+@pytest.fixture
+def toy(tmp_path: Path) -> DemoModel:
+    """A DemoModel whose toy folder is there (an empty stand-in: nothing here loads it)."""
+    toy_dir = tmp_path / "toy-sd"
+    toy_dir.mkdir()
+    (toy_dir / "model_index.json").write_text("{}")
+    return DemoModel(tmp_path / "cache", toy_dir=toy_dir)
+
+
+def test_the_demo_model_comes_first_without_a_gpu_or_the_hub(tmp_path: Path, toy: DemoModel) -> None:
+    entry = (TOY_MODEL_LABEL, TOY_MODEL)
+    assert model_choices(CPU, toy, offline=False)[0] == entry
+    assert model_choices(A100, toy, offline=True)[0] == entry
+    online = model_choices(A100, toy, offline=False)
+    assert online[0] == (next(iter(KNOWN_MODELS)),) * 2 and online[-1] == entry
+    assert (safe_defaults(CPU, toy.key)["base_model"], safe_defaults(CPU, toy.key)["resolution"]) == (
+        TOY_MODEL,
+        TOY_RESOLUTION,
+    )
+    offline_gpu = safe_defaults(A100, toy.key, offline=True)
+    assert (offline_gpu["base_model"], offline_gpu["resolution"], offline_gpu["mixed_precision"]) == (
+        TOY_MODEL,
+        TOY_RESOLUTION,
+        "bf16",
+    )
+    assert toy.resolve(TOY_MODEL) == str(toy.toy_dir) and toy.is_demo(TOY_MODEL) and not toy.is_demo("a/b")
+    assert not toy.built  # listing and resolving the toy model builds nothing
+
+    # Until the toy model lands, the tiny random model stands in, and the toy entry is nowhere.
+    missing = DemoModel(tmp_path / "cache", toy_dir=tmp_path / "no-toy")
+    choices = model_choices(CPU, missing, offline=False)
+    assert choices[0] == (DEMO_MODEL_LABEL, DEMO_MODEL) and TOY_MODEL not in dict(choices).values()
+    with pytest.raises(ConfigError, match="toy demo model is not installed"):
+        missing.resolve(TOY_MODEL)
+
+
+def test_hub_offline_reads_the_flag(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert hub_offline()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    assert not hub_offline()
+
+
+def test_the_example_fills_the_form_with_what_example_config_trains(tmp_path: Path) -> None:
+    from space.example import example_form, example_images
+
+    photos = example_images(tmp_path / "example")
+    assert len(photos) == 5 and all(Path(p).is_file() for p in photos)
+    assert example_images(tmp_path / "example") == photos  # written once, then reused
+    values = example_form(photos)
+    assert values["base_model"] == TOY_MODEL and values["instance_prompt"] == EXAMPLE_INSTANCE_PROMPT
+    assert values["validation_prompt"] == EXAMPLE_PROMPTS[1]
+
+    config = form_to_config(
+        values,
+        tmp_path / "runs",
+        resolve_model=lambda m: "/models/toy" if m == TOY_MODEL else m,
+        model_settings=model_settings,
+    )
+    expected = example_config("/models/toy", tmp_path / "example", config.output_dir).to_dict()
+    differ = {field for field, value in config.to_dict().items() if expected[field] != value}
+    assert differ == {"instance_data", "validation_prompts"}  # files rather than their folder; one sample prompt
+    assert config.instance_data == tuple(photos) and config.validation_prompts == (EXAMPLE_PROMPTS[1],)
+
+
+def test_the_toy_models_hidden_settings_never_override_the_form(tmp_path: Path, four_images: list[str]) -> None:
+    toy_run = form_to_config(form(four_images, base_model=TOY_MODEL), tmp_path, model_settings=model_settings)
+    assert toy_run.lora_rank == EXAMPLE_SETTINGS["lora_rank"] != TrainConfig().lora_rank
+    assert (toy_run.max_train_steps, toy_run.learning_rate, toy_run.identifier) == (6, 1e-4, "sks")
+    other = form_to_config(form(four_images), tmp_path, model_settings=model_settings)
+    assert other.lora_rank == TrainConfig().lora_rank and other.report_to == TrainConfig().report_to
+
+
+def test_suggested_prompts_for_the_toy_model_and_the_example_run(tmp_path: Path, toy: DemoModel) -> None:
+    from space.example import TOY_PROMPTS, suggested_prompts
+
+    assert suggested_prompts(TOY_MODEL, toy) == list(TOY_PROMPTS)
+    assert "a photo of a red star on a white background" in TOY_PROMPTS
+    example_run, other_run = tmp_path / "example-run", tmp_path / "other-run"
+    for run, prompt in ((example_run, EXAMPLE_INSTANCE_PROMPT), (other_run, "a photo of sks dog")):
+        run.mkdir()
+        TrainConfig(pretrained_model=str(toy.toy_dir), instance_prompt=prompt).save(run / "config.json")
+    assert suggested_prompts(str(example_run), toy) == list(EXAMPLE_PROMPTS)
+    assert suggested_prompts(str(other_run), toy) == [] and suggested_prompts("user/model", toy) == []
+    assert toy.is_demo(str(example_run))  # a run of the toy model samples at its size
+
+
+@needs_toy_model
+def test_the_shipped_toy_model_is_the_demo_model(tmp_path: Path) -> None:
+    import json
+
+    demo = DemoModel(tmp_path / "cache")  # the real trainer/assets/toy-sd
+    assert demo.has_toy and model_choices(CPU, demo, offline=False)[0] == (TOY_MODEL_LABEL, TOY_MODEL)
+    assert demo.resolve(TOY_MODEL) == str(TOY_MODEL_DIR) and not demo.built
+    unet = json.loads((TOY_MODEL_DIR / "unet" / "config.json").read_text())
+    vae = json.loads((TOY_MODEL_DIR / "vae" / "config.json").read_text())
+    native = unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
+    assert native == TOY_RESOLUTION == default_resolution(TOY_MODEL)
 
 
 def fake_train(release: threading.Event, fail: Exception | None = None):

@@ -1,0 +1,83 @@
+"""The ready example of the toy world, in the UI's terms: its photos as files the upload can hold,
+the Train form as the example fills it, and the prompts to try once it is trained.
+
+The subject, its prompts and its settings are trainer.toyworld's (example.py there): a star painted
+half yellow, half purple, which the toy model cannot draw from text alone. Filling the form with
+them and pressing Start trains exactly `example_config(...)`, plus a validation prompt.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from space.form import CONFIG_KEYS, Concept
+from space.hardware import TOY_MODEL, DemoModel
+from trainer.config import ConfigError, TrainConfig
+from trainer.toyworld import (
+    EXAMPLE_CLASS_NOUN,
+    EXAMPLE_INSTANCE_PROMPT,
+    EXAMPLE_PROMPTS,
+    EXAMPLE_SETTINGS,
+    example_subject,
+)
+from trainer.toyworld.example import EXAMPLE_SCENES
+from trainer.toyworld.world import Scene
+
+EXAMPLE_FOLDER = "example-subject"  # under the runs folder, which the app may serve files from
+# What the toy base model draws from text: one shape, one colour, one plain background, in the
+# words of its captions.
+TOY_PROMPTS: tuple[str, ...] = tuple(
+    Scene(shape, color, background).caption()
+    for shape, color, background in (
+        ("star", "red", "white"),
+        ("circle", "blue", "black"),
+        ("triangle", "green", "gray"),
+        ("square", "purple", "white"),
+    )
+)
+_writing = threading.Lock()  # two visitors pressing the button at once write the same files
+
+
+def example_images(folder: Path) -> list[str]:
+    """The example's photos as PNG files in `folder` (written on first use, then reused)."""
+    with _writing:
+        if len(list(folder.glob("*.png"))) < len(EXAMPLE_SCENES):
+            example_subject(folder)
+    return sorted(str(p) for p in folder.glob("*.png"))
+
+
+def example_form(images: Sequence[str], base_model: str = TOY_MODEL) -> dict[str, Any]:
+    """The Train form (keys as in train_tab's form) filled with the example: EXAMPLE_SETTINGS where
+    they say, TrainConfig's defaults elsewhere, as example_config() does."""
+    config = TrainConfig(**EXAMPLE_SETTINGS)
+    values: dict[str, Any] = {key: getattr(config, key) for key in CONFIG_KEYS}
+    values.update(
+        images=list(images),
+        class_noun=EXAMPLE_CLASS_NOUN,
+        concept=Concept.OBJECT.value,
+        base_model=base_model,
+        learning_rate=config.lr,
+        # Sampled during training: the subject somewhere its photos never showed it.
+        validation_prompt=EXAMPLE_PROMPTS[1],
+    )
+    return values
+
+
+def suggested_prompts(source: str, demo: DemoModel) -> list[str]:
+    """Prompts worth trying with a Generate tab model: the example's for a run of the example on
+    the toy model, what the toy model can draw for the toy model itself, none otherwise."""
+    if source == TOY_MODEL:
+        return list(TOY_PROMPTS)
+    config = Path(source) / "config.json"
+    if not config.is_file():
+        return []
+    try:
+        run = TrainConfig.load(config)
+    except ConfigError:
+        return []
+    if run.instance_prompt == EXAMPLE_INSTANCE_PROMPT and Path(run.pretrained_model) == demo.toy_dir:
+        return list(EXAMPLE_PROMPTS)
+    return []
