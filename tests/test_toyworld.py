@@ -29,7 +29,7 @@ def toy_pipe():
     import torch
     from diffusers import StableDiffusionPipeline
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # on a shared 2-core machine one thread is many times faster than two
     pipe = StableDiffusionPipeline.from_pretrained(TOY_MODEL_DIR, safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -83,9 +83,12 @@ def test_example_subject_is_new_to_the_base_model(tmp_path: Path) -> None:
 def test_dreambooth_learns_the_example_subject(tmp_path: Path) -> None:
     from trainer.eval import main
 
-    results = main(["--example", "--no-prior", "--steps", "150", "--samples", "6", "--inference-steps", "15",
-                    "--output-dir", str(tmp_path / "run"), "--threads", "2", "--json", str(tmp_path / "r.json")])
-    assert results["base"]["subject_accuracy"] <= 0.2
-    assert results["trained"]["subject_accuracy"] >= results["base"]["subject_accuracy"] + 0.5
-    assert results["trained"]["subject_similarity"] > results["base"]["subject_similarity"]
+    # Shorter and steeper than the example's default (1,200 steps at 1e-4): ~30 s of training.
+    results = main(["--example", "--no-prior", "--steps", "500", "--learning-rate", "2e-4", "--samples", "8",
+                    "--output-dir", str(tmp_path / "run"), "--threads", "1", "--json", str(tmp_path / "r.json")])
+    print(results)
+    base, trained = results["base"], results["trained"]
+    assert base["subject_accuracy"] <= 0.1, "the base model should not draw the subject from text alone"
+    assert trained["subject_accuracy"] >= 0.4
+    assert trained["subject_similarity"] >= base["subject_similarity"] + 0.1
     assert (tmp_path / "r.json").is_file()

@@ -26,15 +26,21 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--instance-data", type=Path, help="Folder of subject images.")
     parser.add_argument("--example", action="store_true", help="Use the bundled example subject (sks star).")
     parser.add_argument("--identifier", default="sks")
+    parser.add_argument("--instance-prompt", default=None,
+                        help='Prompt of the training images (default "a photo of IDENTIFIER NOUN").')
     parser.add_argument("--class-noun", default="star", help="A toy-world shape: circle, square, triangle, star, cross.")
     parser.add_argument("--base", type=Path, default=None, help="Base model folder (default: the toy model).")
     parser.add_argument("--run", type=Path, default=None, help="Score this run folder instead of training.")
     parser.add_argument("--output-dir", type=Path, default=None, help="Run folder to train into (default: a temp folder).")
-    parser.add_argument("--method", choices=("lora", "full"), default="lora")
+    parser.add_argument("--method", choices=("lora", "full"), default="full")
     parser.add_argument("--prior", action=argparse.BooleanOptionalAction, default=True,
                         help="Prior preservation (default on).")
+    parser.add_argument("--train-text-encoder", action=argparse.BooleanOptionalAction, default=None,
+                        help="Also train the text encoder (default: the example's setting).")
     parser.add_argument("--steps", type=int, default=None, help="Training steps (default: the example's).")
     parser.add_argument("--learning-rate", type=float, default=None)
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="Any other TrainConfig field, e.g. --set lora_rank=16 (repeatable).")
     parser.add_argument("--samples", type=int, default=16, help="Images per prompt.")
     parser.add_argument("--inference-steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=5.0)
@@ -49,13 +55,21 @@ def train_run(args: argparse.Namespace, base: Path, instance_dir: Path, run_dir:
     from .toyworld import example_config
 
     changes: dict = {"method": args.method, "with_prior_preservation": args.prior, "identifier": args.identifier,
-                     "instance_prompt": f"a photo of {args.identifier} {args.class_noun}",
+                     "instance_prompt": args.instance_prompt or f"a photo of {args.identifier} {args.class_noun}",
                      "class_prompt": f"a photo of a {args.class_noun}",
                      "class_cache_dir": str(run_dir.parent / "class-images")}
+    if args.train_text_encoder is not None:
+        changes["train_text_encoder"] = args.train_text_encoder
     if args.steps is not None:
         changes["max_train_steps"] = args.steps
     if args.learning_rate is not None:
         changes["learning_rate"] = args.learning_rate
+    for item in args.set:
+        name, _, value = item.partition("=")
+        try:
+            changes[name] = json.loads(value)  # numbers, true/false, null
+        except json.JSONDecodeError:
+            changes[name] = value
     config = example_config(base, instance_dir, run_dir, **changes)
     started = time.monotonic()
     result = train(config)

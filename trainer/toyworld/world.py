@@ -127,9 +127,23 @@ def render_batch(scenes: list[Scene], size: int = IMAGE_SIZE) -> np.ndarray:
     return np.stack([np.asarray(render(s, size)) for s in scenes])
 
 
+# Caption templates: varied, so the text encoder must read every word rather than count positions.
+# "a photo of red star" matters most: it makes the slot before the noun a colour slot, which is
+# where DreamBooth's "a photo of sks star" puts its identifier.
+TEMPLATES: tuple[str, ...] = (
+    "a photo of a {noun}{where}",
+    "a photo of {noun}{where}",
+    "a {noun}{where}",
+    "{noun}{where}",
+    "a picture of a {noun}{where}",
+)
+
+
 def caption_for_training(scene: Scene, rng: random.Random) -> str:
-    """A caption with attributes sometimes left out, so "a photo of a star" means any star, and an
-    empty caption 10% of the time, which classifier-free guidance needs."""
+    """A caption in a random template with attributes sometimes left out, so "a photo of a star"
+    means any star, and an empty caption 10% of the time, which classifier-free guidance needs."""
     if rng.random() < 0.1:
         return ""
-    return scene.caption(with_color=rng.random() > 0.25, with_background=rng.random() > 0.25)
+    noun = f"{scene.color} {scene.shape}" if rng.random() > 0.25 else scene.shape
+    where = f" on a {scene.background} background" if rng.random() > 0.25 else ""
+    return rng.choice(TEMPLATES).format(noun=noun, where=where)
