@@ -25,14 +25,15 @@ needs_toy_model = pytest.mark.skipif(
     reason=f"the pretrained toy model is not in {TOY_MODEL_DIR} yet (it ships with trainer/toyworld)",
 )
 
-# A training the tiny model finishes in seconds on 2 CPU cores.
+# A training the tiny model finishes in seconds on 2 CPU cores, yet long enough (0.03-0.3 s a step)
+# that a second /train call still finds it running.
 TINY_TRAINING: dict[str, Any] = {
     "identifier": "sks",
     "class_noun": "square",
     "instance_prompt": "a photo of sks square",
-    "max_train_steps": 6,
-    "validation_steps": 3,
-    "checkpointing_steps": 3,
+    "max_train_steps": 60,
+    "validation_steps": 30,
+    "checkpointing_steps": 30,
     "resolution": 32,
     "use_8bit_adam": True,
     "method": "lora",
@@ -205,7 +206,8 @@ def test_gradio_client_trains_then_generates(tmp_path: Path, tiny_model_dir: Pat
             assert time.monotonic() < deadline, job
             time.sleep(0.5)
         assert job["state"] == "completed", job
-        assert job["step"] == 6 and len(job["losses"]) == 6 and job["samples"]
+        steps = TINY_TRAINING["max_train_steps"]
+        assert job["step"] == steps and len(job["losses"]) == steps and job["samples"]
         run_dir = Path(job["run_dir"])
         assert (run_dir / "pytorch_lora_weights.safetensors").is_file() and run_dir.parent == tmp_path / "runs"
 

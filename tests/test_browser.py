@@ -26,6 +26,7 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
+STEPS = 120  # enough tiny-model steps to span several of the page's 1 s polls on an idle machine
 STEP = re.compile(r"step (\d+)/(\d+)")
 
 pytestmark = [
@@ -51,14 +52,15 @@ def test_train_then_generate_in_a_browser(tmp_path: Path, tiny_model_dir: Path, 
         expect(page.locator("img[src*='subject_']")).to_have_count(4)
         page.get_by_text("Advanced").click()
         expect(page.locator("#steps input")).to_have_value("800")  # the object preset: 200 x 4 photos
-        _set_number(page, "#steps input", "24")
-        _set_number(page, "#validation-steps input", "8")
+        _set_number(page, "#steps input", str(STEPS))
+        _set_number(page, "#validation-steps input", str(STEPS // 3))
 
-        # 2. Start; watch the status count steps (24 steps: the page polls once a second) and the loss plot redraw, until it completes.
+        # 2. Start; watch the status count steps and the loss plot redraw, until it completes. The page
+        #    polls once a second and a tiny step takes 0.03-0.3 s, so STEPS spans several polls.
         page.locator("#start-training").click()
         steps_seen, plots_seen, visitor_checked = set(), set(), False
         status = page.locator("#train-status")
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 240
         while "Completed" not in (text := status.inner_text()):
             assert "Failed" not in text and time.monotonic() < deadline, text
             if match := STEP.search(text):
@@ -72,7 +74,7 @@ def test_train_then_generate_in_a_browser(tmp_path: Path, tiny_model_dir: Path, 
                 visitor.close()
                 visitor_checked = True
         plots_seen.add(_loss_line(page))  # the final plot, drawn with the "Completed" status
-        assert "step 24/24" in status.inner_text() and visitor_checked
+        assert f"step {STEPS}/{STEPS}" in status.inner_text() and visitor_checked
         assert len(steps_seen - {0}) >= 2, f"progress never moved: {steps_seen}"
         assert len(plots_seen - {None}) >= 2, "the loss plot never redrew"
         expect(page.locator("#train-samples img").first).to_be_visible()
