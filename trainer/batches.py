@@ -127,9 +127,6 @@ class PromptEmbeddings:
         self.parts = parts
         self._cache: dict[bytes, torch.Tensor] = {}
 
-    def clear(self) -> None:
-        self._cache.clear()
-
     @torch.no_grad()
     def cached(self, input_ids: torch.Tensor) -> torch.Tensor:
         rows = []

@@ -138,10 +138,10 @@ def train(config: TrainConfig, on_event: EventHandler | None = None, cancel: Can
     try:
         while step < config.max_train_steps:
             if text_params and not te_frozen and step >= te_stop:
-                # The text encoder stops here: no more gradients, and its outputs become cacheable.
+                # The text encoder stops here: no more gradients, and its outputs become cacheable
+                # (the cache is empty until now: it is only read while the encoder is frozen).
                 te_frozen = True
                 text_encoder.eval()
-                embeddings.clear()
             step_start = time.monotonic()
             for micro in range(accum):
                 micro_step = step * accum + micro
