@@ -13,6 +13,7 @@ from typing import Any
 from trainer.config import DEFAULT_LR, ConfigError, TrainConfig
 
 MIN_IMAGES, MAX_IMAGES = 3, 20
+CAPTION_SUFFIX = TrainConfig.caption_extension  # dog1.txt uploaded beside dog1.jpg is that photo's prompt
 # Form keys that are TrainConfig fields of the same name, and every field form_to_config sets.
 CONFIG_KEYS: tuple[str, ...] = (
     "identifier",
@@ -131,9 +132,10 @@ def form_to_config(
     `model_settings` gives the engine settings a base model wants that the form does not show
     (the toy model's LoRA rank and sampler steps); the form's own fields always win.
     """
-    images = _image_paths(values.get("images"))
-    if not MIN_IMAGES <= len(images) <= MAX_IMAGES:
-        raise ConfigError(f"`instance_data` needs {MIN_IMAGES} to {MAX_IMAGES} images, got {len(images)}")
+    images = _image_paths(values.get("images"))  # photos, and any caption .txt files uploaded with them
+    n_photos = sum(Path(p).suffix.lower() != CAPTION_SUFFIX for p in images)
+    if not MIN_IMAGES <= n_photos <= MAX_IMAGES:
+        raise ConfigError(f"`instance_data` needs {MIN_IMAGES} to {MAX_IMAGES} images, got {n_photos}")
     identifier = str(values.get("identifier") or "").strip()
     validation_prompt = str(values.get("validation_prompt") or "").strip()
     instance_prompt = str(values.get("instance_prompt") or "").strip()

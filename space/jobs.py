@@ -321,19 +321,30 @@ class JobManager:
 
 
 def keep_uploads(config: TrainConfig) -> TrainConfig:
-    """Copy the uploaded photos into the run folder: gradio deletes its temporary uploads, and a
-    run must stay repeatable and resumable from its own config.json."""
+    """Copy the uploaded photos (and caption files) into the run folder: gradio deletes its
+    temporary uploads, and a run must stay repeatable and resumable from its own config.json.
+
+    Gradio keeps each upload in a folder of its own, so a caption is paired with its photo by
+    name here: dog1.txt goes beside dog1.jpg as 03-dog1.txt next to 03-dog1.jpg.
+    """
     dest = Path(config.output_dir) / "instance_images"
     sources = [Path(p) for p in config.instance_data]
-    if all(p.is_file() for p in sources) and not all(p.parent == dest for p in sources):
-        dest.mkdir(parents=True, exist_ok=True)
-        copies = []
-        for i, src in enumerate(sources):
-            target = dest / f"{i:02d}-{src.name}"
-            shutil.copy2(src, target)
-            copies.append(str(target))
-        return config.replace(instance_data=tuple(copies))
-    return config
+    if not all(p.is_file() for p in sources) or all(p.parent == dest for p in sources):
+        return config
+    ext = config.caption_extension.lower()
+    photos = [p for p in sources if not ext or p.suffix.lower() != ext]
+    captions = {p.stem: p for p in sources if ext and p.suffix.lower() == ext}
+    dest.mkdir(parents=True, exist_ok=True)
+    copies = []
+    for i, src in enumerate(photos):
+        target = dest / f"{i:02d}-{src.name}"
+        shutil.copy2(src, target)
+        copies.append(str(target))
+        caption = captions.pop(src.stem, None)
+        if caption is not None:
+            shutil.copy2(caption, target.with_suffix(config.caption_extension))
+    # A caption matching no photo stays named, so the engine reports it by its own name.
+    return config.replace(instance_data=tuple(copies) + tuple(str(p) for p in captions.values()))
 
 
 def _scrub(text: str, token: str | None) -> str:

@@ -59,7 +59,11 @@ def space_notice(space: SpaceInfo, hw: Hardware) -> str:
 
 
 # --- Train tab -------------------------------------------------------------------------
-IMAGES_HELP = "3–20 photos of your subject: varied backgrounds, angles and lighting; square crops work best."
+IMAGES_HELP = (
+    "3–20 photos of your subject: varied backgrounds, angles and lighting; square crops work best. "
+    "Optionally a caption per photo (`dog1.txt` for `dog1.jpg`) that uses the identifier; it replaces "
+    "the instance prompt for that photo."
+)
 IDENTIFIER_HELP = (
     "A rare word that will name your subject, e.g. `zwx`. Avoid real words: the model already knows them "
     "(the popular `sks` is also a rifle)."

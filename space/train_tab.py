@@ -21,7 +21,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from space import texts
 from space.example import EXAMPLE_FOLDER, example_form, example_images
-from space.form import Concept, form_to_config, preset_values, prompts_for
+from space.form import CAPTION_SUFFIX, Concept, form_to_config, preset_values, prompts_for
 from space.hardware import (
     DemoModel,
     Hardware,
@@ -82,8 +82,9 @@ def build_train_tab(jobs: JobManager, runs_dir: Path, hardware: Hardware, demo: 
     with gr.Row():
         with gr.Column():
             images = gr.File(
-                label="Instance photos", file_count="multiple", file_types=["image"], elem_id="train-images"
+                label="Instance photos", file_count="multiple", file_types=["image", ".txt"], elem_id="train-images"
             )
+            gr.Markdown(texts.IMAGES_HELP)
             count = gr.Markdown(texts.images_count(0), elem_id="image-count")
             preview = gr.Gallery(label="Preview", columns=5, height=200, interactive=False)
             example = None
@@ -197,14 +198,15 @@ def build_train_tab(jobs: JobManager, runs_dir: Path, hardware: Hardware, demo: 
 
     # --- wiring: form helpers ------------------------------------------------------------
     def on_images(files: list[str] | None, kind: str, how: str, before: int) -> tuple[Any, ...]:
-        """Preview and count; the preset's steps follow the number of photos, only when it changes."""
-        paths = list(files or [])
+        """Preview and count (caption files aside); the preset's steps follow the number of photos,
+        only when it changes."""
+        paths = [p for p in files or [] if Path(p).suffix.lower() != CAPTION_SUFFIX]
         n = len(paths)
         new_steps = preset_values(kind, n, how)["max_train_steps"] if n != before else gr.skip()
         return paths, texts.images_count(n), new_steps, n
 
     def on_preset(files: list[str] | None, kind: str, how: str) -> tuple[Any, ...]:
-        p = preset_values(kind, len(files or []), how)
+        p = preset_values(kind, sum(Path(f).suffix.lower() != CAPTION_SUFFIX for f in files or []), how)
         return p["max_train_steps"], p["learning_rate"], p["train_text_encoder"], p["text_encoder_steps_fraction"]
 
     private: dict[str, Any] = {"api_visibility": "private", "show_progress": "hidden", "queue": False}

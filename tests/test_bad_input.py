@@ -120,3 +120,39 @@ def test_cli_trains_from_a_config_file_and_repeats_from_the_run_folder(tiny_mode
                                      "--resolution", "30"], cwd=REPO, capture_output=True, text=True)
     assert bad.returncode == 2 and "`resolution` must be a positive multiple of 8, got 30" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_bad_caption_files_are_all_reported_before_anything_loads(tiny_model_dir, subject_images, tmp_path):
+    (subject_images / "subject_0.txt").write_text("a photo of a square on a beach")  # no identifier
+    (subject_images / "subject_1.txt").write_text("  \n")
+    (subject_images / "subject_2.txt").write_bytes(b"\xff\xfe a photo of sks \x80")
+    (subject_images / "subject_3.txt").write_text("a photo of sks square at night")  # fine
+    stray = tmp_path / "elsewhere" / "nobody.txt"
+    stray.parent.mkdir()
+    stray.write_text("a photo of sks square")
+    config = tiny_config(tiny_model_dir, subject_images, tmp_path / "run",
+                         instance_data=(str(subject_images), str(stray)))
+    with pytest.raises(ImageDataError) as info:
+        train(config)
+    lines = str(info.value).splitlines()
+    assert lines == [
+        "nobody.txt: caption file matches no image (expected an image named nobody.*)",
+        "subject_0.txt: caption 'a photo of a square on a beach' does not contain the identifier 'sks' as a word",
+        "subject_1.txt: caption is empty; delete it to use the instance prompt",
+        "subject_2.txt: caption is not UTF-8 text",
+    ]
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_caption_over_77_tokens_names_its_image(tiny_model_dir, subject_images, tmp_path):
+    (subject_images / "subject_2.txt").write_text("a photo of sks square " + "with many details " * 30)
+    with pytest.raises(ConfigError, match=r"`instance_data` caption of `subject_2.png` is \d+ tokens long"):
+        train(tiny_config(tiny_model_dir, subject_images, tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_only_caption_files_is_refused(tiny_model_dir, subject_images, tmp_path):
+    caption = subject_images / "subject_0.txt"
+    caption.write_text("a photo of sks square")
+    with pytest.raises(ImageDataError, match="`instance_data`: only caption files were given, no images"):
+        train(tiny_config(tiny_model_dir, subject_images, tmp_path / "run", instance_data=(str(caption),)))

@@ -126,3 +126,36 @@ def test_cancel_during_class_images_keeps_what_was_generated(tiny_model_dir, sub
     events: list = []
     train(config.replace(output_dir=str(tmp_path / "run2"), max_train_steps=1), on_event=events.append)
     assert [e.total for e in events if isinstance(e, ProgressEvent) and e.phase == "class-images"][-1] == 4
+
+
+def test_each_image_trains_with_its_own_caption(tiny_model_dir, subject_images, tmp_path):
+    from trainer.batches import BatchSource
+    from trainer.data import ImageSet, collect_image_paths, read_captions, split_caption_files
+
+    uploaded = tmp_path / "upload" / "subject_3.txt"  # named explicitly, as an upload is
+    uploaded.parent.mkdir()
+    uploaded.write_text("a photo of sks square, upside down\n")
+    (subject_images / "subject_1.txt").write_text("a photo of sks square on a beach")
+    config = tiny_config(tiny_model_dir, subject_images, tmp_path / "run", train_batch_size=4,
+                         instance_data=(str(subject_images), str(uploaded)))
+    sources, named = split_caption_files(config.instance_data, config.caption_extension)
+    paths = collect_image_paths(sources)
+    captions = read_captions(paths, config.caption_extension, "sks", named)
+    assert captions == [None, "a photo of sks square on a beach", None, "a photo of sks square, upside down"]
+
+    parts = load_components(config)
+    prompts = [c or config.instance_prompt for c in captions]
+    source = BatchSource(config, parts, ImageSet(paths), None, torch.device("cpu"), instance_prompts=prompts)
+    source.cache_latents(lambda done, total: None)
+    batch = source.batch(0)  # one epoch: the 4 images in a seeded order
+    tok = parts.tokenizer
+    seen = {tok.decode(ids, skip_special_tokens=True).strip() for ids in batch.input_ids}
+    assert seen == {"a photo of sks square", "a photo of sks square on a beach", "a photo of sks square , upside down"}
+    # each row's prompt belongs to its own image: match latents to the images' cached means
+    means = source._moments["instance"][0] * parts.vae.config.scaling_factor
+    for latent, ids in zip(batch.latents, batch.input_ids, strict=True):
+        image = int(((means - latent[None]) ** 2).flatten(1).sum(1).argmin())
+        assert tok.decode(ids, skip_special_tokens=True).replace(" ,", ",").strip() == prompts[image]
+
+    with_captions_off = read_captions(paths, "", "sks", named)
+    assert with_captions_off == [None] * 4

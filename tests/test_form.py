@@ -325,6 +325,32 @@ def test_uploads_are_copied_into_the_run_folder(tmp_path: Path, four_images: lis
     assert keep_uploads(folder) == folder  # a folder (CLI-style) is used where it is
 
 
+def test_uploaded_captions_follow_their_photos(tmp_path: Path, four_images: list[str]) -> None:
+    """Gradio keeps each upload in its own folder; the copies put each caption beside its photo."""
+    from space.jobs import keep_uploads
+
+    for i, name in enumerate(four_images):
+        Path(name).write_bytes(bytes([i]) * 10)
+    caption = tmp_path / "gradio-tmp-123" / f"{Path(four_images[2]).stem}.txt"
+    stray = tmp_path / "gradio-tmp-456" / "nobody.txt"
+    for path, text in ((caption, "a photo of sks dog on a sofa"), (stray, "a photo of sks dog")):
+        path.parent.mkdir()
+        path.write_text(text)
+    uploads = (four_images[0], str(caption), *four_images[1:], str(stray))
+    values = form(list(uploads))
+    config = form_to_config(values, tmp_path / "runs")  # 4 photos counted, the captions not
+    kept = keep_uploads(config)
+    copies = [Path(p) for p in kept.instance_data]
+    photos = [p for p in copies if p.suffix == ".png"]
+    assert len(photos) == 4 and all(p.parent.name == "instance_images" for p in photos)
+    assert photos[2].with_suffix(".txt").read_text() == "a photo of sks dog on a sofa"
+    assert [p.with_suffix(".txt").exists() for p in photos] == [False, False, True, False]
+    assert copies[-1] == stray  # matches no photo: left named, for the engine to report by its name
+
+    with pytest.raises(ConfigError, match="needs 3 to 20 images, got 2"):
+        form_to_config(form([*four_images[:2], str(caption)]), tmp_path / "runs")
+
+
 # --- publish when training finishes ----------------------------------------------------------
 SECRET = "hf_secretTokenOfTheJobManagerTests"
 

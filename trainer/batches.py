@@ -8,7 +8,7 @@ at step k sees exactly the batches an uninterrupted run sees.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +41,7 @@ class BatchSource:
         device: torch.device,
         process_index: int = 0,
         num_processes: int = 1,
+        instance_prompts: Sequence[str] | None = None,
     ) -> None:
         self.config = config
         self.parts = parts
@@ -50,7 +51,9 @@ class BatchSource:
         self.rank, self.world = process_index, num_processes
         # One epoch covers every instance image and every class image at least once.
         self.epoch_len = max(len(instance), len(classes) if classes else 0)
-        self.instance_ids = self._tokenize(config.instance_prompt)
+        # Each instance image's prompt: its caption file's text, else the instance prompt.
+        prompts = instance_prompts or [config.instance_prompt] * len(instance)
+        self.instance_ids = [self._tokenize(p) for p in prompts]
         self.class_ids = self._tokenize(config.class_prompt) if classes else None
         self._moments: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -109,7 +112,7 @@ class BatchSource:
             order = torch.randperm(self.epoch_len, generator=step_generator(self.config.seed, epoch, salt=2))
             position = int(order[offset])
             latents.append(self._latent("instance", self.instance, position % len(self.instance), gen))
-            ids.append(self.instance_ids)
+            ids.append(self.instance_ids[position % len(self.instance)])
             if self.classes is not None:
                 class_latents.append(self._latent("class", self.classes, position % len(self.classes), gen))
                 class_ids.append(self.class_ids)

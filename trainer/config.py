@@ -56,6 +56,12 @@ class TrainConfig:
     instance_prompt: str = field(
         default="", metadata={"help": "Prompt of the instance images; must contain the identifier."}
     )
+    caption_extension: str = field(
+        default=".txt",
+        metadata={"help": "A text file beside an instance image with this suffix (dog1.jpg -> dog1.txt) is that "
+                          "image's own prompt instead of instance_prompt; it must contain the identifier. "
+                          "Describe in it what is not the subject (\"... on a beach\"). Empty: ignore such files."},
+    )
     output_dir: str = field(default="", metadata={"help": "Run folder to create or resume."})
 
     # --- prior preservation -----------------------------------------------------------
@@ -189,6 +195,12 @@ class TrainConfig:
             ident in self.instance_prompt.split(),
             "instance_prompt",
             f"must contain the identifier {ident!r} as a word, got {self.instance_prompt!r}",
+        )
+        ext = self.caption_extension
+        _check(
+            ext == "" or (ext.startswith(".") and len(ext) > 1 and not any(c in ext for c in "/\\ ")),
+            "caption_extension",
+            f"must be a file suffix such as '.txt', or empty to ignore caption files, got {ext!r}",
         )
         if self.with_prior_preservation:
             _check(self.class_prompt.strip() != "", "class_prompt", "is required with prior preservation")

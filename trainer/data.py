@@ -216,6 +216,59 @@ def prepare_image(
     return (pixels.permute(2, 0, 1) / 127.5 - 1.0).contiguous()
 
 
+def split_caption_files(sources: Sequence[str | Path], extension: str) -> tuple[list[str | Path], list[Path]]:
+    """Separate caption files named explicitly (an upload of photos and their .txt files) from the rest."""
+    if not extension:
+        return list(sources), []
+    is_caption = [Path(s).suffix.lower() == extension.lower() and Path(s).is_file() for s in sources]
+    images = [s for s, c in zip(sources, is_caption, strict=True) if not c]
+    if not images:
+        raise ImageDataError([ImageProblem(Path(), "only caption files were given, no images")], "instance_data")
+    return images, [Path(s) for s, c in zip(sources, is_caption, strict=True) if c]
+
+
+def read_captions(paths: Sequence[Path], extension: str, identifier: str,
+                  named: Sequence[Path] = ()) -> list[str | None]:
+    """Each image's own prompt (kohya's convention): the text file beside it with the caption
+    extension, else a caption file named explicitly with the image's stem; None where there is none.
+
+    Raises one ImageDataError naming every caption file that cannot be used: unreadable, not
+    UTF-8 text, empty, without the identifier (the image would not teach it), or matching no image.
+    """
+    if not extension:
+        return [None] * len(paths)
+    by_stem = {p.stem: p for p in named}
+    problems = [ImageProblem(p, f"caption file matches no image (expected an image named {p.stem}.*)")
+                for p in named if p.stem not in {q.stem for q in paths}]
+    captions: list[str | None] = []
+    for path in paths:
+        beside = path.with_suffix(extension)
+        caption_path = beside if beside.is_file() else by_stem.get(path.stem)
+        text = None
+        if caption_path is not None:
+            text, problem = _read_caption(caption_path, identifier)
+            if problem:
+                problems.append(ImageProblem(caption_path, problem))
+        captions.append(text)
+    if problems:
+        raise ImageDataError(problems)
+    return captions
+
+
+def _read_caption(path: Path, identifier: str) -> tuple[str | None, str | None]:
+    try:
+        text = " ".join(path.read_text(encoding="utf-8-sig").split())
+    except UnicodeDecodeError:
+        return None, "caption is not UTF-8 text"
+    except OSError as err:
+        return None, f"caption cannot be read ({err.strerror or err})"
+    if not text:
+        return None, "caption is empty; delete it to use the instance prompt"
+    if identifier not in text.replace(",", " ").split():
+        return None, f"caption {text!r} does not contain the identifier {identifier!r} as a word"
+    return text, None
+
+
 class ImageSet:
     """Checked image paths, loaded on first use and kept in a small least-recently-used cache.
 

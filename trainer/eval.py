@@ -1,7 +1,7 @@
 """Measure a DreamBooth run the way the paper does, in the toy world, on a CPU.
 
     python -m trainer.eval --instance-data SUBJECT_DIR --identifier sks --class-noun star
-    python -m trainer.eval --example --method full --prior          # train the bundled example
+    python -m trainer.eval --example --method lora --prior          # train the bundled example
     python -m trainer.eval --example --run runs/my-run              # score an existing run folder
 
 Trains one DreamBooth run with the engine (unless --run names one), then scores the base model
@@ -25,6 +25,8 @@ def _parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--instance-data", type=Path, help="Folder of subject images.")
     parser.add_argument("--example", action="store_true", help="Use the bundled example subject (sks star).")
+    parser.add_argument("--captions", action=argparse.BooleanOptionalAction, default=False,
+                        help="With --example: write a caption file beside each image naming its background.")
     parser.add_argument("--identifier", default="sks")
     parser.add_argument("--instance-prompt", default=None,
                         help='Prompt of the training images (default "a photo of IDENTIFIER NOUN").')
@@ -32,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--base", type=Path, default=None, help="Base model folder (default: the toy model).")
     parser.add_argument("--run", type=Path, default=None, help="Score this run folder instead of training.")
     parser.add_argument("--output-dir", type=Path, default=None, help="Run folder to train into (default: a temp folder).")
-    parser.add_argument("--method", choices=("lora", "full"), default="full")
+    parser.add_argument("--method", choices=("lora", "full"), default="lora", help="Default lora, as the example.")
     parser.add_argument("--prior", action=argparse.BooleanOptionalAction, default=True,
                         help="Prior preservation (default on).")
     parser.add_argument("--train-text-encoder", action=argparse.BooleanOptionalAction, default=None,
@@ -91,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     base = args.base or TOY_MODEL_DIR
     scratch = Path(tempfile.mkdtemp(prefix="dreambooth-eval-"))
-    instance_dir = example_subject(scratch / "subject") if args.example else args.instance_data
+    instance_dir = example_subject(scratch / "subject", captions=args.captions) if args.example else args.instance_data
     subject = Subject([load_rgb(p) for p in collect_image_paths([instance_dir])], args.identifier, args.class_noun)
     judge = Judge()
 

@@ -15,7 +15,7 @@ from accelerate.utils import set_seed
 from . import checkpoints as ckpt
 from .batches import BatchSource, PromptEmbeddings, step_generator
 from .config import ConfigError, TrainConfig
-from .data import ImageSet, check_images, collect_image_paths
+from .data import ImageSet, check_images, collect_image_paths, read_captions, split_caption_files
 from .events import (
     CancelToken,
     CheckpointEvent,
@@ -48,9 +48,11 @@ def train(config: TrainConfig, on_event: EventHandler | None = None, cancel: Can
     check_runtime(config)
     run_dir = Path(config.output_dir)
     _check_run_dir(run_dir, config)
-    instance_paths = collect_image_paths(config.instance_data, field="instance_data")
+    sources, named_captions = split_caption_files(config.instance_data, config.caption_extension)
+    instance_paths = collect_image_paths(sources, field="instance_data")
     for message in check_images(instance_paths, config.resolution):
         warn(message)
+    captions = read_captions(instance_paths, config.caption_extension, config.identifier.strip(), named_captions)
     if config.class_data_dir:
         class_paths = collect_image_paths([config.class_data_dir], field="class_data_dir")
         for message in check_images(class_paths, config.resolution):
@@ -59,7 +61,8 @@ def train(config: TrainConfig, on_event: EventHandler | None = None, cancel: Can
     # 2. Models, and the prompt checks that need the tokenizer: still before anything is written.
     emit(PhaseEvent("loading", f"Loading {config.pretrained_model}"))
     parts = load_components(config)
-    for message in check_prompts(config, parts.tokenizer):
+    captioned = [(path, text) for path, text in zip(instance_paths, captions, strict=True) if text is not None]
+    for message in check_prompts(config, parts.tokenizer, captioned):
         warn(message)
     resume = ckpt.resolve_resume(run_dir, config.resume_from_checkpoint)
 
@@ -107,8 +110,9 @@ def train(config: TrainConfig, on_event: EventHandler | None = None, cancel: Can
         text_encoder = parts.text_encoder
 
     # 6. Caches: latents once (no augmentation), prompt embeddings while the text encoder is frozen.
+    prompts = [text or config.instance_prompt for text in captions]
     batches = BatchSource(config, parts, ImageSet(instance_paths, short_side=config.resolution), classes, device,
-                          accelerator.process_index, accelerator.num_processes)
+                          accelerator.process_index, accelerator.num_processes, instance_prompts=prompts)
     if config.cache_latents and not config.augments:
         emit(PhaseEvent("caching", "Encoding images with the VAE once"))
         batches.cache_latents(lambda d, t: emit(ProgressEvent("caching", d, t)))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
+
 from transformers import CLIPTokenizer
 
 from .config import ConfigError, TrainConfig
@@ -12,10 +15,12 @@ COMMON_TOKEN_ID = 10_000
 MAX_IDENTIFIER_TOKENS = 3
 
 
-def check_prompts(config: TrainConfig, tokenizer: CLIPTokenizer) -> list[str]:
-    """Raise ConfigError for prompts the text encoder would truncate; return warnings."""
+def check_prompts(config: TrainConfig, tokenizer: CLIPTokenizer,
+                  captions: Sequence[tuple[Path, str]] = ()) -> list[str]:
+    """Raise ConfigError for prompts (or caption files) the text encoder would truncate; return warnings."""
     limit = tokenizer.model_max_length
     named = [("instance_prompt", config.instance_prompt)]
+    named += [(f"instance_data` caption of `{path.name}", caption) for path, caption in captions]
     if config.with_prior_preservation:
         named.append(("class_prompt", config.class_prompt))
     named += [(f"validation_prompts[{i}]", p) for i, p in enumerate(config.validation_prompts)]
