@@ -83,12 +83,21 @@ def test_example_subject_is_new_to_the_base_model(tmp_path: Path) -> None:
 def test_dreambooth_learns_the_example_subject(tmp_path: Path) -> None:
     from trainer.eval import main
 
-    # Shorter and steeper than the example's default (1,200 steps at 1e-4): ~30 s of training.
-    results = main(["--example", "--no-prior", "--steps", "500", "--learning-rate", "2e-4", "--samples", "8",
+    # The example's LoRA at half its steps and without the prior: ~30 s of training.
+    results = main(["--example", "--method", "lora", "--no-prior", "--steps", "600", "--samples", "8",
                     "--output-dir", str(tmp_path / "run"), "--threads", "1", "--json", str(tmp_path / "r.json")])
     print(results)
     base, trained = results["base"], results["trained"]
     assert base["subject_accuracy"] <= 0.1, "the base model should not draw the subject from text alone"
-    assert trained["subject_accuracy"] >= 0.4
-    assert trained["subject_similarity"] >= base["subject_similarity"] + 0.1
+    assert trained["subject_accuracy"] >= 0.5  # measured: 0.75
+    assert trained["subject_similarity"] >= base["subject_similarity"] + 0.08  # measured: 0.741 -> 0.856
     assert (tmp_path / "r.json").is_file()
+
+
+def test_eval_refuses_seeds_it_cannot_train(tmp_path: Path) -> None:
+    from trainer.eval import main
+
+    with pytest.raises(SystemExit, match="--seeds must be at least 1"):
+        main(["--example", "--seeds", "0"])
+    with pytest.raises(SystemExit, match="1 with --run"):
+        main(["--example", "--run", str(tmp_path), "--seeds", "2"])

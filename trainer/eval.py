@@ -43,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--learning-rate", type=float, default=None)
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="Any other TrainConfig field, e.g. --set lora_rank=16 (repeatable).")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="Train this many runs (training seeds 0..N-1) and report their mean: one run's "
+                             "numbers move by ~0.1 from seed to seed.")
     parser.add_argument("--samples", type=int, default=16, help="Images per prompt.")
     parser.add_argument("--inference-steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=5.0)
@@ -51,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def train_run(args: argparse.Namespace, base: Path, instance_dir: Path, run_dir: Path) -> float:
+def train_run(args: argparse.Namespace, base: Path, instance_dir: Path, run_dir: Path, seed: int | None = None) -> float:
     """Train with the engine; return the wall-clock seconds it took."""
     from . import train
     from .toyworld import example_config
@@ -72,6 +75,8 @@ def train_run(args: argparse.Namespace, base: Path, instance_dir: Path, run_dir:
             changes[name] = json.loads(value)  # numbers, true/false, null
         except json.JSONDecodeError:
             changes[name] = value
+    if seed is not None:
+        changes["seed"] = seed
     config = example_config(base, instance_dir, run_dir, **changes)
     started = time.monotonic()
     result = train(config)
@@ -83,6 +88,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = _parser().parse_args(argv)
     if args.example == (args.instance_data is not None):
         raise SystemExit("Give exactly one of --instance-data DIR or --example.")
+    if args.seeds < 1 or (args.run is not None and args.seeds != 1):
+        raise SystemExit(f"--seeds must be at least 1, and 1 with --run (a run folder is one training); got {args.seeds}.")
     import torch
 
     from .toyworld import TOY_MODEL_DIR, example_subject
@@ -97,28 +104,33 @@ def main(argv: list[str] | None = None) -> dict:
     subject = Subject([load_rgb(p) for p in collect_image_paths([instance_dir])], args.identifier, args.class_noun)
     judge = Judge()
 
-    seconds = None
-    run_dir = args.run
-    if run_dir is None:
-        run_dir = args.output_dir or scratch / "run"
-        seconds = train_run(args, base, instance_dir, run_dir)
+    run_dirs, seconds = [args.run], [None]
+    if args.run is None:
+        out = args.output_dir or scratch / "run"
+        run_dirs = [out] if args.seeds == 1 else [out / f"seed-{k}" for k in range(args.seeds)]
+        seconds = [train_run(args, base, instance_dir, d, seed=None if args.seeds == 1 else k)
+                   for k, d in enumerate(run_dirs)]
 
     from diffusers import StableDiffusionPipeline
 
     base_pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None)
     base_pipe.set_progress_bar_config(disable=True)
     settings = {"count": args.samples, "steps": args.inference_steps, "guidance": args.guidance}
+    per_run = [score(load_run(d, base), judge, subject, **settings).as_dict() for d in run_dirs]
     rows = {"base": score(base_pipe, judge, subject, **settings).as_dict(),
-            "trained": score(load_run(run_dir, base), judge, subject, **settings).as_dict()}
-    results = {"run": str(run_dir), "method": args.method, "prior": args.prior, "train_seconds": seconds,
-               "real_similarity": round(real_similarity(judge, subject), 3), **rows}
+            "trained": {key: round(sum(r[key] for r in per_run) / len(per_run), 3) for key in SCORE_NAMES}}
+    if len(per_run) > 1:
+        rows.update({f"seed {k}": row for k, row in enumerate(per_run)})
+    results = {"runs": [str(d) for d in run_dirs], "method": args.method, "prior": args.prior,
+               "train_seconds": seconds, "real_similarity": round(real_similarity(judge, subject), 3), **rows}
 
     print(f"\nreal images vs each other: subject sim {results['real_similarity']}")
     print(f"{'model':8}" + "".join(f"{name:>16}" for name in SCORE_NAMES.values()))
     for label, row in rows.items():
         print(f"{label:8}" + "".join(f"{row[key]:>16.3f}" for key in SCORE_NAMES))
     ratio = rows["trained"]["div"] / rows["base"]["div"] if rows["base"]["div"] else float("nan")
-    print(f"DIV kept: {ratio:.2f} of the base model's")
+    print(f"DIV kept: {ratio:.2f} of the base model's" + (f" (trained: mean of {len(per_run)} seeds)"
+                                                           if len(per_run) > 1 else ""))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     return results

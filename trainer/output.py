@@ -97,12 +97,17 @@ def _save_lora(config: TrainConfig, unet: torch.nn.Module, text_encoder: torch.n
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
+    def lora_state(model: torch.nn.Module) -> dict:
+        # No embedding layers are trained; "auto" would ask the Hub whether the base model's
+        # vocabulary changed (a network call, and a warning, at every save of the text encoder).
+        return convert_state_dict_to_diffusers(get_peft_model_state_dict(model, save_embedding_layers=False))
+
     kwargs = {
-        "unet_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
+        "unet_lora_layers": lora_state(unet),
         "unet_lora_adapter_metadata": unet.peft_config["default"].to_dict(),
     }
     if config.train_text_encoder:
-        kwargs["text_encoder_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(text_encoder))
+        kwargs["text_encoder_lora_layers"] = lora_state(text_encoder)
         kwargs["text_encoder_lora_adapter_metadata"] = text_encoder.peft_config["default"].to_dict()
     StableDiffusionPipeline.save_lora_weights(run_dir, safe_serialization=True, **kwargs)
     return run_dir / LORA_WEIGHTS
