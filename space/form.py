@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from trainer.config import DEFAULT_LR, ConfigError, TrainConfig
+from trainer.data import is_caption_file
 
 MIN_IMAGES, MAX_IMAGES = 3, 20
-CAPTION_SUFFIX = TrainConfig.caption_extension  # dog1.txt uploaded beside dog1.jpg is that photo's prompt
 # Form keys that are TrainConfig fields of the same name, and every field form_to_config sets.
 CONFIG_KEYS: tuple[str, ...] = (
     "identifier",
@@ -102,6 +102,11 @@ def _image_paths(value: Any) -> tuple[str, ...]:
     return tuple(paths)
 
 
+def photos_only(paths: Sequence[str]) -> list[str]:
+    """The uploads without their caption files (dog1.txt beside dog1.jpg is that photo's prompt)."""
+    return [p for p in paths if not is_caption_file(p, TrainConfig.caption_extension)]
+
+
 def _number(values: Mapping[str, Any], field: str, kind: type) -> Any:
     raw = values.get(field)
     if raw is None or raw == "":
@@ -133,7 +138,7 @@ def form_to_config(
     (the toy model's LoRA rank and sampler steps); the form's own fields always win.
     """
     images = _image_paths(values.get("images"))  # photos, and any caption .txt files uploaded with them
-    n_photos = sum(Path(p).suffix.lower() != CAPTION_SUFFIX for p in images)
+    n_photos = len(photos_only(images))
     if not MIN_IMAGES <= n_photos <= MAX_IMAGES:
         raise ConfigError(f"`instance_data` needs {MIN_IMAGES} to {MAX_IMAGES} images, got {n_photos}")
     identifier = str(values.get("identifier") or "").strip()

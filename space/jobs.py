@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from trainer.config import TrainConfig, UserError
+from trainer.data import is_caption_file
 from trainer.events import (
     CancelToken,
     CheckpointEvent,
@@ -331,9 +332,9 @@ def keep_uploads(config: TrainConfig) -> TrainConfig:
     sources = [Path(p) for p in config.instance_data]
     if not all(p.is_file() for p in sources) or all(p.parent == dest for p in sources):
         return config
-    ext = config.caption_extension.lower()
-    photos = [p for p in sources if not ext or p.suffix.lower() != ext]
-    captions = {p.stem: p for p in sources if ext and p.suffix.lower() == ext}
+    ext = config.caption_extension
+    photos = [p for p in sources if not is_caption_file(p, ext)]
+    captions = {p.stem: p for p in sources if is_caption_file(p, ext)}
     dest.mkdir(parents=True, exist_ok=True)
     copies = []
     for i, src in enumerate(photos):
@@ -342,7 +343,7 @@ def keep_uploads(config: TrainConfig) -> TrainConfig:
         copies.append(str(target))
         caption = captions.pop(src.stem, None)
         if caption is not None:
-            shutil.copy2(caption, target.with_suffix(config.caption_extension))
+            shutil.copy2(caption, target.with_suffix(ext))
     # A caption matching no photo stays named, so the engine reports it by its own name.
     return config.replace(instance_data=tuple(copies) + tuple(str(p) for p in captions.values()))
 

@@ -21,7 +21,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from space import texts
 from space.example import EXAMPLE_FOLDER, example_form, example_images
-from space.form import CAPTION_SUFFIX, Concept, form_to_config, preset_values, prompts_for
+from space.form import Concept, form_to_config, photos_only, preset_values, prompts_for
 from space.hardware import (
     DemoModel,
     Hardware,
@@ -200,13 +200,13 @@ def build_train_tab(jobs: JobManager, runs_dir: Path, hardware: Hardware, demo: 
     def on_images(files: list[str] | None, kind: str, how: str, before: int) -> tuple[Any, ...]:
         """Preview and count (caption files aside); the preset's steps follow the number of photos,
         only when it changes."""
-        paths = [p for p in files or [] if Path(p).suffix.lower() != CAPTION_SUFFIX]
+        paths = photos_only(files or [])
         n = len(paths)
         new_steps = preset_values(kind, n, how)["max_train_steps"] if n != before else gr.skip()
         return paths, texts.images_count(n), new_steps, n
 
     def on_preset(files: list[str] | None, kind: str, how: str) -> tuple[Any, ...]:
-        p = preset_values(kind, sum(Path(f).suffix.lower() != CAPTION_SUFFIX for f in files or []), how)
+        p = preset_values(kind, len(photos_only(files or [])), how)
         return p["max_train_steps"], p["learning_rate"], p["train_text_encoder"], p["text_encoder_steps_fraction"]
 
     private: dict[str, Any] = {"api_visibility": "private", "show_progress": "hidden", "queue": False}

@@ -216,11 +216,16 @@ def prepare_image(
     return (pixels.permute(2, 0, 1) / 127.5 - 1.0).contiguous()
 
 
+def is_caption_file(path: str | Path, extension: str) -> bool:
+    """Whether `path` is named as a caption file (dog1.txt); an empty extension means no captions."""
+    return bool(extension) and Path(path).suffix.lower() == extension.lower()
+
+
 def split_caption_files(sources: Sequence[str | Path], extension: str) -> tuple[list[str | Path], list[Path]]:
     """Separate caption files named explicitly (an upload of photos and their .txt files) from the rest."""
     if not extension:
         return list(sources), []
-    is_caption = [Path(s).suffix.lower() == extension.lower() and Path(s).is_file() for s in sources]
+    is_caption = [is_caption_file(s, extension) and Path(s).is_file() for s in sources]
     images = [s for s, c in zip(sources, is_caption, strict=True) if not c]
     if not images:
         raise ImageDataError([ImageProblem(Path(), "only caption files were given, no images")], "instance_data")
