@@ -21,6 +21,10 @@ from pathlib import Path
 
 import pytest
 
+# Fixtures that several test modules use, imported here so that pytest finds them by name.
+from hub_fixtures import *  # noqa: F403
+from ui_fixtures import *  # noqa: F403
+
 SUBJECT_SIZE = 64
 # Where the subject's square sits in each image: one subject, seen slightly differently each time.
 SUBJECT_OFFSETS: tuple[tuple[int, int], ...] = ((0, 0), (5, -3), (-4, 4), (3, 6))

@@ -1,0 +1,137 @@
+"""The run folder: the one place that knows its file names, and reads what a run says about itself.
+
+    <run>/config.json          every setting of the run (TrainConfig), written before training
+    <run>/run.json             status, step, total steps, model family (written at each change)
+    <run>/metrics.jsonl        one line per step
+    <run>/samples/             validation images, step-000400-p0-1.png
+    <run>/checkpoints/         resumable checkpoints (never published)
+    <run>/logs/                tracker logs (never published)
+    <run>/instance_images/     the app's copy of the uploaded photos
+    <run>/model_index.json     a full run: a complete diffusers pipeline
+    <run>/pytorch_lora_weights.safetensors   a LoRA run
+    <run>/README.md            the model card
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from .config import ConfigError, TrainConfig
+
+CONFIG_NAME = "config.json"
+STATUS_NAME = "run.json"
+METRICS_NAME = "metrics.jsonl"
+SAMPLES_DIR = "samples"
+CHECKPOINTS_DIR = "checkpoints"
+LOGS_DIR = "logs"
+INSTANCE_IMAGES_DIR = "instance_images"
+PIPELINE_INDEX = "model_index.json"
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the name diffusers' save/load_lora_weights use
+CARD_NAME = "README.md"
+
+RunKind = Literal["full", "lora"]
+RunStatus = Literal["running", "completed", "cancelled", "unknown"]
+
+
+def run_kind(run_dir: Path) -> RunKind | None:
+    """ "full" for a saved pipeline, "lora" for a LoRA file, None while no weights are saved."""
+    run_dir = Path(run_dir)
+    if (run_dir / PIPELINE_INDEX).is_file():
+        return "full"
+    if (run_dir / LORA_WEIGHTS).is_file():
+        return "lora"
+    return None
+
+
+def is_run(folder: Path) -> bool:
+    return (Path(folder) / CONFIG_NAME).is_file()
+
+
+def read_config(run_dir: Path) -> TrainConfig:
+    """The run's TrainConfig; ConfigError (naming the file) when it is missing or broken."""
+    path = Path(run_dir) / CONFIG_NAME
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} is not a run folder: it has no {CONFIG_NAME}.")
+    return TrainConfig.load(path)
+
+
+def try_read_config(run_dir: Path) -> TrainConfig | None:
+    """The run's TrainConfig, or None for a folder that is not a readable run."""
+    try:
+        return read_config(run_dir)
+    except (ConfigError, OSError, TypeError):
+        return None
+
+
+def write_config(run_dir: Path, config: TrainConfig) -> None:
+    config.save(Path(run_dir) / CONFIG_NAME)
+
+
+def write_status(run_dir: Path, status: str, step: int, total: int, family: str | None = None) -> None:
+    """run.json, replaced atomically: a reader sees the old or the new file, never half of one."""
+    record: dict[str, object] = {"status": status, "step": step, "total_steps": total}
+    if family is not None:
+        record["family"] = family
+    tmp = Path(run_dir) / f".{STATUS_NAME}.tmp"
+    tmp.write_text(json.dumps(record) + "\n", encoding="utf-8")
+    tmp.replace(Path(run_dir) / STATUS_NAME)
+
+
+def read_status(run_dir: Path) -> dict[str, object]:
+    """run.json as a dict ({"status": "unknown"} when there is none or it cannot be read)."""
+    try:
+        data = json.loads((Path(run_dir) / STATUS_NAME).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {"status": "unknown"}
+    return data if isinstance(data, dict) else {"status": "unknown"}
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    path: Path
+    kind: RunKind | None  # None: no weights saved yet
+    status: str
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def list_runs(runs_dir: Path, *, with_weights: bool = False) -> list[RunInfo]:
+    """Run folders (a config.json inside) under `runs_dir`, newest first; `with_weights` keeps
+    only those that can generate."""
+    runs_dir = Path(runs_dir)
+    if not runs_dir.is_dir():
+        return []
+    found = []
+    for path in runs_dir.iterdir():
+        if not path.is_dir() or not is_run(path):
+            continue
+        kind = run_kind(path)
+        if with_weights and kind is None:
+            continue
+        found.append((path.stat().st_mtime, RunInfo(path, kind, str(read_status(path).get("status", "unknown")))))
+    return [info for _, info in sorted(found, key=lambda item: item[0], reverse=True)]
+
+
+def metrics_path(run_dir: Path) -> Path:
+    return Path(run_dir) / METRICS_NAME
+
+
+def samples_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / SAMPLES_DIR
+
+
+def checkpoints_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / CHECKPOINTS_DIR
+
+
+def instance_images_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / INSTANCE_IMAGES_DIR
+
+
+def logs_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / LOGS_DIR
