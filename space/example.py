@@ -13,9 +13,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from space.form import CONFIG_KEYS, Concept
-from space.hardware import TOY_MODEL, DemoModel
-from trainer.config import ConfigError, TrainConfig
+from space.form import Concept, config_to_form
+from space.presets import TOY_MODEL, ToyModel
+from trainer.config import TrainConfig
+from trainer.run_folder import try_read_config
 from trainer.toyworld import (
     EXAMPLE_CLASS_NOUN,
     EXAMPLE_INSTANCE_PROMPT,
@@ -50,10 +51,10 @@ def example_images(folder: Path) -> list[str]:
 
 
 def example_form(images: Sequence[str], base_model: str = TOY_MODEL) -> dict[str, Any]:
-    """The Train form (keys as in train_tab's form) filled with the example: EXAMPLE_SETTINGS where
+    """The Train form (keys as in space.form.FORM) filled with the example: EXAMPLE_SETTINGS where
     they say, TrainConfig's defaults elsewhere, as example_config() does."""
     config = TrainConfig(**EXAMPLE_SETTINGS)
-    values: dict[str, Any] = {key: getattr(config, key) for key in CONFIG_KEYS}
+    values = config_to_form(config)
     values.update(
         images=list(images),
         class_noun=EXAMPLE_CLASS_NOUN,
@@ -66,18 +67,12 @@ def example_form(images: Sequence[str], base_model: str = TOY_MODEL) -> dict[str
     return values
 
 
-def suggested_prompts(source: str, demo: DemoModel) -> list[str]:
+def suggested_prompts(source: str, toy: ToyModel) -> list[str]:
     """Prompts worth trying with a Generate tab model: the example's for a run of the example on
     the toy model, what the toy model can draw for the toy model itself, none otherwise."""
     if source == TOY_MODEL:
         return list(TOY_PROMPTS)
-    config = Path(source) / "config.json"
-    if not config.is_file():
-        return []
-    try:
-        run = TrainConfig.load(config)
-    except ConfigError:
-        return []
-    if run.instance_prompt == EXAMPLE_INSTANCE_PROMPT and Path(run.pretrained_model) == demo.toy_dir:
+    run = try_read_config(Path(source))
+    if run is not None and run.instance_prompt == EXAMPLE_INSTANCE_PROMPT and Path(run.pretrained_model) == toy.folder:
         return list(EXAMPLE_PROMPTS)
     return []

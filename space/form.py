@@ -1,42 +1,30 @@
-"""The one place where the Train form's values become a TrainConfig, plus the concept presets."""
+"""The Train form: one table of its fields, and the one place where its values become a TrainConfig.
+
+Each row of FORM names a form key (the /train API's parameter name), the gradio component that
+shows it, where the layout puts it, how its value parses, and the TrainConfig field it sets (None
+when the UI reads it by hand or only the UI uses it). A new engine option is one row. The concept
+presets and the prompt helpers live here too.
+"""
 
 from __future__ import annotations
 
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from trainer.config import DEFAULT_LR, ConfigError, TrainConfig
+import gradio as gr
+
+from space import texts
+from trainer.config import DEFAULT_LR, PRECISIONS, ConfigError, TrainConfig
 from trainer.data import is_caption_file
 
 MIN_IMAGES, MAX_IMAGES = 3, 20
-# Form keys that are TrainConfig fields of the same name, and every field form_to_config sets.
-CONFIG_KEYS: tuple[str, ...] = (
-    "identifier",
-    "instance_prompt",
-    "with_prior_preservation",
-    "class_prompt",
-    "num_class_images",
-    "method",
-    "train_text_encoder",
-    "text_encoder_steps_fraction",
-    "max_train_steps",
-    "learning_rate",
-    "train_batch_size",
-    "gradient_accumulation_steps",
-    "resolution",
-    "use_8bit_adam",
-    "gradient_checkpointing",
-    "mixed_precision",
-    "seed",
-    "checkpointing_steps",
-    "validation_steps",
-)
-FORM_FIELDS = frozenset({*CONFIG_KEYS, "pretrained_model", "instance_data", "output_dir", "validation_prompts"})
+DEFAULT_IDENTIFIER = "zwx"  # a made-up word; the popular "sks" is also the name of a rifle
+DEFAULT_CLASS_NOUN = "dog"
 
 
 class Concept(StrEnum):
@@ -107,6 +95,120 @@ def photos_only(paths: Sequence[str]) -> list[str]:
     return [p for p in paths if not is_caption_file(p, TrainConfig.caption_extension)]
 
 
+# --- the table ------------------------------------------------------------------------------
+Kind = Literal["files", "text", "choice", "flag", "int", "float"]
+
+
+@dataclass(frozen=True)
+class FormField:
+    key: str  # the form's key, which is also the /train API's parameter name
+    widget: Callable[..., gr.components.Component]  # gr.Textbox, gr.Slider, …: called with value= and props
+    place: str  # the layout group that holds it (train_tab draws the groups)
+    kind: Kind  # how form_to_config parses its value
+    config: str | None = None  # the TrainConfig field it sets; None: read by hand, or by the UI only
+    props: Mapping[str, Any] = field(default_factory=dict)  # label, info, ranges, elem_id
+
+    def parse(self, values: Mapping[str, Any]) -> Any:
+        raw = values.get(self.key)
+        if self.kind == "files":
+            return _image_paths(raw)
+        if self.kind == "flag":
+            return bool(raw)
+        if self.kind in ("int", "float"):
+            return _number(values, self.key, int if self.kind == "int" else float)
+        if self.kind == "choice" and self.config:
+            return str(raw or getattr(TrainConfig(), self.config))
+        return str(raw or "").strip()
+
+
+def _row(key: str, widget: Any, place: str, kind: Kind, config: str | None = None, **props: Any) -> FormField:
+    return FormField(key, widget, place, kind, config, props)
+
+
+# Rows in the /train endpoint's parameter order; train_tab draws each place's rows in this order.
+# fmt: off
+FORM: tuple[FormField, ...] = (
+    #    key                            widget       place           kind     TrainConfig field
+    _row("images",                      gr.File,     "photos",       "files", "instance_data",
+         label="Instance photos", file_count="multiple", file_types=["image", ".txt"], elem_id="train-images"),
+    _row("identifier",                  gr.Textbox,  "names",        "text",  "identifier",
+         label="Identifier", info=texts.IDENTIFIER_HELP),
+    _row("class_noun",                  gr.Textbox,  "names",        "text",  None,
+         label="Class noun", info=texts.CLASS_NOUN_HELP),
+    _row("concept",                     gr.Radio,    "concept",      "text",  None,
+         choices=[c.value for c in Concept], label="Concept type", info=texts.CONCEPT_HELP),
+    _row("instance_prompt",             gr.Textbox,  "prompts",      "text",  "instance_prompt",
+         label="Instance prompt", info=texts.INSTANCE_PROMPT_HELP),
+    _row("class_prompt",                gr.Textbox,  "prompts",      "text",  "class_prompt",
+         label="Class prompt", info=texts.CLASS_PROMPT_HELP, elem_id="class-prompt"),
+    _row("method",                      gr.Radio,    "prompts",      "choice", "method",
+         choices=[("LoRA", "lora"), ("Full fine-tune", "full")], label="Method", info=texts.METHOD_HELP),
+    _row("base_model",                  gr.Dropdown, "prompts",      "text",  "pretrained_model",  # choices: the machine's
+         allow_custom_value=True, label="Base model", info=texts.BASE_MODEL_HELP, elem_id="base-model"),
+    _row("with_prior_preservation",     gr.Checkbox, "prior",        "flag",  "with_prior_preservation",
+         label="Prior preservation", info=texts.PRIOR_HELP),
+    _row("num_class_images",            gr.Slider,   "prior",        "int",   "num_class_images",
+         minimum=1, maximum=1000, step=1, label="Class images"),
+    _row("max_train_steps",             gr.Number,   "steps",        "int",   "max_train_steps",
+         precision=0, label="Training steps", elem_id="steps"),
+    _row("learning_rate",               gr.Number,   "steps",        "float", "learning_rate",
+         label="Learning rate"),
+    _row("train_batch_size",            gr.Slider,   "steps",        "int",   "train_batch_size",
+         minimum=1, maximum=8, step=1, label="Batch size"),
+    _row("gradient_accumulation_steps", gr.Slider,   "steps",        "int",   "gradient_accumulation_steps",
+         minimum=1, maximum=16, step=1, label="Gradient accumulation"),
+    _row("train_text_encoder",          gr.Checkbox, "text encoder", "flag",  "train_text_encoder",
+         label="Train the text encoder"),
+    _row("text_encoder_steps_fraction", gr.Slider,   "text encoder", "float", "text_encoder_steps_fraction",
+         minimum=0.05, maximum=1.0, step=0.05, label="…for this fraction of the steps"),
+    _row("resolution",                  gr.Number,   "text encoder", "int",   "resolution",
+         precision=0, step=8, label="Resolution"),
+    _row("use_8bit_adam",               gr.Checkbox, "memory",       "flag",  "use_8bit_adam",
+         label="8-bit Adam"),
+    _row("gradient_checkpointing",      gr.Checkbox, "memory",       "flag",  "gradient_checkpointing",
+         label="Gradient checkpointing"),
+    _row("mixed_precision",             gr.Radio,    "memory",       "choice", "mixed_precision",
+         choices=list(PRECISIONS), label="Mixed precision"),
+    _row("seed",                        gr.Number,   "memory",       "int",   "seed",
+         precision=0, label="Seed"),
+    _row("checkpointing_steps",         gr.Number,   "outputs",      "int",   "checkpointing_steps",
+         precision=0, label="Checkpoint every N steps"),
+    _row("validation_prompt",           gr.Textbox,  "outputs",      "text",  None,  # -> validation_prompts
+         label="Validation prompt", info=texts.VALIDATION_HELP),
+    _row("validation_steps",            gr.Number,   "outputs",      "int",   "validation_steps",
+         precision=0, label="Sample every N steps", elem_id="validation-steps"),
+)
+# fmt: on
+FIELDS: dict[str, FormField] = {f.key: f for f in FORM}
+# Every TrainConfig field form_to_config sets: a base model's hidden settings never override these.
+_SET_BY_FORM = frozenset({*(f.config for f in FORM if f.config), "output_dir", "validation_prompts"})
+
+
+def config_to_form(config: TrainConfig) -> dict[str, Any]:
+    """The form's values for the fields that map to `config` (the rest are the caller's)."""
+    return {f.key: getattr(config, f.config) for f in FORM if f.config}
+
+
+def initial_values(machine: Mapping[str, Any]) -> dict[str, Any]:
+    """The form as a page first shows it: TrainConfig's defaults, then the settings that fit the
+    machine (space.presets.safe_defaults), the object preset, and the prompts of "zwx dog"."""
+    values = config_to_form(TrainConfig())
+    instance_prompt, class_prompt = prompts_for(DEFAULT_IDENTIFIER, DEFAULT_CLASS_NOUN, Concept.OBJECT.value)
+    values.update(
+        images=None,
+        identifier=DEFAULT_IDENTIFIER,
+        class_noun=DEFAULT_CLASS_NOUN,
+        concept=Concept.OBJECT.value,
+        instance_prompt=instance_prompt,
+        class_prompt=class_prompt,
+        validation_prompt="",
+        **machine,
+    )
+    values.update(preset_values(Concept.OBJECT.value, 0, values["method"]))
+    return values
+
+
+# --- values → TrainConfig ---------------------------------------------------------------------
 def _number(values: Mapping[str, Any], field: str, kind: type) -> Any:
     raw = values.get(field)
     if raw is None or raw == "":
@@ -130,46 +232,23 @@ def form_to_config(
     resolve_model: Callable[[str], str] = str.strip,
     model_settings: Callable[[str], Mapping[str, Any]] = _no_settings,
 ) -> TrainConfig:
-    """Map the Train form (keys as in train_tab's FORM) to a validated TrainConfig.
+    """Map the Train form (keys as in FORM) to a validated TrainConfig.
 
-    Raises ConfigError with the engine's own words; `resolve_model` turns the demo entry of
-    the model list into its folder (and is only called once everything else is valid).
+    Raises ConfigError with the engine's own words; `resolve_model` turns the toy entry of the
+    model list into its folder (and is only called once everything else is valid).
     `model_settings` gives the engine settings a base model wants that the form does not show
     (the toy model's LoRA rank and sampler steps); the form's own fields always win.
     """
-    images = _image_paths(values.get("images"))  # photos, and any caption .txt files uploaded with them
+    images = FIELDS["images"].parse(values)  # photos, and any caption .txt files uploaded with them
     n_photos = len(photos_only(images))
     if not MIN_IMAGES <= n_photos <= MAX_IMAGES:
         raise ConfigError(f"`instance_data` needs {MIN_IMAGES} to {MAX_IMAGES} images, got {n_photos}")
-    identifier = str(values.get("identifier") or "").strip()
-    validation_prompt = str(values.get("validation_prompt") or "").strip()
-    instance_prompt = str(values.get("instance_prompt") or "").strip()
-    base_model = str(values.get("base_model") or "").strip()
-    hidden = {k: v for k, v in model_settings(base_model).items() if k not in FORM_FIELDS}
+    settings = {f.config: f.parse(values) for f in FORM if f.config}
+    hidden = {k: v for k, v in model_settings(settings["pretrained_model"]).items() if k not in _SET_BY_FORM}
     config = TrainConfig(
-        pretrained_model=base_model,
-        instance_data=images,
-        identifier=identifier,
-        instance_prompt=instance_prompt,
-        output_dir=str(new_run_dir(runs_dir, identifier)),
-        with_prior_preservation=bool(values.get("with_prior_preservation")),
-        class_prompt=str(values.get("class_prompt") or "").strip(),
-        num_class_images=_number(values, "num_class_images", int),
-        method=str(values.get("method") or "lora"),
-        train_text_encoder=bool(values.get("train_text_encoder")),
-        text_encoder_steps_fraction=_number(values, "text_encoder_steps_fraction", float),
-        max_train_steps=_number(values, "max_train_steps", int),
-        learning_rate=_number(values, "learning_rate", float),
-        train_batch_size=_number(values, "train_batch_size", int),
-        gradient_accumulation_steps=_number(values, "gradient_accumulation_steps", int),
-        resolution=_number(values, "resolution", int),
-        use_8bit_adam=bool(values.get("use_8bit_adam")),
-        gradient_checkpointing=bool(values.get("gradient_checkpointing")),
-        mixed_precision=str(values.get("mixed_precision") or "no"),
-        seed=_number(values, "seed", int),
-        checkpointing_steps=_number(values, "checkpointing_steps", int),
-        validation_prompts=(validation_prompt or instance_prompt,),
-        validation_steps=_number(values, "validation_steps", int),
+        **settings,
+        output_dir=str(new_run_dir(runs_dir, settings["identifier"])),
+        validation_prompts=(FIELDS["validation_prompt"].parse(values) or settings["instance_prompt"],),
         **hidden,
     ).validate()
     return config.replace(pretrained_model=resolve_model(config.pretrained_model))

@@ -1,16 +1,19 @@
-"""The Generate tab: pick a run, the demo model or a Hub repo, and sample from it.
+"""The Generate tab: pick a run, the toy model or a Hub repo, and sample from it.
 
 For the toy model and a run of the toy world's example, a list of suggested prompts fills the
 prompt box in one click.
 
 Pipelines are cached by model id (trainer.inference.PipelineCache); generation takes the same
-GPU lock as training, so the two never run at once. Launch alone: `python -m space.generate_tab`.
+GPU lock as training, so the two never run at once. The widgets' defaults and ranges are the
+engine's (trainer.inference.GenerateRequest). The handlers are module-level functions over a
+GenerateDeps; build_generate_tab only lays out and wires. Launch alone: `python -m space.generate_tab`.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,74 +24,150 @@ from PIL import Image
 
 from space import texts
 from space.example import suggested_prompts
-from space.hardware import DemoModel, Hardware, default_resolution
+from space.hardware import Hardware
 from space.jobs import JobManager, error_message
-from trainer.card import run_kind
-from trainer.config import ConfigError, TrainConfig
-from trainer.inference import SCHEDULERS, GenerateRequest, PipelineCache, generate
+from space.presets import TOY_MODEL, ToyModel
+from space.wiring import PRIVATE, bind
+from trainer.inference import (
+    MAX_IMAGES,
+    MAX_LORA_SCALE,
+    MAX_SIZE,
+    MAX_STEPS,
+    SCHEDULERS,
+    GenerateRequest,
+    PipelineCache,
+    generate,
+)
+from trainer.run_folder import list_runs, try_read_config
 
 log = logging.getLogger(__name__)
-MAX_SEED = 2**31 - 1
-DEFAULT_SCHEDULER = "DPM++ 2M" if "DPM++ 2M" in SCHEDULERS else next(iter(SCHEDULERS))
+MAX_SEED = 2**31 - 1  # the dice's range; the engine takes any seed below 2**63
+DEFAULTS = GenerateRequest(prompt="")  # the engine's defaults, which the widgets start from
+DEFAULT_PROMPT = "a photo of zwx dog"
 
 
-@dataclass
+@dataclass(frozen=True)
+class GenerateDeps:
+    """What the Generate tab's handlers use."""
+
+    jobs: JobManager
+    runs_dir: Path
+    toy: ToyModel
+    hardware: Hardware
+    pipelines: PipelineCache
+
+
+@dataclass(frozen=True)
 class GenerateTab:
     model: gr.Dropdown
     prompt: gr.Textbox
-    runs_dir: Path
-    demo: DemoModel
-
-    def refresh(self) -> Any:
-        """The list of runs as it is on disk now (page load, the refresh button)."""
-        return gr.update(choices=model_choices(self.runs_dir, self.demo))
-
-    def show_run(self, run_dir: str) -> tuple[Any, Any]:
-        """Select a freshly trained run and prefill its instance prompt (wired to the Train tab)."""
-        if not run_dir:
-            return gr.skip(), gr.skip()
-        choices = model_choices(self.runs_dir, self.demo)
-        return gr.update(choices=choices, value=run_dir), instance_prompt_of(run_dir) or gr.skip()
+    refresh: Callable[[], Any]  # the list of runs as it is on disk now
+    show_run: Callable[[str], tuple[Any, Any]]  # select a freshly trained run
 
 
-def list_runs(runs_dir: Path) -> list[Path]:
-    """Run folders that hold weights, newest first."""
-    if not runs_dir.is_dir():
-        return []
-    runs = [p for p in runs_dir.iterdir() if p.is_dir() and run_kind(p) is not None]
-    return sorted(runs, key=lambda p: p.stat().st_mtime, reverse=True)
-
-
-def model_choices(runs_dir: Path, demo: DemoModel) -> list[tuple[str, str]]:
-    runs = [(f"{p.name} ({run_kind(p)})", str(p)) for p in list_runs(runs_dir)]
-    label = "Toy demo base model (shapes world)" if demo.has_toy else "Tiny demo base model (untrained)"
-    return [*runs, (label, demo.key)]
+# --- handlers -------------------------------------------------------------------------------
+def model_sources(runs_dir: Path) -> list[tuple[str, str]]:
+    """(label, value) of the models to generate from: runs with weights, newest first, then the toy model."""
+    runs = [
+        (texts.generate_run_label(run.name, run.kind), str(run.path)) for run in list_runs(runs_dir, with_weights=True)
+    ]
+    return [*runs, (texts.TOY_SOURCE_LABEL, TOY_MODEL)]
 
 
 def instance_prompt_of(model: str) -> str | None:
-    config = Path(model) / "config.json"
-    if not config.is_file():
-        return None
+    config = try_read_config(Path(model))
+    return config.instance_prompt if config is not None else None
+
+
+def refresh(deps: GenerateDeps) -> Any:
+    """The list of runs as it is on disk now (page load, the refresh button)."""
+    return gr.update(choices=model_sources(deps.runs_dir))
+
+
+def show_run(deps: GenerateDeps, run_dir: str) -> tuple[Any, Any]:
+    """Select a freshly trained run and prefill its instance prompt (wired to the Train tab)."""
+    if not run_dir:
+        return gr.skip(), gr.skip()
+    return gr.update(choices=model_sources(deps.runs_dir), value=run_dir), instance_prompt_of(run_dir) or gr.skip()
+
+
+def on_model(deps: GenerateDeps, source: str) -> tuple[Any, ...]:
+    """Prefill the run's instance prompt and its suggestions; the toy model samples at its native size."""
+    size = deps.toy.native_size(source) or gr.skip()
+    suggested = suggested_prompts(source, deps.toy)
+    return (
+        instance_prompt_of(source) or gr.skip(),
+        size,
+        size,
+        gr.update(choices=suggested, value=None, visible=bool(suggested)),
+    )
+
+
+def use_suggestion(text: str | None) -> Any:
+    return text or gr.skip()
+
+
+def random_seed() -> int:
+    return random.randint(0, MAX_SEED)
+
+
+def generate_images(
+    deps: GenerateDeps,
+    model: str,
+    prompt: str,
+    negative_prompt: str,
+    guidance_scale: float,
+    steps: int,
+    scheduler: str,
+    seed: int,
+    width: int,
+    height: int,
+    num_images: int,
+    lora_scale: float,
+) -> list[Image.Image]:
+    """Generate images from a run folder, the toy model or a Hub repo (full or LoRA)."""
     try:
-        return TrainConfig.load(config).instance_prompt
-    except ConfigError:
-        return None
+        request = GenerateRequest(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            guidance_scale=float(guidance_scale),
+            steps=int(steps),
+            scheduler=scheduler,
+            seed=int(seed),
+            width=int(width),
+            height=int(height),
+            num_images=int(num_images),
+            lora_scale=float(lora_scale),
+        ).validate()
+    except (TypeError, ValueError) as err:
+        raise gr.Error(str(err), print_exception=False) from None
+    if not (model or "").strip():
+        raise gr.Error(texts.NO_MODEL, print_exception=False)
+    if not deps.jobs.gpu_lock.acquire(blocking=False):
+        snap = deps.jobs.snapshot()
+        raise gr.Error(texts.GENERATE_BUSY.format(step=snap.step, total=snap.total), print_exception=False)
+    try:
+        dtype = torch.float16 if deps.hardware.device == "cuda" else torch.float32
+        pipe = deps.pipelines.get(deps.toy.resolve(model), deps.hardware.device, dtype)
+        return generate(pipe, request)
+    except Exception as err:
+        log.info("Generation failed: %s", err)
+        raise gr.Error(error_message(err), print_exception=False) from None
+    finally:
+        deps.jobs.gpu_lock.release()
 
 
-def build_generate_tab(
-    jobs: JobManager, runs_dir: Path, hardware: Hardware, demo: DemoModel, cache: PipelineCache
-) -> GenerateTab:
-    runs = model_choices(runs_dir, demo)
-    first = runs[0][1]
-    device = hardware.device
-    dtype = torch.float16 if hardware.device == "cuda" else torch.float32
-    size = demo_size(first, demo) or 512
-    suggestions0 = suggested_prompts(first, demo)
+# --- layout ---------------------------------------------------------------------------------
+def build_generate_tab(deps: GenerateDeps) -> GenerateTab:
+    sources = model_sources(deps.runs_dir)
+    first = sources[0][1]
+    size = deps.toy.native_size(first) or DEFAULTS.width
+    suggestions0 = suggested_prompts(first, deps.toy)
     with gr.Row():
         with gr.Column(scale=2):
             with gr.Row():
                 model = gr.Dropdown(
-                    runs,
+                    sources,
                     value=first,
                     allow_custom_value=True,
                     label="Model",
@@ -96,9 +175,9 @@ def build_generate_tab(
                     scale=4,
                     elem_id="generate-model",
                 )
-                refresh = gr.Button("↻ Refresh", scale=1, size="sm")
+                reload = gr.Button("↻ Refresh", scale=1, size="sm")
             prompt = gr.Textbox(
-                instance_prompt_of(first) or "a photo of zwx dog", label="Prompt", lines=2, elem_id="generate-prompt"
+                instance_prompt_of(first) or DEFAULT_PROMPT, label="Prompt", lines=2, elem_id="generate-prompt"
             )
             suggestions = gr.Dropdown(
                 suggestions0,
@@ -107,19 +186,37 @@ def build_generate_tab(
                 visible=bool(suggestions0),
                 elem_id="prompt-suggestions",
             )
-            negative = gr.Textbox("", label="Negative prompt")
+            negative = gr.Textbox(DEFAULTS.negative_prompt, label="Negative prompt")
             with gr.Row():
-                guidance = gr.Slider(1.0, 20.0, 7.5, step=0.5, label="Guidance scale")
-                steps = gr.Slider(1, 100, 25, step=1, label="Steps", elem_id="generate-steps")
-                scheduler = gr.Dropdown(list(SCHEDULERS), value=DEFAULT_SCHEDULER, label="Scheduler")
+                guidance = gr.Slider(1.0, 20.0, DEFAULTS.guidance_scale, step=0.5, label="Guidance scale")
+                steps = gr.Slider(1, MAX_STEPS, DEFAULTS.steps, step=1, label="Steps", elem_id="generate-steps")
+                scheduler = gr.Dropdown(list(SCHEDULERS), value=DEFAULTS.scheduler, label="Scheduler")
             with gr.Row():
-                seed = gr.Number(0, precision=0, label="Seed", info=texts.SEED_HELP)
+                seed = gr.Number(DEFAULTS.seed, precision=0, label="Seed", info=texts.SEED_HELP)
                 dice = gr.Button("Random seed", size="sm")
-                width = gr.Number(size, precision=0, step=8, label="Width", info=texts.SIZE_HELP, elem_id="width")
-                height = gr.Number(size, precision=0, step=8, label="Height", info=texts.SIZE_HELP, elem_id="height")
+                width = gr.Number(
+                    size,
+                    precision=0,
+                    step=8,
+                    minimum=8,
+                    maximum=MAX_SIZE,
+                    label="Width",
+                    info=texts.SIZE_HELP,
+                    elem_id="width",
+                )
+                height = gr.Number(
+                    size,
+                    precision=0,
+                    step=8,
+                    minimum=8,
+                    maximum=MAX_SIZE,
+                    label="Height",
+                    info=texts.SIZE_HELP,
+                    elem_id="height",
+                )
             with gr.Row():
-                num_images = gr.Slider(1, 8, 1, step=1, label="Images")
-                lora_scale = gr.Slider(0.0, 1.5, 1.0, step=0.05, label="LoRA scale")
+                num_images = gr.Slider(1, MAX_IMAGES, DEFAULTS.num_images, step=1, label="Images")
+                lora_scale = gr.Slider(0.0, MAX_LORA_SCALE, DEFAULTS.lora_scale, step=0.05, label="LoRA scale")
             run = gr.Button("Generate", variant="primary", elem_id="generate")
         gallery = gr.Gallery(
             label="Images",
@@ -131,96 +228,26 @@ def build_generate_tab(
             elem_id="generate-gallery",
         )
 
-    def on_model(source: str) -> tuple[Any, ...]:
-        """Prefill the run's instance prompt and its suggestions; demo models sample at their native size."""
-        size = demo_size(source, demo) or gr.skip()
-        suggested = suggested_prompts(source, demo)
-        return (
-            instance_prompt_of(source) or gr.skip(),
-            size,
-            size,
-            gr.update(choices=suggested, value=None, visible=bool(suggested)),
-        )
-
-    def generate_images(
-        model: str,
-        prompt: str,
-        negative_prompt: str,
-        guidance_scale: float,
-        steps: int,
-        scheduler: str,
-        seed: int,
-        width: int,
-        height: int,
-        num_images: int,
-        lora_scale: float,
-    ) -> list[Image.Image]:
-        """Generate images from a run folder, the demo model or a Hub repo (full or LoRA)."""
-        try:
-            request = GenerateRequest(
-                prompt=prompt,
-                negative_prompt=negative_prompt,
-                guidance_scale=float(guidance_scale),
-                steps=int(steps),
-                scheduler=scheduler,
-                seed=int(seed),
-                width=int(width),
-                height=int(height),
-                num_images=int(num_images),
-                lora_scale=float(lora_scale),
-            )
-            request.validate()
-        except (TypeError, ValueError) as err:
-            raise gr.Error(str(err), print_exception=False) from None
-        if not (model or "").strip():
-            raise gr.Error("Choose a model: a run, the demo model, or a Hub repo id.", print_exception=False)
-        if not jobs.gpu_lock.acquire(blocking=False):
-            snap = jobs.snapshot()
-            raise gr.Error(texts.GENERATE_BUSY.format(step=snap.step, total=snap.total), print_exception=False)
-        try:
-            pipe = cache.get(demo.resolve(model), device, dtype)
-            return generate(pipe, request)
-        except Exception as err:
-            log.info("Generation failed: %s", err)
-            raise gr.Error(error_message(err), print_exception=False) from None
-        finally:
-            jobs.gpu_lock.release()
-
-    private: dict[str, Any] = {"api_visibility": "private", "show_progress": "hidden", "queue": False}
-    model.change(on_model, model, [prompt, width, height, suggestions], **private)
-    suggestions.input(lambda text: text or gr.skip(), suggestions, prompt, **private)
-    dice.click(lambda: random.randint(0, MAX_SEED), None, seed, **private)
+    # --- wiring
+    model.change(bind(on_model, deps), model, [prompt, width, height, suggestions], **PRIVATE)
+    suggestions.input(use_suggestion, suggestions, prompt, **PRIVATE)
+    dice.click(random_seed, None, seed, **PRIVATE)
     run.click(
-        generate_images,
+        bind(generate_images, deps),
         [model, prompt, negative, guidance, steps, scheduler, seed, width, height, num_images, lora_scale],
         gallery,
         api_name="generate",
         concurrency_id="gpu",
         concurrency_limit=1,
     )
-    tab = GenerateTab(model=model, prompt=prompt, runs_dir=runs_dir, demo=demo)
-    refresh.click(tab.refresh, None, model, **private)
+    tab = GenerateTab(model=model, prompt=prompt, refresh=bind(refresh, deps), show_run=bind(show_run, deps))
+    reload.click(tab.refresh, None, model, **PRIVATE)
     return tab
 
 
-def demo_size(source: str, demo: DemoModel) -> int | None:
-    """The native image size of a demo model, or of a run trained on one; None for anything else."""
-    if not demo.is_demo(source):
-        return None
-    config = Path(source) / "config.json"
-    if config.is_file():
-        try:
-            return TrainConfig.load(config).resolution
-        except ConfigError:
-            return None
-    return default_resolution(source)
-
-
 if __name__ == "__main__":
-    from space.hardware import default_cache_dir, detect_hardware
+    from space.hardware import detect_hardware
 
     with gr.Blocks(title=texts.TITLE) as app:
-        build_generate_tab(
-            JobManager(), Path("runs"), detect_hardware(), DemoModel(default_cache_dir()), PipelineCache()
-        )
+        build_generate_tab(GenerateDeps(JobManager(), Path("runs"), ToyModel(), detect_hardware(), PipelineCache()))
     app.launch()

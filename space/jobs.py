@@ -14,7 +14,6 @@ import dataclasses
 import logging
 import shutil
 import threading
-import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from trainer.events import (
     StepEvent,
     WarningEvent,
 )
+from trainer.run_folder import instance_images_dir
 
 if TYPE_CHECKING:
     from trainer.hub import PublishResult
@@ -82,12 +82,9 @@ class JobSnapshot:
     samples: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
     run_dir: str | None = None
-    instance_prompt: str = ""
     error: str | None = None
     hub_url: str | None = None  # where the run was published when training finished
     publish_error: str | None = None  # why that failed; the run itself is fine
-    started_at: float | None = None
-    finished_at: float | None = None
 
     @property
     def active(self) -> bool:
@@ -189,8 +186,6 @@ class JobManager:
                     message="Starting…",
                     total=config.max_train_steps,
                     run_dir=config.output_dir,
-                    instance_prompt=config.instance_prompt,
-                    started_at=time.time(),
                 ),
                 publish=publish,
             )
@@ -243,7 +238,7 @@ class JobManager:
             else:
                 log.exception("Training %s failed", job.snapshot.job_id)
             job.exception = err
-            self._update(job, state="failed", error=error_message(err), message="", finished_at=time.time())
+            self._update(job, state="failed", error=error_message(err), message="")
             return None
         else:
             publishing = job.publish is not None and not result.cancelled
@@ -256,7 +251,6 @@ class JobManager:
                 total=result.total_steps,
                 run_dir=str(result.run_dir),
                 eta_seconds=0.0,
-                finished_at=time.time(),
                 message=f"Trained; publishing to {job.publish.repo_id}…" if publishing else _finished_message(result),
                 samples=tuple(dict.fromkeys((*job.snapshot.samples, *map(str, result.samples)))),
                 warnings=tuple(dict.fromkeys((*job.snapshot.warnings, *result.warnings))),
@@ -328,7 +322,7 @@ def keep_uploads(config: TrainConfig) -> TrainConfig:
     Gradio keeps each upload in a folder of its own, so a caption is paired with its photo by
     name here: dog1.txt goes beside dog1.jpg as 03-dog1.txt next to 03-dog1.jpg.
     """
-    dest = Path(config.output_dir) / "instance_images"
+    dest = instance_images_dir(Path(config.output_dir))
     sources = [Path(p) for p in config.instance_data]
     if not all(p.is_file() for p in sources) or all(p.parent == dest for p in sources):
         return config

@@ -1,32 +1,25 @@
 """The app: services created once, tabs composed, cross-tab wiring last.
 
-Building the UI loads no model and starts no thread: the demo model is built on first use and
+Building the UI loads no model and starts no thread: the toy model is loaded on first use and
 the JobManager's thread starts with the first training.
 """
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import gradio as gr
 
 from space import texts
-from space.generate_tab import build_generate_tab
-from space.hardware import (
-    TOY_MODEL_DIR,
-    DemoModel,
-    Hardware,
-    SpaceInfo,
-    default_cache_dir,
-    default_runs_dir,
-    detect_hardware,
-    detect_space,
-)
+from space.generate_tab import GenerateDeps, build_generate_tab
+from space.hardware import Hardware, SpaceInfo, default_runs_dir, detect_hardware, detect_space
 from space.jobs import JobManager, TrainFn, default_train
-from space.train_tab import build_train_tab
+from space.presets import ToyModel
+from space.publish_tab import build_publish_tab
+from space.train_tab import TrainDeps, build_train_tab
 from trainer.inference import PipelineCache
+from trainer.toyworld import TOY_MODEL_DIR
 
 CSS = """
 #train-status { min-height: 4em; }
@@ -41,7 +34,7 @@ class Services:
     runs_dir: Path
     hardware: Hardware
     space: SpaceInfo
-    demo: DemoModel
+    toy: ToyModel
     jobs: JobManager
     pipelines: PipelineCache = field(default_factory=PipelineCache)
 
@@ -49,16 +42,18 @@ class Services:
     def create(
         cls,
         runs_dir: Path | None = None,
-        cache_dir: Path | None = None,
         train_fn: TrainFn = default_train,
         toy_dir: Path = TOY_MODEL_DIR,
+        hardware: Hardware | None = None,
+        space: SpaceInfo | None = None,
     ) -> Services:
-        space = detect_space()
+        """The services of this machine; tests pass their own hardware and toy model folder."""
+        space = space or detect_space()
         return cls(
             runs_dir=Path(runs_dir) if runs_dir else default_runs_dir(space),
-            hardware=detect_hardware(),
+            hardware=hardware or detect_hardware(),
             space=space,
-            demo=DemoModel(cache_dir or default_cache_dir(), toy_dir),
+            toy=ToyModel(toy_dir),
             jobs=JobManager(train_fn),
         )
 
@@ -75,14 +70,11 @@ def build_app(services: Services) -> gr.Blocks:
                     gr.DuplicateButton(scale=0)
         with gr.Tabs():
             with gr.Tab("Train", id="train"):
-                train = build_train_tab(s.jobs, s.runs_dir, s.hardware, s.demo)
+                train = build_train_tab(TrainDeps(s.jobs, s.runs_dir, s.toy, s.hardware))
             with gr.Tab("Generate", id="generate"):
-                gen = build_generate_tab(s.jobs, s.runs_dir, s.hardware, s.demo, s.pipelines)
-            if _has_publish_tab():
-                from space.publish_tab import build_publish_tab
-
-                with gr.Tab("Publish", id="publish"):
-                    build_publish_tab(s.runs_dir)
+                gen = build_generate_tab(GenerateDeps(s.jobs, s.runs_dir, s.toy, s.hardware, s.pipelines))
+            with gr.Tab("Publish", id="publish"):
+                build_publish_tab(s.runs_dir)
 
         # Cross-tab wiring: a finished training becomes the Generate tab's model.
         train.finished_run.change(
@@ -90,8 +82,3 @@ def build_app(services: Services) -> gr.Blocks:
         )
         app.load(gen.refresh, None, gen.model, api_visibility="private", show_progress="hidden")
     return app
-
-
-def _has_publish_tab() -> bool:
-    """The Publish tab is written separately; the app works without it."""
-    return importlib.util.find_spec("space.publish_tab") is not None

@@ -12,14 +12,8 @@ INTRO = (
     "**Train** makes a run, **Generate** samples from it, **Publish** pushes it to the Hub."
 )
 
-DEMO_NOTICE = (
-    "**Demo model.** The first base model, *Tiny demo model*, is a tiny Stable Diffusion built "
-    "on this machine in seconds: it trains on a CPU and needs no network, but its images are "
-    "noise. It shows every step of the workflow. To train a real model, pick a Stable Diffusion "
-    "id from the list (or type any Hub id or a local diffusers folder) on a machine with a GPU."
-)
 TOY_NOTICE = (
-    "**Demo model.** *Toy demo model* is not Stable Diffusion: it is a tiny model of the same "
+    "**Toy model.** *Toy demo model* is not Stable Diffusion: it is a tiny model of the same "
     "shape, trained on a made-up world of coloured shapes (circles, squares, triangles, stars and "
     "crosses in six colours, on plain backgrounds), 32×32 pixels. It runs on a CPU with no network "
     "and draws what that world holds, from prompts like *a photo of a red star on a white "
@@ -28,16 +22,24 @@ TOY_NOTICE = (
     "Stable Diffusion id from the list (or type any Hub id or a local diffusers folder) on a "
     "machine with a GPU."
 )
+# Raised (as a ConfigError) when the toy model is asked for and its folder is not there.
+TOY_MISSING = "The toy demo model is not installed: {folder} has no model_index.json."
+TOY_MISSING_NOTICE = (
+    "**The toy model is missing.** *Toy demo model* ships with the app in `{folder}`, which has no "
+    "`model_index.json` here, so training or generating with it will fail (restore that folder, "
+    "e.g. with `git checkout`). Pick a Stable Diffusion id from the list, or type any Hub id or a "
+    "local diffusers folder."
+)
 
 
-def demo_notice(has_toy: bool) -> str:
-    return TOY_NOTICE if has_toy else DEMO_NOTICE
+def toy_notice(installed: bool, folder: object) -> str:
+    return TOY_NOTICE if installed else TOY_MISSING_NOTICE.format(folder=folder)
 
 
 def hardware_line(hw: Hardware) -> str:
     if hw.has_gpu:
         return f"**Hardware:** {hw.label}. Defaults below are chosen to fit it."
-    return f"**Hardware:** {hw.label}. Real Stable Diffusion training needs a GPU; on this machine use the demo model."
+    return f"**Hardware:** {hw.label}. Real Stable Diffusion training needs a GPU; on this machine use the toy model."
 
 
 def space_notice(space: SpaceInfo, hw: Hardware) -> str:
@@ -86,6 +88,9 @@ PUBLISH_HELP = (
 HUB_REPO_HELP = "name (under the token owner's account) or namespace/name"
 HUB_TOKEN_HELP = "Checked now, used once when the training completes; never stored or logged."
 IDLE = "No training yet. Upload photos and press **Start training**."
+CANCELLING = "Cancelling at the next step…"
+CANNOT_CANCEL_PUBLISHING = "The training has finished and is being published; publishing cannot be cancelled."
+NOTHING_TO_CANCEL = "No training is running."
 EXAMPLE_HELP = (
     "Five pictures of a star painted half yellow, half purple: a subject the toy model cannot draw "
     "from text. The button loads them and the settings that teach it in a few minutes on a CPU."
@@ -130,9 +135,38 @@ def eta_text(seconds: float | None) -> str:
 
 # --- Generate tab ----------------------------------------------------------------------
 MODEL_SOURCE_HELP = (
-    "A run of this app (newest first), the demo model, or any Hub repo id: a full model or a LoRA "
+    "A run of this app (newest first), the toy model, or any Hub repo id: a full model or a LoRA "
     "whose model card names its base model."
 )
 SEED_HELP = "Same seed + same settings = same images."
 SIZE_HELP = "Multiples of 8."
 GENERATE_BUSY = "A training is using the GPU right now (step {step}/{total}). Generate again when it has finished."
+NO_MODEL = "Choose a model: a run, the toy model, or a Hub repo id."
+TOY_SOURCE_LABEL = "Toy demo base model (shapes world)"
+
+
+def generate_run_label(name: str, kind: str) -> str:
+    """A run in the Generate tab's model list: "20260101-120000-zwx (lora)"."""
+    return f"{name} ({kind})"
+
+
+# --- Publish tab -----------------------------------------------------------------------
+PUBLISH_INTRO = (
+    "Publish a run to the Hugging Face Hub: its weights, model card, samples and settings "
+    "(never its checkpoints or logs). Publishing again to the same repo adds a commit."
+)
+PUBLISH_REPO_HELP = "name (under your account) or namespace/name"
+PUBLISH_TOKEN_HELP = "Used for this publish only; never stored or logged."
+NO_RUN = "Choose a run to publish."
+NO_REPO = "The repo name is missing."
+_KIND_LABELS = {"lora": "LoRA", "full": "full model", None: "no weights yet"}
+
+
+def publish_run_label(name: str, kind: str | None) -> str:
+    """A run in the Publish tab's list: "sks-lora (LoRA)"; one without weights says so."""
+    return f"{name} ({_KIND_LABELS[kind]})"
+
+
+def published(repo_id: str, url: str, private: bool, commit: str) -> str:
+    visibility = "private" if private else "public"
+    return f"Published to [{repo_id}]({url}) ({visibility}, commit `{commit[:7]}`)."

@@ -5,6 +5,9 @@ the job by polling it with a gr.Timer, so a closed tab loses nothing and a secon
 the running job. With "publish when training finishes", Start first asks the Hub whose token it
 is (seconds), and the job publishes the run when the training completes; the token only ever
 travels in memory to trainer.hub. Launch alone with `python -m space.train_tab`.
+
+The handlers are module-level functions over a TrainDeps (tests call them directly); the form's
+fields come from space.form.FORM; build_train_tab only lays out and wires.
 """
 
 from __future__ import annotations
@@ -21,36 +24,95 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from space import texts
 from space.example import EXAMPLE_FOLDER, example_form, example_images
-from space.form import Concept, form_to_config, photos_only, preset_values, prompts_for
-from space.hardware import (
-    DemoModel,
-    Hardware,
-    default_resolution,
-    hub_offline,
-    model_choices,
-    model_settings,
-    safe_defaults,
+from space.form import (
+    DEFAULT_CLASS_NOUN,
+    DEFAULT_IDENTIFIER,
+    FORM,
+    form_to_config,
+    initial_values,
+    photos_only,
+    preset_values,
+    prompts_for,
 )
-from space.jobs import BusyError, JobManager, PublishRequest, error_message
+from space.hardware import Hardware, hub_offline
+from space.jobs import BusyError, JobManager, JobSnapshot, PublishRequest, error_message
+from space.presets import TOY_MODEL, ToyModel, default_resolution, model_choices, model_settings, safe_defaults
 from space.tokens import NO_TOKEN, oauth_enabled, pick_token, token_field
+from space.wiring import PRIVATE, bind, by_component
 from trainer.hub import HubError, check_token, suggest_repo_name
 
 log = logging.getLogger(__name__)
 MAX_PLOT_POINTS = 500
-DEFAULT_IDENTIFIER = "zwx"  # a made-up word; the popular "sks" is also the name of a rifle
 
 
-@dataclass
+@dataclass(frozen=True)
+class TrainDeps:
+    """What the Train tab's handlers use."""
+
+    jobs: JobManager
+    runs_dir: Path
+    toy: ToyModel
+    hardware: Hardware
+
+
+@dataclass(frozen=True)
+class PollState:
+    """What a page last drew of the job; the poll redraws only what changed since."""
+
+    job_id: int = 0
+    version: int = -1
+    n_samples: int = 0
+    n_warnings: int = 0
+
+    @classmethod
+    def of(cls, snap: JobSnapshot) -> PollState:
+        return cls(snap.job_id, snap.version, len(snap.samples), len(snap.warnings))
+
+
+@dataclass(frozen=True)
 class TrainTab:
     finished_run: gr.State  # run folder of the last finished job this page has seen
 
 
+# --- handlers: the form ---------------------------------------------------------------------
+def on_images(files: list[str] | None, kind: str, how: str, before: int) -> tuple[Any, ...]:
+    """Preview and count (caption files aside); the preset's steps follow the number of photos,
+    only when it changes."""
+    paths = photos_only(files or [])
+    n = len(paths)
+    new_steps = preset_values(kind, n, how)["max_train_steps"] if n != before else gr.skip()
+    return paths, texts.images_count(n), new_steps, n
+
+
+def on_preset(files: list[str] | None, kind: str, how: str) -> tuple[Any, ...]:
+    p = preset_values(kind, len(photos_only(files or [])), how)
+    return p["max_train_steps"], p["learning_rate"], p["train_text_encoder"], p["text_encoder_steps_fraction"]
+
+
+def try_example(deps: TrainDeps) -> dict[str, Any]:
+    """Fill the form with the toy world's example: its five photos, prompts, model and settings
+    (by form key, plus the photos' preview, count and n_images)."""
+    photos = example_images(deps.runs_dir / EXAMPLE_FOLDER)
+    # n_images is set too, so that the upload's change event keeps the example's steps.
+    filled = {"preview": photos, "count": texts.images_count(len(photos)), "n_images": len(photos)}
+    return {**example_form(photos, TOY_MODEL), **filled}
+
+
+# --- handlers: publishing -------------------------------------------------------------------
 def repo_suggestion(identifier: str, noun: str, username: str | None = None) -> str:
-    """"zwx-dog-dreambooth" (or "alice/…" once the user is known); "" when no valid name comes out."""
+    """ "zwx-dog-dreambooth" (or "alice/…" once the user is known); "" when no valid name comes out."""
     try:
         return suggest_repo_name(identifier, noun, username)
     except HubError:
         return ""
+
+
+def prefill_repo(ident: str, noun: str, profile: gr.OAuthProfile | None) -> Any:
+    return repo_suggestion(ident, noun, profile.username if profile else None) or gr.skip()
+
+
+def show_publish_box(on: bool) -> gr.Column:
+    return gr.Column(visible=on)
 
 
 def publish_request(values: Mapping[str, Any], oauth_token: gr.OAuthToken | None) -> PublishRequest | None:
@@ -73,238 +135,51 @@ def publish_request(values: Mapping[str, Any], oauth_token: gr.OAuthToken | None
     return PublishRequest(repo_id, private=bool(values.get("hub_private", True)), token=token)
 
 
-def build_train_tab(jobs: JobManager, runs_dir: Path, hardware: Hardware, demo: DemoModel) -> TrainTab:
-    offline = hub_offline()
-    d = safe_defaults(hardware, demo.key, offline)
-    preset = preset_values(Concept.OBJECT.value, 0, d["method"])
-    instance_prompt0, class_prompt0 = prompts_for(DEFAULT_IDENTIFIER, "dog", Concept.OBJECT.value)
-    gr.Markdown(f"{texts.hardware_line(hardware)}\n\n{texts.demo_notice(demo.has_toy)}")
-    with gr.Row():
-        with gr.Column():
-            images = gr.File(
-                label="Instance photos", file_count="multiple", file_types=["image", ".txt"], elem_id="train-images"
-            )
-            gr.Markdown(texts.IMAGES_HELP)
-            count = gr.Markdown(texts.images_count(0), elem_id="image-count")
-            preview = gr.Gallery(label="Preview", columns=5, height=200, interactive=False)
-            example = None
-            if demo.has_toy:  # the example is made for the toy model
-                with gr.Row():
-                    example = gr.Button("Try the example", scale=0, elem_id="try-example")
-                    gr.Markdown(texts.EXAMPLE_HELP)
-        with gr.Column():
-            concept = gr.Radio(
-                [c.value for c in Concept], value=Concept.OBJECT.value, label="Concept type", info=texts.CONCEPT_HELP
-            )
-            with gr.Row():
-                identifier = gr.Textbox(DEFAULT_IDENTIFIER, label="Identifier", info=texts.IDENTIFIER_HELP)
-                class_noun = gr.Textbox("dog", label="Class noun", info=texts.CLASS_NOUN_HELP)
-            instance_prompt = gr.Textbox(instance_prompt0, label="Instance prompt", info=texts.INSTANCE_PROMPT_HELP)
-            class_prompt = gr.Textbox(
-                class_prompt0, label="Class prompt", info=texts.CLASS_PROMPT_HELP, elem_id="class-prompt"
-            )
-            method = gr.Radio(
-                [("LoRA", "lora"), ("Full fine-tune", "full")],
-                value=d["method"],
-                label="Method",
-                info=texts.METHOD_HELP,
-            )
-            base_model = gr.Dropdown(
-                model_choices(hardware, demo, offline),
-                value=d["base_model"],
-                allow_custom_value=True,
-                label="Base model",
-                info=texts.BASE_MODEL_HELP,
-                elem_id="base-model",
-            )
-            with gr.Row():
-                prior = gr.Checkbox(False, label="Prior preservation", info=texts.PRIOR_HELP)
-                num_class = gr.Slider(1, 1000, 100, step=1, label="Class images")
-    with gr.Accordion("Advanced", open=False):
-        with gr.Row():
-            steps = gr.Number(preset["max_train_steps"], precision=0, label="Training steps", elem_id="steps")
-            lr = gr.Number(preset["learning_rate"], label="Learning rate")
-            batch = gr.Slider(1, 8, d["train_batch_size"], step=1, label="Batch size")
-            accum = gr.Slider(1, 16, 1, step=1, label="Gradient accumulation")
-        with gr.Row():
-            train_te = gr.Checkbox(preset["train_text_encoder"], label="Train the text encoder")
-            te_fraction = gr.Slider(
-                0.05, 1.0, preset["text_encoder_steps_fraction"], step=0.05, label="…for this fraction of the steps"
-            )
-            resolution = gr.Number(d["resolution"], precision=0, step=8, label="Resolution")
-        with gr.Row():
-            adam8 = gr.Checkbox(d["use_8bit_adam"], label="8-bit Adam")
-            checkpointing = gr.Checkbox(d["gradient_checkpointing"], label="Gradient checkpointing")
-            precision = gr.Radio(["no", "fp16", "bf16"], value=d["mixed_precision"], label="Mixed precision")
-            seed = gr.Number(0, precision=0, label="Seed")
-        with gr.Row():
-            ckpt_steps = gr.Number(500, precision=0, label="Checkpoint every N steps")
-            val_prompt = gr.Textbox("", label="Validation prompt", info=texts.VALIDATION_HELP)
-            val_steps = gr.Number(100, precision=0, label="Sample every N steps", elem_id="validation-steps")
-    publish = gr.Checkbox(
-        False, label="Publish to the Hub when training finishes", info=texts.PUBLISH_HELP, elem_id="publish-when-done"
-    )
-    with gr.Column(visible=False) as publish_box:
-        if oauth_enabled():
-            gr.LoginButton()
-        with gr.Row():
-            hub_repo = gr.Textbox(
-                repo_suggestion(DEFAULT_IDENTIFIER, "dog"), label="Repo name", info=texts.HUB_REPO_HELP, scale=4
-            )
-            hub_private = gr.Checkbox(True, label="Private repo", scale=1)
-        hub_token = token_field(texts.HUB_TOKEN_HELP, elem_id="train-hub-token")
-    with gr.Row():
-        start = gr.Button("Start training", variant="primary", elem_id="start-training")
-        cancel = gr.Button("Cancel", variant="stop", elem_id="cancel-training")
-    status = gr.Markdown(texts.IDLE, elem_id="train-status")
-    with gr.Row():
-        loss_plot = gr.LinePlot(_loss_frame(()), x="step", y="loss", title="Loss", height=260, elem_id="loss-plot")
-        samples = gr.Gallery(label="Validation samples", columns=4, height=260, elem_id="train-samples")
-    warnings = gr.Textbox(label="Warnings", lines=3, max_lines=8, interactive=False)
-    seen, finished_run, timer = gr.State((0, -1, 0, 0)), gr.State(""), gr.Timer(1.0)
+# --- handlers: the job ----------------------------------------------------------------------
+def start_training(deps: TrainDeps, oauth_token: gr.OAuthToken | None = None, **values: Any) -> str:
+    """Validate the form (and the token, when publishing) and start a training in the background."""
+    try:
+        config = form_to_config(values, deps.runs_dir, resolve_model=deps.toy.resolve, model_settings=model_settings)
+        snap = deps.jobs.start(config, publish=publish_request(values, oauth_token))
+    except BusyError as err:
+        raise gr.Error(str(err)) from None
+    except Exception as err:  # every engine check lands here with its own words
+        log.info("Training refused: %s", err)
+        raise gr.Error(error_message(err), print_exception=False) from None
+    return texts.job_status(snap)
 
-    form: dict[str, Any] = {
-        "images": images,
-        "identifier": identifier,
-        "class_noun": class_noun,
-        "concept": concept,
-        "instance_prompt": instance_prompt,
-        "class_prompt": class_prompt,
-        "method": method,
-        "base_model": base_model,
-        "with_prior_preservation": prior,
-        "num_class_images": num_class,
-        "max_train_steps": steps,
-        "learning_rate": lr,
-        "train_batch_size": batch,
-        "gradient_accumulation_steps": accum,
-        "train_text_encoder": train_te,
-        "text_encoder_steps_fraction": te_fraction,
-        "resolution": resolution,
-        "use_8bit_adam": adam8,
-        "gradient_checkpointing": checkpointing,
-        "mixed_precision": precision,
-        "seed": seed,
-        "checkpointing_steps": ckpt_steps,
-        "validation_prompt": val_prompt,
-        "validation_steps": val_steps,
-    }
-    hub_fields: dict[str, Any] = {  # read by publish_request, never by form_to_config
-        "publish_to_hub": publish,
-        "hub_repo": hub_repo,
-        "hub_private": hub_private,
-        "hub_token": hub_token,
-    }
 
-    # --- wiring: form helpers ------------------------------------------------------------
-    def on_images(files: list[str] | None, kind: str, how: str, before: int) -> tuple[Any, ...]:
-        """Preview and count (caption files aside); the preset's steps follow the number of photos,
-        only when it changes."""
-        paths = photos_only(files or [])
-        n = len(paths)
-        new_steps = preset_values(kind, n, how)["max_train_steps"] if n != before else gr.skip()
-        return paths, texts.images_count(n), new_steps, n
+def cancel_training(deps: TrainDeps) -> str:
+    """Stop the running training at its next step; its checkpoint is kept."""
+    if deps.jobs.cancel():
+        return texts.CANCELLING
+    if deps.jobs.snapshot().publishing:
+        return texts.CANNOT_CANCEL_PUBLISHING
+    return texts.NOTHING_TO_CANCEL
 
-    def on_preset(files: list[str] | None, kind: str, how: str) -> tuple[Any, ...]:
-        p = preset_values(kind, len(photos_only(files or [])), how)
-        return p["max_train_steps"], p["learning_rate"], p["train_text_encoder"], p["text_encoder_steps_fraction"]
 
-    private: dict[str, Any] = {"api_visibility": "private", "show_progress": "hidden", "queue": False}
-    n_images = gr.State(0)
-    images.change(on_images, [images, concept, method, n_images], [preview, count, steps, n_images], **private)
-    # The presets and prompts follow what the visitor picks and types (.input), never what a handler
-    # writes: the example sets its own steps and prompts, and a preset must not overwrite them.
-    gr.on(
-        [concept.input, method.input],
-        on_preset,
-        [images, concept, method],
-        [steps, lr, train_te, te_fraction],
-        **private,
-    )
-    gr.on(
-        [identifier.input, class_noun.input, concept.input],
-        prompts_for,
-        [identifier, class_noun, concept],
-        [instance_prompt, class_prompt],
-        **private,
-    )
-    base_model.change(default_resolution, base_model, resolution, **private)
-
-    def try_example() -> dict[Any, Any]:
-        """Fill the form with the toy world's example: its five photos, prompts, model and settings."""
-        photos = example_images(runs_dir / EXAMPLE_FOLDER)
-        values = example_form(photos, demo.key)
-        # n_images is set too, so that the upload's change event keeps the example's steps.
-        filled = {preview: photos, count: texts.images_count(len(photos)), n_images: len(photos)}
-        return {**{form[key]: value for key, value in values.items()}, **filled}
-
-    if example is not None:
-        example.click(try_example, None, [*form.values(), preview, count, n_images], **private)
-
-    def prefill_repo(ident: str, noun: str, profile: gr.OAuthProfile | None) -> Any:
-        return repo_suggestion(ident, noun, profile.username if profile else None) or gr.skip()
-
-    publish.change(lambda on: gr.Column(visible=on), publish, publish_box, **private)
-    gr.on([identifier.change, class_noun.change], prefill_repo, [identifier, class_noun], hub_repo, **private)
-
-    # --- wiring: the job -----------------------------------------------------------------
-    def start_training(oauth_token: gr.OAuthToken | None = None, **values: Any) -> str:
-        """Validate the form (and the token, when publishing) and start a training in the background."""
-        try:
-            config = form_to_config(values, runs_dir, resolve_model=demo.resolve, model_settings=model_settings)
-            snap = jobs.start(config, publish=publish_request(values, oauth_token))
-        except BusyError as err:
-            raise gr.Error(str(err)) from None
-        except Exception as err:  # every engine check lands here with its own words
-            log.info("Training refused: %s", err)
-            raise gr.Error(error_message(err), print_exception=False) from None
-        return texts.job_status(snap)
-
-    def cancel_training() -> str:
-        """Stop the running training at its next step; its checkpoint is kept."""
-        if jobs.cancel():
-            return "Cancelling at the next step…"
-        if jobs.snapshot().publishing:
-            return "The training has finished and is being published; publishing cannot be cancelled."
-        return "No training is running."
-
-    def poll(last: tuple[int, int, int, int]) -> tuple[Any, ...]:
-        """Redraw only what changed since this page last drew (job id, version, #samples, #warnings)."""
-        snap = jobs.snapshot()
-        now = (snap.job_id, snap.version, len(snap.samples), len(snap.warnings))
-        if now == tuple(last):
-            return (gr.skip(),) * 6
-        same_job = now[0] == last[0]
-        done = (snap.state in ("completed", "cancelled") or snap.publishing) and snap.run_dir
-        return (
-            now,
-            texts.job_status(snap),
-            _loss_frame(snap.losses),
-            gr.skip() if same_job and now[2] == last[2] else list(snap.samples),
-            gr.skip() if same_job and now[3] == last[3] else "\n".join(snap.warnings),
-            snap.run_dir if done else gr.skip(),
-        )
-
-    start.click(
-        start_training, None, status, inputs_kwargs={**form, **hub_fields}, api_name="train", concurrency_id="gpu"
-    )
-    cancel.click(cancel_training, None, status, api_name="cancel", concurrency_limit=None)
-    timer.tick(
-        poll,
-        seen,
-        [seen, status, loss_plot, samples, warnings, finished_run],
-        api_visibility="private",
-        show_progress="hidden",
-        concurrency_limit=None,
+def poll(deps: TrainDeps, last: PollState) -> tuple[Any, ...]:
+    """(poll state, status, loss plot, samples, warnings, finished run), skipping what has not changed."""
+    snap = deps.jobs.snapshot()
+    now = PollState.of(snap)
+    if now == last:
+        return (gr.skip(),) * 6
+    same_job = now.job_id == last.job_id
+    done = (snap.state in ("completed", "cancelled") or snap.publishing) and snap.run_dir
+    return (
+        now,
+        texts.job_status(snap),
+        _loss_frame(snap.losses),
+        gr.skip() if same_job and now.n_samples == last.n_samples else list(snap.samples),
+        gr.skip() if same_job and now.n_warnings == last.n_warnings else "\n".join(snap.warnings),
+        snap.run_dir if done else gr.skip(),
     )
 
-    def current_job() -> dict[str, Any]:
-        """The current training job as plain data: state, phase, step, total, run_dir, error, samples, losses,
-        hub_url and publish_error."""
-        return jobs.snapshot().as_dict()
 
-    gr.api(current_job, api_name="job_status")
-    return TrainTab(finished_run=finished_run)
+def current_job(deps: TrainDeps) -> dict[str, Any]:
+    """The current training job as plain data: state, phase, step, total, run_dir, error, samples, losses,
+    hub_url and publish_error."""
+    return deps.jobs.snapshot().as_dict()
 
 
 def _loss_frame(losses: tuple[tuple[int, float], ...]) -> pd.DataFrame:
@@ -318,9 +193,158 @@ def _loss_frame(losses: tuple[tuple[int, float], ...]) -> pd.DataFrame:
     )
 
 
+# --- layout ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Photos:
+    """What the tab shows beside the upload."""
+
+    count: gr.Markdown
+    preview: gr.Gallery
+    example: gr.Button
+    n_images: gr.State  # photos counted at the last upload event
+
+
+@dataclass(frozen=True)
+class _Job:
+    start: gr.Button
+    cancel: gr.Button
+    status: gr.Markdown
+    loss_plot: gr.LinePlot
+    samples: gr.Gallery
+    warnings: gr.Textbox
+    seen: gr.State  # a PollState
+    finished_run: gr.State
+    timer: gr.Timer
+
+
+def _draw(place: str, values: Mapping[str, Any], more: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The components of FORM's fields at `place`, in table order."""
+    return {f.key: f.widget(value=values[f.key], **f.props, **more.get(f.key, {})) for f in FORM if f.place == place}
+
+
+def _form_layout(values: Mapping[str, Any], base_models: list[tuple[str, str]]) -> tuple[dict[str, Any], _Photos]:
+    more = {"base_model": {"choices": base_models}}
+    form: dict[str, Any] = {}
+    with gr.Row():
+        with gr.Column():
+            form |= _draw("photos", values, more)
+            gr.Markdown(texts.IMAGES_HELP)
+            count = gr.Markdown(texts.images_count(0), elem_id="image-count")
+            preview = gr.Gallery(label="Preview", columns=5, height=200, interactive=False)
+            with gr.Row():
+                example = gr.Button("Try the example", scale=0, elem_id="try-example")
+                gr.Markdown(texts.EXAMPLE_HELP)
+        with gr.Column():
+            form |= _draw("concept", values, more)
+            with gr.Row():
+                form |= _draw("names", values, more)
+            form |= _draw("prompts", values, more)
+            with gr.Row():
+                form |= _draw("prior", values, more)
+    with gr.Accordion("Advanced", open=False):
+        for place in ("steps", "text encoder", "memory", "outputs"):
+            with gr.Row():
+                form |= _draw(place, values, more)
+    # In table order: the /train endpoint's parameters come in this order.
+    return {f.key: form[f.key] for f in FORM}, _Photos(count, preview, example, gr.State(0))
+
+
+def _publish_layout() -> tuple[dict[str, Any], gr.Column]:
+    """The "publish when training finishes" fields, read by publish_request (never by form_to_config)."""
+    publish = gr.Checkbox(
+        False, label="Publish to the Hub when training finishes", info=texts.PUBLISH_HELP, elem_id="publish-when-done"
+    )
+    with gr.Column(visible=False) as box:
+        if oauth_enabled():
+            gr.LoginButton()
+        with gr.Row():
+            repo = gr.Textbox(
+                repo_suggestion(DEFAULT_IDENTIFIER, DEFAULT_CLASS_NOUN),
+                label="Repo name",
+                info=texts.HUB_REPO_HELP,
+                scale=4,
+            )
+            private = gr.Checkbox(True, label="Private repo", scale=1)
+        token = token_field(texts.HUB_TOKEN_HELP, elem_id="train-hub-token")
+    return {"publish_to_hub": publish, "hub_repo": repo, "hub_private": private, "hub_token": token}, box
+
+
+def _job_layout() -> _Job:
+    with gr.Row():
+        start = gr.Button("Start training", variant="primary", elem_id="start-training")
+        cancel = gr.Button("Cancel", variant="stop", elem_id="cancel-training")
+    status = gr.Markdown(texts.IDLE, elem_id="train-status")
+    with gr.Row():
+        loss_plot = gr.LinePlot(_loss_frame(()), x="step", y="loss", title="Loss", height=260, elem_id="loss-plot")
+        samples = gr.Gallery(label="Validation samples", columns=4, height=260, elem_id="train-samples")
+    warnings = gr.Textbox(label="Warnings", lines=3, max_lines=8, interactive=False)
+    return _Job(start, cancel, status, loss_plot, samples, warnings, gr.State(PollState()), gr.State(""), gr.Timer(1.0))
+
+
+def build_train_tab(deps: TrainDeps) -> TrainTab:
+    offline = hub_offline()
+    gr.Markdown(f"{texts.hardware_line(deps.hardware)}\n\n{texts.toy_notice(deps.toy.installed, deps.toy.folder)}")
+    values = initial_values(safe_defaults(deps.hardware, offline))
+    form, photos = _form_layout(values, model_choices(deps.hardware, offline))
+    hub, publish_box = _publish_layout()
+    job = _job_layout()
+
+    # --- wiring: the form. Presets and prompts follow what the visitor picks and types (.input),
+    # never what a handler writes: the example sets its own steps and prompts, which must stay.
+    f = form
+    images, n_images = f["images"], photos.n_images
+    images.change(
+        on_images,
+        [images, f["concept"], f["method"], n_images],
+        [photos.preview, photos.count, f["max_train_steps"], n_images],
+        **PRIVATE,
+    )
+    gr.on(
+        [f["concept"].input, f["method"].input],
+        on_preset,
+        [images, f["concept"], f["method"]],
+        [f["max_train_steps"], f["learning_rate"], f["train_text_encoder"], f["text_encoder_steps_fraction"]],
+        **PRIVATE,
+    )
+    gr.on(
+        [f["identifier"].input, f["class_noun"].input, f["concept"].input],
+        prompts_for,
+        [f["identifier"], f["class_noun"], f["concept"]],
+        [f["instance_prompt"], f["class_prompt"]],
+        **PRIVATE,
+    )
+    f["base_model"].change(default_resolution, f["base_model"], f["resolution"], **PRIVATE)
+    shown = {**form, "preview": photos.preview, "count": photos.count, "n_images": n_images}
+    photos.example.click(by_component(bind(try_example, deps), shown), None, list(shown.values()), **PRIVATE)
+
+    # --- wiring: publishing, and the job
+    hub["publish_to_hub"].change(show_publish_box, hub["publish_to_hub"], publish_box, **PRIVATE)
+    names = [f["identifier"], f["class_noun"]]
+    gr.on([c.change for c in names], prefill_repo, names, hub["hub_repo"], **PRIVATE)
+    job.start.click(
+        bind(start_training, deps),
+        None,
+        job.status,
+        inputs_kwargs={**form, **hub},
+        api_name="train",
+        concurrency_id="gpu",
+    )
+    job.cancel.click(bind(cancel_training, deps), None, job.status, api_name="cancel", concurrency_limit=None)
+    job.timer.tick(
+        bind(poll, deps),
+        job.seen,
+        [job.seen, job.status, job.loss_plot, job.samples, job.warnings, job.finished_run],
+        api_visibility="private",
+        show_progress="hidden",
+        concurrency_limit=None,
+    )
+    gr.api(bind(current_job, deps), api_name="job_status")
+    return TrainTab(finished_run=job.finished_run)
+
+
 if __name__ == "__main__":
-    from space.hardware import default_cache_dir, detect_hardware
+    from space.hardware import detect_hardware
 
     with gr.Blocks(title=texts.TITLE) as app:
-        build_train_tab(JobManager(), Path("runs"), detect_hardware(), DemoModel(default_cache_dir()))
+        build_train_tab(TrainDeps(JobManager(), Path("runs"), ToyModel(), detect_hardware()))
     app.launch()

@@ -6,58 +6,18 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hub_fixtures import CANARY
 from hub_server import READ_TOKEN, USER, Account, FakeHub
-from test_hub import CANARY, hub  # noqa: F401  (the fake Hub fixture, used by name)
+from ui_fixtures import CPU, TINY_TRAINING, publishing, serve_app, train_form
 
-from space.hardware import DEMO_MODEL, TOY_MODEL
+from space.presets import TOY_MODEL
+from trainer.config import ConfigError
 from trainer.toyworld import EXAMPLE_PROMPTS, EXAMPLE_SETTINGS, TOY_MODEL_DIR, TOY_MODEL_LABEL
-
-needs_toy_model = pytest.mark.skipif(
-    not (TOY_MODEL_DIR / "model_index.json").is_file(),
-    reason=f"the pretrained toy model is not in {TOY_MODEL_DIR} yet (it ships with trainer/toyworld)",
-)
-
-# A training the tiny model finishes in seconds on 2 CPU cores, yet long enough (0.03-0.3 s a step)
-# that a second /train call still finds it running.
-TINY_TRAINING: dict[str, Any] = {
-    "identifier": "sks",
-    "class_noun": "square",
-    "instance_prompt": "a photo of sks square",
-    "max_train_steps": 60,
-    "validation_steps": 30,
-    "checkpointing_steps": 30,
-    "resolution": 32,
-    "use_8bit_adam": True,
-    "method": "lora",
-}
-
-
-@contextmanager
-def serve_app(tmp: Path, tiny_model_dir: Path, toy_dir: Path | None = None) -> Iterator[tuple[str, Any]]:
-    """Serve the whole app on a free port; its demo model is the session's tiny model (copied), which
-    also stands in for the toy model (fast, and there before the toy model is) unless `toy_dir` is given."""
-    from space.layout import Services, build_app
-
-    cache = tmp / "cache"
-    shutil.copytree(tiny_model_dir, cache / "tiny-sd")
-    services = Services.create(runs_dir=tmp / "runs", cache_dir=cache, toy_dir=toy_dir or cache / "tiny-sd")
-    app = build_app(services)
-    app.queue(default_concurrency_limit=1)
-    app.launch(prevent_thread_lock=True, quiet=True, server_name="127.0.0.1", server_port=None)
-    try:
-        yield app.local_url, services
-    finally:
-        services.jobs.cancel()  # never leave a training thread behind
-        services.jobs.wait(120)
-        app.close()
 
 
 def test_importing_app_builds_the_ui_and_nothing_else(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -80,19 +40,38 @@ def test_importing_app_builds_the_ui_and_nothing_else(tmp_path: Path, monkeypatc
         app.parse_args(["--auth", "no-colon"])
 
 
-def test_blocks_build_with_the_real_engine(tmp_path: Path, tiny_model_dir: Path) -> None:
+def test_blocks_build_with_the_real_engine(tmp_path: Path) -> None:
     from space.layout import Services, build_app
 
-    services = Services.create(runs_dir=tmp_path / "runs", cache_dir=tmp_path / "cache")
+    services = Services.create(runs_dir=tmp_path / "runs", hardware=CPU)
     app = build_app(services)
     config = app.get_config_file()
     api_names = {dep.get("api_name") for dep in config["dependencies"]}
     assert {"train", "cancel", "generate", "job_status"} <= api_names
     labels = {c["props"].get("label") for c in config["components"]}
     assert {"Instance photos", "Base model", "Training steps", "8-bit Adam", "Scheduler", "LoRA scale"} <= labels
-    assert not services.demo.built  # the demo model is built on first use only
-    assert Path(services.demo.resolve(DEMO_MODEL)).joinpath("model_index.json").is_file()
-    assert services.demo.resolve("user/model") == "user/model"
+    assert services.toy.resolve(TOY_MODEL) == str(TOY_MODEL_DIR)  # the shipped toy model, nothing built
+    assert Path(services.toy.resolve(TOY_MODEL)).joinpath("model_index.json").is_file()
+    assert services.toy.resolve("user/model") == "user/model"
+
+
+def test_the_generate_widgets_take_the_engines_defaults_and_ranges(tmp_path: Path) -> None:
+    from space.layout import Services, build_app
+    from trainer.inference import MAX_IMAGES, MAX_LORA_SCALE, MAX_SIZE, MAX_STEPS, GenerateRequest
+
+    config = build_app(Services.create(runs_dir=tmp_path / "runs", hardware=CPU)).get_config_file()
+    by_label = {c["props"].get("label"): c["props"] for c in config["components"] if c["type"] != "gallery"}
+    engine = GenerateRequest(prompt="")
+    assert (_component(config, "generate-steps")["props"]["maximum"], by_label["Steps"]["value"]) == (
+        MAX_STEPS,
+        engine.steps,
+    )
+    assert (by_label["LoRA scale"]["maximum"], by_label["LoRA scale"]["value"]) == (MAX_LORA_SCALE, engine.lora_scale)
+    assert (by_label["Images"]["maximum"], by_label["Guidance scale"]["value"]) == (MAX_IMAGES, engine.guidance_scale)
+    assert (
+        _component(config, "width")["props"]["maximum"] == MAX_SIZE == _component(config, "height")["props"]["maximum"]
+    )
+    assert by_label["Scheduler"]["value"] == engine.scheduler
 
 
 def test_on_a_cpu_space_it_offers_to_duplicate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -101,12 +80,11 @@ def test_on_a_cpu_space_it_offers_to_duplicate(tmp_path: Path, monkeypatch: pyte
 
     monkeypatch.setenv("SPACE_ID", "ann/dreambooth-studio")
     monkeypatch.delenv("DREAMBOOTH_RUNS_DIR", raising=False)
-    services = Services.create(runs_dir=tmp_path / "runs", cache_dir=tmp_path / "cache")
+    services = Services.create(runs_dir=tmp_path / "runs", hardware=CPU)
     config = build_app(services).get_config_file()
     texts = " ".join(str(c["props"].get("value")) for c in config["components"])
-    if not services.hardware.has_gpu:
-        assert "Duplicate this Space" in texts and "ann/dreambooth-studio?duplicate=true" in texts
-        assert "Duplicate Space" in texts  # gr.DuplicateButton
+    assert "Duplicate this Space" in texts and "ann/dreambooth-studio?duplicate=true" in texts
+    assert "Duplicate Space" in texts  # gr.DuplicateButton
     assert default_runs_dir(SpaceInfo("ann/x", persistent_storage=True)) == Path("/data/runs")
     assert default_runs_dir(SpaceInfo(None, persistent_storage=True)) == Path("runs")
 
@@ -115,51 +93,49 @@ def _component(config: dict[str, Any], elem_id: str) -> dict[str, Any] | None:
     return next((c for c in config["components"] if c["props"].get("elem_id") == elem_id), None)
 
 
-def test_try_the_example_fills_the_form(tmp_path: Path) -> None:
+def test_try_the_example_fills_the_form(tmp_path: Path, toy_stand_in: Path) -> None:
+    from space.jobs import JobManager
     from space.layout import Services, build_app
+    from space.presets import ToyModel
+    from space.train_tab import TrainDeps, try_example
 
-    stand_in = tmp_path / "toy-sd"  # the handler loads no model: a folder that says it is one will do
-    stand_in.mkdir()
-    (stand_in / "model_index.json").write_text("{}")
-    services = Services.create(runs_dir=tmp_path / "runs", cache_dir=tmp_path / "cache", toy_dir=stand_in)
-    app = build_app(services)
-    assert _component(app.get_config_file(), "try-example") is not None
-    (try_example,) = [f.fn for f in app.fns.values() if f.name == "try_example"]
+    services = Services.create(runs_dir=tmp_path / "runs", toy_dir=toy_stand_in, hardware=CPU)
+    assert _component(build_app(services).get_config_file(), "try-example") is not None
+    # The handler loads no model: a folder that says it is one will do.
+    filled = try_example(TrainDeps(JobManager(), tmp_path / "runs", ToyModel(toy_stand_in), CPU))
 
-    filled = {
-        getattr(c, "label", None) or getattr(c, "elem_id", None) or type(c).__name__: v
-        for c, v in try_example().items()
-    }
-    photos = filled["Instance photos"]
-    assert len(photos) == 5 and filled["Preview"] == photos and filled["image-count"] == "**5** photos"
+    photos = filled["images"]
+    assert len(photos) == 5 and filled["preview"] == photos and filled["count"] == "**5** photos"
+    assert filled["n_images"] == 5
     assert all(Path(p).parent == tmp_path / "runs" / "example-subject" and Path(p).is_file() for p in photos)
-    assert (filled["Identifier"], filled["Class noun"], filled["Base model"]) == ("sks", "star", TOY_MODEL)
-    assert (filled["Instance prompt"], filled["Class prompt"]) == (
+    assert (filled["identifier"], filled["class_noun"], filled["base_model"]) == ("sks", "star", TOY_MODEL)
+    assert (filled["instance_prompt"], filled["class_prompt"]) == (
         EXAMPLE_SETTINGS["instance_prompt"],
         EXAMPLE_SETTINGS["class_prompt"],
     )
-    for label, field in [
-        ("Training steps", "max_train_steps"),
-        ("Learning rate", "learning_rate"),
-        ("Method", "method"),
-        ("Resolution", "resolution"),
-        ("Class images", "num_class_images"),
-        ("Batch size", "train_batch_size"),
+    for field in [
+        "max_train_steps",
+        "learning_rate",
+        "method",
+        "resolution",
+        "num_class_images",
+        "train_batch_size",
     ]:
-        assert filled[label] == EXAMPLE_SETTINGS[field], label
-    assert filled["Prior preservation"] == EXAMPLE_SETTINGS.get("with_prior_preservation", False)
-    assert filled["Validation prompt"] == EXAMPLE_PROMPTS[1]
-    assert not services.demo.built and not list(tmp_path.glob("runs/2*"))  # no model built, no run made
+        assert filled[field] == EXAMPLE_SETTINGS[field], field
+    assert filled["with_prior_preservation"] == EXAMPLE_SETTINGS.get("with_prior_preservation", False)
+    assert filled["validation_prompt"] == EXAMPLE_PROMPTS[1]
+    assert not list(tmp_path.glob("runs/2*"))  # no run made
 
-    # Until the toy model is there, the tiny model is the demo model and there is no example to try.
-    fallback = Services.create(runs_dir=tmp_path / "runs", cache_dir=tmp_path / "cache", toy_dir=tmp_path / "none")
-    config = build_app(fallback).get_config_file()
-    assert _component(config, "try-example") is None
+    # Without its folder, the toy model is still what the app offers, and the page says it is missing.
+    missing = Services.create(runs_dir=tmp_path / "runs", toy_dir=tmp_path / "none", hardware=CPU)
+    config = build_app(missing).get_config_file()
     first = tuple(_component(config, "base-model")["props"]["choices"][0])
-    assert first == ("Tiny demo model (built locally, runs on CPU)", DEMO_MODEL)
+    assert first == (TOY_MODEL_LABEL, TOY_MODEL)
+    assert any("The toy model is missing" in str(c["props"].get("value")) for c in config["components"])
+    with pytest.raises(ConfigError, match="toy demo model is not installed"):
+        missing.toy.resolve(TOY_MODEL)
 
 
-@needs_toy_model
 def test_the_example_trains_on_the_toy_model_through_the_api(tmp_path: Path, tiny_model_dir: Path) -> None:
     from gradio_client import Client, handle_file
 
@@ -167,10 +143,9 @@ def test_the_example_trains_on_the_toy_model_through_the_api(tmp_path: Path, tin
     from space.layout import Services, build_app
     from trainer.config import TrainConfig
 
-    real = Services.create(runs_dir=tmp_path / "runs", cache_dir=tmp_path / "cache")  # the shipped toy model
+    real = Services.create(runs_dir=tmp_path / "runs", hardware=CPU)  # the shipped toy model
     base_model = _component(build_app(real).get_config_file(), "base-model")["props"]
-    if not real.hardware.has_gpu:
-        assert tuple(base_model["choices"][0]) == (TOY_MODEL_LABEL, TOY_MODEL) and base_model["value"] == TOY_MODEL
+    assert tuple(base_model["choices"][0]) == (TOY_MODEL_LABEL, TOY_MODEL) and base_model["value"] == TOY_MODEL
 
     values = example_form(example_images(tmp_path / "example"))
     values["images"] = [handle_file(p) for p in values["images"]]
@@ -193,14 +168,15 @@ def test_gradio_client_trains_then_generates(tmp_path: Path, tiny_model_dir: Pat
     from gradio_client import Client, handle_file
 
     images = [handle_file(str(p)) for p in sorted(subject_images.glob("*.png"))]
+    form = train_form(str(tiny_model_dir))
     with serve_app(tmp_path, tiny_model_dir) as (url, services):
         client = Client(url, verbose=False)
         with pytest.raises(Exception, match="must contain the identifier"):  # the engine's words, as gr.Error
-            client.predict(images=images, **{**_form(), "instance_prompt": "a photo of a square"}, api_name="/train")
-        status = client.predict(images=images, **_form(), api_name="/train")
+            client.predict(images=images, **{**form, "instance_prompt": "a photo of a square"}, api_name="/train")
+        status = client.predict(images=images, **form, api_name="/train")
         assert "step" in status
         with pytest.raises(Exception, match="already running"):  # a second visitor is told it is busy
-            client.predict(images=images, **_form(), api_name="/train")
+            client.predict(images=images, **form, api_name="/train")
         deadline = time.monotonic() + 120
         while (job := client.predict(api_name="/job_status"))["state"] in ("starting", "running"):
             assert time.monotonic() < deadline, job
@@ -230,10 +206,10 @@ def test_gradio_client_trains_then_generates(tmp_path: Path, tiny_model_dir: Pat
             client.predict(str(run_dir), "x", "", 7.5, 2, "DDIM", 0, 30, 32, 1, 1.0, api_name="/generate")
 
 
-# --- publish when training finishes (the fake Hub of test_hub.py, over HTTP) ----------------------
+# --- publish when training finishes (the fake Hub of hub_fixtures.py, over HTTP) ------------------
 @pytest.mark.parametrize(("token", "words"), [("hf_notAValidToken", "401 Unauthorized"), (READ_TOKEN, "read-only")])
 def test_publishing_with_a_bad_token_fails_in_seconds_before_training(
-    hub: FakeHub,  # noqa: F811  (the fixture imported above)
+    hub: FakeHub,
     tmp_path: Path,
     tiny_model_dir: Path,
     subject_images: Path,
@@ -247,7 +223,7 @@ def test_publishing_with_a_bad_token_fails_in_seconds_before_training(
         client = Client(url, verbose=False)
         began = time.monotonic()
         with pytest.raises(Exception, match=words):
-            client.predict(images=images, **_form(), **_publishing(token), api_name="/train")
+            client.predict(images=images, **train_form(str(tiny_model_dir)), **publishing(token), api_name="/train")
         assert time.monotonic() - began < 10
         assert services.jobs.snapshot().state == "idle"
         runs = tmp_path / "runs"
@@ -256,7 +232,7 @@ def test_publishing_with_a_bad_token_fails_in_seconds_before_training(
 
 
 def test_publishing_when_training_finishes_puts_the_run_on_the_hub_and_the_token_nowhere(
-    hub: FakeHub,  # noqa: F811
+    hub: FakeHub,
     tmp_path: Path,
     tiny_model_dir: Path,
     subject_images: Path,
@@ -271,7 +247,8 @@ def test_publishing_when_training_finishes_puts_the_run_on_the_hub_and_the_token
     short = {"max_train_steps": 4, "validation_steps": 1000, "checkpointing_steps": 1000}
     with serve_app(tmp_path, tiny_model_dir) as (url, services):
         client = Client(url, verbose=False)
-        statuses = [client.predict(images=images, **{**_form(), **short}, **_publishing(CANARY), api_name="/train")]
+        form = {**train_form(str(tiny_model_dir)), **short}
+        statuses = [client.predict(images=images, **form, **publishing(CANARY), api_name="/train")]
         deadline = time.monotonic() + 120
         while (job := client.predict(api_name="/job_status"))["state"] in ("starting", "running"):
             assert time.monotonic() < deadline, job
@@ -296,28 +273,3 @@ def test_publishing_when_training_finishes_puts_the_run_on_the_hub_and_the_token
     places.update({f"hub:{p}": data.decode("latin-1") for p, data in files.items()})
     assert [name for name, text in places.items() if CANARY in text] == []
     assert {"run:config.json", "run:README.md"} <= set(places) and any(n.startswith("run:logs/") for n in places)
-
-
-def _publishing(token: str) -> dict[str, Any]:
-    return {"publish_to_hub": True, "hub_repo": "sks-square", "hub_private": True, "hub_token": token}
-
-
-def _form() -> dict[str, Any]:
-    """Every Train form field by its API name, as a scripted client sends them."""
-    return {
-        **TINY_TRAINING,
-        "concept": "object",
-        "class_prompt": "a photo of square",
-        "base_model": DEMO_MODEL,
-        "with_prior_preservation": False,
-        "num_class_images": 10,
-        "learning_rate": 1e-4,
-        "train_batch_size": 1,
-        "gradient_accumulation_steps": 1,
-        "train_text_encoder": False,
-        "text_encoder_steps_fraction": 1.0,
-        "gradient_checkpointing": False,
-        "mixed_precision": "no",
-        "seed": 0,
-        "validation_prompt": "",
-    }

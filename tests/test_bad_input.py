@@ -80,8 +80,19 @@ def test_bad_images_are_all_reported_before_anything_loads(tiny_model_dir, subje
 
 def test_missing_base_model_names_the_field(subject_images, tmp_path):
     config = tiny_config(tmp_path / "no-model", subject_images, tmp_path / "run")
-    with pytest.raises(ModelLoadError, match="`pretrained_model`: could not load the tokenizer"):
+    with pytest.raises(ModelLoadError, match="`pretrained_model`: could not load .*no-model.*no such folder"):
         train(config)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_folder_without_a_unet_names_the_part(tiny_model_dir, subject_images, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    shutil.rmtree(broken / "unet")
+    with pytest.raises(ModelLoadError, match="`pretrained_model`: could not load the unet"):
+        train(tiny_config(broken, subject_images, tmp_path / "run"))
 
 
 def test_existing_run_is_not_overwritten(tiny_model_dir, subject_images, tmp_path):

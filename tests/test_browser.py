@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_app import serve_app
+from ui_fixtures import serve_app
 
 from trainer.toyworld import EXAMPLE_CLASS_PROMPT, EXAMPLE_SETTINGS, TOY_MODEL_LABEL
 

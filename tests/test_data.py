@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 
@@ -44,6 +43,18 @@ def _pixel(image: Image.Image, xy: tuple[int, int]) -> tuple[int, ...]:
 
 def _close(actual: tuple[int, ...], expected: tuple[int, ...], tol: int = 12) -> bool:
     return all(abs(a - e) <= tol for a, e in zip(actual, expected, strict=True))
+
+
+def _deny_reading(monkeypatch: pytest.MonkeyPatch, name: str, error: OSError | None = None) -> None:
+    """Reading the file called `name` fails as a chmod 0 file does for a user (root reads it anyway)."""
+    read_bytes = Path.read_bytes
+
+    def guarded(path: Path) -> bytes:
+        if path.name == name:
+            raise error or PermissionError(13, "Permission denied", str(path))
+        return read_bytes(path)
+
+    monkeypatch.setattr(Path, "read_bytes", guarded)
 
 
 # --- collect_image_paths ----------------------------------------------------------------
@@ -124,14 +135,13 @@ def test_check_reports_every_problem_in_one_error(tmp_path: Path, monkeypatch: p
     expected["bomb.png"] = "is too large (decompression-bomb limit)"
     _noise(200, 200).save(tmp_path / "bomb_warning.png")
     expected["bomb_warning.png"] = "is too large (decompression-bomb limit)"
-    if os.geteuid() != 0:  # root reads every file, so the permission case exists only for users
-        _noise(128, 128).save(tmp_path / "locked.png")
-        (tmp_path / "locked.png").chmod(0)
-        expected["locked.png"] = "cannot be read (permission denied)"
+    _noise(128, 128).save(tmp_path / "locked.png")
+    expected["locked.png"] = "cannot be read (permission denied)"
     _noise(128, 128, seed=1).save(tmp_path / "good.png")
     _noise(100, 80, seed=2).save(tmp_path / "good_small.jpg")
 
     monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 30_000)
+    _deny_reading(monkeypatch, "locked.png")
     with pytest.raises(ImageDataError) as info:
         check_images(collect_image_paths([tmp_path]), resolution=128)
 
@@ -153,16 +163,20 @@ def test_check_turns_bomb_warning_into_error_without_touching_the_global_limit(
     assert PIL.Image.MAX_IMAGE_PIXELS == 30_000
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root can read a file with no permissions")
-def test_check_unreadable_file(tmp_path: Path) -> None:
+def test_check_unreadable_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "locked.png"
     _noise(128, 128).save(path)
-    path.chmod(0)
-    try:
-        with pytest.raises(ImageDataError, match=r"locked\.png: cannot be read \(permission denied\)"):
-            check_images([path], resolution=64)
-    finally:
-        path.chmod(0o644)
+    _deny_reading(monkeypatch, "locked.png")
+    with pytest.raises(ImageDataError, match=r"^locked\.png: cannot be read \(permission denied\)$"):
+        check_images([path], resolution=64)
+
+
+def test_check_names_other_read_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "flaky.png"
+    _noise(128, 128).save(path)
+    _deny_reading(monkeypatch, "flaky.png", OSError(5, "Input/output error"))
+    with pytest.raises(ImageDataError, match=r"^flaky\.png: cannot be read \(Input/output error\)$"):
+        check_images([path], resolution=64)
 
 
 def test_check_same_name_in_two_folders_shows_full_paths(tmp_path: Path) -> None:

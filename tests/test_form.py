@@ -8,22 +8,20 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from ui_fixtures import A100, CPU
 
 from space.form import PRESETS, Concept, form_to_config, new_run_dir, preset_values, prompts_for
-from space.hardware import (
-    DEMO_MODEL,
-    DEMO_MODEL_LABEL,
+from space.hardware import Hardware, hub_offline
+from space.jobs import BusyError, JobManager, PublishRequest
+from space.presets import (
     KNOWN_MODELS,
     TOY_MODEL,
-    DemoModel,
-    Hardware,
+    ToyModel,
     default_resolution,
-    hub_offline,
     model_choices,
     model_settings,
     safe_defaults,
 )
-from space.jobs import BusyError, JobManager, PublishRequest
 from trainer.config import ConfigError, TrainConfig
 from trainer.events import CancelToken, PhaseEvent, RunResult, SampleEvent, StepEvent, WarningEvent
 from trainer.hub import HubError
@@ -37,14 +35,9 @@ from trainer.toyworld import (
     example_config,
 )
 
-needs_toy_model = pytest.mark.skipif(
-    not (TOY_MODEL_DIR / "model_index.json").is_file(),
-    reason=f"the pretrained toy model is not in {TOY_MODEL_DIR} yet (it ships with trainer/toyworld)",
-)
-
 
 def form(images: list[str], **changes: Any) -> dict[str, Any]:
-    """The Train form as the tab hands it over: keys as in train_tab's `form`."""
+    """The Train form as the tab hands it over: keys as in space.form.FORM."""
     values: dict[str, Any] = {
         "images": images,
         "identifier": "sks",
@@ -93,10 +86,10 @@ def test_form_maps_every_field(tmp_path: Path, four_images: list[str]) -> None:
     assert Path(config.output_dir).parent == tmp_path / "runs" and "sks" in Path(config.output_dir).name
 
 
-def test_form_accepts_client_file_dicts_and_resolves_the_demo(tmp_path: Path, four_images: list[str]) -> None:
-    values = form([{"path": p, "meta": {"_type": "gradio.FileData"}} for p in four_images], base_model=DEMO_MODEL)
-    config = form_to_config(values, tmp_path, resolve_model=lambda m: "/models/tiny" if m == DEMO_MODEL else m)
-    assert config.instance_data == tuple(four_images) and config.pretrained_model == "/models/tiny"
+def test_form_accepts_client_file_dicts_and_resolves_the_toy_model(tmp_path: Path, four_images: list[str]) -> None:
+    values = form([{"path": p, "meta": {"_type": "gradio.FileData"}} for p in four_images], base_model=TOY_MODEL)
+    config = form_to_config(values, tmp_path, resolve_model=lambda m: "/models/toy" if m == TOY_MODEL else m)
+    assert config.instance_data == tuple(four_images) and config.pretrained_model == "/models/toy"
 
 
 @pytest.mark.parametrize(
@@ -120,6 +113,22 @@ def test_form_errors_are_the_engines_words(tmp_path: Path, four_images: list[str
 def test_form_wants_3_to_20_images(tmp_path: Path, n: int) -> None:
     with pytest.raises(ConfigError, match=f"`instance_data` needs 3 to 20 images, got {n}"):
         form_to_config(form([f"{i}.png" for i in range(n)]), tmp_path)
+
+
+def test_every_form_row_names_a_trainconfig_field_and_starts_from_its_default() -> None:
+    import dataclasses
+
+    from space.form import FORM, initial_values
+    from space.presets import safe_defaults
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert {f.config for f in FORM if f.config} <= fields
+    assert len({f.key for f in FORM}) == len(FORM)
+    first = initial_values(safe_defaults(CPU))
+    assert set(first) == {f.key for f in FORM}
+    untouched = {"num_class_images", "gradient_accumulation_steps", "seed", "checkpointing_steps", "validation_steps"}
+    assert {key: first[key] for key in untouched} == {key: getattr(TrainConfig(), key) for key in untouched}
+    assert (first["instance_prompt"], first["base_model"], first["resolution"]) == ("a photo of zwx dog", TOY_MODEL, 32)
 
 
 def test_presets_follow_the_training_spaces() -> None:
@@ -149,50 +158,43 @@ def test_prompts_and_run_dirs(tmp_path: Path) -> None:
 
 def test_safe_defaults_fit_the_hardware() -> None:
     cpu = safe_defaults(Hardware("cpu", "CPU", None))
-    assert cpu["base_model"] == DEMO_MODEL and cpu["mixed_precision"] == "no" and not cpu["use_8bit_adam"]
-    assert cpu["resolution"] == default_resolution(DEMO_MODEL) == 32
+    assert cpu["base_model"] == TOY_MODEL and cpu["mixed_precision"] == "no" and not cpu["use_8bit_adam"]
+    assert cpu["resolution"] == default_resolution(TOY_MODEL) == 32
     t4 = safe_defaults(Hardware("cuda", "Tesla T4", 15.0))
     assert (t4["method"], t4["mixed_precision"], t4["gradient_checkpointing"]) == ("lora", "fp16", True)
     a100 = safe_defaults(Hardware("cuda", "A100", 80.0, bf16=True))
     assert (a100["method"], a100["mixed_precision"], a100["use_8bit_adam"]) == ("full", "bf16", False)
 
 
-# --- the demo models and the toy world's example ----------------------------------------------
-CPU, A100 = Hardware("cpu", "CPU", None), Hardware("cuda", "A100", 80.0, bf16=True)
-
-
+# --- the toy model and the toy world's example -------------------------------------------------
 @pytest.fixture
-def toy(tmp_path: Path) -> DemoModel:
-    """A DemoModel whose toy folder is there (an empty stand-in: nothing here loads it)."""
-    toy_dir = tmp_path / "toy-sd"
-    toy_dir.mkdir()
-    (toy_dir / "model_index.json").write_text("{}")
-    return DemoModel(tmp_path / "cache", toy_dir=toy_dir)
+def toy(toy_stand_in: Path) -> ToyModel:
+    """A ToyModel whose folder is there (an empty stand-in: nothing here loads it)."""
+    return ToyModel(toy_stand_in)
 
 
-def test_the_demo_model_comes_first_without_a_gpu_or_the_hub(tmp_path: Path, toy: DemoModel) -> None:
+def test_the_toy_model_comes_first_without_a_gpu_or_the_hub(tmp_path: Path, toy: ToyModel) -> None:
     entry = (TOY_MODEL_LABEL, TOY_MODEL)
-    assert model_choices(CPU, toy, offline=False)[0] == entry
-    assert model_choices(A100, toy, offline=True)[0] == entry
-    online = model_choices(A100, toy, offline=False)
+    assert model_choices(CPU, offline=False)[0] == entry
+    assert model_choices(A100, offline=True)[0] == entry
+    online = model_choices(A100, offline=False)
     assert online[0] == (next(iter(KNOWN_MODELS)),) * 2 and online[-1] == entry
-    assert (safe_defaults(CPU, toy.key)["base_model"], safe_defaults(CPU, toy.key)["resolution"]) == (
+    assert (safe_defaults(CPU)["base_model"], safe_defaults(CPU)["resolution"]) == (
         TOY_MODEL,
         TOY_RESOLUTION,
     )
-    offline_gpu = safe_defaults(A100, toy.key, offline=True)
+    offline_gpu = safe_defaults(A100, offline=True)
     assert (offline_gpu["base_model"], offline_gpu["resolution"], offline_gpu["mixed_precision"]) == (
         TOY_MODEL,
         TOY_RESOLUTION,
         "bf16",
     )
-    assert toy.resolve(TOY_MODEL) == str(toy.toy_dir) and toy.is_demo(TOY_MODEL) and not toy.is_demo("a/b")
-    assert not toy.built  # listing and resolving the toy model builds nothing
+    assert toy.resolve(TOY_MODEL) == str(toy.folder) and toy.is_toy(TOY_MODEL) and not toy.is_toy("a/b")
+    assert toy.native_size(TOY_MODEL) == TOY_RESOLUTION and toy.native_size("a/b") is None
 
-    # Until the toy model lands, the tiny random model stands in, and the toy entry is nowhere.
-    missing = DemoModel(tmp_path / "cache", toy_dir=tmp_path / "no-toy")
-    choices = model_choices(CPU, missing, offline=False)
-    assert choices[0] == (DEMO_MODEL_LABEL, DEMO_MODEL) and TOY_MODEL not in dict(choices).values()
+    # Without its folder the toy model is still the one offered; using it says what is missing.
+    missing = ToyModel(tmp_path / "no-toy")
+    assert not missing.installed and model_choices(CPU, offline=False)[0] == entry
     with pytest.raises(ConfigError, match="toy demo model is not installed"):
         missing.resolve(TOY_MODEL)
 
@@ -234,7 +236,7 @@ def test_the_toy_models_hidden_settings_never_override_the_form(tmp_path: Path, 
     assert other.lora_rank == TrainConfig().lora_rank and other.report_to == TrainConfig().report_to
 
 
-def test_suggested_prompts_for_the_toy_model_and_the_example_run(tmp_path: Path, toy: DemoModel) -> None:
+def test_suggested_prompts_for_the_toy_model_and_the_example_run(tmp_path: Path, toy: ToyModel) -> None:
     from space.example import TOY_PROMPTS, suggested_prompts
 
     assert suggested_prompts(TOY_MODEL, toy) == list(TOY_PROMPTS)
@@ -242,19 +244,19 @@ def test_suggested_prompts_for_the_toy_model_and_the_example_run(tmp_path: Path,
     example_run, other_run = tmp_path / "example-run", tmp_path / "other-run"
     for run, prompt in ((example_run, EXAMPLE_INSTANCE_PROMPT), (other_run, "a photo of sks dog")):
         run.mkdir()
-        TrainConfig(pretrained_model=str(toy.toy_dir), instance_prompt=prompt).save(run / "config.json")
+        TrainConfig(pretrained_model=str(toy.folder), instance_prompt=prompt, resolution=64).save(run / "config.json")
     assert suggested_prompts(str(example_run), toy) == list(EXAMPLE_PROMPTS)
     assert suggested_prompts(str(other_run), toy) == [] and suggested_prompts("user/model", toy) == []
-    assert toy.is_demo(str(example_run))  # a run of the toy model samples at its size
+    assert toy.is_toy(str(example_run)) and toy.native_size(str(example_run)) == 64  # a run of the toy model
+    assert toy.native_size(str(other_run)) == 64 and not toy.is_toy("user/model")  # samples at its size
 
 
-@needs_toy_model
-def test_the_shipped_toy_model_is_the_demo_model(tmp_path: Path) -> None:
+def test_the_shipped_toy_model_is_installed() -> None:
     import json
 
-    demo = DemoModel(tmp_path / "cache")  # the real trainer/assets/toy-sd
-    assert demo.has_toy and model_choices(CPU, demo, offline=False)[0] == (TOY_MODEL_LABEL, TOY_MODEL)
-    assert demo.resolve(TOY_MODEL) == str(TOY_MODEL_DIR) and not demo.built
+    toy = ToyModel()  # the real trainer/assets/toy-sd
+    assert toy.installed and model_choices(CPU, offline=False)[0] == (TOY_MODEL_LABEL, TOY_MODEL)
+    assert toy.resolve(TOY_MODEL) == str(TOY_MODEL_DIR)
     unet = json.loads((TOY_MODEL_DIR / "unet" / "config.json").read_text())
     vae = json.loads((TOY_MODEL_DIR / "vae" / "config.json").read_text())
     native = unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
@@ -299,6 +301,31 @@ def test_job_manager_runs_one_job_at_a_time_and_cancels(tmp_path: Path) -> None:
     assert done.losses[0] == (1, 1.0) and done.step < 50
     assert jobs.gpu_lock.acquire(blocking=False)
     jobs.gpu_lock.release()
+
+
+def test_the_train_tabs_poll_redraws_only_what_changed(tmp_path: Path) -> None:
+    import gradio as gr
+
+    from space.presets import ToyModel
+    from space.train_tab import PollState, TrainDeps, cancel_training, poll
+
+    release = threading.Event()
+    deps = TrainDeps(JobManager(fake_train(release)), tmp_path, ToyModel(), CPU)
+    idle, status, *_ = poll(deps, PollState())
+    assert idle == PollState(0, 0, 0, 0) and "No training yet" in status
+    assert all(isinstance(value, type(gr.skip())) for value in poll(deps, idle))  # nothing changed
+    assert cancel_training(deps) == "No training is running."
+
+    deps.jobs.start(TrainConfig(output_dir=str(tmp_path / "run"), max_train_steps=50, instance_prompt="sks"))
+    running, status, _, samples, warnings, finished = poll(deps, idle)
+    assert running.job_id == 1 and "step" in status and warnings == "careful"
+    assert samples == [] and isinstance(finished, type(gr.skip()))  # a new job: its samples redrawn, empty
+    assert cancel_training(deps) == "Cancelling at the next step…"
+    release.set()
+    deps.jobs.wait(10)
+    done, status, _, samples, warnings, finished = poll(deps, running)
+    assert "Cancelled" in status and samples == ["s.png"] and isinstance(warnings, type(gr.skip()))
+    assert finished == str(tmp_path / "run")
 
 
 def test_job_manager_raises_engine_errors_from_start(tmp_path: Path) -> None:

@@ -1,6 +1,7 @@
 """Publishing and loading back, through the real huggingface_hub client over real HTTP.
 
-The Hub is tests/hub_server.py on 127.0.0.1. huggingface_hub reads its settings at import, so the
+The Hub is tests/hub_server.py on 127.0.0.1, started by the `hub` fixture (tests/hub_fixtures.py), which
+also makes the `lora_run` and `full_run` folders. huggingface_hub reads its settings at import, so the
 ones it reads later from `constants` are patched; the engine reads HF_ENDPOINT when called.
 """
 
@@ -16,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hub_server import READ_TOKEN, USER, WRITE_TOKEN, Account, Blob, FakeHub, Repo, make_run
+from hub_fixtures import CANARY, make_run
+from hub_server import READ_TOKEN, USER, WRITE_TOKEN, Account, Blob, FakeHub, Repo
 from huggingface_hub import HfApi, ModelCard, constants
 
 from trainer import hub as hub_module
@@ -33,7 +35,6 @@ from trainer.hub import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-CANARY = "hf_CanaryTokenThatMustNeverBeWrittenAnywhere42"
 MODEL_FILES_LORA = {
     ".gitattributes",
     "README.md",
@@ -42,38 +43,6 @@ MODEL_FILES_LORA = {
     "samples/step-000005-p0-0.png",
     "samples/step-000010-p0-0.png",
 }
-
-
-@pytest.fixture
-def hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
-    """A running fake Hub, with huggingface_hub pointed at it and away from any real token."""
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # conftest sets HF_HUB_OFFLINE=1
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)  # the fake Hub speaks LFS, not Xet
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
-    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "no-stored-tokens"))
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
-    with FakeHub() as server:
-        # As if HF_ENDPOINT had been set before the import: the engine reads the variable, and a few
-        # client paths read `constants` (create_repo(exist_ok=True) on a repo it may not create).
-        monkeypatch.setenv("HF_ENDPOINT", server.url)
-        monkeypatch.setattr(constants, "ENDPOINT", server.url)
-        monkeypatch.setattr(
-            constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}"
-        )
-        yield server
-        assert server.unhandled == [], "the client called endpoints the fake Hub does not implement"
-
-
-@pytest.fixture
-def lora_run(tmp_path: Path, tiny_model_dir: Path) -> Path:
-    return make_run(tmp_path / "runs" / "sks-lora", tiny_model_dir, "lora")
-
-
-@pytest.fixture
-def full_run(tmp_path: Path, tiny_model_dir: Path) -> Path:
-    return make_run(tmp_path / "runs" / "sks-full", tiny_model_dir, "full")
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

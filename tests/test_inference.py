@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hub_server import make_run
+from hub_fixtures import make_run
 
 from trainer.card import write_model_card
 from trainer.config import TrainConfig

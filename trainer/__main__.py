@@ -56,22 +56,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig.from_dict(values)
 
 
-def _print_event(event) -> None:
-    from .events import PhaseEvent, SampleEvent, StepEvent, WarningEvent
-
-    if isinstance(event, StepEvent):
-        eta = f" eta {event.eta_seconds:.0f}s" if event.eta_seconds is not None else ""
-        print(f"step {event.step}/{event.total} loss {event.loss:.4f} lr {event.lr:.2e}{eta}", flush=True)
-    elif isinstance(event, PhaseEvent):
-        print(f"[{event.phase}] {event.message}", flush=True)
-    elif isinstance(event, SampleEvent):
-        print(f"samples at step {event.step}: {', '.join(str(p) for p in event.paths)}", flush=True)
-    elif isinstance(event, WarningEvent):
-        print(f"warning: {event.message}", file=sys.stderr, flush=True)
-
-
 def _train(args: argparse.Namespace) -> int:
     from . import train
+    from .cli_progress import CliProgress
     from .events import CancelToken
 
     config = config_from_args(args).validate()
@@ -82,9 +69,12 @@ def _train(args: argparse.Namespace) -> int:
         # A bad token fails now, in seconds, not after the training.
         token = resolve_token(_token_from_env(args.token_env))
         check_token(token)
+    if args.quiet:
+        _quiet_libraries()
     cancel = CancelToken()
     try:
-        result = train(config, on_event=_print_event, cancel=cancel)
+        with CliProgress(quiet=args.quiet) as progress:
+            result = train(config, on_event=progress, cancel=cancel)
     except KeyboardInterrupt:
         return 130
     print(f"{result.status}: {result.step}/{result.total_steps} steps; run folder {result.run_dir}")
@@ -93,6 +83,18 @@ def _train(args: argparse.Namespace) -> int:
 
         print(publish(result.run_dir, args.push_to_hub, private=args.private, token=token).url)
     return 0
+
+
+def _quiet_libraries() -> None:
+    """--quiet silences the libraries too: their bars (loading weights, downloads) and their warnings."""
+    from diffusers.utils import logging as diffusers_logging
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    disable_progress_bars()
+    for library in (diffusers_logging, transformers_logging):
+        library.disable_progress_bar()
+        library.set_verbosity_error()
 
 
 def _token_from_env(var: str | None) -> str | None:
@@ -114,12 +116,20 @@ def _push(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prog() -> str:
+    """`dreambooth-studio` when run as the installed script, `python -m trainer` otherwise."""
+    name = Path(sys.argv[0]).name
+    return name if name.startswith("dreambooth-studio") else "python -m trainer"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m trainer", description="DreamBooth Studio engine")
+    parser = argparse.ArgumentParser(prog=_prog(), description="DreamBooth Studio engine")
     sub = parser.add_subparsers(dest="command", required=True)
     train_p = sub.add_parser("train", help="Fine-tune a model on your subject.",
                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     train_p.add_argument("--config", help="A config.json (e.g. a run folder's) to start from; flags override it.")
+    train_p.add_argument("--quiet", "-q", action="store_true",
+                         help="Print only errors and the final line (no progress, phases or warnings).")
     add_config_arguments(train_p)
     hub = train_p.add_argument_group("publishing when the training completes")
     hub.add_argument("--push-to-hub", metavar="REPO_ID", default=None,
@@ -151,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2 if isinstance(err, ConfigError | ValueError) else 1
+
 
 if __name__ == "__main__":
     sys.exit(main())

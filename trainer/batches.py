@@ -15,11 +15,31 @@ import torch
 
 from .config import TrainConfig
 from .data import ImageSet, prepare_image
-from .models import Components
+from .families import Components, Conditioning
+
+# Random streams drawn from per micro-step: 0 noise and timesteps, 1 the batch's crops, flips and
+# latent samples, 2 the epoch's data order (indexed by epoch instead of micro-step).
+NOISE_STREAM, BATCH_STREAM, ORDER_STREAM = 0, 1, 2
 
 
-def step_generator(seed: int, micro_step: int, salt: int = 0) -> torch.Generator:
-    return torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + micro_step * 7 + salt)
+def micro_step_index(step: int, accumulation: int, micro: int) -> int:
+    """The global index of micro-batch `micro` of optimizer step `step`: what every draw is keyed by."""
+    return step * accumulation + micro
+
+
+def step_seed(seed: int, micro_step: int, stream: int = 0) -> int:
+    """The seed of one random stream at one micro-step; a pure function of its arguments.
+
+    This is what makes resume exact: a run restarted at step k draws the same numbers an
+    uninterrupted run draws at step k, with no generator state to save. Streams (< 7) never
+    collide within a micro-step, and the large prime keeps runs of different seeds apart for
+    any practical number of micro-steps. Changing this changes every run's randomness.
+    """
+    return seed * 1_000_003 + micro_step * 7 + stream
+
+
+def step_generator(seed: int, micro_step: int, salt: int = NOISE_STREAM) -> torch.Generator:
+    return torch.Generator(device="cpu").manual_seed(step_seed(seed, micro_step, salt))
 
 
 @dataclass
@@ -58,9 +78,7 @@ class BatchSource:
         self._moments: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _tokenize(self, prompt: str) -> torch.Tensor:
-        tok = self.parts.tokenizer
-        return tok(prompt, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                   return_tensors="pt").input_ids[0]
+        return self.parts.family.tokenize(self.parts, prompt)
 
     # --- latents ----------------------------------------------------------------------
     @torch.no_grad()
@@ -104,12 +122,12 @@ class BatchSource:
     # --- batches ----------------------------------------------------------------------
     def batch(self, micro_step: int) -> Batch:
         size = self.config.train_batch_size
-        gen = step_generator(self.config.seed, micro_step, salt=1)
+        gen = step_generator(self.config.seed, micro_step, salt=BATCH_STREAM)
         latents, ids, class_latents, class_ids = [], [], [], []
         for j in range(size):
             sample = (micro_step * self.world + self.rank) * size + j
             epoch, offset = divmod(sample, self.epoch_len)
-            order = torch.randperm(self.epoch_len, generator=step_generator(self.config.seed, epoch, salt=2))
+            order = torch.randperm(self.epoch_len, generator=step_generator(self.config.seed, epoch, salt=ORDER_STREAM))
             position = int(order[offset])
             latents.append(self._latent("instance", self.instance, position % len(self.instance), gen))
             ids.append(self.instance_ids[position % len(self.instance)])
@@ -124,18 +142,18 @@ class BatchSource:
 
 
 class PromptEmbeddings:
-    """Text-encoder outputs, pre-computed while the text encoder is frozen."""
+    """The conditioning of each prompt, computed once while the text encoder is frozen."""
 
     def __init__(self, parts: Components) -> None:
         self.parts = parts
-        self._cache: dict[bytes, torch.Tensor] = {}
+        self._cache: dict[bytes, Conditioning] = {}
 
     @torch.no_grad()
-    def cached(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def cached(self, input_ids: torch.Tensor) -> Conditioning:
         rows = []
         for row in input_ids:
             key = row.cpu().numpy().tobytes()
             if key not in self._cache:
-                self._cache[key] = self.parts.text_encoder(row[None])[0]
+                self._cache[key] = self.parts.family.encode(self.parts, row[None])
             rows.append(self._cache[key])
-        return torch.cat(rows)
+        return Conditioning.cat(rows)

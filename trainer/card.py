@@ -11,22 +11,15 @@ import re
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Literal
 
 from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from .config import TrainConfig
+from .run_folder import CARD_NAME, LORA_WEIGHTS, SAMPLES_DIR, read_config, run_family, run_kind
 
-CARD_NAME = "README.md"
-CONFIG_NAME = "config.json"
-PIPELINE_INDEX = "model_index.json"
-LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the name diffusers' save/load_lora_weights use
-SAMPLES_DIR = "samples"
 MAX_CARD_SAMPLES = 8
-
-RunKind = Literal["full", "lora"]
 
 # Licenses of well-known bases, for when the base's own card is not at hand (offline training).
 _KNOWN_LICENSES: tuple[tuple[str, str], ...] = (  # (fnmatch pattern of the Hub id, license)
@@ -39,15 +32,6 @@ _KNOWN_LICENSES: tuple[tuple[str, str], ...] = (  # (fnmatch pattern of the Hub 
 _CACHE_SNAPSHOT = re.compile(r"models--(?P<org>[^/\\]+?)--(?P<name>[^/\\]+)[/\\]snapshots[/\\]")
 # Validation samples are saved as step-000400-p0-1.png: step, prompt index, image index.
 _SAMPLE_NAME = re.compile(r"^step-(?P<step>\d+)-p(?P<prompt>\d+)-(?P<index>\d+)\.png$")
-
-
-def run_kind(run_dir: Path) -> RunKind | None:
-    """ "full" for a saved pipeline, "lora" for a LoRA file, None while no weights are saved."""
-    if (run_dir / PIPELINE_INDEX).is_file():
-        return "full"
-    if (run_dir / LORA_WEIGHTS).is_file():
-        return "lora"
-    return None
 
 
 @dataclass(frozen=True)
@@ -102,12 +86,13 @@ def base_license(pretrained_model: str) -> str | None:
 def build_model_card(run_dir: Path, repo_id: str | None = None) -> ModelCard:
     """The card of `run_dir`; `repo_id` None makes the usage snippet load the folder itself."""
     run_dir = Path(run_dir)
-    config = TrainConfig.load(run_dir / CONFIG_NAME)
+    config = read_config(run_dir)
     kind = run_kind(run_dir) or config.method
+    family = run_family(run_dir, config)
     samples = list_samples(run_dir, config)
     base_id = hub_base_model(config.pretrained_model)
 
-    tags = ["text-to-image", "diffusers", "dreambooth", "stable-diffusion", "diffusers-training"]
+    tags = ["text-to-image", "diffusers", "dreambooth", *family.card_tags, "diffusers-training"]
     if kind == "lora":
         tags.append("lora")
     data = ModelCardData(
@@ -124,7 +109,7 @@ def build_model_card(run_dir: Path, repo_id: str | None = None) -> ModelCard:
         [
             f"# DreamBooth {'LoRA' if kind == 'lora' else 'fine-tune'}: `{config.identifier}`",
             "",
-            _describe(kind, config, base_id),
+            _describe(kind, config, base_id, family.label),
             f"It was trained with DreamBooth on a few photos of one subject, named by the identifier "
             f"`{config.identifier}`. Prompt with the instance prompt",
             f"**`{config.instance_prompt}`**, or any prompt that uses `{config.identifier}` the same way.",
@@ -132,7 +117,7 @@ def build_model_card(run_dir: Path, repo_id: str | None = None) -> ModelCard:
             "## Use it",
             "",
             "```python",
-            _usage(kind, where, base_id or config.pretrained_model, config),
+            _usage(kind, where, base_id or config.pretrained_model, config, family.pipeline_class.__name__),
             "```",
             "",
             "## Samples",
@@ -157,27 +142,27 @@ def write_model_card(run_dir: Path, repo_id: str | None = None) -> Path:
     return path
 
 
-def _describe(kind: str, config: TrainConfig, base_id: str | None) -> str:
+def _describe(kind: str, config: TrainConfig, base_id: str | None, family_label: str) -> str:
     base = f"[{base_id}](https://huggingface.co/{base_id})" if base_id else f"`{config.pretrained_model}`"
     if kind == "lora":
         return f"LoRA weights (rank {config.lora_rank}) for {base}."
-    return f"A full Stable Diffusion pipeline fine-tuned from {base}."
+    return f"A full {family_label} pipeline fine-tuned from {base}."
 
 
-def _usage(kind: str, where: str, base: str, config: TrainConfig) -> str:
+def _usage(kind: str, where: str, base: str, config: TrainConfig, pipeline: str) -> str:
     prompt = config.instance_prompt.replace('"', '\\"')
-    lines = ["import torch", "from diffusers import StableDiffusionPipeline", ""]
+    lines = ["import torch", f"from diffusers import {pipeline}", ""]
     if kind == "lora":
         revision = f', revision="{config.revision}"' if config.revision else ""
         lines += [
-            "pipe = StableDiffusionPipeline.from_pretrained(",
+            f"pipe = {pipeline}.from_pretrained(",
             f'    "{base}"{revision}, dtype=torch.float16, use_safetensors=True',
             ').to("cuda")',
             f'pipe.load_lora_weights("{where}", weight_name="{LORA_WEIGHTS}")',
         ]
     else:
         lines += [
-            "pipe = StableDiffusionPipeline.from_pretrained(",
+            f"pipe = {pipeline}.from_pretrained(",
             f'    "{where}", dtype=torch.float16, use_safetensors=True',
             ').to("cuda")',
         ]

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import ConfigError
 from .models import load_trainable_state_dict, trainable_state_dict
+from .run_folder import checkpoints_dir
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 STATE = "state.json"
@@ -32,7 +33,7 @@ class TrainingState:
 
 
 def checkpoint_root(run_dir: Path) -> Path:
-    return run_dir / "checkpoints"
+    return checkpoints_dir(run_dir)
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:

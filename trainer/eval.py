@@ -92,9 +92,10 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"--seeds must be at least 1, and 1 with --run (a run folder is one training); got {args.seeds}.")
     import torch
 
+    from .run_folder import load_run
     from .toyworld import TOY_MODEL_DIR, example_subject
     from .toyworld.judge import Judge
-    from .toyworld.score import SCORE_NAMES, Subject, load_run, real_similarity, score
+    from .toyworld.score import SCORE_NAMES, Subject, real_similarity, score
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
     base_pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None)
     base_pipe.set_progress_bar_config(disable=True)
     settings = {"count": args.samples, "steps": args.inference_steps, "guidance": args.guidance}
-    per_run = [score(load_run(d, base), judge, subject, **settings).as_dict() for d in run_dirs]
+    per_run = [score(load_run(d, base_model=base), judge, subject, **settings).as_dict() for d in run_dirs]
     rows = {"base": score(base_pipe, judge, subject, **settings).as_dict(),
             "trained": {key: round(sum(r[key] for r in per_run) / len(per_run), 3) for key in SCORE_NAMES}}
     if len(per_run) > 1:

@@ -27,23 +27,27 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import filter_repo_objects, validate_repo_id
 
-from .card import (
+from .card import write_model_card
+from .config import TrainConfig, UserError
+from .run_folder import (
     CARD_NAME,
+    CHECKPOINTS_DIR,
     CONFIG_NAME,
+    LOGS_DIR,
     LORA_WEIGHTS,
+    METRICS_NAME,
     PIPELINE_INDEX,
     SAMPLES_DIR,
+    read_config,
     run_kind,
-    write_model_card,
 )
-from .config import TrainConfig, UserError
 
 TOKEN_ENV = "HF_TOKEN"
 TOKENS_URL = "https://huggingface.co/settings/tokens"
 LIBRARY_NAME = "dreambooth-studio"
 # A model repo gets the weights, the card, its sample images and the run's config; never the
 # checkpoints, logs or metrics. Pickle formats are never uploaded nor downloaded.
-_NEVER = ["checkpoints/*", "logs/*", "metrics.jsonl", "*.bin", "*.ckpt", "*.pt", "*.pth", "*.pkl"]
+_NEVER = [f"{CHECKPOINTS_DIR}/*", f"{LOGS_DIR}/*", METRICS_NAME, "*.bin", "*.ckpt", "*.pt", "*.pth", "*.pkl"]
 DOWNLOAD_PATTERNS = ["*.json", "*.txt", "*.safetensors", "*.model", CARD_NAME]
 UNTOUCHED = " The local run is untouched and can be published later."
 # What the client raises when the Hub says no or cannot be reached (HfHubHTTPError is both an
@@ -115,7 +119,7 @@ def publish(
     repo_id = repo_id.strip()
     _validate_repo_id(repo_id)
     kind = _check_publishable(run_dir)
-    steps = TrainConfig.load(run_dir / CONFIG_NAME).max_train_steps  # a broken config fails here
+    steps = read_config(run_dir).max_train_steps  # a broken config fails here
     # 2. the token and its owner
     token = resolve_token(token)
     try:

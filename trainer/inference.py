@@ -7,7 +7,6 @@ by its config.json) plus the LoRA file. Only safetensors weights are ever loaded
 
 from __future__ import annotations
 
-import json
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,19 +15,19 @@ from typing import Literal
 import torch
 from diffusers import (
     DDIMScheduler,
+    DiffusionPipeline,
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     PNDMScheduler,
-    StableDiffusionPipeline,
     UniPCMultistepScheduler,
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from huggingface_hub import ModelCard
 from PIL.Image import Image
 
-from .card import CARD_NAME, CONFIG_NAME, LORA_WEIGHTS, run_kind
+from . import run_folder
 from .hub import download_model
+from .run_folder import LORA_WEIGHTS, lora_base_model, run_kind
 
 SCHEDULERS: dict[str, type[SchedulerMixin]] = {
     "DPM++ 2M": DPMSolverMultistepScheduler,
@@ -42,6 +41,7 @@ ADAPTER_NAME = "dreambooth"
 MAX_SIZE = 2048
 MAX_IMAGES = 8
 MAX_STEPS = 200
+MAX_LORA_SCALE = 2.0
 
 
 @dataclass(frozen=True)
@@ -79,8 +79,8 @@ class GenerateRequest:
             raise ValueError(f"`seed` must be between 0 and 2**63 - 1, got {self.seed}")
         if not 1 <= self.num_images <= MAX_IMAGES:
             raise ValueError(f"`num_images` must be between 1 and {MAX_IMAGES}, got {self.num_images}")
-        if not 0.0 <= self.lora_scale <= 2.0:
-            raise ValueError(f"`lora_scale` must be between 0 and 2, got {self.lora_scale}")
+        if not 0.0 <= self.lora_scale <= MAX_LORA_SCALE:
+            raise ValueError(f"`lora_scale` must be between 0 and {MAX_LORA_SCALE:g}, got {self.lora_scale}")
         return self
 
 
@@ -136,21 +136,6 @@ def _from_folder(name: str, folder: Path, *, token: str | None, endpoint: str | 
     return ModelSource(name, "lora", base_dir, lora_dir=folder)
 
 
-def lora_base_model(folder: Path) -> tuple[str | None, str | None]:
-    """(base model, revision) of a LoRA folder: the card's base_model first, then config.json."""
-    config: dict = {}
-    if (folder / CONFIG_NAME).is_file():
-        config = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
-    revision = config.get("revision")
-    if (folder / CARD_NAME).is_file():
-        base = ModelCard.load(folder / CARD_NAME, ignore_metadata_errors=True).data.base_model
-        if isinstance(base, list):
-            base = base[0] if base else None
-        if base:
-            return str(base), revision
-    return config.get("pretrained_model") or None, revision
-
-
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -159,21 +144,9 @@ def default_dtype(device: str) -> torch.dtype:
     return torch.float16 if str(device).startswith("cuda") else torch.float32
 
 
-def load_pipeline(source: ModelSource, device: str, dtype: torch.dtype) -> StableDiffusionPipeline:
+def load_pipeline(source: ModelSource, device: str, dtype: torch.dtype) -> DiffusionPipeline:
     """Load from local folders only, safetensors only, no remote code, no safety checker."""
-    pipe = StableDiffusionPipeline.from_pretrained(
-        source.pipeline_dir,
-        dtype=dtype,
-        use_safetensors=True,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    if source.lora_dir is not None:
-        pipe.load_lora_weights(
-            source.lora_dir, weight_name=LORA_WEIGHTS, adapter_name=ADAPTER_NAME, use_safetensors=True
-        )
-    pipe.set_progress_bar_config(disable=True)
+    pipe = run_folder.load_pipeline(source.pipeline_dir, dtype, lora_dir=source.lora_dir, adapter_name=ADAPTER_NAME)
     return pipe.to(device)
 
 
@@ -183,7 +156,7 @@ class PipelineCache:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._key: tuple[str, str, torch.dtype] | None = None
-        self._pipe: StableDiffusionPipeline | None = None
+        self._pipe: DiffusionPipeline | None = None
 
     def get(
         self,
@@ -193,7 +166,7 @@ class PipelineCache:
         *,
         token: str | None = None,
         endpoint: str | None = None,
-    ) -> StableDiffusionPipeline:
+    ) -> DiffusionPipeline:
         device = device or default_device()
         dtype = dtype or default_dtype(device)
         key = (source.strip(), str(device), dtype)
@@ -212,14 +185,13 @@ class PipelineCache:
             self._key, self._pipe = None, None
 
 
-def generate(pipe: StableDiffusionPipeline, request: GenerateRequest) -> list[Image]:
+def generate(pipe: DiffusionPipeline, request: GenerateRequest) -> list[Image]:
     """Images for `request`; image i is what seed `seed + i` gives alone, on any device."""
     request.validate()
     # 1. a scheduler for this request, without touching the cached pipeline
     scheduler = SCHEDULERS[request.scheduler].from_config(pipe.scheduler.config)
-    run = StableDiffusionPipeline(
-        **{**pipe.components, "scheduler": scheduler}, requires_safety_checker=False
-    )
+    extra_config = {"requires_safety_checker": False} if "requires_safety_checker" in pipe.config else {}
+    run = type(pipe)(**{**pipe.components, "scheduler": scheduler}, **extra_config)
     run.set_progress_bar_config(disable=True)
     # 2. one CPU generator per image: the same latents whatever the device
     generators = [

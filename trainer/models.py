@@ -2,34 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor2_0
-from transformers import CLIPTextModel, CLIPTokenizer
 
-from .config import TrainConfig, UserError
+from .config import TrainConfig
+from .families import Components, ModelLoadError, detect_family
 
-UNET_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
-TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
-
-
-class ModelLoadError(UserError, RuntimeError):
-    """The base model could not be loaded; the message names the model and the part."""
-
-
-@dataclass
-class Components:
-    tokenizer: CLIPTokenizer
-    text_encoder: CLIPTextModel
-    vae: AutoencoderKL
-    unet: UNet2DConditionModel
-    noise_scheduler: DDPMScheduler
-
-    @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+__all__ = ["Components", "ModelLoadError", "load_components", "prepare_for_training", "weight_dtype"]
 
 
 def weight_dtype(mixed_precision: str) -> torch.dtype:
@@ -38,30 +17,10 @@ def weight_dtype(mixed_precision: str) -> torch.dtype:
 
 
 def load_components(config: TrainConfig) -> Components:
-    """Everything through `from_pretrained`, so a Hub id and a local folder take one path."""
-    source = config.pretrained_model
-    common = {"revision": config.revision, "use_safetensors": True}
-
-    def load(part: str, loader):
-        try:
-            if part in ("tokenizer", "scheduler"):
-                return loader(source, subfolder=part, revision=config.revision)
-            return loader(source, subfolder=part, variant=config.variant, **common)
-        except (OSError, ValueError) as err:
-            # from_pretrained's own messages are long; keep the first line and name the part.
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ModelLoadError(
-                f"`pretrained_model`: could not load the {part} of {source!r}"
-                f"{f' (variant {config.variant})' if config.variant else ''}: {first}"
-            ) from None
-
-    return Components(
-        tokenizer=load("tokenizer", CLIPTokenizer.from_pretrained),
-        text_encoder=load("text_encoder", CLIPTextModel.from_pretrained),
-        vae=load("vae", AutoencoderKL.from_pretrained),
-        unet=load("unet", UNet2DConditionModel.from_pretrained),
-        noise_scheduler=load("scheduler", DDPMScheduler.from_pretrained),
-    )
+    """The base model's family, read from its model_index.json first (an unsupported one is
+    refused before any weights load), then its parts through `from_pretrained`."""
+    family = detect_family(config.pretrained_model, config.revision)
+    return family.load_components(config.pretrained_model, config.revision, config.variant)
 
 
 def prepare_for_training(parts: Components, config: TrainConfig, device: torch.device) -> None:
@@ -82,12 +41,12 @@ def prepare_for_training(parts: Components, config: TrainConfig, device: torch.d
         alpha = config.lora_alpha or config.lora_rank
         parts.unet.add_adapter(
             LoraConfig(r=config.lora_rank, lora_alpha=alpha, init_lora_weights="gaussian",
-                       target_modules=UNET_LORA_TARGETS)
+                       target_modules=list(parts.family.unet_lora_targets))
         )
         if config.train_text_encoder:
             parts.text_encoder.add_adapter(
                 LoraConfig(r=config.lora_rank, lora_alpha=alpha, init_lora_weights="gaussian",
-                           target_modules=TEXT_LORA_TARGETS)
+                           target_modules=list(parts.family.text_lora_targets))
             )
     elif config.train_text_encoder:
         parts.text_encoder.requires_grad_(True)

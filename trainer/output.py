@@ -7,27 +7,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+from diffusers import DPMSolverMultistepScheduler
 
-from .card import LORA_WEIGHTS
 from .config import TrainConfig
-from .models import Components
+from .families import Components
 
 
-def pipeline_from_parts(parts: Components, unet: torch.nn.Module, text_encoder: torch.nn.Module) -> StableDiffusionPipeline:
-    """An inference pipeline over the in-memory modules (no copy), with a fast multistep sampler."""
-    pipe = StableDiffusionPipeline(
-        vae=parts.vae,
-        text_encoder=text_encoder,
-        tokenizer=parts.tokenizer,
-        unet=unet,
-        scheduler=DPMSolverMultistepScheduler.from_config(parts.noise_scheduler.config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+def pipeline_from_parts(parts: Components, unet: torch.nn.Module, text_encoder: torch.nn.Module):
+    """The family's inference pipeline over the in-memory modules (no copy), with a fast multistep sampler."""
+    scheduler = DPMSolverMultistepScheduler.from_config(parts.noise_scheduler.config)
+    return parts.family.pipeline(parts, unet, text_encoder, scheduler)
 
 
 def make_samples(
@@ -72,28 +61,13 @@ def save_weights(config: TrainConfig, parts: Components, unet: torch.nn.Module, 
                  run_dir: Path) -> Path:
     """Full: a pipeline folder plain `from_pretrained` loads. LoRA: the diffusers LoRA file."""
     if config.method == "lora":
-        return _save_lora(config, unet, text_encoder, run_dir)
-    # The base pipeline's own scheduler class and config (not the DDPM used for training).
-    pipe = StableDiffusionPipeline.from_pretrained(
-        config.pretrained_model,
-        revision=config.revision,
-        use_safetensors=True,
-        vae=parts.vae,
-        text_encoder=text_encoder,
-        tokenizer=parts.tokenizer,
-        unet=unet,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    # fp32 on disk whatever the training dtype: loaders cast down, but cannot recover precision.
-    if config.mixed_precision != "no":
-        pipe.to(dtype=torch.float32)
-    pipe.save_pretrained(run_dir, safe_serialization=True)
-    return run_dir / "model_index.json"
+        return _save_lora(config, parts, unet, text_encoder, run_dir)
+    return parts.family.save_full(config.pretrained_model, config.revision, parts, unet, text_encoder, run_dir,
+                                  to_fp32=config.mixed_precision != "no")
 
 
-def _save_lora(config: TrainConfig, unet: torch.nn.Module, text_encoder: torch.nn.Module, run_dir: Path) -> Path:
+def _save_lora(config: TrainConfig, parts: Components, unet: torch.nn.Module, text_encoder: torch.nn.Module,
+               run_dir: Path) -> Path:
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
@@ -102,12 +76,7 @@ def _save_lora(config: TrainConfig, unet: torch.nn.Module, text_encoder: torch.n
         # vocabulary changed (a network call, and a warning, at every save of the text encoder).
         return convert_state_dict_to_diffusers(get_peft_model_state_dict(model, save_embedding_layers=False))
 
-    kwargs = {
-        "unet_lora_layers": lora_state(unet),
-        "unet_lora_adapter_metadata": unet.peft_config["default"].to_dict(),
-    }
-    if config.train_text_encoder:
-        kwargs["text_encoder_lora_layers"] = lora_state(text_encoder)
-        kwargs["text_encoder_lora_adapter_metadata"] = text_encoder.peft_config["default"].to_dict()
-    StableDiffusionPipeline.save_lora_weights(run_dir, safe_serialization=True, **kwargs)
-    return run_dir / LORA_WEIGHTS
+    trained = {"unet": unet, **({"text_encoder": text_encoder} if config.train_text_encoder else {})}
+    layers = {part: lora_state(model) for part, model in trained.items()}
+    metadata = {part: model.peft_config["default"].to_dict() for part, model in trained.items()}
+    return parts.family.save_lora(run_dir, layers, metadata)

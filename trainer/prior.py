@@ -18,7 +18,7 @@ import torch
 
 from .config import TrainConfig
 from .data import IMAGE_SUFFIXES
-from .models import Components
+from .families import Components
 
 MANIFEST = "manifest.json"
 

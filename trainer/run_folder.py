@@ -135,3 +135,67 @@ def instance_images_dir(run_dir: Path) -> Path:
 
 def logs_dir(run_dir: Path) -> Path:
     return Path(run_dir) / LOGS_DIR
+
+
+# --- what a run (or any model folder) holds, read back -----------------------------------
+def lora_base_model(folder: Path) -> tuple[str | None, str | None]:
+    """(base model, revision) of a LoRA folder: the card's base_model first, then config.json."""
+    folder = Path(folder)
+    config: dict = {}
+    if (folder / CONFIG_NAME).is_file():
+        config = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
+    revision = config.get("revision")
+    if (folder / CARD_NAME).is_file():
+        from huggingface_hub import ModelCard
+
+        base = ModelCard.load(folder / CARD_NAME, ignore_metadata_errors=True).data.base_model
+        if isinstance(base, list):
+            base = base[0] if base else None
+        if base:
+            return str(base), revision
+    return config.get("pretrained_model") or None, revision
+
+
+def run_family(run_dir: Path, config: TrainConfig | None = None):
+    """The model family of a run: as run.json records it, else read from its pipeline or base model."""
+    from .families import detect_family, family_by_name, family_for_class
+
+    run_dir = Path(run_dir)
+    recorded = read_status(run_dir).get("family")
+    if isinstance(recorded, str):
+        return family_by_name(recorded)
+    if run_kind(run_dir) == "full":
+        index = json.loads((run_dir / PIPELINE_INDEX).read_text(encoding="utf-8"))
+        return family_for_class(index.get("_class_name"), str(run_dir))
+    config = config or read_config(run_dir)
+    return detect_family(config.pretrained_model, config.revision)
+
+
+def load_pipeline(pipeline: Path | str, dtype, lora_dir: Path | None = None, adapter_name: str | None = None):
+    """A pipeline (a folder, or a Hub id: its family read from its model_index.json), plus a LoRA
+    folder's weights when given. Safetensors only, no remote code, no safety checker."""
+    from .families import family_for_class, read_model_index
+
+    index = read_model_index(str(pipeline))
+    pipe = family_for_class(index.get("_class_name"), str(pipeline)).load_pipeline(pipeline, dtype)
+    if lora_dir is not None:
+        pipe.load_lora_weights(lora_dir, weight_name=LORA_WEIGHTS, adapter_name=adapter_name, use_safetensors=True)
+    return pipe
+
+
+def load_run(run_dir: Path, dtype=None, base_model: Path | str | None = None):
+    """A trained run folder as a pipeline: its own pipeline, or its base model plus its LoRA file.
+    `base_model` overrides the base a LoRA run names (a folder on this machine)."""
+    import torch
+
+    run_dir = Path(run_dir)
+    dtype = dtype or torch.float32
+    kind = run_kind(run_dir)
+    if kind == "full":
+        return load_pipeline(run_dir, dtype)
+    if kind is None:
+        raise ConfigError(f"{run_dir} holds no weights yet: neither {PIPELINE_INDEX} nor {LORA_WEIGHTS}.")
+    base = base_model or lora_base_model(run_dir)[0]
+    if base is None:
+        raise ConfigError(f"{run_dir} is a LoRA but names no base model (no base_model in its card or config).")
+    return load_pipeline(base, dtype, lora_dir=run_dir)

@@ -1,4 +1,4 @@
-"""The accelerator a run trains under, and the run folder's status file."""
+"""The accelerator a run trains under, and what this machine can run."""
 
 from __future__ import annotations
 
@@ -50,9 +50,3 @@ def _tracker_config(config: TrainConfig) -> dict[str, str | int | float | bool]:
         elif value is not None:
             flat[key] = json.dumps(value)
     return flat
-
-
-def write_run_status(run_dir: Path, status: str, step: int, total: int) -> None:
-    tmp = run_dir / ".run.json.tmp"
-    tmp.write_text(json.dumps({"status": status, "step": step, "total_steps": total}) + "\n", encoding="utf-8")
-    tmp.replace(run_dir / "run.json")

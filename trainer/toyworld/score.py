@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 from PIL import Image
@@ -125,20 +124,3 @@ def real_similarity(judge: Judge, subject: Subject) -> float:
     emb = judge.embed(subject.images)
     n = emb.shape[0]
     return float(((emb @ emb.T).sum() - n) / (n * (n - 1)))
-
-
-def load_run(run_dir: Path, base_model: Path | None = None):
-    """A trained run folder as a pipeline: a full pipeline, or its base model plus the LoRA file."""
-    import json
-
-    from diffusers import StableDiffusionPipeline
-
-    run_dir = Path(run_dir)
-    if (run_dir / "model_index.json").is_file():
-        pipe = StableDiffusionPipeline.from_pretrained(run_dir, safety_checker=None)
-    else:
-        base = base_model or json.loads((run_dir / "config.json").read_text(encoding="utf-8"))["pretrained_model"]
-        pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None)
-        pipe.load_lora_weights(run_dir)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe

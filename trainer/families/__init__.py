@@ -1,0 +1,108 @@
+"""Model families: everything that differs between Stable Diffusion generations, behind one seam.
+
+A family is chosen from the base model's own `model_index.json` (its `_class_name`, the pipeline
+diffusers would build), never from its name. The loop, class images, samples, saving, the model
+card and Generate ask the family; none of them names a text-encoder or pipeline class.
+
+Adding a family: a module here with a `ModelFamily` subclass, listed in FAMILIES.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..config import UserError
+from .base import Components, Conditioning, ModelFamily, ModelLoadError
+from .sd import StableDiffusion
+
+FAMILIES: tuple[ModelFamily, ...] = (StableDiffusion(),)
+PIPELINE_INDEX = "model_index.json"
+
+# Pipelines people try as a base that we recognise but do not train, with the reason.
+_NOT_TRAINED: dict[str, str] = {
+    "StableDiffusionXLPipeline": "SDXL is not supported yet",
+    "StableDiffusionXLImg2ImgPipeline": "an SDXL refiner / image-to-image model",
+    "StableDiffusionXLInpaintPipeline": "an SDXL inpainting model",
+    "StableDiffusionInpaintPipeline": "an inpainting model (its UNet takes a mask and a masked image)",
+    "StableDiffusionImg2ImgPipeline": "an image-to-image pipeline",
+    "StableDiffusionDepth2ImgPipeline": "a depth-to-image model",
+    "StableDiffusionUpscalePipeline": "an upscaler",
+    "StableDiffusion3Pipeline": "Stable Diffusion 3 is not supported",
+    "FluxPipeline": "Flux is not supported",
+}
+
+
+class UnsupportedModelError(UserError, ValueError):
+    """The base model is of a family this engine does not train; the message says which."""
+
+
+def supported_families() -> str:
+    return "; ".join(f"{f.label} ({', '.join(f.pipeline_names)})" for f in FAMILIES)
+
+
+def family_by_name(name: str) -> ModelFamily:
+    for family in FAMILIES:
+        if family.name == name:
+            return family
+    raise UnsupportedModelError(f"unknown model family {name!r}; known: {', '.join(f.name for f in FAMILIES)}")
+
+
+def family_for_class(class_name: str | None, source: str) -> ModelFamily:
+    """The family whose pipeline `class_name` is; UnsupportedModelError naming it otherwise."""
+    for family in FAMILIES:
+        if class_name in family.pipeline_names:
+            return family
+    if not class_name:
+        found = "names no pipeline (no `_class_name` in its model_index.json)"
+    else:
+        why = _NOT_TRAINED.get(class_name)
+        found = f"is a {class_name}" + (f" ({why})" if why else "")
+    raise UnsupportedModelError(
+        f"`pretrained_model`: {source} {found}. DreamBooth Studio trains {supported_families()}."
+    )
+
+
+def read_model_index(source: str, revision: str | None = None) -> dict:
+    """The base model's model_index.json: from the folder, else from the Hub (or its cache)."""
+    local = Path(source).expanduser()
+    looks_local = local.is_absolute() or source.startswith((".", "~")) or source.count("/") > 1
+    if looks_local and not local.is_dir():
+        raise ModelLoadError(f"`pretrained_model`: could not load {source!r}: there is no such folder")
+    try:
+        if local.is_dir():
+            path = local / PIPELINE_INDEX
+        else:
+            from huggingface_hub import hf_hub_download
+
+            path = Path(hf_hub_download(source, PIPELINE_INDEX, revision=revision))
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:  # not found, offline, unknown repo, not JSON
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelLoadError(
+            f"`pretrained_model`: could not load the {PIPELINE_INDEX} of {source!r}: {first}"
+        ) from None
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"`pretrained_model`: the {PIPELINE_INDEX} of {source!r} is not a JSON object")
+    return data
+
+
+def detect_family(source: str, revision: str | None = None) -> ModelFamily:
+    """The family of a base model (Hub id or folder), read from its model_index.json before anything loads."""
+    return family_for_class(read_model_index(source, revision).get("_class_name"), source)
+
+
+__all__ = [
+    "FAMILIES",
+    "Components",
+    "Conditioning",
+    "ModelFamily",
+    "ModelLoadError",
+    "StableDiffusion",
+    "UnsupportedModelError",
+    "detect_family",
+    "family_by_name",
+    "family_for_class",
+    "read_model_index",
+    "supported_families",
+]

@@ -1,0 +1,104 @@
+"""The model-family interface, and the loaded parts of a base model that it works on."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from ..config import UserError
+
+
+class ModelLoadError(UserError, RuntimeError):
+    """The base model could not be loaded; the message names the model and the part."""
+
+
+@dataclass
+class Components:
+    """The loaded parts of a base model. A family with more encoders keeps them in `extra`."""
+
+    family: ModelFamily
+    tokenizer: Any
+    text_encoder: torch.nn.Module
+    vae: torch.nn.Module
+    unet: torch.nn.Module
+    noise_scheduler: Any  # DDPMScheduler: the training noise schedule
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+
+@dataclass
+class Conditioning:
+    """What the UNet is conditioned on for a batch of prompts: the text encoder's hidden states,
+    plus any further tensors a family passes (SDXL: pooled text embeddings and time ids)."""
+
+    hidden_states: torch.Tensor
+    added: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @staticmethod
+    def cat(rows: Sequence[Conditioning]) -> Conditioning:
+        return Conditioning(
+            torch.cat([r.hidden_states for r in rows]),
+            {key: torch.cat([r.added[key] for r in rows]) for key in rows[0].added},
+        )
+
+
+class ModelFamily:
+    """One Stable Diffusion generation. Subclasses fill the class attributes and the methods."""
+
+    name: ClassVar[str]  # short id, recorded in the run folder's run.json
+    label: ClassVar[str]  # for people: "Stable Diffusion 1.x/2.x"
+    pipeline_names: ClassVar[tuple[str, ...]]  # model_index.json `_class_name`s of this family
+    default_resolution: ClassVar[int]
+    unet_lora_targets: ClassVar[tuple[str, ...]]
+    text_lora_targets: ClassVar[tuple[str, ...]]
+    card_tags: ClassVar[tuple[str, ...]]
+
+    # --- the pipeline ---------------------------------------------------------------------
+    @property
+    def pipeline_class(self) -> type:
+        raise NotImplementedError
+
+    def load_components(self, source: str, revision: str | None, variant: str | None) -> Components:
+        raise NotImplementedError
+
+    def native_resolution(self, parts: Components) -> int:
+        """The image size the base model was trained at: the UNet's sample size in pixels."""
+        return int(parts.unet.config.sample_size) * parts.vae_scale_factor
+
+    def pipeline(self, parts: Components, unet: torch.nn.Module, text_encoder: torch.nn.Module,
+                 scheduler: Any) -> Any:
+        """An inference pipeline over the in-memory modules (no copy)."""
+        raise NotImplementedError
+
+    def load_pipeline(self, folder: Path, dtype: torch.dtype) -> Any:
+        """A saved pipeline folder, safetensors only, no remote code."""
+        raise NotImplementedError
+
+    # --- prompts --------------------------------------------------------------------------
+    def tokenize(self, parts: Components, prompt: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode(self, parts: Components, input_ids: torch.Tensor,
+               text_encoder: torch.nn.Module | None = None) -> Conditioning:
+        """Conditioning for a batch of token ids; `text_encoder` is the (maybe trained) module to use."""
+        raise NotImplementedError
+
+    def predict(self, unet: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor,
+                cond: Conditioning) -> torch.Tensor:
+        return unet(noisy, timesteps, cond.hidden_states, added_cond_kwargs=cond.added or None).sample
+
+    # --- weights --------------------------------------------------------------------------
+    def save_full(self, source: str, revision: str | None, parts: Components, unet: torch.nn.Module,
+                  text_encoder: torch.nn.Module, run_dir: Path, to_fp32: bool) -> Path:
+        raise NotImplementedError
+
+    def save_lora(self, run_dir: Path, layers: dict[str, dict], metadata: dict[str, dict]) -> Path:
+        """`layers`/`metadata` keyed by "unet" / "text_encoder"; returns the weights file."""
+        raise NotImplementedError

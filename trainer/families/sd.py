@@ -1,0 +1,125 @@
+"""Stable Diffusion 1.x and 2.x: one CLIP text encoder, epsilon or v-prediction."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..run_folder import LORA_WEIGHTS, PIPELINE_INDEX
+from .base import Components, Conditioning, ModelFamily, ModelLoadError
+
+
+def _load_part(source: str, part: str, loader, revision: str | None, variant: str | None):
+    """One component through `from_pretrained`, so a Hub id and a local folder take one path."""
+    try:
+        if part in ("tokenizer", "scheduler"):
+            return loader(source, subfolder=part, revision=revision)
+        return loader(source, subfolder=part, variant=variant, revision=revision, use_safetensors=True)
+    except (OSError, ValueError) as err:
+        # from_pretrained's own messages are long; keep the first line and name the part.
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelLoadError(
+            f"`pretrained_model`: could not load the {part} of {source!r}"
+            f"{f' (variant {variant})' if variant else ''}: {first}"
+        ) from None
+
+
+class StableDiffusion(ModelFamily):
+    name = "sd"
+    label = "Stable Diffusion 1.x/2.x"
+    pipeline_names = ("StableDiffusionPipeline",)
+    default_resolution = 512
+    unet_lora_targets = ("to_k", "to_q", "to_v", "to_out.0")
+    text_lora_targets = ("q_proj", "k_proj", "v_proj", "out_proj")
+    card_tags = ("stable-diffusion",)
+
+    @property
+    def pipeline_class(self) -> type:
+        from diffusers import StableDiffusionPipeline
+
+        return StableDiffusionPipeline
+
+    def load_components(self, source: str, revision: str | None, variant: str | None) -> Components:
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        def load(part: str, loader):
+            return _load_part(source, part, loader, revision, variant)
+
+        return Components(
+            family=self,
+            tokenizer=load("tokenizer", CLIPTokenizer.from_pretrained),
+            text_encoder=load("text_encoder", CLIPTextModel.from_pretrained),
+            vae=load("vae", AutoencoderKL.from_pretrained),
+            unet=load("unet", UNet2DConditionModel.from_pretrained),
+            noise_scheduler=load("scheduler", DDPMScheduler.from_pretrained),
+        )
+
+    def pipeline(self, parts: Components, unet: torch.nn.Module, text_encoder: torch.nn.Module,
+                 scheduler: Any) -> Any:
+        pipe = self.pipeline_class(
+            vae=parts.vae,
+            text_encoder=text_encoder,
+            tokenizer=parts.tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def load_pipeline(self, folder: Path, dtype: torch.dtype) -> Any:
+        pipe = self.pipeline_class.from_pretrained(
+            folder,
+            dtype=dtype,
+            use_safetensors=True,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def tokenize(self, parts: Components, prompt: str) -> torch.Tensor:
+        tok = parts.tokenizer
+        return tok(prompt, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                   return_tensors="pt").input_ids[0]
+
+    def encode(self, parts: Components, input_ids: torch.Tensor,
+               text_encoder: torch.nn.Module | None = None) -> Conditioning:
+        encoder = text_encoder if text_encoder is not None else parts.text_encoder
+        return Conditioning(encoder(input_ids)[0])
+
+    def save_full(self, source: str, revision: str | None, parts: Components, unet: torch.nn.Module,
+                  text_encoder: torch.nn.Module, run_dir: Path, to_fp32: bool) -> Path:
+        # The base pipeline's own scheduler class and config (not the DDPM used for training).
+        pipe = self.pipeline_class.from_pretrained(
+            source,
+            revision=revision,
+            use_safetensors=True,
+            vae=parts.vae,
+            text_encoder=text_encoder,
+            tokenizer=parts.tokenizer,
+            unet=unet,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        # fp32 on disk whatever the training dtype: loaders cast down, but cannot recover precision.
+        if to_fp32:
+            pipe.to(dtype=torch.float32)
+        pipe.save_pretrained(run_dir, safe_serialization=True)
+        return run_dir / PIPELINE_INDEX
+
+    def save_lora(self, run_dir: Path, layers: dict[str, dict], metadata: dict[str, dict]) -> Path:
+        kwargs: dict[str, Any] = {}
+        for part in ("unet", "text_encoder"):
+            if part in layers:
+                kwargs[f"{part}_lora_layers"] = layers[part]
+                kwargs[f"{part}_lora_adapter_metadata"] = metadata[part]
+        self.pipeline_class.save_lora_weights(run_dir, safe_serialization=True, **kwargs)
+        return run_dir / LORA_WEIGHTS
