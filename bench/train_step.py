@@ -40,7 +40,8 @@ def run_cell(model: str, optimizer: str, checkpointing: bool, steps: int) -> dic
 
     from trainer.config import TrainConfig
     from trainer.optim import make_optimizer, optimizer_state_bytes
-    from trainer.tiny import UNET_CONFIG
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from tiny_model import UNET_CONFIG  # the tests' tiny model
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)

@@ -158,6 +158,39 @@ def generate_images(
 
 
 # --- layout ---------------------------------------------------------------------------------
+def _size_box(label: str, size: int) -> gr.Number:
+    """Width or height: multiples of 8 up to the engine's MAX_SIZE."""
+    return gr.Number(
+        size, precision=0, step=8, minimum=8, maximum=MAX_SIZE, label=label, info=texts.SIZE_HELP, elem_id=label.lower()
+    )
+
+
+def _settings_layout(size: int) -> tuple[dict[str, Any], gr.Button]:
+    """The sampler's settings, keyed and ordered as generate_images' parameters; and the dice."""
+    with gr.Row():
+        guidance = gr.Slider(1.0, 20.0, DEFAULTS.guidance_scale, step=0.5, label="Guidance scale")
+        steps = gr.Slider(1, MAX_STEPS, DEFAULTS.steps, step=1, label="Steps", elem_id="generate-steps")
+        scheduler = gr.Dropdown(list(SCHEDULERS), value=DEFAULTS.scheduler, label="Scheduler")
+    with gr.Row():
+        seed = gr.Number(DEFAULTS.seed, precision=0, label="Seed", info=texts.SEED_HELP)
+        dice = gr.Button("Random seed", size="sm")
+        width, height = _size_box("Width", size), _size_box("Height", size)
+    with gr.Row():
+        num_images = gr.Slider(1, MAX_IMAGES, DEFAULTS.num_images, step=1, label="Images")
+        lora_scale = gr.Slider(0.0, MAX_LORA_SCALE, DEFAULTS.lora_scale, step=0.05, label="LoRA scale")
+    settings = {
+        "guidance_scale": guidance,
+        "steps": steps,
+        "scheduler": scheduler,
+        "seed": seed,
+        "width": width,
+        "height": height,
+        "num_images": num_images,
+        "lora_scale": lora_scale,
+    }
+    return settings, dice
+
+
 def build_generate_tab(deps: GenerateDeps) -> GenerateTab:
     sources = model_sources(deps.runs_dir)
     first = sources[0][1]
@@ -187,36 +220,7 @@ def build_generate_tab(deps: GenerateDeps) -> GenerateTab:
                 elem_id="prompt-suggestions",
             )
             negative = gr.Textbox(DEFAULTS.negative_prompt, label="Negative prompt")
-            with gr.Row():
-                guidance = gr.Slider(1.0, 20.0, DEFAULTS.guidance_scale, step=0.5, label="Guidance scale")
-                steps = gr.Slider(1, MAX_STEPS, DEFAULTS.steps, step=1, label="Steps", elem_id="generate-steps")
-                scheduler = gr.Dropdown(list(SCHEDULERS), value=DEFAULTS.scheduler, label="Scheduler")
-            with gr.Row():
-                seed = gr.Number(DEFAULTS.seed, precision=0, label="Seed", info=texts.SEED_HELP)
-                dice = gr.Button("Random seed", size="sm")
-                width = gr.Number(
-                    size,
-                    precision=0,
-                    step=8,
-                    minimum=8,
-                    maximum=MAX_SIZE,
-                    label="Width",
-                    info=texts.SIZE_HELP,
-                    elem_id="width",
-                )
-                height = gr.Number(
-                    size,
-                    precision=0,
-                    step=8,
-                    minimum=8,
-                    maximum=MAX_SIZE,
-                    label="Height",
-                    info=texts.SIZE_HELP,
-                    elem_id="height",
-                )
-            with gr.Row():
-                num_images = gr.Slider(1, MAX_IMAGES, DEFAULTS.num_images, step=1, label="Images")
-                lora_scale = gr.Slider(0.0, MAX_LORA_SCALE, DEFAULTS.lora_scale, step=0.05, label="LoRA scale")
+            settings, dice = _settings_layout(size)
             run = gr.Button("Generate", variant="primary", elem_id="generate")
         gallery = gr.Gallery(
             label="Images",
@@ -229,12 +233,12 @@ def build_generate_tab(deps: GenerateDeps) -> GenerateTab:
         )
 
     # --- wiring
-    model.change(bind(on_model, deps), model, [prompt, width, height, suggestions], **PRIVATE)
+    model.change(bind(on_model, deps), model, [prompt, settings["width"], settings["height"], suggestions], **PRIVATE)
     suggestions.input(use_suggestion, suggestions, prompt, **PRIVATE)
-    dice.click(random_seed, None, seed, **PRIVATE)
+    dice.click(random_seed, None, settings["seed"], **PRIVATE)
     run.click(
         bind(generate_images, deps),
-        [model, prompt, negative, guidance, steps, scheduler, seed, width, height, num_images, lora_scale],
+        [model, prompt, negative, *settings.values()],  # generate_images' parameters, in order
         gallery,
         api_name="generate",
         concurrency_id="gpu",

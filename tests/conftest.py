@@ -33,7 +33,7 @@ SUBJECT_OFFSETS: tuple[tuple[int, int], ...] = ((0, 0), (5, -3), (-4, 4), (3, 6)
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny SD 1.5-shaped base model (epsilon prediction), saved once for the whole session."""
-    from trainer.tiny import build_tiny_pipeline
+    from tiny_model import build_tiny_pipeline
 
     return build_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd") / "model")
 
@@ -41,7 +41,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_vpred_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The same tiny model with a v-prediction scheduler (as SD 2.x 768 models use)."""
-    from trainer.tiny import build_tiny_pipeline
+    from tiny_model import build_tiny_pipeline
 
     return build_tiny_pipeline(
         tmp_path_factory.mktemp("tiny-sd-vpred") / "model", prediction_type="v_prediction"

@@ -35,8 +35,16 @@ def _model_of_class(folder: Path, class_name: str | None) -> Path:
 
 
 def test_sd_models_are_detected_from_their_model_index(tiny_model_dir: Path, tiny_vpred_model_dir: Path) -> None:
-    assert isinstance(detect_family(str(tiny_model_dir)), StableDiffusion)
+    family = detect_family(str(tiny_model_dir))
+    assert isinstance(family, StableDiffusion)
     assert isinstance(detect_family(str(tiny_vpred_model_dir)), StableDiffusion)
+    parts = family.load_components(str(tiny_vpred_model_dir), None, None)
+    assert parts.family is family and parts.noise_scheduler.config.prediction_type == "v_prediction"
+    assert family.native_resolution(parts) == 32  # a 16x16-latent UNet behind a 2x VAE
+    ids = family.tokenize(parts, "a photo of sks dog")
+    assert ids.shape == (parts.tokenizer.model_max_length,)
+    cond = family.encode(parts, ids[None])
+    assert cond.hidden_states.shape == (1, 77, parts.text_encoder.config.hidden_size) and cond.added == {}
 
 
 def test_the_name_of_a_folder_does_not_decide_its_family(tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -8,8 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from trainer.tiny import TOKENIZER_DIR, build_tiny_pipeline
+from tiny_model import TOKENIZER_DIR, build_tiny_pipeline
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # What SD 1.5's own tokenizer gives for this prompt (sks = 48136, dog = 1929).

@@ -17,7 +17,7 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from .config import TrainConfig
-from .run_folder import CARD_NAME, LORA_WEIGHTS, SAMPLES_DIR, read_config, run_family, run_kind
+from .run_folder import CARD_NAME, LORA_WEIGHTS, SAMPLES_DIR, list_sample_files, read_config, run_family, run_kind
 
 MAX_CARD_SAMPLES = 8
 
@@ -30,8 +30,6 @@ _KNOWN_LICENSES: tuple[tuple[str, str], ...] = (  # (fnmatch pattern of the Hub 
 )
 # A local folder inside the Hugging Face cache still knows which Hub repo it came from.
 _CACHE_SNAPSHOT = re.compile(r"models--(?P<org>[^/\\]+?)--(?P<name>[^/\\]+)[/\\]snapshots[/\\]")
-# Validation samples are saved as step-000400-p0-1.png: step, prompt index, image index.
-_SAMPLE_NAME = re.compile(r"^step-(?P<step>\d+)-p(?P<prompt>\d+)-(?P<index>\d+)\.png$")
 
 
 @dataclass(frozen=True)
@@ -43,13 +41,12 @@ class Sample:
 
 def list_samples(run_dir: Path, config: TrainConfig) -> list[Sample]:
     """The validation samples of the last step that has any, prompt by prompt."""
-    parsed = []
-    for path in sorted((run_dir / SAMPLES_DIR).glob("*.png")):
-        match = _SAMPLE_NAME.match(path.name)
-        step, p = (int(match["step"]), int(match["prompt"])) if match else (-1, -1)
-        prompts = config.validation_prompts
-        prompt = prompts[p] if 0 <= p < len(prompts) else config.instance_prompt
-        parsed.append(Sample(f"{SAMPLES_DIR}/{path.name}", prompt, step))
+    prompts = config.validation_prompts
+    parsed = [
+        Sample(f"{SAMPLES_DIR}/{f.path.name}",
+               prompts[f.prompt_index] if 0 <= f.prompt_index < len(prompts) else config.instance_prompt, f.step)
+        for f in list_sample_files(run_dir)
+    ]
     if not parsed:
         return []
     last = max(sample.step for sample in parsed)

@@ -32,13 +32,9 @@ class TrainingState:
     text_encoder_frozen: bool
 
 
-def checkpoint_root(run_dir: Path) -> Path:
-    return checkpoints_dir(run_dir)
-
-
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first. A folder is complete once its state.json exists."""
-    root = checkpoint_root(run_dir)
+    root = checkpoints_dir(run_dir)
     if not root.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.match(p.name)) and (p / STATE).is_file()]
@@ -68,7 +64,7 @@ def save_checkpoint(
 ) -> Path:
     """Write into a temporary folder and rename it: a killed process leaves no checkpoint that
     looks complete. state.json is written last, so even a partial copy is never 'complete'."""
-    root = checkpoint_root(run_dir)
+    root = checkpoints_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"checkpoint-{state.step:06d}"
     tmp = root / f".tmp-{final.name}"

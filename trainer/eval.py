@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"--seeds must be at least 1, and 1 with --run (a run folder is one training); got {args.seeds}.")
     import torch
 
-    from .run_folder import load_run
+    from .run_folder import load_pipeline, load_run
     from .toyworld import TOY_MODEL_DIR, example_subject
     from .toyworld.judge import Judge
     from .toyworld.score import SCORE_NAMES, Subject, real_similarity, score
@@ -112,10 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
         seconds = [train_run(args, base, instance_dir, d, seed=None if args.seeds == 1 else k)
                    for k, d in enumerate(run_dirs)]
 
-    from diffusers import StableDiffusionPipeline
-
-    base_pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None)
-    base_pipe.set_progress_bar_config(disable=True)
+    base_pipe = load_pipeline(base, torch.float32)
     settings = {"count": args.samples, "steps": args.inference_steps, "guidance": args.guidance}
     per_run = [score(load_run(d, base_model=base), judge, subject, **settings).as_dict() for d in run_dirs]
     rows = {"base": score(base_pipe, judge, subject, **settings).as_dict(),

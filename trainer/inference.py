@@ -180,10 +180,6 @@ class PipelineCache:
                 self._key = key
             return self._pipe
 
-    def clear(self) -> None:
-        with self._lock:
-            self._key, self._pipe = None, None
-
 
 def generate(pipe: DiffusionPipeline, request: GenerateRequest) -> list[Image]:
     """Images for `request`; image i is what seed `seed + i` gives alone, on any device."""

@@ -343,7 +343,7 @@ def save_checkpoint(run: Run, model: Trainables, state: ckpt.TrainingState) -> P
 
 def sample(run: Run, parts: Components, model: Trainables, step: int, log: StepLog) -> list[Path]:
     unet, text_encoder = model.unwrapped(run.accelerator)
-    paths = make_samples(run.config, parts, unet, text_encoder, step, run_folder.samples_dir(run.dir),
+    paths = make_samples(run.config, parts, unet, text_encoder, step, run.dir,
                          run.accelerator.autocast)
     log.images(paths, step)
     run.emit(SampleEvent(step, tuple(paths)))

@@ -11,6 +11,7 @@ from diffusers import DPMSolverMultistepScheduler
 
 from .config import TrainConfig
 from .families import Components
+from .run_folder import sample_path, samples_dir
 
 
 def pipeline_from_parts(parts: Components, unet: torch.nn.Module, text_encoder: torch.nn.Module):
@@ -25,11 +26,11 @@ def make_samples(
     unet: torch.nn.Module,
     text_encoder: torch.nn.Module,
     step: int,
-    folder: Path,
+    run_dir: Path,
     autocast: Callable[[], contextlib.AbstractContextManager],
 ) -> list[Path]:
     """One image per (prompt, index) with seed `config.seed + index`: comparable across steps."""
-    folder.mkdir(parents=True, exist_ok=True)
+    samples_dir(run_dir).mkdir(parents=True, exist_ok=True)
     pipe = pipeline_from_parts(parts, unet, text_encoder)
     was_training = unet.training, text_encoder.training
     unet.eval()
@@ -48,7 +49,7 @@ def make_samples(
                         width=config.resolution,
                         generator=generator,
                     ).images[0]
-                path = folder / f"step-{step:06d}-p{p}-{i}.png"
+                path = sample_path(run_dir, step, p, i)
                 image.save(path)
                 paths.append(path)
     finally:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from transformers import CLIPTokenizer
+from transformers import PreTrainedTokenizerBase
 
 from .config import ConfigError, TrainConfig
 
@@ -15,7 +15,7 @@ COMMON_TOKEN_ID = 10_000
 MAX_IDENTIFIER_TOKENS = 3
 
 
-def check_prompts(config: TrainConfig, tokenizer: CLIPTokenizer,
+def check_prompts(config: TrainConfig, tokenizer: PreTrainedTokenizerBase,
                   captions: Sequence[tuple[Path, str]] = ()) -> list[str]:
     """Raise ConfigError for prompts (or caption files) the text encoder would truncate; return warnings."""
     limit = tokenizer.model_max_length

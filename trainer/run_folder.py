@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -33,7 +34,6 @@ LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the name diffusers' save/lo
 CARD_NAME = "README.md"
 
 RunKind = Literal["full", "lora"]
-RunStatus = Literal["running", "completed", "cancelled", "unknown"]
 
 
 def run_kind(run_dir: Path) -> RunKind | None:
@@ -115,6 +115,30 @@ def list_runs(runs_dir: Path, *, with_weights: bool = False) -> list[RunInfo]:
             continue
         found.append((path.stat().st_mtime, RunInfo(path, kind, str(read_status(path).get("status", "unknown")))))
     return [info for _, info in sorted(found, key=lambda item: item[0], reverse=True)]
+
+
+# Validation samples are saved as step-000400-p0-1.png: step, prompt index, image index.
+_SAMPLE_NAME = re.compile(r"^step-(?P<step>\d+)-p(?P<prompt>\d+)-(?P<index>\d+)\.png$")
+
+
+@dataclass(frozen=True)
+class SampleFile:
+    path: Path
+    step: int  # -1 (and prompt -1) for a PNG in samples/ not named by the engine
+    prompt_index: int
+
+
+def sample_path(run_dir: Path, step: int, prompt_index: int, index: int) -> Path:
+    return samples_dir(run_dir) / f"step-{step:06d}-p{prompt_index}-{index}.png"
+
+
+def list_sample_files(run_dir: Path) -> list[SampleFile]:
+    """The PNGs in samples/, by name, with the step and prompt their names say."""
+    found = []
+    for path in sorted(samples_dir(run_dir).glob("*.png")):
+        match = _SAMPLE_NAME.match(path.name)
+        found.append(SampleFile(path, int(match["step"]), int(match["prompt"])) if match else SampleFile(path, -1, -1))
+    return found
 
 
 def metrics_path(run_dir: Path) -> Path:

@@ -12,6 +12,7 @@ from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import ProjectConfiguration
 
 from .config import ConfigError, TrainConfig
+from .run_folder import logs_dir
 
 TRACKER_PROJECT = "dreambooth"
 
@@ -34,7 +35,7 @@ def make_accelerator(config: TrainConfig, run_dir: Path) -> Accelerator:
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         mixed_precision=config.mixed_precision,
         log_with=None if config.report_to == "none" else config.report_to,
-        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(logs_dir(run_dir))),
     )
     if config.report_to != "none":
         accelerator.init_trackers(TRACKER_PROJECT, config=_tracker_config(config))

@@ -102,7 +102,7 @@ def train_unet(work: Path, steps: int, batch: int, lr: float, seed: int) -> None
     from diffusers import AutoencoderKL, DDPMScheduler
     from transformers import CLIPTokenizer
 
-    from ..tiny import TOKENIZER_DIR
+    from . import CLIP_TOKENIZER_DIR as TOKENIZER_DIR
 
     data = torch.load(work / "latents.pt", weights_only=False)
     scale = AutoencoderKL.load_config(work / "vae")["scaling_factor"]
@@ -159,7 +159,7 @@ def export(work: Path, out: Path, dtype: torch.dtype = torch.float16) -> Path:
     from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
-    from ..tiny import TOKENIZER_DIR
+    from . import CLIP_TOKENIZER_DIR as TOKENIZER_DIR
 
     state = torch.load(work / "unet.pt", weights_only=False)
     unet, text_encoder = arch.new_unet(), arch.new_text_encoder()

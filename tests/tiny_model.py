@@ -2,8 +2,9 @@
 
 It trains and samples in seconds on a CPU, needs no network, and is saved exactly like a real
 base model (`model_index.json` + one folder per component, safetensors only), so everything that
-loads SD 1.5 loads it too. The tests build it once per session; the app offers it as its offline
-demo base model. Its images are noise-like: it checks the plumbing, not the art.
+loads SD 1.5 loads it too. The tests build it once per session (conftest's `tiny_model_dir`).
+Its images are noise-like: it checks the plumbing, not the art. (The app's offline model is the
+pretrained *toy* model of trainer.toyworld, not this one.)
 
 The only asset it needs is the real CLIP tokenizer in `trainer/assets/clip-tokenizer`, written by
 `python tools/build_clip_tokenizer.py`, so prompts tokenize to the ids SD 1.5 sees.
@@ -19,7 +20,8 @@ import torch
 from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "clip-tokenizer"
+from trainer.toyworld import CLIP_TOKENIZER_DIR as TOKENIZER_DIR
+
 PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "v_prediction")
 
 # Width 32 with 8 groups keeps every GroupNorm valid; two blocks give the VAE a 2x downsampling,
