@@ -128,25 +128,17 @@ def test_quiet_prints_nothing_on_a_terminal_or_in_a_log() -> None:
         assert (out.getvalue(), err.getvalue()) == ("", "")
 
 
+@pytest.mark.slow
 def test_cli_quiet_prints_only_the_final_line(tiny_model_dir: Path, subject_images: Path, tmp_path: Path) -> None:
-    def run(out: Path, *flags: str) -> subprocess.CompletedProcess[str]:
-        cmd = [sys.executable, "-m", "trainer", "train", "--pretrained-model", str(tiny_model_dir),
-               "--instance-data", str(subject_images), "--identifier", "dog", "--instance-prompt", "a photo of dog",
-               "--output-dir", str(out), "--resolution", "32", "--max-train-steps", "2", "--report-to", "none",
-               "--no-use-8bit-adam", *flags]
-        return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-
-    quiet = run(tmp_path / "quiet", "--quiet")
+    # 'dog' as the identifier makes the engine warn; the log mode's lines are checked above.
+    cmd = [sys.executable, "-m", "trainer", "train", "--quiet", "--pretrained-model", str(tiny_model_dir),
+           "--instance-data", str(subject_images), "--identifier", "dog", "--instance-prompt", "a photo of dog",
+           "--output-dir", str(tmp_path / "run"), "--resolution", "32", "--max-train-steps", "2",
+           "--report-to", "none", "--no-use-8bit-adam"]
+    quiet = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert quiet.returncode == 0, quiet.stderr[-2000:]
-    assert quiet.stdout == f"completed: 2/2 steps; run folder {tmp_path / 'quiet'}\n"
+    assert quiet.stdout == f"completed: 2/2 steps; run folder {tmp_path / 'run'}\n"
     assert quiet.stderr == ""  # not the warning, nor the libraries' loading bars
-
-    loud = run(tmp_path / "loud")
-    assert loud.returncode == 0, loud.stderr[-2000:]
-    lines = loud.stdout.splitlines()
-    assert lines[0].startswith("[loading] ") and lines[-1] == f"completed: 2/2 steps; run folder {tmp_path / 'loud'}"
-    assert [line.split()[1] for line in lines if line.startswith("step ")] == ["1/2", "2/2"]
-    assert f"warning: {WARNING}" in loud.stderr
 
 
 # --- installed as a package -------------------------------------------------------------------
@@ -186,7 +178,6 @@ def test_the_wheel_carries_the_code_the_toy_model_and_the_pinned_requirements(wh
     assert "dreambooth-studio-app = app:main" in entry_points
 
 
-@pytest.mark.slow
 def test_the_installed_script_runs_from_any_folder_with_the_toy_model(wheel: Path, tmp_path: Path) -> None:
     venv = tmp_path / "venv"
     # The requirements come from this environment; only the package itself is installed.

@@ -383,12 +383,12 @@ def test_publish_tab_publishes_with_the_preferred_token(
 ) -> None:
     import gradio as gr
 
-    from space.publish_tab import build_publish_tab, list_runs, publish_run, suggest_for_run
+    from space.publish_tab import build_publish_tab, publish_run, run_choices, suggest_for_run
 
     with gr.Blocks() as demo:
         build_publish_tab(lora_run.parent)
     assert [fn.api_name for fn in demo.fns.values() if fn.api_name == "publish"] == ["publish"]
-    assert list_runs(lora_run.parent) == [("sks-lora (LoRA)", str(lora_run))]
+    assert run_choices(lora_run.parent) == [("sks-lora (LoRA)", str(lora_run))]
     assert suggest_for_run(str(lora_run), None, unique=False) == "sks-dog-dreambooth"
 
     link = publish_run(str(lora_run), "sks-dog-dreambooth", True, WRITE_TOKEN)

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hub_fixtures import make_run
 
 from trainer.card import write_model_card
 from trainer.config import TrainConfig
@@ -18,16 +17,11 @@ from trainer.inference import (
     PipelineCache,
     default_dtype,
     generate,
-    lora_base_model,
     resolve_model,
 )
+from trainer.run_folder import lora_base_model
 
 SMALL = {"width": 32, "height": 32, "steps": 2}
-
-
-@pytest.fixture
-def lora_run(tmp_path: Path, tiny_model_dir: Path) -> Path:
-    return make_run(tmp_path / "runs" / "sks-lora", tiny_model_dir, "lora")
 
 
 def pixels(images) -> list[np.ndarray]:

@@ -53,11 +53,9 @@ def denoising_loss(model_dir: Path, images: Path, prompt: str, lora_dir: Path | 
     The training loss is noisy (random timesteps each step); this is the same quantity averaged
     over the same draws for every model compared, so a drop means the model learned the images.
     """
-    from diffusers import StableDiffusionPipeline
+    from trainer.run_folder import load_pipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None)
-    if lora_dir is not None:
-        pipe.load_lora_weights(lora_dir)
+    pipe = load_pipeline(model_dir, torch.float32, lora_dir=lora_dir)
     paths = sorted(p for p in images.iterdir() if p.suffix == ".png")
     pixels = torch.stack([prepare_image(ImageSet(paths).image(i), resolution, True, False) for i in range(len(paths))])
     latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor

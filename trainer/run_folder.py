@@ -182,7 +182,7 @@ def lora_base_model(folder: Path) -> tuple[str | None, str | None]:
 
 def run_family(run_dir: Path, config: TrainConfig | None = None):
     """The model family of a run: as run.json records it, else read from its pipeline or base model."""
-    from .families import detect_family, family_by_name, family_for_class
+    from .families import FAMILIES, ModelLoadError, detect_family, family_by_name, family_for_class
 
     run_dir = Path(run_dir)
     recorded = read_status(run_dir).get("family")
@@ -192,7 +192,12 @@ def run_family(run_dir: Path, config: TrainConfig | None = None):
         index = json.loads((run_dir / PIPELINE_INDEX).read_text(encoding="utf-8"))
         return family_for_class(index.get("_class_name"), str(run_dir))
     config = config or read_config(run_dir)
-    return detect_family(config.pretrained_model, config.revision)
+    try:
+        return detect_family(config.pretrained_model, config.revision)
+    except ModelLoadError:
+        # A LoRA run from before run.json recorded the family, whose base is out of reach
+        # (offline): every such run is Stable Diffusion 1.x/2.x, the only family there was.
+        return FAMILIES[0]
 
 
 def load_pipeline(pipeline: Path | str, dtype, lora_dir: Path | None = None, adapter_name: str | None = None):
