@@ -13,7 +13,7 @@ INTRO = (
 )
 
 TOY_NOTICE = (
-    "**Toy model.** *Toy demo model* is not Stable Diffusion: it is a tiny model of the same "
+    "**Toy model.** The toy model is not Stable Diffusion: it is a small model of the same "
     "shape, trained on a made-up world of coloured shapes (circles, squares, triangles, stars and "
     "crosses in six colours, on plain backgrounds), 32×32 pixels. It runs on a CPU with no network "
     "and draws what that world holds, from prompts like *a photo of a red star on a white "
@@ -23,9 +23,9 @@ TOY_NOTICE = (
     "machine with a GPU."
 )
 # Raised (as a ConfigError) when the toy model is asked for and its folder is not there.
-TOY_MISSING = "The toy demo model is not installed: {folder} has no model_index.json."
+TOY_MISSING = "The toy model is not installed: {folder} has no model_index.json."
 TOY_MISSING_NOTICE = (
-    "**The toy model is missing.** *Toy demo model* ships with the app in `{folder}`, which has no "
+    "**The toy model is missing.** It ships with the app in `{folder}`, which has no "
     "`model_index.json` here, so training or generating with it will fail (restore that folder, "
     "e.g. with `git checkout`). Pick a Stable Diffusion id from the list, or type any Hub id or a "
     "local diffusers folder."
@@ -142,7 +142,7 @@ SEED_HELP = "Same seed + same settings = same images."
 SIZE_HELP = "Multiples of 8."
 GENERATE_BUSY = "A training is using the GPU right now (step {step}/{total}). Generate again when it has finished."
 NO_MODEL = "Choose a model: a run, the toy model, or a Hub repo id."
-TOY_SOURCE_LABEL = "Toy demo base model (shapes world)"
+TOY_SOURCE_LABEL = "Toy base model (shapes world)"
 
 
 def generate_run_label(name: str, kind: str) -> str:

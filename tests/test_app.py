@@ -132,7 +132,7 @@ def test_try_the_example_fills_the_form(tmp_path: Path, toy_stand_in: Path) -> N
     first = tuple(_component(config, "base-model")["props"]["choices"][0])
     assert first == (TOY_MODEL_LABEL, TOY_MODEL)
     assert any("The toy model is missing" in str(c["props"].get("value")) for c in config["components"])
-    with pytest.raises(ConfigError, match="toy demo model is not installed"):
+    with pytest.raises(ConfigError, match="toy model is not installed"):
         missing.toy.resolve(TOY_MODEL)
 
 

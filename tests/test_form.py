@@ -195,7 +195,7 @@ def test_the_toy_model_comes_first_without_a_gpu_or_the_hub(tmp_path: Path, toy:
     # Without its folder the toy model is still the one offered; using it says what is missing.
     missing = ToyModel(tmp_path / "no-toy")
     assert not missing.installed and model_choices(CPU, offline=False)[0] == entry
-    with pytest.raises(ConfigError, match="toy demo model is not installed"):
+    with pytest.raises(ConfigError, match="toy model is not installed"):
         missing.resolve(TOY_MODEL)
 
 

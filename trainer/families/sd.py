@@ -26,6 +26,11 @@ def _load_part(source: str, part: str, loader, revision: str | None, variant: st
         ) from None
 
 
+# The generated images are the user's own; the safety checker would also cost a second model.
+_NO_SAFETY_CHECKER: dict[str, Any] = {"safety_checker": None, "feature_extractor": None,
+                                      "requires_safety_checker": False}
+
+
 class StableDiffusion(ModelFamily):
     name = "sd"
     label = "Stable Diffusion 1.x/2.x"
@@ -65,9 +70,7 @@ class StableDiffusion(ModelFamily):
             tokenizer=parts.tokenizer,
             unet=unet,
             scheduler=scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
+            **_NO_SAFETY_CHECKER,
         )
         pipe.set_progress_bar_config(disable=True)
         return pipe
@@ -77,9 +80,7 @@ class StableDiffusion(ModelFamily):
             folder,
             dtype=dtype,
             use_safetensors=True,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
+            **_NO_SAFETY_CHECKER,
         )
         pipe.set_progress_bar_config(disable=True)
         return pipe
@@ -105,9 +106,7 @@ class StableDiffusion(ModelFamily):
             text_encoder=text_encoder,
             tokenizer=parts.tokenizer,
             unet=unet,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
+            **_NO_SAFETY_CHECKER,
         )
         # fp32 on disk whatever the training dtype: loaders cast down, but cannot recover precision.
         if to_fp32:
