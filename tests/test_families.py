@@ -16,8 +16,8 @@ from trainer.families import StableDiffusion, UnsupportedModelError, detect_fami
 from trainer.run_folder import load_pipeline, read_status
 
 REFUSED = {
-    "StableDiffusionXLPipeline": "SDXL",
     "StableDiffusionXLImg2ImgPipeline": "refiner",
+    "StableDiffusionXLInpaintPipeline": "inpainting",
     "StableDiffusion3Pipeline": "Stable Diffusion 3",
     "FluxPipeline": "Flux",
     "StableDiffusionInpaintPipeline": "inpainting",
@@ -52,8 +52,10 @@ def test_the_name_of_a_folder_does_not_decide_its_family(tiny_model_dir: Path, t
     shutil.copytree(tiny_model_dir, sdxl_named)
     assert isinstance(detect_family(str(sdxl_named)), StableDiffusion)
     sd15_named = _model_of_class(tmp_path / "stable-diffusion-v1-5", "StableDiffusionXLPipeline")
-    with pytest.raises(UnsupportedModelError, match="StableDiffusionXLPipeline"):
-        detect_family(str(sd15_named))
+    assert detect_family(str(sd15_named)).name == "sdxl"
+    refiner = _model_of_class(tmp_path / "sdxl-base", "StableDiffusionXLImg2ImgPipeline")
+    with pytest.raises(UnsupportedModelError, match="StableDiffusionXLImg2ImgPipeline .*refiner"):
+        detect_family(str(refiner))
 
 
 @pytest.mark.parametrize("class_name", sorted(REFUSED))
@@ -67,6 +69,7 @@ def test_unsupported_families_are_refused_before_anything_is_written(
     assert message.startswith("`pretrained_model`")
     assert class_name in message and REFUSED[class_name] in message
     assert "Stable Diffusion 1.x/2.x (StableDiffusionPipeline)" in message  # the families we do train
+    assert "Stable Diffusion XL (StableDiffusionXLPipeline)" in message
     assert not (tmp_path / "run").exists()
 
 

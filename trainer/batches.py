@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import TrainConfig
-from .data import ImageSet, prepare_image
+from .data import ImageSet, prepare_image_and_crop
 from .families import Components, Conditioning
 
 # Random streams drawn from per micro-step: 0 noise and timesteps, 1 the batch's crops, flips and
@@ -47,6 +47,8 @@ class Batch:
     latents: torch.Tensor  # instance rows first, then class rows
     input_ids: torch.Tensor  # token ids of each row's prompt
     n_instance: int
+    # Per row: original height, width, crop top, left, target height, width (SDXL's time ids).
+    image_info: torch.Tensor
 
 
 class BatchSource:
@@ -76,6 +78,7 @@ class BatchSource:
         self.instance_ids = [self._tokenize(p) for p in prompts]
         self.class_ids = self._tokenize(config.class_prompt) if classes else None
         self._moments: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._crops: dict[str, list[tuple[int, int]]] = {}  # the crop each cached latent was taken from
 
     def _tokenize(self, prompt: str) -> torch.Tensor:
         return self.parts.family.tokenize(self.parts, prompt)
@@ -93,51 +96,63 @@ class BatchSource:
         total = sum(len(s) for _, s in sets)
         done = 0
         for name, images in sets:
-            means, stds = [], []
+            means, stds, crops = [], [], []
             for i in range(len(images)):
-                pixels = prepare_image(images.image(i), self.config.resolution, True, False)[None]
-                mean, std = self._encode(pixels)
+                pixels, crop = prepare_image_and_crop(images.image(i), self.config.resolution, True, False)
+                mean, std = self._encode(pixels[None])
                 means.append(mean)
                 stds.append(std)
+                crops.append(crop)
                 done += 1
                 on_progress(done, total)
             self._moments[name] = (torch.cat(means), torch.cat(stds))
+            self._crops[name] = crops
 
-    def _latent(self, name: str, images: ImageSet, index: int, gen: torch.Generator) -> torch.Tensor:
+    def _latent(self, name: str, images: ImageSet, index: int,
+                gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """A latent of image `index`, and its (original size, crop, target size) row."""
         if name in self._moments:
             mean, std = (t[index : index + 1] for t in self._moments[name])
+            crop = self._crops[name][index]
         else:
             crop_rng = random.Random(int(torch.randint(0, 2**31, (1,), generator=gen)))
             flip = self.config.random_flip and bool(torch.rand((), generator=gen) < 0.5)
-            pixels = prepare_image(images.image(index), self.config.resolution, self.config.center_crop, flip,
-                                   crop_rng)[None]
-            mean, std = self._encode(pixels)
+            pixels, crop = prepare_image_and_crop(images.image(index), self.config.resolution,
+                                                  self.config.center_crop, flip, crop_rng)
+            mean, std = self._encode(pixels[None])
         # Sampling the latent distribution each step, as encoding each step would.
         eps = torch.randn(mean.shape, generator=gen).to(mean.device)
         latent = mean + std * eps
         vae_cfg = self.parts.vae.config
         shift = getattr(vae_cfg, "shift_factor", None) or 0.0
-        return (latent - shift) * vae_cfg.scaling_factor
+        size = self.config.resolution
+        info = torch.tensor([*images.original_size(index), *crop, size, size], dtype=torch.float32)
+        return (latent - shift) * vae_cfg.scaling_factor, info
 
     # --- batches ----------------------------------------------------------------------
     def batch(self, micro_step: int) -> Batch:
         size = self.config.train_batch_size
         gen = step_generator(self.config.seed, micro_step, salt=BATCH_STREAM)
-        latents, ids, class_latents, class_ids = [], [], [], []
+        latents, ids, infos, class_latents, class_ids, class_infos = [], [], [], [], [], []
         for j in range(size):
             sample = (micro_step * self.world + self.rank) * size + j
             epoch, offset = divmod(sample, self.epoch_len)
             order = torch.randperm(self.epoch_len, generator=step_generator(self.config.seed, epoch, salt=ORDER_STREAM))
             position = int(order[offset])
-            latents.append(self._latent("instance", self.instance, position % len(self.instance), gen))
+            latent, info = self._latent("instance", self.instance, position % len(self.instance), gen)
+            latents.append(latent)
+            infos.append(info)
             ids.append(self.instance_ids[position % len(self.instance)])
             if self.classes is not None:
-                class_latents.append(self._latent("class", self.classes, position % len(self.classes), gen))
+                latent, info = self._latent("class", self.classes, position % len(self.classes), gen)
+                class_latents.append(latent)
+                class_infos.append(info)
                 class_ids.append(self.class_ids)
         return Batch(
             latents=torch.cat(latents + class_latents).to(self.device),
             input_ids=torch.stack(ids + class_ids).to(self.device),
             n_instance=size,
+            image_info=torch.stack(infos + class_infos).to(self.device),
         )
 
 

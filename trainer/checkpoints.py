@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .config import ConfigError
+from .families import ModelFamily
 from .models import load_trainable_state_dict, trainable_state_dict
 from .run_folder import checkpoints_dir
 
@@ -57,7 +59,7 @@ def save_checkpoint(
     run_dir: Path,
     state: TrainingState,
     unet: torch.nn.Module,
-    text_encoder: torch.nn.Module | None,
+    text_encoders: Sequence[torch.nn.Module],
     optimizer: torch.optim.Optimizer,
     lr_scheduler,
     keep: int | None,
@@ -71,8 +73,8 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_file(trainable_state_dict(unet), tmp / "unet.safetensors")
-    if text_encoder is not None:
-        save_file(trainable_state_dict(text_encoder), tmp / "text_encoder.safetensors")
+    for name, text_encoder in zip(ModelFamily.text_encoder_names(len(text_encoders)), text_encoders, strict=True):
+        save_file(trainable_state_dict(text_encoder), tmp / f"{name}.safetensors")
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(lr_scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(_rng_state(), tmp / "rng.pt")
@@ -89,17 +91,18 @@ def save_checkpoint(
 def load_checkpoint(
     path: Path,
     unet: torch.nn.Module,
-    text_encoder: torch.nn.Module | None,
+    text_encoders: Sequence[torch.nn.Module],
     optimizer: torch.optim.Optimizer,
     lr_scheduler,
 ) -> TrainingState:
+    """Restore a checkpoint; `text_encoders` are the trained ones (none when they are frozen)."""
     info = json.loads((path / STATE).read_text())
     load_trainable_state_dict(unet, load_file(path / "unet.safetensors"), "UNet")
-    te_file = path / "text_encoder.safetensors"
-    if text_encoder is not None:
+    for name, text_encoder in zip(ModelFamily.text_encoder_names(len(text_encoders)), text_encoders, strict=True):
+        te_file = path / f"{name}.safetensors"
         if not te_file.is_file():
-            raise ConfigError(f"`resume_from_checkpoint`: {path} has no text-encoder weights, but this run trains it")
-        load_trainable_state_dict(text_encoder, load_file(te_file), "text encoder")
+            raise ConfigError(f"`resume_from_checkpoint`: {path} has no {name} weights, but this run trains it")
+        load_trainable_state_dict(text_encoder, load_file(te_file), name.replace("_", " "))
     # weights_only: a checkpoint is data, never code.
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     lr_scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))

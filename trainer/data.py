@@ -199,6 +199,18 @@ def prepare_image(
     crop_rng: random.Random | None = None,
 ) -> torch.Tensor:
     """Resize the short side to `resolution`, crop a square, maybe mirror; float [3, res, res] in [-1, 1]."""
+    return prepare_image_and_crop(image, resolution, center_crop, flip, crop_rng)[0]
+
+
+def prepare_image_and_crop(
+    image: Image.Image,
+    resolution: int,
+    center_crop: bool,
+    flip: bool,
+    crop_rng: random.Random | None = None,
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """prepare_image, and the (top, left) of the square taken, in the resized (and mirrored) image:
+    what SDXL's crop micro-conditioning is told."""
     if image.mode != "RGB":
         raise ValueError(f"prepare_image expects an RGB image (see load_rgb), got mode {image.mode}")
     image = _resize_short_side(image, resolution)
@@ -212,8 +224,9 @@ def prepare_image(
     image = image.crop((left, top, left + resolution, top + resolution))
     if flip:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        left = width - resolution - left  # the same square, seen in the mirrored image
     pixels = torch.from_numpy(np.array(image, dtype=np.float32))  # a writable copy, [H, W, 3] in 0..255
-    return (pixels.permute(2, 0, 1) / 127.5 - 1.0).contiguous()
+    return (pixels.permute(2, 0, 1) / 127.5 - 1.0).contiguous(), (top, left)
 
 
 def is_caption_file(path: str | Path, extension: str) -> bool:
@@ -286,6 +299,7 @@ class ImageSet:
         self.cache_size = cache_size
         self.short_side = short_side
         self._cache: OrderedDict[int, Image.Image] = OrderedDict()
+        self._sizes: dict[int, tuple[int, int]] = {}  # (height, width) of each file, before any resize
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -296,6 +310,7 @@ class ImageSet:
             self._cache.move_to_end(i)
             return self._cache[i]
         image = load_rgb(self.paths[i])
+        self._sizes[i] = (image.height, image.width)
         if self.short_side is not None and min(image.size) > self.short_side:  # never enlarge here
             image = _resize_short_side(image, self.short_side)
         if self.cache_size > 0:
@@ -303,3 +318,9 @@ class ImageSet:
             if len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
         return image
+
+    def original_size(self, i: int) -> tuple[int, int]:
+        """(height, width) of the i-th image as its file holds it (after EXIF rotation)."""
+        if i not in self._sizes:
+            self.image(i)
+        return self._sizes[i]

@@ -52,6 +52,7 @@ def train(config: TrainConfig, on_event: EventHandler | None = None, cancel: Can
     # 2. Models, and the prompt checks that need the tokenizer: still before anything is written.
     run.emit(PhaseEvent("loading", f"Loading {config.pretrained_model}"))
     parts = load_components(config)
+    parts.family.check_config(config, parts)
     captioned = [(path, text) for path, text in zip(inputs.images, inputs.captions, strict=True) if text is not None]
     for message in check_prompts(config, parts.tokenizer, captioned):
         run.warn(message)
@@ -119,14 +120,18 @@ class Trainables:
     """The prepared (accelerate-wrapped) modules, their trainable parameters and the optimizer."""
 
     unet: torch.nn.Module
-    text_encoder: torch.nn.Module
+    text_encoders: list[torch.nn.Module]  # all of them, in the family's order, trained or not
     unet_params: list[torch.nn.Parameter]
-    text_params: list[torch.nn.Parameter]  # empty when the text encoder is not trained
+    text_params: list[torch.nn.Parameter]  # empty when the text encoders are not trained
     optimizer: torch.optim.Optimizer
     lr_scheduler: object
 
-    def unwrapped(self, accelerator: Accelerator) -> tuple[torch.nn.Module, torch.nn.Module]:
-        return accelerator.unwrap_model(self.unet), accelerator.unwrap_model(self.text_encoder)
+    def unwrapped(self, accelerator: Accelerator) -> tuple[torch.nn.Module, list[torch.nn.Module]]:
+        return accelerator.unwrap_model(self.unet), [accelerator.unwrap_model(te) for te in self.text_encoders]
+
+    def trained_text_encoders(self, accelerator: Accelerator) -> list[torch.nn.Module]:
+        """The text encoders whose weights a checkpoint holds: all of them when trained, else none."""
+        return self.unwrapped(accelerator)[1] if self.text_params else []
 
 
 @dataclass
@@ -167,11 +172,11 @@ def prepare_class_images(run: Run, parts: Components) -> ImageSet | None:
 
     config, device = run.config, run.accelerator.device
     run.emit(PhaseEvent("class-images", f"Preparing {config.num_class_images} class images"))
-    for module in (parts.unet, parts.text_encoder, parts.vae):
+    for module in (parts.unet, *parts.text_encoders, parts.vae):
         module.to(device)
     if device.type == "cuda":  # generating in half precision is fine and twice as fast
-        parts.unet.to(dtype=weight_dtype(config.mixed_precision))
-        parts.text_encoder.to(dtype=weight_dtype(config.mixed_precision))
+        for module in (parts.unet, *parts.text_encoders):
+            module.to(dtype=weight_dtype(config.mixed_precision))
     with run.accelerator.main_process_first():
         paths = class_images(config, parts, device, run.progress("class-images"),
                              should_stop=lambda: run.cancel.cancelled)
@@ -184,15 +189,16 @@ def setup_training(run: Run, parts: Components) -> Trainables:
     set_seed(config.seed)  # seeded here so LoRA's random init is the same every run
     prepare_for_training(parts, config, accelerator.device)
     unet_params = trainable_parameters(parts.unet)
-    text_params = trainable_parameters(parts.text_encoder) if config.train_text_encoder else []
+    text_params = ([p for te in parts.text_encoders for p in trainable_parameters(te)]
+                   if config.train_text_encoder else [])
     optimizer = make_optimizer(unet_params, text_params, config, run.warn)
     lr_scheduler = make_lr_scheduler(optimizer, config)
     if text_params:
-        unet, text_encoder, optimizer = accelerator.prepare(parts.unet, parts.text_encoder, optimizer)
+        unet, *text_encoders, optimizer = accelerator.prepare(parts.unet, *parts.text_encoders, optimizer)
     else:
         unet, optimizer = accelerator.prepare(parts.unet, optimizer)
-        text_encoder = parts.text_encoder
-    return Trainables(unet, text_encoder, unet_params, text_params, optimizer, lr_scheduler)
+        text_encoders = parts.text_encoders
+    return Trainables(unet, list(text_encoders), unet_params, text_params, optimizer, lr_scheduler)
 
 
 # --- 6. caches ------------------------------------------------------------------------------
@@ -214,8 +220,8 @@ def resume_state(run: Run, model: Trainables, resume: Path | None) -> ckpt.Train
         if run.config.resume_from_checkpoint:
             run.warn(f"No checkpoint found in {run_folder.checkpoints_dir(run.dir)}; starting a new run.")
         return ckpt.TrainingState(step=0, text_encoder_frozen=not model.text_params)
-    unet, text_encoder = model.unwrapped(run.accelerator)
-    state = ckpt.load_checkpoint(resume, unet, text_encoder if model.text_params else None,
+    unet = run.accelerator.unwrap_model(model.unet)
+    state = ckpt.load_checkpoint(resume, unet, model.trained_text_encoders(run.accelerator),
                                  model.optimizer, model.lr_scheduler)
     run.emit(PhaseEvent("training", f"Resumed from {resume.name} at step {state.step}"))
     return state
@@ -234,7 +240,8 @@ def train_loop(run: Run, parts: Components, model: Trainables, batches: BatchSou
                 # The text encoder stops here: no more gradients, and its outputs become cacheable
                 # (the cache is empty until now: it is only read while the encoder is frozen).
                 te_frozen = True
-                model.text_encoder.eval()
+                for text_encoder in model.text_encoders:
+                    text_encoder.eval()
             started = time.monotonic()
             loss = train_step(run, parts, model, batches, embeddings, step, te_frozen)
             model.lr_scheduler.step()
@@ -255,7 +262,7 @@ def train_step(run: Run, parts: Components, model: Trainables, batches: BatchSou
     """One optimizer step: its micro-batches' forward and backward, gradient clipping, the update."""
     config, accelerator = run.config, run.accelerator
     train_te = bool(model.text_params) and not te_frozen
-    modules = [model.unet, *([model.text_encoder] if model.text_params else [])]
+    modules = [model.unet, *(model.text_encoders if model.text_params else [])]
     for micro in range(config.gradient_accumulation_steps):
         micro_step = micro_step_index(step, config.gradient_accumulation_steps, micro)
         batch = batches.batch(micro_step)
@@ -263,9 +270,9 @@ def train_step(run: Run, parts: Components, model: Trainables, batches: BatchSou
                                                config.offset_noise, step_generator(config.seed, micro_step))
         noisy = parts.noise_scheduler.add_noise(batch.latents, noise, timesteps)
         with accelerator.accumulate(*modules):
-            cond: Conditioning = (parts.family.encode(parts, batch.input_ids, model.text_encoder) if train_te
+            cond: Conditioning = (parts.family.encode(parts, batch.input_ids, model.text_encoders) if train_te
                                   else embeddings.cached(batch.input_ids))
-            model_pred = parts.family.predict(model.unet, noisy, timesteps, cond)
+            model_pred = parts.family.predict(model.unet, noisy, timesteps, cond, batch.image_info)
             target = target_for(parts.noise_scheduler, batch.latents, noise, timesteps)
             loss = dreambooth_loss(model_pred, target, timesteps, batch.n_instance, parts.noise_scheduler, config)
             accelerator.backward(loss.total)
@@ -334,16 +341,16 @@ class StepLog:
 
 
 def save_checkpoint(run: Run, model: Trainables, state: ckpt.TrainingState) -> Path:
-    unet, text_encoder = model.unwrapped(run.accelerator)
-    path = ckpt.save_checkpoint(run.dir, state, unet, text_encoder if model.text_params else None,
+    unet = run.accelerator.unwrap_model(model.unet)
+    path = ckpt.save_checkpoint(run.dir, state, unet, model.trained_text_encoders(run.accelerator),
                                 model.optimizer, model.lr_scheduler, run.config.checkpoints_total_limit)
     run.emit(CheckpointEvent(state.step, path))
     return path
 
 
 def sample(run: Run, parts: Components, model: Trainables, step: int, log: StepLog) -> list[Path]:
-    unet, text_encoder = model.unwrapped(run.accelerator)
-    paths = make_samples(run.config, parts, unet, text_encoder, step, run.dir,
+    unet, text_encoders = model.unwrapped(run.accelerator)
+    paths = make_samples(run.config, parts, unet, text_encoders, step, run.dir,
                          run.accelerator.autocast)
     log.images(paths, step)
     run.emit(SampleEvent(step, tuple(paths)))
@@ -363,8 +370,8 @@ def finish(run: Run, parts: Components, model: Trainables | None, outcome: Outco
     if run.is_main and model is not None:
         from .card import write_model_card
 
-        unet, text_encoder = model.unwrapped(accelerator)
-        weights = save_weights(config, parts, unet, text_encoder, run.dir)
+        unet, text_encoders = model.unwrapped(accelerator)
+        weights = save_weights(config, parts, unet, text_encoders, run.dir)
         write_model_card(run.dir)
     if run.is_main:
         run_folder.write_status(run.dir, "cancelled" if cancelled else "completed", step, config.max_train_steps,

@@ -31,31 +31,33 @@ def prepare_for_training(parts: Components, config: TrainConfig, device: torch.d
     "Attempting to unscale FP16 gradients".
     """
     frozen_dtype = weight_dtype(config.mixed_precision)
+    text_encoders = parts.text_encoders
     parts.vae.requires_grad_(False)
-    parts.text_encoder.requires_grad_(False)
+    for text_encoder in text_encoders:
+        text_encoder.requires_grad_(False)
     parts.unet.requires_grad_(config.method == "full")
 
     if config.method == "lora":
         from peft import LoraConfig
 
         alpha = config.lora_alpha or config.lora_rank
-        parts.unet.add_adapter(
-            LoraConfig(r=config.lora_rank, lora_alpha=alpha, init_lora_weights="gaussian",
-                       target_modules=list(parts.family.unet_lora_targets))
-        )
-        if config.train_text_encoder:
-            parts.text_encoder.add_adapter(
-                LoraConfig(r=config.lora_rank, lora_alpha=alpha, init_lora_weights="gaussian",
-                           target_modules=list(parts.family.text_lora_targets))
-            )
-    elif config.train_text_encoder:
-        parts.text_encoder.requires_grad_(True)
 
-    # The VAE is never trained; it stays fp32 under fp16 because SD's VAE overflows in fp16.
+        def lora(targets: tuple[str, ...]) -> LoraConfig:
+            return LoraConfig(r=config.lora_rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                              target_modules=list(targets))
+
+        parts.unet.add_adapter(lora(parts.family.unet_lora_targets))
+        for text_encoder in text_encoders if config.train_text_encoder else ():
+            text_encoder.add_adapter(lora(parts.family.text_lora_targets))
+    elif config.train_text_encoder:
+        for text_encoder in text_encoders:
+            text_encoder.requires_grad_(True)
+
+    # The VAE is never trained; it stays fp32 under fp16 because SD's and SDXL's VAEs overflow in fp16.
     parts.vae.to(device)
     if config.mixed_precision == "bf16":
         parts.vae.to(dtype=frozen_dtype)
-    for module in (parts.unet, parts.text_encoder):
+    for module in (parts.unet, *text_encoders):
         module.to(device)
         if frozen_dtype != torch.float32:
             module.to(dtype=frozen_dtype)
@@ -66,11 +68,12 @@ def prepare_for_training(parts: Components, config: TrainConfig, device: torch.d
     parts.unet.set_attn_processor(AttnProcessor2_0())  # PyTorch SDPA: fused, memory-efficient attention
     if config.gradient_checkpointing:
         parts.unet.enable_gradient_checkpointing()
-        if config.train_text_encoder:
-            parts.text_encoder.activation_checkpointing_enable()
     parts.vae.eval()
     parts.unet.train()
-    parts.text_encoder.train(config.train_text_encoder)
+    for text_encoder in text_encoders:
+        if config.gradient_checkpointing and config.train_text_encoder:
+            text_encoder.activation_checkpointing_enable()
+        text_encoder.train(config.train_text_encoder)
 
 
 def trainable_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:

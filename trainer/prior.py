@@ -83,7 +83,7 @@ def _generate(
     from .output import pipeline_from_parts
 
     cache.mkdir(parents=True, exist_ok=True)
-    pipe = pipeline_from_parts(parts, parts.unet, parts.text_encoder)
+    pipe = pipeline_from_parts(parts, parts.unet, parts.text_encoders)
     done = 0
     while done < count and not should_stop():
         batch = min(config.sample_batch_size, count - done)

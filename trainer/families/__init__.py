@@ -15,17 +15,19 @@ from pathlib import Path
 from ..config import UserError
 from .base import Components, Conditioning, ModelFamily, ModelLoadError
 from .sd import StableDiffusion
+from .sdxl import StableDiffusionXL
 
-FAMILIES: tuple[ModelFamily, ...] = (StableDiffusion(),)
+FAMILIES: tuple[ModelFamily, ...] = (StableDiffusion(), StableDiffusionXL())
 PIPELINE_INDEX = "model_index.json"
 
 # Pipelines people try as a base that we recognise but do not train, with the reason.
 _NOT_TRAINED: dict[str, str] = {
-    "StableDiffusionXLPipeline": "SDXL is not supported yet",
-    "StableDiffusionXLImg2ImgPipeline": "an SDXL refiner / image-to-image model",
-    "StableDiffusionXLInpaintPipeline": "an SDXL inpainting model",
+    "StableDiffusionXLImg2ImgPipeline": "an SDXL refiner or image-to-image model: train the base model; "
+    "the refiner only polishes its images",
+    "StableDiffusionXLInpaintPipeline": "an SDXL inpainting model (its UNet takes a mask and a masked image)",
     "StableDiffusionInpaintPipeline": "an inpainting model (its UNet takes a mask and a masked image)",
     "StableDiffusionImg2ImgPipeline": "an image-to-image pipeline",
+    "StableDiffusionXLInstructPix2PixPipeline": "an image-editing model",
     "StableDiffusionDepth2ImgPipeline": "a depth-to-image model",
     "StableDiffusionUpscalePipeline": "an upscaler",
     "StableDiffusion3Pipeline": "Stable Diffusion 3 is not supported",
@@ -99,6 +101,7 @@ __all__ = [
     "ModelFamily",
     "ModelLoadError",
     "StableDiffusion",
+    "StableDiffusionXL",
     "UnsupportedModelError",
     "detect_family",
     "family_by_name",

@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..config import UserError
+from ..config import TrainConfig, UserError
 
 
 class ModelLoadError(UserError, RuntimeError):
@@ -18,7 +18,7 @@ class ModelLoadError(UserError, RuntimeError):
 
 @dataclass
 class Components:
-    """The loaded parts of a base model. A family with more encoders keeps them in `extra`."""
+    """The loaded parts of a base model; SDXL has a second tokenizer and text encoder."""
 
     family: ModelFamily
     tokenizer: Any
@@ -26,7 +26,12 @@ class Components:
     vae: torch.nn.Module
     unet: torch.nn.Module
     noise_scheduler: Any  # DDPMScheduler: the training noise schedule
-    extra: dict[str, Any] = field(default_factory=dict)
+    tokenizer_2: Any = None
+    text_encoder_2: torch.nn.Module | None = None
+
+    @property
+    def text_encoders(self) -> list[torch.nn.Module]:
+        return [te for te in (self.text_encoder, self.text_encoder_2) if te is not None]
 
     @property
     def vae_scale_factor(self) -> int:
@@ -68,13 +73,16 @@ class ModelFamily:
     def load_components(self, source: str, revision: str | None, variant: str | None) -> Components:
         raise NotImplementedError
 
+    def check_config(self, config: TrainConfig, parts: Components) -> None:
+        """Raise ConfigError for settings this family cannot train well (checked before training)."""
+
     def native_resolution(self, parts: Components) -> int:
         """The image size the base model was trained at: the UNet's sample size in pixels."""
         return int(parts.unet.config.sample_size) * parts.vae_scale_factor
 
-    def pipeline(self, parts: Components, unet: torch.nn.Module, text_encoder: torch.nn.Module,
+    def pipeline(self, parts: Components, unet: torch.nn.Module, text_encoders: Sequence[torch.nn.Module],
                  scheduler: Any) -> Any:
-        """An inference pipeline over the in-memory modules (no copy)."""
+        """An inference pipeline over the in-memory modules (no copy); `text_encoders` as in parts."""
         raise NotImplementedError
 
     def load_pipeline(self, folder: Path, dtype: torch.dtype) -> Any:
@@ -86,19 +94,27 @@ class ModelFamily:
         raise NotImplementedError
 
     def encode(self, parts: Components, input_ids: torch.Tensor,
-               text_encoder: torch.nn.Module | None = None) -> Conditioning:
-        """Conditioning for a batch of token ids; `text_encoder` is the (maybe trained) module to use."""
+               text_encoders: Sequence[torch.nn.Module] | None = None) -> Conditioning:
+        """Conditioning for a batch of token ids; `text_encoders` are the (maybe trained) modules to
+        use, in the order of `parts.text_encoders` (default: those)."""
         raise NotImplementedError
 
     def predict(self, unet: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor,
-                cond: Conditioning) -> torch.Tensor:
-        return unet(noisy, timesteps, cond.hidden_states, added_cond_kwargs=cond.added or None).sample
+                cond: Conditioning, image_info: torch.Tensor) -> torch.Tensor:
+        """The UNet's prediction. `image_info` holds each row's (original height, original width, crop
+        top, crop left, target height, target width), for families conditioned on them (SDXL)."""
+        return unet(noisy, timesteps, cond.hidden_states).sample
 
     # --- weights --------------------------------------------------------------------------
     def save_full(self, source: str, revision: str | None, parts: Components, unet: torch.nn.Module,
-                  text_encoder: torch.nn.Module, run_dir: Path, to_fp32: bool) -> Path:
+                  text_encoders: Sequence[torch.nn.Module], run_dir: Path, to_fp32: bool) -> Path:
         raise NotImplementedError
 
     def save_lora(self, run_dir: Path, layers: dict[str, dict], metadata: dict[str, dict]) -> Path:
-        """`layers`/`metadata` keyed by "unet" / "text_encoder"; returns the weights file."""
+        """`layers`/`metadata` keyed by "unet", "text_encoder" (and "text_encoder_2"); returns the file."""
         raise NotImplementedError
+
+    @staticmethod
+    def text_encoder_names(count: int) -> list[str]:
+        """diffusers' names of the text encoders: text_encoder, text_encoder_2, ..."""
+        return ["text_encoder" if i == 0 else f"text_encoder_{i + 1}" for i in range(count)]

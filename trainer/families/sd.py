@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,17 @@ from ..run_folder import LORA_WEIGHTS, PIPELINE_INDEX
 from .base import Components, Conditioning, ModelFamily, ModelLoadError
 
 
-def _load_part(source: str, part: str, loader, revision: str | None, variant: str | None):
+def save_lora_file(pipeline_class: type, run_dir: Path, layers: dict[str, dict], metadata: dict[str, dict]) -> Path:
+    """The diffusers LoRA file, through the pipeline class's own save_lora_weights."""
+    kwargs: dict[str, Any] = {}
+    for part, state in layers.items():
+        kwargs[f"{part}_lora_layers"] = state
+        kwargs[f"{part}_lora_adapter_metadata"] = metadata[part]
+    pipeline_class.save_lora_weights(run_dir, safe_serialization=True, **kwargs)
+    return run_dir / LORA_WEIGHTS
+
+
+def load_part(source: str, part: str, loader, revision: str | None, variant: str | None):
     """One component through `from_pretrained`, so a Hub id and a local folder take one path."""
     try:
         if part in ("tokenizer", "scheduler"):
@@ -51,7 +62,7 @@ class StableDiffusion(ModelFamily):
         from transformers import CLIPTextModel, CLIPTokenizer
 
         def load(part: str, loader):
-            return _load_part(source, part, loader, revision, variant)
+            return load_part(source, part, loader, revision, variant)
 
         return Components(
             family=self,
@@ -62,11 +73,11 @@ class StableDiffusion(ModelFamily):
             noise_scheduler=load("scheduler", DDPMScheduler.from_pretrained),
         )
 
-    def pipeline(self, parts: Components, unet: torch.nn.Module, text_encoder: torch.nn.Module,
+    def pipeline(self, parts: Components, unet: torch.nn.Module, text_encoders: Sequence[torch.nn.Module],
                  scheduler: Any) -> Any:
         pipe = self.pipeline_class(
             vae=parts.vae,
-            text_encoder=text_encoder,
+            text_encoder=text_encoders[0],
             tokenizer=parts.tokenizer,
             unet=unet,
             scheduler=scheduler,
@@ -91,19 +102,19 @@ class StableDiffusion(ModelFamily):
                    return_tensors="pt").input_ids[0]
 
     def encode(self, parts: Components, input_ids: torch.Tensor,
-               text_encoder: torch.nn.Module | None = None) -> Conditioning:
-        encoder = text_encoder if text_encoder is not None else parts.text_encoder
+               text_encoders: Sequence[torch.nn.Module] | None = None) -> Conditioning:
+        encoder = text_encoders[0] if text_encoders else parts.text_encoder
         return Conditioning(encoder(input_ids)[0])
 
     def save_full(self, source: str, revision: str | None, parts: Components, unet: torch.nn.Module,
-                  text_encoder: torch.nn.Module, run_dir: Path, to_fp32: bool) -> Path:
+                  text_encoders: Sequence[torch.nn.Module], run_dir: Path, to_fp32: bool) -> Path:
         # The base pipeline's own scheduler class and config (not the DDPM used for training).
         pipe = self.pipeline_class.from_pretrained(
             source,
             revision=revision,
             use_safetensors=True,
             vae=parts.vae,
-            text_encoder=text_encoder,
+            text_encoder=text_encoders[0],
             tokenizer=parts.tokenizer,
             unet=unet,
             **_NO_SAFETY_CHECKER,
@@ -115,10 +126,4 @@ class StableDiffusion(ModelFamily):
         return run_dir / PIPELINE_INDEX
 
     def save_lora(self, run_dir: Path, layers: dict[str, dict], metadata: dict[str, dict]) -> Path:
-        kwargs: dict[str, Any] = {}
-        for part in ("unet", "text_encoder"):
-            if part in layers:
-                kwargs[f"{part}_lora_layers"] = layers[part]
-                kwargs[f"{part}_lora_adapter_metadata"] = metadata[part]
-        self.pipeline_class.save_lora_weights(run_dir, safe_serialization=True, **kwargs)
-        return run_dir / LORA_WEIGHTS
+        return save_lora_file(self.pipeline_class, run_dir, layers, metadata)

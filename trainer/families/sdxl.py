@@ -1,0 +1,131 @@
+"""Stable Diffusion XL: two CLIP text encoders (the second's pooled, projected output conditions the
+UNet too) and micro-conditioning on each image's original size, crop and target size."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import ConfigError, TrainConfig
+from ..run_folder import PIPELINE_INDEX
+from .base import Components, Conditioning, ModelFamily
+from .sd import load_part, save_lora_file
+
+# No invisible watermark on training samples and generated images (it needs an extra package, too).
+_NO_WATERMARK: dict[str, Any] = {"add_watermarker": False}
+
+
+class StableDiffusionXL(ModelFamily):
+    name = "sdxl"
+    label = "Stable Diffusion XL"
+    pipeline_names = ("StableDiffusionXLPipeline",)
+    default_resolution = 1024
+    unet_lora_targets = ("to_k", "to_q", "to_v", "to_out.0")
+    text_lora_targets = ("q_proj", "k_proj", "v_proj", "out_proj")
+    card_tags = ("stable-diffusion-xl", "stable-diffusion-xl-diffusers")
+
+    @property
+    def pipeline_class(self) -> type:
+        from diffusers import StableDiffusionXLPipeline
+
+        return StableDiffusionXLPipeline
+
+    def load_components(self, source: str, revision: str | None, variant: str | None) -> Components:
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+        def load(part: str, loader):
+            return load_part(source, part, loader, revision, variant)
+
+        return Components(
+            family=self,
+            tokenizer=load("tokenizer", CLIPTokenizer.from_pretrained),
+            text_encoder=load("text_encoder", CLIPTextModel.from_pretrained),
+            tokenizer_2=load("tokenizer_2", CLIPTokenizer.from_pretrained),
+            text_encoder_2=load("text_encoder_2", CLIPTextModelWithProjection.from_pretrained),
+            vae=load("vae", AutoencoderKL.from_pretrained),
+            unet=load("unet", UNet2DConditionModel.from_pretrained),
+            noise_scheduler=load("scheduler", DDPMScheduler.from_pretrained),
+        )
+
+    def check_config(self, config: TrainConfig, parts: Components) -> None:
+        native = self.native_resolution(parts)
+        if config.resolution < native // 2:
+            raise ConfigError(
+                f"`resolution` {config.resolution} is under {native // 2}, half of this SDXL model's native "
+                f"{native} px: SDXL loses the subject's detail and its composition below that. Use {native // 2} "
+                f"or more ({native} is best)."
+            )
+
+    def pipeline(self, parts: Components, unet: torch.nn.Module, text_encoders: Sequence[torch.nn.Module],
+                 scheduler: Any) -> Any:
+        pipe = self.pipeline_class(
+            vae=parts.vae,
+            text_encoder=text_encoders[0],
+            text_encoder_2=text_encoders[1],
+            tokenizer=parts.tokenizer,
+            tokenizer_2=parts.tokenizer_2,
+            unet=unet,
+            scheduler=scheduler,
+            **_NO_WATERMARK,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def load_pipeline(self, folder: Path, dtype: torch.dtype) -> Any:
+        pipe = self.pipeline_class.from_pretrained(folder, dtype=dtype, use_safetensors=True, **_NO_WATERMARK)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def tokenize(self, parts: Components, prompt: str) -> torch.Tensor:
+        """Both tokenizers' ids, stacked: [2, max_length]."""
+        rows = [
+            tok(prompt, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                return_tensors="pt").input_ids[0]
+            for tok in (parts.tokenizer, parts.tokenizer_2)
+        ]
+        return torch.stack(rows)
+
+    def encode(self, parts: Components, input_ids: torch.Tensor,
+               text_encoders: Sequence[torch.nn.Module] | None = None) -> Conditioning:
+        """As StableDiffusionXLPipeline.encode_prompt: both encoders' penultimate hidden states side by
+        side, and the second encoder's pooled, projected output."""
+        encoders = list(text_encoders) if text_encoders else parts.text_encoders
+        hidden = []
+        pooled = None
+        for i, encoder in enumerate(encoders):
+            out = encoder(input_ids[:, i], output_hidden_states=True)
+            pooled = out[0]  # the last encoder's: CLIPTextModelWithProjection's text_embeds
+            hidden.append(out.hidden_states[-2])
+        return Conditioning(torch.cat(hidden, dim=-1), {"text_embeds": pooled})
+
+    def predict(self, unet: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor,
+                cond: Conditioning, image_info: torch.Tensor) -> torch.Tensor:
+        added = {"text_embeds": cond.added["text_embeds"], "time_ids": image_info.to(cond.hidden_states.dtype)}
+        return unet(noisy, timesteps, cond.hidden_states, added_cond_kwargs=added).sample
+
+    def save_full(self, source: str, revision: str | None, parts: Components, unet: torch.nn.Module,
+                  text_encoders: Sequence[torch.nn.Module], run_dir: Path, to_fp32: bool) -> Path:
+        # The base pipeline's own scheduler class and config (not the DDPM used for training).
+        pipe = self.pipeline_class.from_pretrained(
+            source,
+            revision=revision,
+            use_safetensors=True,
+            vae=parts.vae,
+            text_encoder=text_encoders[0],
+            text_encoder_2=text_encoders[1],
+            tokenizer=parts.tokenizer,
+            tokenizer_2=parts.tokenizer_2,
+            unet=unet,
+            **_NO_WATERMARK,
+        )
+        if to_fp32:
+            pipe.to(dtype=torch.float32)
+        pipe.save_pretrained(run_dir, safe_serialization=True)
+        return run_dir / PIPELINE_INDEX
+
+    def save_lora(self, run_dir: Path, layers: dict[str, dict], metadata: dict[str, dict]) -> Path:
+        return save_lora_file(self.pipeline_class, run_dir, layers, metadata)
