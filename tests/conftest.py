@@ -48,6 +48,24 @@ def tiny_vpred_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
 
 
+@pytest.fixture(scope="session")
+def tiny_sdxl_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny SDXL base model (two text encoders, text_time UNet), saved once for the whole session."""
+    from tiny_model import build_tiny_sdxl_pipeline
+
+    return build_tiny_sdxl_pipeline(tmp_path_factory.mktemp("tiny-sdxl") / "model")
+
+
+@pytest.fixture(params=["sd", "sdxl"])
+def tiny_base(request: pytest.FixtureRequest):
+    """Each tiny base model in turn (SD 1.x, SDXL): for the tests every model family must pass."""
+    from tiny_model import TinyBase
+
+    if request.param == "sdxl":
+        return TinyBase(request.getfixturevalue("tiny_sdxl_model_dir"), "sdxl", ("text_encoder", "text_encoder_2"))
+    return TinyBase(request.getfixturevalue("tiny_model_dir"), "sd", ("text_encoder",))
+
+
 @pytest.fixture
 def subject_images(tmp_path: Path) -> Path:
     """A folder of 4 distinct 64x64 PNGs of one subject: a red square on white, shifted per image."""

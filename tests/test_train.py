@@ -13,10 +13,10 @@ from trainer import CancelToken, train
 from trainer.events import CheckpointEvent, PhaseEvent, ProgressEvent, SampleEvent, StepEvent
 
 
-def test_full_with_prior_8bit_and_checkpointing_moves_unet_not_vae(tiny_model_dir, subject_images, tmp_path):
+def test_full_with_prior_8bit_and_checkpointing_moves_unet_not_vae(tiny_base, subject_images, tmp_path):
     events = []
     config = tiny_config(
-        tiny_model_dir, subject_images, tmp_path / "run", method="full", learning_rate=1e-3,
+        tiny_base.path, subject_images, tmp_path / "run", method="full", learning_rate=1e-3,
         with_prior_preservation=True, class_prompt="a photo of a square", num_class_images=3,
         class_cache_dir=str(tmp_path / "class-cache"), use_8bit_adam=True, gradient_checkpointing=True,
         validation_prompts=("a photo of sks square",), validation_steps=3, report_to="tensorboard",
@@ -25,10 +25,10 @@ def test_full_with_prior_8bit_and_checkpointing_moves_unet_not_vae(tiny_model_di
 
     assert result.status == "completed" and result.step == 6
     run = result.run_dir
-    base_unet, new_unet = safetensors_dir(tiny_model_dir / "unet"), safetensors_dir(run / "unet")
+    base_unet, new_unet = safetensors_dir(tiny_base.path / "unet"), safetensors_dir(run / "unet")
     assert max_abs_diff(base_unet, new_unet) > 1e-4, "the UNet did not move"
-    assert max_abs_diff(safetensors_dir(tiny_model_dir / "vae"), safetensors_dir(run / "vae")) == 0.0
-    assert max_abs_diff(safetensors_dir(tiny_model_dir / "text_encoder"), safetensors_dir(run / "text_encoder")) == 0.0
+    for frozen in ("vae", *tiny_base.text_encoders):
+        assert max_abs_diff(safetensors_dir(tiny_base.path / frozen), safetensors_dir(run / frozen)) == 0.0, frozen
 
     # The run folder describes itself: config, metrics, samples, TensorBoard events, card.
     assert json.loads((run / "config.json").read_text())["with_prior_preservation"] is True
@@ -44,15 +44,14 @@ def test_full_with_prior_8bit_and_checkpointing_moves_unet_not_vae(tiny_model_di
     assert [e.step for e in events if isinstance(e, StepEvent)] == list(range(1, 7))
     assert [e.step for e in events if isinstance(e, SampleEvent)] == [3, 6]
 
-    # Plain diffusers loads the output and generates.
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(run)
+    # Plain diffusers loads the output (a pipeline of the base's own class) and generates.
+    pipe = tiny_base.pipeline_class.from_pretrained(run)
     image = pipe("a photo of sks square", num_inference_steps=2, height=32, width=32, output_type="np").images
     assert image.shape == (1, 32, 32, 3) and torch.isfinite(torch.from_numpy(image)).all()
 
 
-def test_class_image_cache_is_reused(tiny_model_dir, subject_images, tmp_path):
+def test_class_image_cache_is_reused(tiny_base, subject_images, tmp_path):
+    tiny_model_dir = tiny_base.path
     cache = tmp_path / "cache"
     common = dict(with_prior_preservation=True, class_prompt="a photo of a square", num_class_images=3,
                   class_cache_dir=str(cache), max_train_steps=1)
@@ -76,7 +75,8 @@ def test_class_image_cache_is_reused(tiny_model_dir, subject_images, tmp_path):
     assert len(list(cache.rglob("class-*.png"))) == 5
 
 
-def test_overfitting_lowers_the_loss_on_the_instance_images(tiny_model_dir, subject_images, tmp_path):
+def test_overfitting_lowers_the_loss_on_the_instance_images(tiny_base, subject_images, tmp_path):
+    tiny_model_dir = tiny_base.path
     prompt = "a photo of sks square"
     config = tiny_config(tiny_model_dir, subject_images, tmp_path / "run", method="lora", learning_rate=1e-2,
                          lora_rank=8, max_train_steps=40, train_batch_size=2)
@@ -86,16 +86,15 @@ def test_overfitting_lowers_the_loss_on_the_instance_images(tiny_model_dir, subj
     assert after < 0.8 * before, f"loss {before:.4f} -> {after:.4f}"
 
 
-def test_lora_output_loads_in_plain_diffusers_and_changes_the_image(tiny_model_dir, subject_images, tmp_path):
-    from diffusers import StableDiffusionPipeline
-
+def test_lora_output_loads_in_plain_diffusers_and_changes_the_image(tiny_base, subject_images, tmp_path):
+    tiny_model_dir = tiny_base.path
     config = tiny_config(tiny_model_dir, subject_images, tmp_path / "run", learning_rate=1e-2, max_train_steps=8,
                          train_text_encoder=True)
     result = train(config)
     assert result.weights == result.run_dir / "pytorch_lora_weights.safetensors"
 
     def image(with_lora: bool):
-        pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir)
+        pipe = tiny_base.pipeline_class.from_pretrained(tiny_model_dir)
         if with_lora:
             pipe.load_lora_weights(result.run_dir)
         out = pipe("a photo of sks square", num_inference_steps=3, height=32, width=32, output_type="np",
@@ -127,7 +126,8 @@ def _trainable(run: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
-def test_resume_after_cancel_ends_with_the_same_weights(tiny_model_dir, subject_images, tmp_path, method):
+def test_resume_after_cancel_ends_with_the_same_weights(tiny_base, subject_images, tmp_path, method):
+    tiny_model_dir = tiny_base.path
     common = dict(method=method, learning_rate=1e-3, max_train_steps=8, checkpointing_steps=8,
                   train_text_encoder=True, random_flip=True, with_prior_preservation=True,
                   class_prompt="a photo of a square", num_class_images=2, class_cache_dir=str(tmp_path / "cc"),

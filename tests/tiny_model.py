@@ -13,6 +13,7 @@ The only asset it needs is the real CLIP tokenizer in `trainer/assets/clip-token
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -76,39 +77,102 @@ SCHEDULER_CONFIG: dict[str, Any] = {
 }
 
 
-def build_tiny_pipeline(out_dir: Path, seed: int = 0, prediction_type: str = "epsilon") -> Path:
-    """Build, save (safetensors) and return `out_dir`; the same seed gives the same weights."""
-    if prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"`prediction_type` has to be one of {PREDICTION_TYPES} but is {prediction_type!r}.")
+# The tiny SDXL: two text encoders side by side (32 + 32 = the UNet's 64-wide cross-attention), the
+# second with a projection whose pooled output, with the six time ids (8 sinusoids each), is the
+# UNet's added "text_time" embedding: 6 * 8 + 32 = 80 inputs.
+SDXL_UNET_CONFIG: dict[str, Any] = {
+    **UNET_CONFIG,
+    "cross_attention_dim": 64,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 8,
+    "projection_class_embeddings_input_dim": 80,
+}
+SDXL_VAE_CONFIG: dict[str, Any] = {**VAE_CONFIG, "scaling_factor": 0.13025, "force_upcast": True}
+SDXL_TEXT_ENCODER_2_CONFIG: dict[str, Any] = {**TEXT_ENCODER_CONFIG, "projection_dim": 32}
+# SDXL base 1.0's scheduler/scheduler_config.json (EulerDiscreteScheduler).
+SDXL_SCHEDULER_CONFIG: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+}
+
+
+@dataclass(frozen=True)
+class TinyBase:
+    """A built tiny base model and what tests need to know of its family."""
+
+    path: Path
+    family: str  # "sd" or "sdxl", as trainer.families names them
+    text_encoders: tuple[str, ...]  # the pipeline folder's text-encoder subfolders
+
+    @property
+    def pipeline_class(self) -> type:
+        import diffusers
+
+        return getattr(diffusers, "StableDiffusionXLPipeline" if self.family == "sdxl" else "StableDiffusionPipeline")
+
+
+def _check_tokenizer() -> None:
     if not (TOKENIZER_DIR / "vocab.json").is_file():
         raise FileNotFoundError(
             f"The CLIP tokenizer is missing from {TOKENIZER_DIR}: run `python tools/build_clip_tokenizer.py`."
         )
+
+
+def _seeded(seed: int, make):
+    """Re-seed before each component, so changing one component's config leaves the others' weights alone."""
+    torch.manual_seed(seed)
+    return make()
+
+
+def _save(pipeline, out_dir: Path, tokenizers: tuple[str, ...]) -> Path:
+    pipeline.save_pretrained(out_dir, safe_serialization=True)
+    # Ship the tokenizer as SD 1.5 does (vocab.json + merges.txt) instead of the tokenizer.json that
+    # save_pretrained writes: 1.5 MB instead of 3.6 MB, and it loads faster. Same ids either way.
+    for name in tokenizers:
+        shutil.rmtree(out_dir / name)
+        shutil.copytree(TOKENIZER_DIR, out_dir / name)
+    return out_dir
+
+
+def build_tiny_sdxl_pipeline(out_dir: Path, seed: int = 0) -> Path:
+    """A tiny SDXL base model (StableDiffusionXLPipeline), saved like the real one; seeded."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextModelWithProjection
+
+    _check_tokenizer()
+    pipeline = StableDiffusionXLPipeline(
+        vae=_seeded(seed, lambda: AutoencoderKL(**SDXL_VAE_CONFIG)),
+        text_encoder=_seeded(seed, lambda: CLIPTextModel(CLIPTextConfig(**TEXT_ENCODER_CONFIG))),
+        text_encoder_2=_seeded(seed + 1, lambda: CLIPTextModelWithProjection(
+            CLIPTextConfig(**SDXL_TEXT_ENCODER_2_CONFIG))),
+        tokenizer=CLIPTokenizer.from_pretrained(TOKENIZER_DIR),
+        tokenizer_2=CLIPTokenizer.from_pretrained(TOKENIZER_DIR),
+        unet=_seeded(seed, lambda: UNet2DConditionModel(**SDXL_UNET_CONFIG)),
+        scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER_CONFIG),
+        add_watermarker=False,
+    )
+    return _save(pipeline, Path(out_dir), ("tokenizer", "tokenizer_2"))
+
+
+def build_tiny_pipeline(out_dir: Path, seed: int = 0, prediction_type: str = "epsilon") -> Path:
+    """Build, save (safetensors) and return `out_dir`; the same seed gives the same weights."""
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"`prediction_type` has to be one of {PREDICTION_TYPES} but is {prediction_type!r}.")
+    _check_tokenizer()
     out_dir = Path(out_dir)
 
-    # Re-seed before each component, so changing one component's config leaves the others' weights alone.
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**UNET_CONFIG)
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(**VAE_CONFIG)
-    torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT_ENCODER_CONFIG))
-    tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER_DIR)
-    scheduler = PNDMScheduler(**SCHEDULER_CONFIG, prediction_type=prediction_type)
-
     pipeline = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
+        vae=_seeded(seed, lambda: AutoencoderKL(**VAE_CONFIG)),
+        text_encoder=_seeded(seed, lambda: CLIPTextModel(CLIPTextConfig(**TEXT_ENCODER_CONFIG))),
+        tokenizer=CLIPTokenizer.from_pretrained(TOKENIZER_DIR),
+        unet=_seeded(seed, lambda: UNet2DConditionModel(**UNET_CONFIG)),
+        scheduler=PNDMScheduler(**SCHEDULER_CONFIG, prediction_type=prediction_type),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipeline.save_pretrained(out_dir, safe_serialization=True)
-    # Ship the tokenizer as SD 1.5 does (vocab.json + merges.txt) instead of the tokenizer.json that
-    # save_pretrained writes: 1.5 MB instead of 3.6 MB, and it loads faster. Same ids either way.
-    shutil.rmtree(out_dir / "tokenizer")
-    shutil.copytree(TOKENIZER_DIR, out_dir / "tokenizer")
-    return out_dir
+    return _save(pipeline, out_dir, ("tokenizer",))

@@ -52,21 +52,30 @@ def denoising_loss(model_dir: Path, images: Path, prompt: str, lora_dir: Path | 
 
     The training loss is noisy (random timesteps each step); this is the same quantity averaged
     over the same draws for every model compared, so a drop means the model learned the images.
+    The prompt is encoded and the UNet called as the engine's model family does (SD or SDXL).
     """
+    from diffusers import DDPMScheduler
+
+    from trainer.families import Components, detect_family
     from trainer.run_folder import load_pipeline
 
     pipe = load_pipeline(model_dir, torch.float32, lora_dir=lora_dir)
+    family = detect_family(str(model_dir))
+    parts = Components(family, pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet, pipe.scheduler,
+                       tokenizer_2=getattr(pipe, "tokenizer_2", None), text_encoder_2=getattr(pipe, "text_encoder_2", None))
     paths = sorted(p for p in images.iterdir() if p.suffix == ".png")
-    pixels = torch.stack([prepare_image(ImageSet(paths).image(i), resolution, True, False) for i in range(len(paths))])
+    image_set = ImageSet(paths)
+    pixels = torch.stack([prepare_image(image_set.image(i), resolution, True, False) for i in range(len(paths))])
     latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
-    ids = pipe.tokenizer([prompt] * len(paths), padding="max_length", max_length=77, return_tensors="pt").input_ids
-    hidden = pipe.text_encoder(ids)[0]
+    cond = family.encode(parts, torch.stack([family.tokenize(parts, prompt)] * len(paths)))
+    info = torch.tensor([[*image_set.original_size(i), 0, 0, resolution, resolution] for i in range(len(paths))],
+                        dtype=torch.float32)  # the square images are resized, so the centre crop is at 0, 0
     gen = torch.Generator().manual_seed(1234)
-    scheduler = pipe.scheduler
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the training noise schedule
     total = 0.0
     for _ in range(draws // len(paths)):
         noise = torch.randn(latents.shape, generator=gen)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(paths),), generator=gen)
         noisy = scheduler.add_noise(latents, noise, t)
-        total += torch.nn.functional.mse_loss(pipe.unet(noisy, t, hidden).sample, noise).item()
+        total += torch.nn.functional.mse_loss(family.predict(pipe.unet, noisy, t, cond, info), noise).item()
     return total / (draws // len(paths))
