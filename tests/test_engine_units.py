@@ -17,12 +17,13 @@ from trainer.optim import make_optimizer
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])
-def test_bf16_keeps_trainable_weights_fp32_and_frozen_ones_bf16(tiny_model_dir, subject_images, tmp_path, method):
-    config = tiny_config(tiny_model_dir, subject_images, tmp_path / "run", method=method, mixed_precision="bf16",
+def test_bf16_keeps_trainable_weights_fp32_and_frozen_ones_bf16(tiny_base, subject_images, tmp_path, method):
+    config = tiny_config(tiny_base.path, subject_images, tmp_path / "run", method=method, mixed_precision="bf16",
                          train_text_encoder=True)
     parts = load_components(config)
     prepare_for_training(parts, config, torch.device("cpu"))
-    for module in (parts.unet, parts.text_encoder):
+    assert len(parts.text_encoders) == len(tiny_base.text_encoders)
+    for module in (parts.unet, *parts.text_encoders):
         trainable = [p for p in module.parameters() if p.requires_grad]
         frozen = [p for p in module.parameters() if not p.requires_grad]
         assert trainable and all(p.dtype == torch.float32 for p in trainable)
@@ -159,3 +160,42 @@ def test_each_image_trains_with_its_own_caption(tiny_model_dir, subject_images, 
 
     with_captions_off = read_captions(paths, "", "sks", named)
     assert with_captions_off == [None] * 4
+
+
+def test_sdxl_time_ids_are_the_original_size_and_the_crop_actually_taken(tiny_sdxl_model_dir, tmp_path):
+    """Random crops and flips of non-square photos: each row's time ids must name the photo's real size
+    and the square the batch's pixels came from (the VAE is replaced by the identity to see them)."""
+    import numpy as np
+    from PIL import Image
+
+    from trainer.batches import BatchSource
+    from trainer.data import ImageSet, _resize_short_side, load_rgb
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i, (w, h) in enumerate([(80, 48), (40, 72), (64, 64)]):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"p{i}.png")
+    config = tiny_config(tiny_sdxl_model_dir, folder, tmp_path / "run", center_crop=False, random_flip=True,
+                         train_batch_size=3)
+    parts = load_components(config)
+    paths = sorted(folder.iterdir())
+    source = BatchSource(config, parts, ImageSet(paths), None, torch.device("cpu"))
+    source._encode = lambda pixels: (pixels, torch.zeros_like(pixels))  # latents = the pixels themselves
+
+    seen = set()
+    for micro_step in range(4):
+        batch = source.batch(micro_step)
+        for latent, info in zip(batch.latents, batch.image_info, strict=True):
+            pixels = latent / parts.vae.config.scaling_factor
+            oh, ow, top, left, th, tw = (int(v) for v in info)
+            assert (th, tw) == (32, 32)
+            path = next(p for p in paths if load_rgb(p).size == (ow, oh))  # the photo's real size
+            resized = _resize_short_side(load_rgb(path), 32)
+            expected = [np.asarray(resized)[top:top + 32, left:left + 32]]  # as cropped ...
+            mirrored = np.asarray(resized)[:, ::-1]
+            expected.append(mirrored[top:top + 32, left:left + 32])  # ... or mirrored, left read in the mirror
+            got = ((pixels.permute(1, 2, 0).numpy() + 1) * 127.5).round()
+            assert any(np.abs(got - e).max() < 1.0 for e in expected), (path.name, top, left)
+            seen.add((path.name, top, left))
+    assert len({(name, top, left) for name, top, left in seen if name == "p0.png"}) > 1, "the crops never moved"
