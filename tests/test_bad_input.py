@@ -167,3 +167,41 @@ def test_only_caption_files_is_refused(tiny_model_dir, subject_images, tmp_path)
     caption.write_text("a photo of sks square")
     with pytest.raises(ImageDataError, match="`instance_data`: only caption files were given, no images"):
         train(tiny_config(tiny_model_dir, subject_images, tmp_path / "run", instance_data=(str(caption),)))
+
+
+def test_a_separate_vae_is_used_and_a_wrong_one_refused(tiny_base, subject_images, tmp_path):
+    import json
+    import shutil
+
+    import torch
+    from diffusers import AutoencoderKL
+
+    from trainer.models import load_components
+
+    # A VAE of the right shape with other weights: the run encodes with it and a full run ships it.
+    vae = AutoencoderKL.from_pretrained(tiny_base.path / "vae")
+    with torch.no_grad():
+        for param in vae.parameters():
+            param.mul_(0.5)
+    vae.save_pretrained(tmp_path / "other-vae")
+    config = tiny_config(tiny_base.path, subject_images, tmp_path / "run", method="full", max_train_steps=1,
+                         pretrained_vae=str(tmp_path / "other-vae"))
+    assert torch.equal(load_components(config).vae.encoder.conv_in.weight, vae.encoder.conv_in.weight)
+    result = train(config)
+    saved = AutoencoderKL.from_pretrained(result.run_dir / "vae")
+    assert torch.equal(saved.encoder.conv_in.weight, vae.encoder.conv_in.weight)
+
+    # A VAE whose latents the UNet cannot take is refused, naming the field, before training.
+    wrong = tmp_path / "wrong-vae"
+    shutil.copytree(tmp_path / "other-vae", wrong)
+    cfg = json.loads((wrong / "config.json").read_text())
+    (wrong / "config.json").write_text(json.dumps({**cfg, "latent_channels": 16}))
+    bad = config.replace(output_dir=str(tmp_path / "bad"), pretrained_vae=str(wrong))
+    with pytest.raises(ModelLoadError, match="`pretrained_vae`: .*16-channel latents; this .* UNet takes 4"):
+        train(bad)
+    assert not (tmp_path / "bad").exists()
+    (wrong / "config.json").write_text(json.dumps({**cfg, "_class_name": "AutoencoderTiny"}))
+    with pytest.raises(ModelLoadError, match="`pretrained_vae`: .*AutoencoderTiny, not an AutoencoderKL"):
+        train(bad)
+    with pytest.raises(ModelLoadError, match="`pretrained_vae`: .*could not be loaded"):
+        train(bad.replace(pretrained_vae=str(tmp_path / "nowhere")))

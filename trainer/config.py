@@ -47,6 +47,12 @@ class TrainConfig:
     variant: str | None = field(
         default=None, metadata={"help": "Weight variant of the base model, e.g. fp16."}
     )
+    pretrained_vae: str | None = field(
+        default=None,
+        metadata={"help": "A separate VAE (Hub id or folder) used instead of the base model's to encode the "
+                          "photos and decode class images and samples, and saved into a full run; e.g. "
+                          "madebyollin/sdxl-vae-fp16-fix for SDXL under fp16."},
+    )
     instance_data: tuple[str, ...] = field(
         default=(), metadata={"help": "Instance images: folders and/or image files."}
     )

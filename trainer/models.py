@@ -20,7 +20,39 @@ def load_components(config: TrainConfig) -> Components:
     """The base model's family, read from its model_index.json first (an unsupported one is
     refused before any weights load), then its parts through `from_pretrained`."""
     family = detect_family(config.pretrained_model, config.revision)
-    return family.load_components(config.pretrained_model, config.revision, config.variant)
+    parts = family.load_components(config.pretrained_model, config.revision, config.variant)
+    if config.pretrained_vae:
+        parts.vae = load_vae(config.pretrained_vae, parts)
+    return parts
+
+
+def load_vae(source: str, parts: Components):
+    """A separate VAE, checked against the base model before its weights load: it must be an
+    AutoencoderKL whose latents the UNet takes (channels) at the base VAE's downsampling."""
+    from diffusers import AutoencoderKL
+
+    def fail(problem: str) -> ModelLoadError:
+        return ModelLoadError(f"`pretrained_vae`: {source!r} {problem}")
+
+    try:
+        found = AutoencoderKL.load_config(source)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise fail(f"could not be loaded: {first}") from None
+    if found.get("_class_name") != "AutoencoderKL":
+        raise fail(f"is a {found.get('_class_name')}, not an AutoencoderKL")
+    channels, base = found.get("latent_channels", 4), parts.vae.config
+    if channels != parts.unet.config.in_channels:
+        raise fail(f"makes {channels}-channel latents; this {parts.family.label} UNet takes "
+                   f"{parts.unet.config.in_channels}")
+    if len(found.get("block_out_channels", ())) != len(base.block_out_channels):
+        raise fail(f"downsamples by 2^{len(found.get('block_out_channels', ())) - 1}, the base VAE by "
+                   f"2^{len(base.block_out_channels) - 1}")
+    try:
+        return AutoencoderKL.from_pretrained(source, use_safetensors=True)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise fail(f"could not be loaded: {first}") from None
 
 
 def prepare_for_training(parts: Components, config: TrainConfig, device: torch.device) -> None:

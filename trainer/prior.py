@@ -29,9 +29,10 @@ def default_cache_root() -> Path:
 
 
 def cache_dir_for(config: TrainConfig) -> Path:
-    key = json.dumps(
-        [config.pretrained_model, config.revision, config.variant, config.class_prompt, config.resolution]
-    )
+    fields = [config.pretrained_model, config.revision, config.variant, config.class_prompt, config.resolution]
+    if config.pretrained_vae:  # another VAE decodes other images (kept out of the key otherwise: old caches stay)
+        fields.append(config.pretrained_vae)
+    key = json.dumps(fields)
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     slug = re.sub(r"[^a-z0-9]+", "-", config.class_prompt.lower()).strip("-")[:40] or "class"
     root = Path(config.class_cache_dir) if config.class_cache_dir else default_cache_root()
@@ -112,6 +113,7 @@ def _write_manifest(cache: Path, config: TrainConfig, total: int) -> None:
         "base_model": config.pretrained_model,
         "revision": config.revision,
         "variant": config.variant,
+        "vae": config.pretrained_vae,
         "class_prompt": config.class_prompt,
         "resolution": config.resolution,
         "scheduler": "DPMSolverMultistepScheduler",
