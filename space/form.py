@@ -19,7 +19,8 @@ from typing import Any, Literal
 import gradio as gr
 
 from space import texts
-from trainer.config import DEFAULT_LR, PRECISIONS, ConfigError, TrainConfig
+from space.presets import FAMILY_PRESETS, SD
+from trainer.config import PRECISIONS, ConfigError, TrainConfig
 from trainer.data import is_caption_file
 
 MIN_IMAGES, MAX_IMAGES = 3, 20
@@ -48,12 +49,14 @@ PRESETS: dict[Concept, Preset] = {
 }
 
 
-def preset_values(concept: str, num_images: int, method: str) -> dict[str, Any]:
-    """Steps, learning rate and text-encoder training a concept type implies."""
+def preset_values(concept: str, num_images: int, method: str, family: str = SD) -> dict[str, Any]:
+    """Steps, learning rate and text-encoder training a concept type implies, at the learning rate
+    of the base model's family (space.presets.FAMILY_PRESETS) for the method."""
     preset = PRESETS[Concept(concept)]
+    rates = FAMILY_PRESETS.get(family, FAMILY_PRESETS[SD]).learning_rate
     return {
         "max_train_steps": preset.steps_per_image * max(num_images, 1),
-        "learning_rate": DEFAULT_LR.get(method, DEFAULT_LR["lora"]),
+        "learning_rate": rates.get(method, rates["lora"]),
         "train_text_encoder": True,
         "text_encoder_steps_fraction": preset.text_encoder_fraction,
     }
@@ -107,9 +110,13 @@ class FormField:
     kind: Kind  # how form_to_config parses its value
     config: str | None = None  # the TrainConfig field it sets; None: read by hand, or by the UI only
     props: Mapping[str, Any] = field(default_factory=dict)  # label, info, ranges, elem_id
+    optional: bool = False  # left empty: the base model's setting, else TrainConfig's default
 
     def parse(self, values: Mapping[str, Any]) -> Any:
+        """The value for TrainConfig; None for an optional field left empty."""
         raw = values.get(self.key)
+        if self.optional and (raw is None or raw == ""):
+            return None
         if self.kind == "files":
             return _image_paths(raw)
         if self.kind == "flag":
@@ -121,8 +128,10 @@ class FormField:
         return str(raw or "").strip()
 
 
-def _row(key: str, widget: Any, place: str, kind: Kind, config: str | None = None, **props: Any) -> FormField:
-    return FormField(key, widget, place, kind, config, props)
+def _row(
+    key: str, widget: Any, place: str, kind: Kind, config: str | None = None, optional: bool = False, **props: Any
+) -> FormField:
+    return FormField(key, widget, place, kind, config, props, optional)
 
 
 # Rows in the /train endpoint's parameter order; train_tab draws each place's rows in this order.
@@ -177,11 +186,15 @@ FORM: tuple[FormField, ...] = (
          label="Validation prompt", info=texts.VALIDATION_HELP),
     _row("validation_steps",            gr.Number,   "outputs",      "int",   "validation_steps",
          precision=0, label="Sample every N steps", elem_id="validation-steps"),
+    # Added after the rest, so that the /train endpoint's earlier parameters keep their positions.
+    _row("lora_rank",                   gr.Number,   "steps",        "int",   "lora_rank", optional=True,
+         precision=0, minimum=1, label="LoRA rank", info=texts.LORA_RANK_HELP, elem_id="lora-rank"),
+    _row("cache_latents",               gr.Checkbox, "memory",       "flag",  "cache_latents",
+         label="Cache latents", info=texts.CACHE_LATENTS_HELP),
 )
 # fmt: on
 FIELDS: dict[str, FormField] = {f.key: f for f in FORM}
-# Every TrainConfig field form_to_config sets: a base model's hidden settings never override these.
-_SET_BY_FORM = frozenset({*(f.config for f in FORM if f.config), "output_dir", "validation_prompts"})
+_NOT_HIDDEN = frozenset({"output_dir", "validation_prompts"})  # form_to_config's own
 
 
 def config_to_form(config: TrainConfig) -> dict[str, Any]:
@@ -189,9 +202,10 @@ def config_to_form(config: TrainConfig) -> dict[str, Any]:
     return {f.key: getattr(config, f.config) for f in FORM if f.config}
 
 
-def initial_values(machine: Mapping[str, Any]) -> dict[str, Any]:
+def initial_values(machine: Mapping[str, Any], family: str = SD) -> dict[str, Any]:
     """The form as a page first shows it: TrainConfig's defaults, then the settings that fit the
-    machine (space.presets.safe_defaults), the object preset, and the prompts of "zwx dog"."""
+    machine (space.presets.safe_defaults), the object preset at the learning rate of the base
+    model's `family`, and the prompts of "zwx dog"."""
     values = config_to_form(TrainConfig())
     instance_prompt, class_prompt = prompts_for(DEFAULT_IDENTIFIER, DEFAULT_CLASS_NOUN, Concept.OBJECT.value)
     values.update(
@@ -204,7 +218,7 @@ def initial_values(machine: Mapping[str, Any]) -> dict[str, Any]:
         validation_prompt="",
         **machine,
     )
-    values.update(preset_values(Concept.OBJECT.value, 0, values["method"]))
+    values.update(preset_values(Concept.OBJECT.value, 0, values["method"], family))
     return values
 
 
@@ -243,8 +257,13 @@ def form_to_config(
     n_photos = len(photos_only(images))
     if not MIN_IMAGES <= n_photos <= MAX_IMAGES:
         raise ConfigError(f"`instance_data` needs {MIN_IMAGES} to {MAX_IMAGES} images, got {n_photos}")
-    settings = {f.config: f.parse(values) for f in FORM if f.config}
-    hidden = {k: v for k, v in model_settings(settings["pretrained_model"]).items() if k not in _SET_BY_FORM}
+    settings = {f.config: value for f in FORM if f.config and (value := f.parse(values)) is not None}
+    # A base model's hidden settings fill only what the form leaves unset: its fields always win.
+    hidden = {
+        k: v
+        for k, v in model_settings(settings["pretrained_model"]).items()
+        if k not in settings and k not in _NOT_HIDDEN
+    }
     config = TrainConfig(
         **settings,
         output_dir=str(new_run_dir(runs_dir, settings["identifier"])),

@@ -4,27 +4,70 @@ The toy model is trainer.toyworld's tiny Stable Diffusion, pretrained on a world
 shapes and shipped in trainer/assets/toy-sd. It trains on a CPU with no network, so it is listed
 first when there is no CUDA GPU or the Hub is switched off. If its folder is missing, the app
 says so (space.texts.TOY_MISSING) rather than offer something else in its place.
+
+Each known base model names its family (trainer.families: "sd" or "sdxl") and native size; a
+family brings its own learning rates, LoRA rank and memory recipe. The family of a model the
+table does not know is read from its model_index.json only where that is on this disk (a
+folder, or the Hub cache): the page never waits on the network to guess it.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from space import texts
 from space.hardware import Hardware
-from trainer.config import ConfigError
+from trainer.config import DEFAULT_LR, ConfigError, TrainConfig, UserError
+from trainer.families import FAMILIES, family_by_name, family_for_class
 from trainer.run_folder import PIPELINE_INDEX, try_read_config
-from trainer.toyworld import EXAMPLE_SETTINGS, TOY_MODEL_DIR, TOY_MODEL_LABEL, TOY_RESOLUTION
+from trainer.toyworld import (
+    EXAMPLE_SETTINGS,
+    TOY_MODEL_DIR,
+    TOY_MODEL_LABEL,
+    TOY_RESOLUTION,
+)
 
 TOY_MODEL = "toy-demo"  # the value the model lists use for the toy model
-# Known base models, smallest memory first; the value is what the engine loads.
-KNOWN_MODELS: dict[str, int] = {
-    "stable-diffusion-v1-5/stable-diffusion-v1-5": 512,
-    "CompVis/stable-diffusion-v1-4": 512,
-    "stabilityai/stable-diffusion-2-1-base": 512,
-    "stabilityai/stable-diffusion-2-1": 768,
+SD, SDXL = "sd", "sdxl"  # trainer.families' names of the families the app lists models of
+
+
+class KnownModel(NamedTuple):
+    family: str  # a trainer.families name
+    resolution: int  # the size it was trained at, which it samples best at
+
+
+# Known base models, smallest memory first (SDXL last); the key is what the engine loads.
+KNOWN_MODELS: dict[str, KnownModel] = {
+    "stable-diffusion-v1-5/stable-diffusion-v1-5": KnownModel(SD, 512),
+    "CompVis/stable-diffusion-v1-4": KnownModel(SD, 512),
+    "stabilityai/stable-diffusion-2-1-base": KnownModel(SD, 512),
+    "stabilityai/stable-diffusion-2-1": KnownModel(SD, 768),
+    "stabilityai/stable-diffusion-xl-base-1.0": KnownModel(SDXL, 1024),
+}
+
+
+@dataclass(frozen=True)
+class FamilyPreset:
+    """The training settings a family starts from (the visitor may change them)."""
+
+    learning_rate: dict[str, float]  # by method
+    lora_rank: int
+
+
+FAMILY_PRESETS: dict[str, FamilyPreset] = {
+    # diffusers' train_dreambooth.py / train_dreambooth_lora.py: 5e-6 full, 1e-4 LoRA at rank 4.
+    SD: FamilyPreset(dict(DEFAULT_LR), TrainConfig.lora_rank),
+    # LoRA: diffusers' train_dreambooth_lora_sdxl README trains at 1e-4, as for SD. Rank 16, not the
+    # script's default 4: SDXL's attention is wider (1280 channels in 60 of its 70 transformer
+    # blocks) and a 1024 px subject has more detail to keep; community SDXL DreamBooth recipes use
+    # 16-32. The file stays small: ~1.45M parameters per rank, ~90 MB in fp32 at 16.
+    # Full: 5e-6, as diffusers' DreamBooth default for SD. Its SDXL full fine-tuning example uses
+    # 1e-6, but over thousands of captioned images; a few photos over a few hundred steps need the
+    # DreamBooth rate, and the larger UNet overfits no slower, so no reason to go above SD's.
+    SDXL: FamilyPreset({"lora": 1e-4, "full": 5e-6}, 16),
 }
 
 
@@ -70,38 +113,123 @@ def toy_first(hw: Hardware, offline: bool) -> bool:
     return hw.device != "cuda" or offline
 
 
-def safe_defaults(hw: Hardware, offline: bool = False) -> dict[str, Any]:
-    """Form values that fit this machine: the documented memory recipes of diffusers' scripts."""
+# --- a base model's family ------------------------------------------------------------------
+def _local_model_index(source: str) -> dict | None:
+    """The model_index.json of a folder, or of a Hub id in the Hub cache; None when not on disk."""
+    folder = Path(source).expanduser()
+    if folder.is_dir():
+        path: Any = folder / PIPELINE_INDEX
+    else:
+        from huggingface_hub import try_to_load_from_cache
+
+        try:
+            path = try_to_load_from_cache(source, PIPELINE_INDEX)  # a file lookup, never the network
+        except ValueError:  # not a valid repo id
+            return None
+        if not isinstance(path, str):
+            return None
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def model_family(base_model: str) -> str | None:
+    """The family name of a base model: the toy model and known ids from the table, others from
+    their model_index.json when it is on this disk; None when unknown or not one we train."""
+    base_model = base_model.strip()
+    if base_model == TOY_MODEL:
+        return SD  # a Stable Diffusion pipeline, only small
+    if base_model in KNOWN_MODELS:
+        return KNOWN_MODELS[base_model].family
+    index = _local_model_index(base_model) if base_model else None
+    if index is None:
+        return None
+    try:
+        return family_for_class(index.get("_class_name"), base_model).name
+    except UserError:  # a pipeline we do not train: the engine says so at Start
+        return None
+
+
+def model_resolution(base_model: str) -> int | None:
+    """The size a base model trains and samples best at; None when the app cannot tell."""
+    base_model = base_model.strip()
+    if base_model == TOY_MODEL:
+        return TOY_RESOLUTION
+    if base_model in KNOWN_MODELS:
+        return KNOWN_MODELS[base_model].resolution
+    family = model_family(base_model)
+    return family_by_name(family).default_resolution if family else None
+
+
+def default_resolution(base_model: str) -> int:
+    return model_resolution(base_model) or FAMILIES[0].default_resolution
+
+
+def lora_rank_for(base_model: str) -> int | None:
+    """The LoRA rank a base model starts from: the toy world's, or its family's."""
+    if base_model.strip() == TOY_MODEL:
+        return int(EXAMPLE_SETTINGS["lora_rank"])
+    family = model_family(base_model)
+    return FAMILY_PRESETS[family].lora_rank if family in FAMILY_PRESETS else None
+
+
+def first_model(family: str) -> str:
+    return next(model_id for model_id, known in KNOWN_MODELS.items() if known.family == family)
+
+
+# --- settings that fit the machine ----------------------------------------------------------
+def memory_settings(hw: Hardware, family: str = SD) -> dict[str, Any]:
+    """Method, precision and memory savings that fit this machine for a family: the documented
+    recipes of diffusers' scripts (space.memory says what each needs)."""
     if hw.device != "cuda":
-        # No CUDA: no 8-bit Adam, no fp16 autocast; the toy model (below) is the only sane default.
-        defaults: dict[str, Any] = {
+        # No CUDA: no 8-bit Adam, no fp16 autocast; the toy model is the only sane base model.
+        return {
             "method": "lora",
             "mixed_precision": "no",
             "use_8bit_adam": False,
             "gradient_checkpointing": False,
+            "cache_latents": True,
             "train_batch_size": 1,
         }
-    else:
-        memory = hw.memory_gb or 0.0
-        defaults = {
-            "base_model": next(iter(KNOWN_MODELS)),
-            # Full fine-tuning of SD 1.x fits 16 GB only with 8-bit Adam + checkpointing; LoRA fits 8 GB.
-            "method": "full" if memory >= 20 else "lora",
-            "mixed_precision": "bf16" if hw.bf16 else "fp16",
+    memory = hw.memory_gb or 0.0
+    precision = "bf16" if hw.bf16 else "fp16"
+    if family == SDXL:
+        # LoRA (diffusers' SDXL DreamBooth script trains nothing else): at 1024 px it fits 16 GB with
+        # fp16, 8-bit Adam, gradient checkpointing and latents encoded once. Full fine-tuning
+        # needs ~40 GB even with all of them: the visitor may choose it, the memory note warns.
+        return {
+            "method": "lora",
+            "mixed_precision": precision,
             "use_8bit_adam": memory < 40,
-            "gradient_checkpointing": memory < 24,
-            "resolution": 512,
-            "train_batch_size": 2 if memory >= 40 else 1,
+            "gradient_checkpointing": memory < 40,
+            "cache_latents": True,
+            "train_batch_size": 1,
         }
+    return {
+        # Full fine-tuning of SD 1.x fits 16 GB only with 8-bit Adam + checkpointing; LoRA fits 8 GB.
+        "method": "full" if memory >= 20 else "lora",
+        "mixed_precision": precision,
+        "use_8bit_adam": memory < 40,
+        "gradient_checkpointing": memory < 24,
+        "cache_latents": True,
+        "train_batch_size": 2 if memory >= 40 else 1,
+    }
+
+
+def safe_defaults(hw: Hardware, offline: bool = False, family: str = SD) -> dict[str, Any]:
+    """Form values that fit this machine, with the first known base model of `family` (the toy
+    model where it is the only one that will work) and that model's size and LoRA rank."""
+    defaults = memory_settings(hw, family)
+    if hw.device == "cuda":
+        base_model = first_model(family)
+        defaults.update(base_model=base_model, resolution=KNOWN_MODELS[base_model].resolution)
     if toy_first(hw, offline):
         defaults.update(base_model=TOY_MODEL, resolution=TOY_RESOLUTION)
+    if "base_model" in defaults:
+        defaults["lora_rank"] = lora_rank_for(defaults["base_model"])
     return defaults
-
-
-def default_resolution(base_model: str) -> int:
-    if base_model == TOY_MODEL:
-        return TOY_RESOLUTION
-    return KNOWN_MODELS.get(base_model, 512)
 
 
 def model_settings(base_model: str) -> dict[str, Any]:

@@ -77,7 +77,10 @@ CONCEPT_HELP = (
     "Presets as in the popular training Spaces: steps = 200 × images; the text encoder trains "
     "for 30% (object), 65% (person) or 15% (style) of the steps."
 )
-METHOD_HELP = "LoRA: small file, less memory, fast. Full: the whole UNet, best fidelity, needs 16+ GB."
+METHOD_HELP = (
+    "LoRA: small file, less memory, fast. Full: the whole UNet, best fidelity, needs 16+ GB "
+    "(SDXL: about 40 GB)."
+)
 BASE_MODEL_HELP = "Pick one, or type any Hub id (user/model) or a local diffusers folder."
 PRIOR_HELP = "Also train on generic class images so every dog does not become *your* dog."
 VALIDATION_HELP = "Sampled during training; empty = the instance prompt."
@@ -95,6 +98,20 @@ EXAMPLE_HELP = (
     "Five pictures of a star painted half yellow, half purple: a subject the toy model cannot draw "
     "from text. The button loads them and the settings that teach it in a few minutes on a CPU."
 )
+
+LORA_RANK_HELP = "Size of the LoRA: higher learns more detail, in a bigger file. Empty: the base model's default."
+CACHE_LATENTS_HELP = "Encode the photos with the VAE once, then free it: less memory and time per step."
+# The memory note under the base model (space.memory.memory_note), shown only when a setting will not fit.
+MEMORY_NOTE = "**May not fit in memory:** {what} needs about {need} GB; this GPU has {have} GB. {advice}"
+MEMORY_TURN_ON = "Turn on {savings} (under Advanced) to bring it to about {need} GB."
+MEMORY_USE_LORA = "Use LoRA instead: it needs about {need} GB with 8-bit Adam and gradient checkpointing."
+MEMORY_TOO_BIG = "Lower the resolution, or use a GPU with more memory."
+
+
+def memory_what(family_label: str, method: str, resolution: int) -> str:
+    """ "Stable Diffusion XL full fine-tuning at 1024 px" """
+    how = "LoRA" if method == "lora" else "full fine-tuning"
+    return f"{family_label} {how} at {resolution} px"
 
 
 def images_count(n: int) -> str:

@@ -123,3 +123,25 @@ def make_run(
     (run_dir / "logs" / "train.log").write_text("step 10 loss 0.1\n")
     (run_dir / "metrics.jsonl").write_text('{"step": 10, "loss": 0.1}\n')
     return run_dir
+
+
+def train_tiny_run(base_dir: Path, run_dir: Path, method: str = "lora", **changes) -> Path:
+    """A real (short) training of a tiny base model, SD or SDXL, with the subject of `subject_images`
+    drawn again here so that no fixture order matters; returns the run folder."""
+    from PIL import Image, ImageDraw
+
+    from trainer import TrainConfig, train
+
+    photos = run_dir.parent / f"{run_dir.name}-photos"
+    photos.mkdir(parents=True, exist_ok=True)
+    for i, dx in enumerate((0, 4, -4)):
+        image = Image.new("RGB", (64, 64), "white")
+        ImageDraw.Draw(image).rectangle((18 + dx, 18, 45 + dx, 45), fill=(220, 20, 20))
+        image.save(photos / f"subject_{i}.png")
+    config = TrainConfig(
+        pretrained_model=str(base_dir), instance_data=(str(photos),), identifier="sks",
+        instance_prompt="a photo of sks dog", output_dir=str(run_dir), resolution=32, method=method,
+        max_train_steps=4, learning_rate=1e-2, use_8bit_adam=False, report_to="none",
+        validation_prompts=("a photo of sks dog",), validation_steps=4, validation_inference_steps=2,
+    ).replace(**changes)
+    return train(config).run_dir

@@ -144,3 +144,36 @@ def test_the_cache_keeps_one_pipeline_by_source(tiny_model_dir: Path, lora_run: 
     other = cache.get(str(lora_run), "cpu")
     assert other is not first
     assert cache.get(str(tiny_model_dir), "cpu") is not first  # one pipeline only: reloaded
+
+
+# --- every model family ----------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_a_trained_run_of_each_family_generates_in_its_own_pipeline(tiny_base, tmp_path: Path, method: str) -> None:
+    from hub_fixtures import train_tiny_run
+
+    run = train_tiny_run(tiny_base.path, tmp_path / "run", method=method)
+    cache = PipelineCache()
+    pipe = cache.get(str(run), "cpu")
+    assert type(pipe) is tiny_base.pipeline_class
+    request = GenerateRequest("a photo of sks dog", negative_prompt="blurry", seed=3, scheduler="Euler", **SMALL)
+    tuned = pixels(generate(pipe, request))[0]
+    base = pixels(generate(cache.get(str(tiny_base.path), "cpu"), request))[0]
+    assert np.abs(tuned - base).mean() > 1.0, "the trained run draws what its base draws"
+    if method == "lora":
+        off = GenerateRequest("a photo of sks dog", negative_prompt="blurry", seed=3, scheduler="Euler",
+                              lora_scale=0.0, **SMALL)
+        np.testing.assert_array_equal(pixels(generate(cache.get(str(run), "cpu"), off))[0], base)
+
+
+def test_a_lora_of_one_generation_on_a_base_of_another_is_refused(
+    lora_run: Path, tiny_sdxl_model_dir: Path, tmp_path: Path
+) -> None:
+    moved = tmp_path / "sd-lora-on-sdxl"
+    shutil.copytree(lora_run, moved)
+    config = TrainConfig.load(moved / "config.json")
+    config.replace(pretrained_model=str(tiny_sdxl_model_dir)).save(moved / "config.json")
+    with pytest.raises(ValueError) as err:
+        resolve_model(str(moved))
+    message = str(err.value)
+    assert "sd-lora-on-sdxl is a LoRA for a model with 32-wide text conditioning" in message
+    assert f"its base model {tiny_sdxl_model_dir} is a model with 64-wide text conditioning" in message

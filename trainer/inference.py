@@ -7,6 +7,7 @@ by its config.json) plus the LoRA file. Only safetensors weights are ever loaded
 
 from __future__ import annotations
 
+import json
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,7 +134,37 @@ def _from_folder(name: str, folder: Path, *, token: str | None, endpoint: str | 
         raise ValueError(
             f"The base model of {name}, {base}, is not a diffusers pipeline (no model_index.json)."
         )
+    _check_lora_fits(name, folder, base, base_dir)
     return ModelSource(name, "lora", base_dir, lora_dir=folder)
+
+
+# The width of the text conditioning a UNet's cross-attention takes tells the generations apart.
+_CONDITIONING_WIDTHS = {768: "Stable Diffusion 1.x", 1024: "Stable Diffusion 2.x", 2048: "Stable Diffusion XL"}
+
+
+def _check_lora_fits(name: str, lora_dir: Path, base: str, base_dir: Path) -> None:
+    """A LoRA made for another model generation than its base is refused, naming both, before loading."""
+    from safetensors import safe_open
+
+    unet_config = base_dir / "unet" / "config.json"
+    if not unet_config.is_file():
+        return
+    base_width = json.loads(unet_config.read_text(encoding="utf-8")).get("cross_attention_dim")
+    with safe_open(lora_dir / LORA_WEIGHTS, framework="pt") as weights:
+        names = weights.keys()
+        # The down (A) matrix of a cross-attention key projection: [rank, conditioning width].
+        keys = [k for k in names if k.startswith("unet.") and "attn2.to_k" in k and ("lora_A" in k or "lora.down" in k)]
+        lora_width = weights.get_slice(keys[0]).get_shape()[1] if keys else None
+    if lora_width is None or not isinstance(base_width, int) or lora_width == base_width:
+        return
+
+    def generation(width: int) -> str:
+        return _CONDITIONING_WIDTHS.get(width, f"a model with {width}-wide text conditioning")
+
+    raise ValueError(
+        f"{name} is a LoRA for {generation(lora_width)}, but its base model {base} is {generation(base_width)}: "
+        "a LoRA only loads onto the model generation it was trained on."
+    )
 
 
 def default_device() -> str:
