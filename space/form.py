@@ -189,7 +189,7 @@ FORM: tuple[FormField, ...] = (
     # Added after the rest, so that the /train endpoint's earlier parameters keep their positions.
     _row("lora_rank",                   gr.Number,   "steps",        "int",   "lora_rank", optional=True,
          precision=0, minimum=1, label="LoRA rank", info=texts.LORA_RANK_HELP, elem_id="lora-rank"),
-    _row("cache_latents",               gr.Checkbox, "memory",       "flag",  "cache_latents",
+    _row("cache_latents",               gr.Checkbox, "memory",       "flag",  "cache_latents", optional=True,
          label="Cache latents", info=texts.CACHE_LATENTS_HELP),
 )
 # fmt: on

@@ -1,7 +1,8 @@
 """The Generate tab: pick a run, the toy model or a Hub repo, and sample from it.
 
 For the toy model and a run of the toy world's example, a list of suggested prompts fills the
-prompt box in one click.
+prompt box in one click. Picking a model sets the image size where the app knows the model's
+own: the toy model's, an SDXL run's 1024 px, a known Hub id's (space.presets.KNOWN_MODELS).
 
 Pipelines are cached by model id (trainer.inference.PipelineCache); generation takes the same
 GPU lock as training, so the two never run at once. The widgets' defaults and ranges are the
@@ -26,7 +27,7 @@ from space import texts
 from space.example import suggested_prompts
 from space.hardware import Hardware
 from space.jobs import JobManager, error_message
-from space.presets import TOY_MODEL, ToyModel
+from space.presets import KNOWN_MODELS, SD, TOY_MODEL, ToyModel
 from space.wiring import PRIVATE, bind
 from trainer.inference import (
     MAX_IMAGES,
@@ -38,7 +39,8 @@ from trainer.inference import (
     PipelineCache,
     generate,
 )
-from trainer.run_folder import list_runs, try_read_config
+from trainer.config import UserError
+from trainer.run_folder import list_runs, read_status, run_family, run_kind, try_read_config
 
 log = logging.getLogger(__name__)
 MAX_SEED = 2**31 - 1  # the dice's range; the engine takes any seed below 2**63
@@ -79,6 +81,28 @@ def instance_prompt_of(model: str) -> str | None:
     return config.instance_prompt if config is not None else None
 
 
+def native_size(toy: ToyModel, source: str) -> int | None:
+    """The size a model samples best at, where the app knows it without the network; None: leave
+    the size as it is. SD 1.x/2.x runs keep it (their family is 512 or 768 px, which it cannot tell)."""
+    size = toy.native_size(source)
+    if size is not None:
+        return size
+    run = Path(source)
+    config = try_read_config(run)
+    if config is None:  # a Hub id, or a folder that is not a run
+        known = KNOWN_MODELS.get(source.strip())
+        return known.resolution if known else None
+    # Runs record their family in run.json, and a full run's own model_index.json names it; only a
+    # LoRA run from before families would need its base model's (maybe from the Hub): SD, kept.
+    if "family" not in read_status(run) and run_kind(run) != "full":
+        return None
+    try:
+        family = run_family(run, config)
+    except (UserError, OSError, ValueError):  # an unreadable run: Generate will say so
+        return None
+    return family.default_resolution if family.name != SD else None
+
+
 def refresh(deps: GenerateDeps) -> Any:
     """The list of runs as it is on disk now (page load, the refresh button)."""
     return gr.update(choices=model_sources(deps.runs_dir))
@@ -92,8 +116,8 @@ def show_run(deps: GenerateDeps, run_dir: str) -> tuple[Any, Any]:
 
 
 def on_model(deps: GenerateDeps, source: str) -> tuple[Any, ...]:
-    """Prefill the run's instance prompt and its suggestions; the toy model samples at its native size."""
-    size = deps.toy.native_size(source) or gr.skip()
+    """Prefill the run's instance prompt and its suggestions; the size follows the model (native_size)."""
+    size = native_size(deps.toy, source) or gr.skip()
     suggested = suggested_prompts(source, deps.toy)
     return (
         instance_prompt_of(source) or gr.skip(),
@@ -194,7 +218,7 @@ def _settings_layout(size: int) -> tuple[dict[str, Any], gr.Button]:
 def build_generate_tab(deps: GenerateDeps) -> GenerateTab:
     sources = model_sources(deps.runs_dir)
     first = sources[0][1]
-    size = deps.toy.native_size(first) or DEFAULTS.width
+    size = native_size(deps.toy, first) or DEFAULTS.width
     suggestions0 = suggested_prompts(first, deps.toy)
     with gr.Row():
         with gr.Column(scale=2):

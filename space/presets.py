@@ -175,6 +175,30 @@ def lora_rank_for(base_model: str) -> int | None:
     return FAMILY_PRESETS[family].lora_rank if family in FAMILY_PRESETS else None
 
 
+def model_kind(base_model: str) -> str | None:
+    """What a base model's presets follow: "toy", its family's name, or None when unknown."""
+    return "toy" if base_model.strip() == TOY_MODEL else model_family(base_model)
+
+
+def base_model_values(hw: Hardware, base_model: str, previous: str | None) -> tuple[str | None, dict[str, Any]]:
+    """(model_kind, form values) when the visitor picks `base_model` after a model of kind
+    `previous`. The size always follows the model (SD 2.1 wants 768); a new family also brings
+    its LoRA rank, learning rate and the memory settings that fit this machine (an SDXL base on
+    16 GB: LoRA, fp16, 8-bit Adam, checkpointing, cached latents). The toy model brings only its
+    size and rank: the example picks it and sets the rest itself. Unknown: nothing changes."""
+    kind = model_kind(base_model)
+    if kind is None:
+        return None, {}
+    values: dict[str, Any] = {"resolution": model_resolution(base_model)}
+    if kind == previous:
+        return kind, values
+    values["lora_rank"] = lora_rank_for(base_model)
+    if kind != "toy":
+        values.update(memory_settings(hw, kind))
+        values["learning_rate"] = FAMILY_PRESETS[kind].learning_rate[values["method"]]
+    return kind, values
+
+
 def first_model(family: str) -> str:
     return next(model_id for model_id, known in KNOWN_MODELS.items() if known.family == family)
 

@@ -36,13 +36,38 @@ from space.form import (
 )
 from space.hardware import Hardware, hub_offline
 from space.jobs import BusyError, JobManager, JobSnapshot, PublishRequest, error_message
-from space.presets import TOY_MODEL, ToyModel, default_resolution, model_choices, model_settings, safe_defaults
+from space.memory import memory_note
+from space.presets import (
+    SD,
+    TOY_MODEL,
+    ToyModel,
+    base_model_values,
+    model_choices,
+    model_family,
+    model_kind,
+    model_settings,
+    safe_defaults,
+)
 from space.tokens import NO_TOKEN, oauth_enabled, pick_token, token_field
 from space.wiring import PRIVATE, bind, by_component
 from trainer.hub import HubError, check_token, suggest_repo_name
 
 log = logging.getLogger(__name__)
 MAX_PLOT_POINTS = 500
+# The form fields a new base model may set (space.presets.base_model_values), in on_base_model's order.
+BASE_MODEL_FIELDS = (
+    "resolution",
+    "lora_rank",
+    "learning_rate",
+    "method",
+    "mixed_precision",
+    "use_8bit_adam",
+    "gradient_checkpointing",
+    "cache_latents",
+    "train_batch_size",
+)
+# The fields the memory note reads, in memory_hint's order after the base model.
+MEMORY_FIELDS = ("base_model", "method", "resolution", "use_8bit_adam", "gradient_checkpointing")
 
 
 @dataclass(frozen=True)
@@ -84,9 +109,41 @@ def on_images(files: list[str] | None, kind: str, how: str, before: int) -> tupl
     return paths, texts.images_count(n), new_steps, n
 
 
-def on_preset(files: list[str] | None, kind: str, how: str) -> tuple[Any, ...]:
-    p = preset_values(kind, len(photos_only(files or [])), how)
+def on_preset(files: list[str] | None, kind: str, how: str, base_model: str) -> tuple[Any, ...]:
+    p = preset_values(kind, len(photos_only(files or [])), how, model_family(base_model or "") or SD)
     return p["max_train_steps"], p["learning_rate"], p["train_text_encoder"], p["text_encoder_steps_fraction"]
+
+
+def on_base_model(deps: TrainDeps, base_model: str | None, previous: str | None) -> tuple[Any, ...]:
+    """The BASE_MODEL_FIELDS a newly picked base model sets (skipping the rest), then its kind."""
+    kind, values = base_model_values(deps.hardware, base_model or "", previous)
+    return (*(values.get(key, gr.skip()) for key in BASE_MODEL_FIELDS), kind or gr.skip())
+
+
+def form_memory_note(
+    deps: TrainDeps,
+    base_model: str | None,
+    method: str,
+    resolution: Any,
+    use_8bit_adam: bool,
+    gradient_checkpointing: bool,
+) -> str | None:
+    """space.memory's note for the form's values (MEMORY_FIELDS); None when they fit, or for the toy model."""
+    base_model = (base_model or "").strip()
+    family = None if base_model == TOY_MODEL else model_family(base_model)
+    try:
+        size = int(resolution)
+    except (TypeError, ValueError):  # the box is being edited: the engine will say what is wrong
+        size = 0
+    return memory_note(deps.hardware, family, method, size, bool(use_8bit_adam), bool(gradient_checkpointing))
+
+
+def memory_hint(
+    deps: TrainDeps, base_model: str | None, method: str, resolution: Any, use_8bit: bool, checkpointing: bool
+) -> Any:
+    """The memory note, shown only when the settings will not fit this GPU."""
+    note = form_memory_note(deps, base_model, method, resolution, use_8bit, checkpointing)
+    return gr.update(value=note or "", visible=note is not None)
 
 
 def try_example(deps: TrainDeps) -> dict[str, Any]:
@@ -222,7 +279,9 @@ def _draw(place: str, values: Mapping[str, Any], more: Mapping[str, Mapping[str,
     return {f.key: f.widget(value=values[f.key], **f.props, **more.get(f.key, {})) for f in FORM if f.place == place}
 
 
-def _form_layout(values: Mapping[str, Any], base_models: list[tuple[str, str]]) -> tuple[dict[str, Any], _Photos]:
+def _form_layout(
+    values: Mapping[str, Any], base_models: list[tuple[str, str]], note: str | None
+) -> tuple[dict[str, Any], gr.Markdown, _Photos]:
     more = {"base_model": {"choices": base_models}}
     form: dict[str, Any] = {}
     with gr.Row():
@@ -239,6 +298,7 @@ def _form_layout(values: Mapping[str, Any], base_models: list[tuple[str, str]]) 
             with gr.Row():
                 form |= _draw("names", values, more)
             form |= _draw("prompts", values, more)
+            memory = gr.Markdown(note or "", visible=note is not None, elem_id="memory-note")
             with gr.Row():
                 form |= _draw("prior", values, more)
     with gr.Accordion("Advanced", open=False):
@@ -246,7 +306,7 @@ def _form_layout(values: Mapping[str, Any], base_models: list[tuple[str, str]]) 
             with gr.Row():
                 form |= _draw(place, values, more)
     # In table order: the /train endpoint's parameters come in this order.
-    return {f.key: form[f.key] for f in FORM}, _Photos(count, preview, example, gr.State(0))
+    return {f.key: form[f.key] for f in FORM}, memory, _Photos(count, preview, example, gr.State(0))
 
 
 def _publish_layout() -> tuple[dict[str, Any], gr.Column]:
@@ -284,8 +344,11 @@ def _job_layout() -> _Job:
 def build_train_tab(deps: TrainDeps) -> TrainTab:
     offline = hub_offline()
     gr.Markdown(f"{texts.hardware_line(deps.hardware)}\n\n{texts.toy_notice(deps.toy.installed, deps.toy.folder)}")
-    values = initial_values(safe_defaults(deps.hardware, offline))
-    form, photos = _form_layout(values, model_choices(deps.hardware, offline))
+    machine = safe_defaults(deps.hardware, offline)
+    values = initial_values(machine, model_family(machine["base_model"]) or SD)
+    note = form_memory_note(deps, *(values[key] for key in MEMORY_FIELDS))
+    form, memory, photos = _form_layout(values, model_choices(deps.hardware, offline), note)
+    base_kind = gr.State(model_kind(machine["base_model"]))  # the kind of the last base model picked
     hub, publish_box = _publish_layout()
     job = _job_layout()
 
@@ -302,7 +365,7 @@ def build_train_tab(deps: TrainDeps) -> TrainTab:
     gr.on(
         [f["concept"].input, f["method"].input],
         on_preset,
-        [images, f["concept"], f["method"]],
+        [images, f["concept"], f["method"], f["base_model"]],
         [f["max_train_steps"], f["learning_rate"], f["train_text_encoder"], f["text_encoder_steps_fraction"]],
         **PRIVATE,
     )
@@ -313,7 +376,16 @@ def build_train_tab(deps: TrainDeps) -> TrainTab:
         [f["instance_prompt"], f["class_prompt"]],
         **PRIVATE,
     )
-    f["base_model"].change(default_resolution, f["base_model"], f["resolution"], **PRIVATE)
+    # A new base model brings its size, and a new family its presets (the example's toy model only
+    # its size and rank, which the example sets too); then the memory note follows what was set.
+    to_note = [f[key] for key in MEMORY_FIELDS]
+    f["base_model"].change(
+        bind(on_base_model, deps),
+        [f["base_model"], base_kind],
+        [*(f[key] for key in BASE_MODEL_FIELDS), base_kind],
+        **PRIVATE,
+    ).then(bind(memory_hint, deps), to_note, memory, **PRIVATE)
+    gr.on([f[key].input for key in MEMORY_FIELDS[1:]], bind(memory_hint, deps), to_note, memory, **PRIVATE)
     shown = {**form, "preview": photos.preview, "count": photos.count, "n_images": n_images}
     photos.example.click(by_component(bind(try_example, deps), shown), None, list(shown.values()), **PRIVATE)
 

@@ -330,26 +330,35 @@ def test_download_failures_have_clear_messages(hub: FakeHub, lora_run: Path, mon
 # --- load back -----------------------------------------------------------------------------
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_a_published_model_loads_back_and_generates_the_local_image(
-    hub: FakeHub, tmp_path: Path, tiny_model_dir: Path, method: str
+    hub: FakeHub, tmp_path: Path, tiny_base, method: str
 ) -> None:
+    from hub_fixtures import train_tiny_run
+
     from trainer.inference import GenerateRequest, PipelineCache, generate
 
     # The LoRA's base model is on the Hub too, named in its card as base_model.
-    base_id = f"{USER}/tiny-sd"
+    base_id = f"{USER}/tiny-{tiny_base.family}"
     api = HfApi(endpoint=hub.url, token=WRITE_TOKEN)
     api.create_repo(base_id)
-    api.upload_folder(repo_id=base_id, folder_path=tiny_model_dir)
-    run_dir = make_run(
-        tmp_path / "run", tiny_model_dir, method, pretrained_model=base_id if method == "lora" else None
-    )
+    api.upload_folder(repo_id=base_id, folder_path=tiny_base.path)
+    run_dir = train_tiny_run(tiny_base.path, tmp_path / "run", method)
+    if method == "lora":  # as if trained from the Hub id
+        TrainConfig.load(run_dir / "config.json").replace(pretrained_model=base_id).save(run_dir / "config.json")
     result = publish(run_dir, f"sks-{method}", token=WRITE_TOKEN)
+    card = ModelCard.load(run_dir / "README.md")
     if method == "lora":
-        assert ModelCard.load(run_dir / "README.md").data.base_model == base_id
+        assert card.data.base_model == base_id
+    family_tag = "stable-diffusion-xl" if tiny_base.family == "sdxl" else "stable-diffusion"
+    assert family_tag in card.data.tags and "dreambooth" in card.data.tags
+    assert ("lora" in card.data.tags) == (method == "lora")
+    assert f"from diffusers import {tiny_base.pipeline_class.__name__}\n" in card.text
 
     request = GenerateRequest("a photo of sks dog", steps=3, width=32, height=32, seed=7, num_images=2)
     cache = PipelineCache()
     local = generate(cache.get(str(run_dir), "cpu", token=WRITE_TOKEN), request)
-    remote = generate(cache.get(result.repo_id, "cpu", token=WRITE_TOKEN), request)
+    remote_pipe = cache.get(result.repo_id, "cpu", token=WRITE_TOKEN)
+    assert type(remote_pipe) is tiny_base.pipeline_class
+    remote = generate(remote_pipe, request)
 
     assert len(remote) == 2
     for a, b in zip(local, remote, strict=True):
