@@ -84,6 +84,8 @@ def instance_prompt_of(model: str) -> str | None:
 def native_size(toy: ToyModel, source: str) -> int | None:
     """The size a model samples best at, where the app knows it without the network; None: leave
     the size as it is. SD 1.x/2.x runs keep it (their family is 512 or 768 px, which it cannot tell)."""
+    if not (source or "").strip():
+        return None
     size = toy.native_size(source)
     if size is not None:
         return size

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from hub_fixtures import CANARY
 from hub_server import READ_TOKEN, USER, Account, FakeHub
-from ui_fixtures import CPU, TINY_TRAINING, publishing, serve_app, train_form
+from ui_fixtures import CPU, GPU16, TINY_TRAINING, publishing, serve_app, train_form
 
 from space.presets import TOY_MODEL
 from trainer.config import ConfigError
@@ -73,6 +73,22 @@ def test_the_generate_widgets_take_the_engines_defaults_and_ranges(tmp_path: Pat
     )
     assert by_label["Scheduler"]["value"] == engine.scheduler
 
+
+def test_the_train_form_offers_sdxl_lora_rank_and_a_memory_note(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from space.layout import Services, build_app
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # the page as online: a real base model first (nothing is fetched)
+    config = build_app(Services.create(runs_dir=tmp_path / "runs", hardware=GPU16)).get_config_file()
+    choices = [tuple(c) for c in _component(config, "base-model")["props"]["choices"]]
+    assert ("stabilityai/stable-diffusion-xl-base-1.0",) * 2 in choices
+    assert _component(config, "lora-rank")["props"]["value"] == 4  # SD 1.5's, the default base on a GPU
+    note = _component(config, "memory-note")["props"]
+    assert note["visible"] is False  # the presets fit this card: nothing to say
+    labels = {c["props"].get("label") for c in config["components"]}
+    assert {"LoRA rank", "Cache latents"} <= labels
+
+    cpu = build_app(Services.create(runs_dir=tmp_path / "runs", hardware=CPU)).get_config_file()
+    assert _component(cpu, "lora-rank")["props"]["value"] == EXAMPLE_SETTINGS["lora_rank"]  # the toy model's
 
 def test_on_a_cpu_space_it_offers_to_duplicate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from space.hardware import SpaceInfo, default_runs_dir

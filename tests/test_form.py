@@ -8,7 +8,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from ui_fixtures import A100, CPU
+from ui_fixtures import A100, CPU, GPU16
 
 from space.form import PRESETS, Concept, form_to_config, new_run_dir, preset_values, prompts_for
 from space.hardware import Hardware, hub_offline
@@ -165,6 +165,199 @@ def test_safe_defaults_fit_the_hardware() -> None:
     a100 = safe_defaults(Hardware("cuda", "A100", 80.0, bf16=True))
     assert (a100["method"], a100["mixed_precision"], a100["use_8bit_adam"]) == ("full", "bf16", False)
 
+
+# --- SDXL: the model table, family presets, hardware presets, the memory note --------------------
+SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
+
+
+def test_known_models_name_their_family_and_native_size() -> None:
+    from trainer.families import FAMILIES
+
+    families = {f.name: f for f in FAMILIES}
+    assert {known.family for known in KNOWN_MODELS.values()} == {"sd", "sdxl"} <= set(families)
+    sdxl = [model_id for model_id, known in KNOWN_MODELS.items() if known.family == "sdxl"]
+    assert sdxl[0] == SDXL_BASE and KNOWN_MODELS[SDXL_BASE].resolution == 1024 == default_resolution(SDXL_BASE)
+    assert families["sdxl"].default_resolution == 1024
+    assert default_resolution("stabilityai/stable-diffusion-2-1") == 768  # SD 2.1-v: its own size, not the family's
+    assert next(iter(KNOWN_MODELS)) == "stable-diffusion-v1-5/stable-diffusion-v1-5"  # SD first: least memory
+    assert (SDXL_BASE, SDXL_BASE) in model_choices(A100, offline=False)
+
+
+def test_a_base_models_family_is_read_without_the_network(tmp_path: Path) -> None:
+    import json
+
+    from space.presets import model_family, model_resolution
+
+    assert (model_family(TOY_MODEL), model_family(SDXL_BASE), model_family(next(iter(KNOWN_MODELS)))) == (
+        "sd",
+        "sdxl",
+        "sd",
+    )
+    folders = {"xl": "StableDiffusionXLPipeline", "sd": "StableDiffusionPipeline", "flux": "FluxPipeline"}
+    for name, class_name in folders.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model_index.json").write_text(json.dumps({"_class_name": class_name}))
+    assert model_family(str(tmp_path / "xl")) == "sdxl" and model_resolution(str(tmp_path / "xl")) == 1024
+    assert model_family(str(tmp_path / "sd")) == "sd" and model_resolution(str(tmp_path / "sd")) == 512
+    assert model_family(str(tmp_path / "flux")) is None  # not a family we train: the engine says so at Start
+    # A Hub id neither known nor in the Hub cache, a folder that is not there: unknown, nothing fetched.
+    assert model_family("nobody-here/never-downloaded-model") is None
+    assert model_resolution("nobody-here/never-downloaded-model") is None
+    assert model_family(str(tmp_path / "missing")) is None and model_family("") is None
+
+
+def test_family_presets_set_the_learning_rate_and_rank() -> None:
+    from space.presets import FAMILY_PRESETS, lora_rank_for
+
+    assert preset_values("person", 5, "full") == preset_values("person", 5, "full", "sd")  # SD as before
+    xl_lora, xl_full = preset_values("object", 4, "lora", "sdxl"), preset_values("object", 4, "full", "sdxl")
+    assert (xl_lora["learning_rate"], xl_full["learning_rate"]) == (1e-4, 5e-6)
+    assert xl_lora["max_train_steps"] == 800 and xl_lora["text_encoder_steps_fraction"] == 0.30  # the concept's
+    assert FAMILY_PRESETS["sd"].lora_rank == TrainConfig().lora_rank == lora_rank_for(next(iter(KNOWN_MODELS)))
+    assert lora_rank_for(SDXL_BASE) == FAMILY_PRESETS["sdxl"].lora_rank == 16
+    assert lora_rank_for(TOY_MODEL) == EXAMPLE_SETTINGS["lora_rank"] and lora_rank_for("nobody/x") is None
+
+
+def test_safe_defaults_for_sdxl_on_a_16gb_card() -> None:
+    from space.memory import memory_note
+
+    xl = safe_defaults(GPU16, family="sdxl")
+    assert xl["base_model"] == SDXL_BASE and (xl["resolution"], xl["lora_rank"]) == (1024, 16)
+    assert (xl["method"], xl["mixed_precision"], xl["train_batch_size"]) == ("lora", "fp16", 1)
+    assert xl["use_8bit_adam"] and xl["gradient_checkpointing"] and xl["cache_latents"]
+    assert memory_note(GPU16, "sdxl", "lora", 1024, True, True) is None  # the preset fits
+    sd = safe_defaults(GPU16)  # SD 1.5, as before: LoRA, fp16, checkpointing
+    assert (sd["base_model"], sd["resolution"], sd["method"], sd["lora_rank"]) == (next(iter(KNOWN_MODELS)), 512,
+                                                                                   "lora", 4)
+    assert memory_note(GPU16, "sd", sd["method"], 512, sd["use_8bit_adam"], sd["gradient_checkpointing"]) is None
+    big = safe_defaults(A100, family="sdxl")  # LoRA still (diffusers' SDXL recipe), without the savings
+    assert (big["method"], big["mixed_precision"], big["use_8bit_adam"], big["gradient_checkpointing"]) == (
+        "lora",
+        "bf16",
+        False,
+        False,
+    )
+    assert safe_defaults(GPU16, offline=True, family="sdxl")["base_model"] == TOY_MODEL  # no Hub: the toy model
+    assert safe_defaults(CPU, family="sdxl")["base_model"] == TOY_MODEL
+
+
+@pytest.mark.parametrize(
+    ("hardware", "settings", "words"),
+    [
+        # (family, method, resolution, 8-bit Adam, gradient checkpointing)
+        (GPU16, ("sdxl", "full", 1024, True, True), "Stable Diffusion XL full fine-tuning at 1024 px needs about 40 GB"),
+        (GPU16, ("sdxl", "full", 1024, True, True), "Use LoRA instead: it needs about 16 GB"),
+        (GPU16, ("sdxl", "lora", 1024, True, False), "Turn on gradient checkpointing (under Advanced)"),
+        (GPU16, ("sd", "full", 512, False, False), "Turn on gradient checkpointing and 8-bit Adam"),
+        (GPU16, ("sd", "full", 512, False, True), "Turn on 8-bit Adam (under Advanced) to bring it to about 16 GB"),
+        (Hardware("cuda", "RTX 3060", 11.7), ("sdxl", "lora", 1024, True, True), "more memory"),
+        (Hardware("cuda", "A100-40GB", 39.4), ("sdxl", "full", 1024, False, True), "Turn on 8-bit Adam"),
+    ],
+)
+def test_the_memory_note_says_what_will_not_fit(hardware: Hardware, settings: tuple, words: str) -> None:
+    from space.memory import memory_note
+
+    note = memory_note(hardware, *settings)
+    assert note is not None and words in note and f"this GPU has {round(hardware.memory_gb)} GB" in note
+
+
+@pytest.mark.parametrize(
+    ("hardware", "settings"),
+    [
+        (GPU16, ("sd", "full", 512, True, True)),  # SD full fits 16 GB with 8-bit Adam + checkpointing
+        (GPU16, ("sd", "lora", 512, False, False)),
+        (GPU16, ("sdxl", "lora", 1024, False, True)),  # 8-bit Adam saves nothing worth counting for LoRA
+        (Hardware("cuda", "Tesla T4", 14.58), ("sdxl", "lora", 1024, True, True)),  # "16 GB class", as reported
+        (Hardware("cuda", "A10G", 22.5), ("sdxl", "lora", 1024, True, False)),
+        (A100, ("sdxl", "full", 1024, False, False)),
+        (CPU, ("sdxl", "full", 1024, False, False)),  # no CUDA memory figure: nothing to tell
+        (Hardware("mps", "Apple GPU (MPS)", None), ("sdxl", "full", 1024, False, False)),
+        (GPU16, (None, "full", 1024, False, False)),  # an unknown family
+    ],
+)
+def test_the_memory_note_is_silent_when_it_fits(hardware: Hardware, settings: tuple) -> None:
+    from space.memory import memory_note
+
+    assert memory_note(hardware, *settings) is None
+
+
+def test_a_new_base_model_brings_its_familys_presets() -> None:
+    from space.presets import base_model_values
+
+    kind, values = base_model_values(GPU16, SDXL_BASE, previous="sd")
+    assert kind == "sdxl" and values == {
+        "resolution": 1024,
+        "lora_rank": 16,
+        "learning_rate": 1e-4,
+        "method": "lora",
+        "mixed_precision": "fp16",
+        "use_8bit_adam": True,
+        "gradient_checkpointing": True,
+        "cache_latents": True,
+        "train_batch_size": 1,
+    }
+    back, values = base_model_values(A100, next(iter(KNOWN_MODELS)), previous="sdxl")
+    assert back == "sd" and (values["method"], values["learning_rate"], values["lora_rank"]) == ("full", 5e-6, 4)
+    # Within a family only the size follows the model, as before; the toy model brings its size and rank.
+    assert base_model_values(GPU16, "stabilityai/stable-diffusion-2-1", previous="sd") == ("sd", {"resolution": 768})
+    assert base_model_values(GPU16, TOY_MODEL, previous="sdxl") == (
+        "toy",
+        {"resolution": TOY_RESOLUTION, "lora_rank": EXAMPLE_SETTINGS["lora_rank"]},
+    )
+    assert base_model_values(GPU16, "nobody/unknown-model", previous="sd") == (None, {})  # not guessed
+
+
+def test_the_train_tabs_base_model_and_memory_handlers(tmp_path: Path) -> None:
+    import gradio as gr
+
+    from space.train_tab import BASE_MODEL_FIELDS, TrainDeps, form_memory_note, on_base_model, on_preset
+
+    deps = TrainDeps(JobManager(), tmp_path, ToyModel(), GPU16)
+    *fields, kind = on_base_model(deps, SDXL_BASE, "sd")
+    assert kind == "sdxl" and dict(zip(BASE_MODEL_FIELDS, fields, strict=True))["resolution"] == 1024
+    skipped = on_base_model(deps, "nobody/unknown-model", "sd")
+    assert all(isinstance(value, type(gr.skip())) for value in skipped)
+    assert on_preset(None, "object", "full", SDXL_BASE)[1] == 5e-6
+    assert form_memory_note(deps, SDXL_BASE, "full", 1024, True, True) is not None
+    assert form_memory_note(deps, SDXL_BASE, "lora", 1024, True, True) is None
+    assert form_memory_note(deps, TOY_MODEL, "full", 1024, False, False) is None  # the toy model fits anywhere
+    assert form_memory_note(deps, SDXL_BASE, "lora", None, True, True) is None  # a box being edited
+
+
+def test_the_form_sets_lora_rank_and_cache_latents(tmp_path: Path, four_images: list[str]) -> None:
+    config = form_to_config(form(four_images, lora_rank=16.0, cache_latents=False), tmp_path)
+    assert (config.lora_rank, config.cache_latents) == (16, False)
+    empty = form_to_config(form(four_images, lora_rank=None), tmp_path)  # empty: TrainConfig's default
+    assert (empty.lora_rank, empty.cache_latents) == (TrainConfig().lora_rank, TrainConfig().cache_latents)
+    toy = form_to_config(form(four_images, base_model=TOY_MODEL, lora_rank=2), tmp_path, model_settings=model_settings)
+    assert toy.lora_rank == 2  # what the form shows wins over the toy model's hidden rank
+    with pytest.raises(ConfigError, match="`lora_rank` must be a whole number"):
+        form_to_config(form(four_images, lora_rank=2.5), tmp_path)
+
+
+def test_generate_samples_sdxl_runs_and_repos_at_1024(tmp_path: Path, toy: ToyModel) -> None:
+    import gradio as gr
+
+    from space.generate_tab import GenerateDeps, on_model
+    from trainer.inference import PipelineCache
+    from trainer.run_folder import write_status
+
+    deps = GenerateDeps(JobManager(), tmp_path, toy, GPU16, PipelineCache())
+    runs = {}
+    for name, base, family in (("xl", SDXL_BASE, "sdxl"), ("sd", "some/sd-model", "sd"), ("old", "some/sd", None)):
+        run = runs[name] = tmp_path / name
+        run.mkdir()
+        TrainConfig(pretrained_model=base, instance_prompt="a photo of sks dog", resolution=768).save(run / "config.json")
+        if family is not None:  # a run from before families records none
+            write_status(run, "completed", 1, 1, family=family)
+    prompt, width, height, _ = on_model(deps, str(runs["xl"]))
+    assert (prompt, width, height) == ("a photo of sks dog", 1024, 1024)
+    assert on_model(deps, SDXL_BASE)[1:3] == (1024, 1024)  # a known Hub id: the table's size
+    assert on_model(deps, "stabilityai/stable-diffusion-2-1")[1] == 768
+    # SD runs, unknown Hub repos, an old LoRA run (whose family would need the network): size left alone.
+    for source in (str(runs["sd"]), str(runs["old"]), "someone/unknown-lora", ""):
+        assert isinstance(on_model(deps, source)[1], type(gr.skip())), source
+    assert on_model(deps, TOY_MODEL)[1] == TOY_RESOLUTION  # the toy model, as before
 
 # --- the toy model and the toy world's example -------------------------------------------------
 @pytest.fixture

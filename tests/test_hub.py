@@ -352,6 +352,9 @@ def test_a_published_model_loads_back_and_generates_the_local_image(
     assert family_tag in card.data.tags and "dreambooth" in card.data.tags
     assert ("lora" in card.data.tags) == (method == "lora")
     assert f"from diffusers import {tiny_base.pipeline_class.__name__}\n" in card.text
+    if method == "lora":  # the kohya-layout copy for A1111 / ComfyUI goes up too, named in the card
+        assert "pytorch_lora_weights_kohya.safetensors" in card.text
+        assert "pytorch_lora_weights_kohya.safetensors" in api.list_repo_files(result.repo_id)
 
     request = GenerateRequest("a photo of sks dog", steps=3, width=32, height=32, seed=7, num_images=2)
     cache = PipelineCache()

@@ -160,3 +160,36 @@ def test_v_prediction_model_trains(tiny_vpred_model_dir, subject_images, tmp_pat
     result = train(tiny_config(tiny_vpred_model_dir, subject_images, tmp_path / "run", max_train_steps=2))
     metrics = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics)
+
+
+def test_the_lora_is_also_saved_for_a1111_comfyui_and_kohya(tiny_base, subject_images, tmp_path):
+    """The kohya-layout file holds the same matrices and the run's alpha, and a reader of that
+    layout (diffusers' own kohya loader) draws with it exactly what the diffusers file draws."""
+    from safetensors.torch import load_file
+
+    config = tiny_config(tiny_base.path, subject_images, tmp_path / "run", learning_rate=1e-2, max_train_steps=4,
+                         train_text_encoder=True, lora_rank=8, lora_alpha=4)
+    run = train(config).run_dir
+    kohya = load_file(run / "pytorch_lora_weights_kohya.safetensors")
+    modules = {key.rsplit(".", 2)[0] if key.endswith(".weight") else key.rsplit(".", 1)[0] for key in kohya}
+    for module in modules:
+        assert {f"{module}.alpha", f"{module}.lora_down.weight", f"{module}.lora_up.weight"} <= kohya.keys()
+        assert kohya[f"{module}.alpha"].item() == 4.0
+    te_prefixes = {"sd": {"lora_te"}, "sdxl": {"lora_te1", "lora_te2"}}[tiny_base.family]
+    assert {m.split("_text_model_")[0] for m in modules if m.startswith("lora_te")} == te_prefixes
+    assert all(m.startswith(("lora_unet_", "lora_te")) for m in modules)
+    diffusers_file = load_file(run / "pytorch_lora_weights.safetensors")
+    down = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight"
+    same = [v for k, v in diffusers_file.items() if "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k" in k
+            and ("lora.down" in k or "lora_A" in k)]
+    assert len(same) == 1 and torch.equal(kohya[down], same[0])
+
+    def image(weight_name: str):
+        pipe = tiny_base.pipeline_class.from_pretrained(tiny_base.path)
+        pipe.load_lora_weights(run, weight_name=weight_name)
+        out = pipe("a photo of sks square", num_inference_steps=3, height=32, width=32, output_type="np",
+                   generator=torch.Generator().manual_seed(0))
+        return torch.from_numpy(out.images[0])
+
+    assert torch.allclose(image("pytorch_lora_weights.safetensors"), image("pytorch_lora_weights_kohya.safetensors"),
+                          atol=1e-5)

@@ -1,7 +1,7 @@
 """Fixtures and helpers shared by the UI tests (the app served on a port, the Train form's values).
 
 conftest.py star-imports this module so that pytest finds the fixtures by name; test modules import
-the plain helpers (serve_app, train_form, publishing, CPU, A100) from here, never from one another.
+the plain helpers (serve_app, train_form, publishing, CPU, GPU16, A100) from here, never from one another.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ __all__ = ["toy_stand_in"]
 # Injected instead of the machine's own, so that every test sees the same defaults on any host.
 CPU = Hardware("cpu", "CPU", None)
 A100 = Hardware("cuda", "A100", 80.0, bf16=True)
+GPU16 = Hardware("cuda", "Tesla V100-SXM2-16GB", 15.77)  # a 16 GB card as torch reports it (GiB), no bf16
 
 # A training the tiny model finishes in seconds on 2 CPU cores, yet long enough (0.03-0.3 s a step)
 # that a second /train call still finds it running.
@@ -84,6 +85,8 @@ def train_form(base_model: str) -> dict[str, Any]:
         "mixed_precision": "no",
         "seed": 0,
         "validation_prompt": "",
+        "lora_rank": 4,
+        "cache_latents": True,
     }
 
 

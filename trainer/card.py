@@ -17,7 +17,16 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from .config import TrainConfig
-from .run_folder import CARD_NAME, LORA_WEIGHTS, SAMPLES_DIR, list_sample_files, read_config, run_family, run_kind
+from .run_folder import (
+    CARD_NAME,
+    KOHYA_LORA_WEIGHTS,
+    LORA_WEIGHTS,
+    SAMPLES_DIR,
+    list_sample_files,
+    read_config,
+    run_family,
+    run_kind,
+)
 
 MAX_CARD_SAMPLES = 8
 
@@ -117,6 +126,7 @@ def build_model_card(run_dir: Path, repo_id: str | None = None) -> ModelCard:
             _usage(kind, where, base_id or config.pretrained_model, config, family.pipeline_class.__name__),
             "```",
             "",
+            *(_kohya_note(run_dir) if kind == "lora" else []),
             "## Samples",
             "",
             _gallery(samples),
@@ -168,6 +178,16 @@ def _usage(kind: str, where: str, base: str, config: TrainConfig, pipeline: str)
         f'image.save("{config.identifier}.png")',
     ]
     return "\n".join(lines)
+
+
+def _kohya_note(run_dir: Path) -> list[str]:
+    if not (run_dir / KOHYA_LORA_WEIGHTS).is_file():
+        return []
+    return [
+        f"The same LoRA for AUTOMATIC1111, ComfyUI and kohya's tools: `{KOHYA_LORA_WEIGHTS}` (kohya layout; "
+        "put it in the `models/Lora` folder).",
+        "",
+    ]
 
 
 def _gallery(samples: list[Sample]) -> str:

@@ -33,6 +33,7 @@ from .run_folder import (
     CARD_NAME,
     CHECKPOINTS_DIR,
     CONFIG_NAME,
+    KOHYA_LORA_WEIGHTS,
     LOGS_DIR,
     LORA_WEIGHTS,
     METRICS_NAME,
@@ -163,7 +164,7 @@ def upload_patterns(run_dir: Path) -> list[str]:
     """What belongs in the model repo: the card, config, samples and weights of this kind of run."""
     patterns = [CARD_NAME, CONFIG_NAME, f"{SAMPLES_DIR}/*.png"]
     if run_kind(run_dir) == "lora":
-        return [*patterns, LORA_WEIGHTS]
+        return [*patterns, LORA_WEIGHTS, KOHYA_LORA_WEIGHTS]
     # A pipeline's components are the folders its model_index.json names.
     index = json.loads((run_dir / PIPELINE_INDEX).read_text(encoding="utf-8"))
     components = [name for name, spec in index.items() if not name.startswith("_") and isinstance(spec, list)]

@@ -11,7 +11,7 @@ from diffusers import DPMSolverMultistepScheduler
 
 from .config import TrainConfig
 from .families import Components
-from .run_folder import sample_path, samples_dir
+from .run_folder import KOHYA_LORA_WEIGHTS, LORA_WEIGHTS, sample_path, samples_dir
 
 
 def pipeline_from_parts(parts: Components, unet: torch.nn.Module, text_encoders: Sequence[torch.nn.Module]):
@@ -83,4 +83,33 @@ def _save_lora(config: TrainConfig, parts: Components, unet: torch.nn.Module,
         trained.update(zip(parts.family.text_encoder_names(len(text_encoders)), text_encoders, strict=True))
     layers = {part: lora_state(model) for part, model in trained.items()}
     metadata = {part: model.peft_config["default"].to_dict() for part, model in trained.items()}
-    return parts.family.save_lora(run_dir, layers, metadata)
+    weights = parts.family.save_lora(run_dir, layers, metadata)
+    save_kohya_lora(parts.family, run_dir, rank=config.lora_rank, alpha=config.lora_alpha or config.lora_rank)
+    return weights
+
+
+def save_kohya_lora(family, run_dir: Path, rank: int, alpha: float) -> Path:
+    """The run's LoRA in the layout A1111, ComfyUI and kohya's tools load (diffusers' converter, then
+    the two things it leaves out: the run's real alpha, and the text encoders' `text_model` level,
+    which transformers 5's CLIPTextModel no longer has but those tools expect)."""
+    from diffusers.utils.state_dict_utils import convert_all_state_dict_to_peft, convert_state_dict_to_kohya
+    from safetensors.torch import load_file, save_file
+
+    diffusers_state = load_file(run_dir / LORA_WEIGHTS)
+    peft_state: dict[str, torch.Tensor] = {}
+    for part in {key.split(".", 1)[0] for key in diffusers_state}:  # the file mixes two key styles: one at a time
+        peft_state.update(convert_all_state_dict_to_peft(
+            {k: v for k, v in diffusers_state.items() if k.split(".", 1)[0] == part}))
+    kohya = convert_state_dict_to_kohya(peft_state)
+    out: dict[str, torch.Tensor] = {}
+    for key, value in kohya.items():
+        for ours, theirs in family.kohya_prefixes.items():
+            key = key.replace(ours, theirs, 1) if key.startswith(ours) else key
+        if key.startswith("lora_te") and "_text_model_" not in key:
+            head, _, rest = key.partition("_encoder_")  # lora_te1 _encoder_ layers_0_... -> text_model_encoder
+            key = f"{head}_text_model_encoder_{rest}"
+        out[key] = torch.tensor(float(alpha)) if key.endswith(".alpha") else value.contiguous()
+    path = run_dir / KOHYA_LORA_WEIGHTS
+    save_file(out, path, metadata={"ss_network_module": "networks.lora", "ss_network_dim": str(rank),
+                                   "ss_network_alpha": str(alpha)})
+    return path

@@ -8,7 +8,8 @@
     <run>/logs/                tracker logs (never published)
     <run>/instance_images/     the app's copy of the uploaded photos
     <run>/model_index.json     a full run: a complete diffusers pipeline
-    <run>/pytorch_lora_weights.safetensors   a LoRA run
+    <run>/pytorch_lora_weights.safetensors   a LoRA run (diffusers)
+    <run>/pytorch_lora_weights_kohya.safetensors   the same LoRA as A1111, ComfyUI and kohya load it
     <run>/README.md            the model card
 """
 
@@ -31,6 +32,7 @@ LOGS_DIR = "logs"
 INSTANCE_IMAGES_DIR = "instance_images"
 PIPELINE_INDEX = "model_index.json"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the name diffusers' save/load_lora_weights use
+KOHYA_LORA_WEIGHTS = "pytorch_lora_weights_kohya.safetensors"  # the same LoRA for A1111, ComfyUI, kohya
 CARD_NAME = "README.md"
 
 RunKind = Literal["full", "lora"]

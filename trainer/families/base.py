@@ -64,6 +64,9 @@ class ModelFamily:
     unet_lora_targets: ClassVar[tuple[str, ...]]
     text_lora_targets: ClassVar[tuple[str, ...]]
     card_tags: ClassVar[tuple[str, ...]]
+    # diffusers' kohya converter names the text encoders lora_te1_, lora_te2_; what this family's
+    # A1111/ComfyUI/kohya files call them instead, where that differs.
+    kohya_prefixes: ClassVar[dict[str, str]] = {}
 
     # --- the pipeline ---------------------------------------------------------------------
     @property

@@ -50,6 +50,7 @@ class StableDiffusion(ModelFamily):
     unet_lora_targets = ("to_k", "to_q", "to_v", "to_out.0")
     text_lora_targets = ("q_proj", "k_proj", "v_proj", "out_proj")
     card_tags = ("stable-diffusion",)
+    kohya_prefixes = {"lora_te1_": "lora_te_"}  # SD 1.x/2.x files have a single lora_te_
 
     @property
     def pipeline_class(self) -> type:
