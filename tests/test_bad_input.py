@@ -205,3 +205,15 @@ def test_a_separate_vae_is_used_and_a_wrong_one_refused(tiny_base, subject_image
         train(bad)
     with pytest.raises(ModelLoadError, match="`pretrained_vae`: .*could not be loaded"):
         train(bad.replace(pretrained_vae=str(tmp_path / "nowhere")))
+
+
+def test_sdxl_under_half_its_native_resolution_is_refused(tiny_sdxl_model_dir, subject_images, tmp_path):
+    # The tiny SDXL's native size is 32 px (16x16 latents behind a 2x VAE): 16 is the floor, as 512 is
+    # for SDXL base 1.0's 1024.
+    config = tiny_config(tiny_sdxl_model_dir, subject_images, tmp_path / "run", resolution=8)
+    with pytest.raises(ConfigError, match="`resolution` 8 is under 16, half of this SDXL model's native 32 px"):
+        train(config)
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ConfigError, match="`resolution` must be a positive multiple of 8, got 20"):
+        train(config.replace(resolution=20))
+    assert train(config.replace(resolution=16, max_train_steps=1)).status == "completed"

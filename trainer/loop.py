@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Callable
@@ -174,12 +175,14 @@ def prepare_class_images(run: Run, parts: Components) -> ImageSet | None:
     run.emit(PhaseEvent("class-images", f"Preparing {config.num_class_images} class images"))
     for module in (parts.unet, *parts.text_encoders, parts.vae):
         module.to(device)
+    autocast = contextlib.nullcontext
     if device.type == "cuda":  # generating in half precision is fine and twice as fast
         for module in (parts.unet, *parts.text_encoders):
             module.to(dtype=weight_dtype(config.mixed_precision))
+        autocast = run.accelerator.autocast  # the fp32 VAE meets the half-precision latents
     with run.accelerator.main_process_first():
         paths = class_images(config, parts, device, run.progress("class-images"),
-                             should_stop=lambda: run.cancel.cancelled)
+                             should_stop=lambda: run.cancel.cancelled, autocast=autocast)
     return None if run.cancel.cancelled else ImageSet(paths, short_side=config.resolution)
 
 

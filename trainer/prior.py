@@ -7,6 +7,7 @@ identifier or instance set reuses the same class images.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -51,10 +52,13 @@ def class_images(
     device: torch.device,
     on_progress: Callable[[int, int], None],
     should_stop: Callable[[], bool] = lambda: False,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> list[Path]:
     """Return `num_class_images` paths: the user's folder first, then cached/generated ones.
 
     `should_stop` is asked between batches; images generated until then stay in the cache.
+    `autocast` is the run's mixed-precision context: the UNet and text encoders may be in half
+    precision while the VAE stays in fp32, and autocast lets their tensors meet.
     """
     own = _images_in(Path(config.class_data_dir)) if config.class_data_dir else []
     if len(own) >= config.num_class_images:
@@ -65,7 +69,7 @@ def class_images(
     missing = needed - len(cached)
     if missing > 0:
         _generate(config, parts, device, cache, start=len(cached), count=missing, on_progress=on_progress,
-                  should_stop=should_stop)
+                  should_stop=should_stop, autocast=autocast)
         cached = _images_in(cache)
     return own + cached[:needed]
 
@@ -79,6 +83,7 @@ def _generate(
     count: int,
     on_progress: Callable[[int, int], None],
     should_stop: Callable[[], bool],
+    autocast: Callable[[], contextlib.AbstractContextManager],
 ) -> None:
     """Generate images start..start+count-1; image i is seeded with i, so the cache is reproducible."""
     from .output import pipeline_from_parts
@@ -90,7 +95,7 @@ def _generate(
         batch = min(config.sample_batch_size, count - done)
         indices = range(start + done, start + done + batch)
         generators = [torch.Generator(device="cpu").manual_seed(i) for i in indices]
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             images = pipe(
                 [config.class_prompt] * batch,
                 num_inference_steps=config.class_inference_steps,
