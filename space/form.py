@@ -171,7 +171,7 @@ FORM: tuple[FormField, ...] = (
     _row("text_encoder_steps_fraction", gr.Slider,   "text encoder", "float", "text_encoder_steps_fraction",
          minimum=0.05, maximum=1.0, step=0.05, label="…for this fraction of the steps"),
     _row("resolution",                  gr.Number,   "text encoder", "int",   "resolution",
-         precision=0, step=8, label="Resolution"),
+         precision=0, step=8, label="Resolution", elem_id="resolution"),
     _row("use_8bit_adam",               gr.Checkbox, "memory",       "flag",  "use_8bit_adam",
          label="8-bit Adam"),
     _row("gradient_checkpointing",      gr.Checkbox, "memory",       "flag",  "gradient_checkpointing",

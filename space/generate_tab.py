@@ -29,6 +29,7 @@ from space.hardware import Hardware
 from space.jobs import JobManager, error_message
 from space.presets import KNOWN_MODELS, SD, TOY_MODEL, ToyModel
 from space.wiring import PRIVATE, bind
+from trainer.config import UserError
 from trainer.inference import (
     MAX_IMAGES,
     MAX_LORA_SCALE,
@@ -39,7 +40,6 @@ from trainer.inference import (
     PipelineCache,
     generate,
 )
-from trainer.config import UserError
 from trainer.run_folder import list_runs, read_status, run_family, run_kind, try_read_config
 
 log = logging.getLogger(__name__)

@@ -15,9 +15,11 @@ All assume fp16 or bf16 for the frozen weights, as the hardware presets choose o
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from space import texts
 from space.hardware import Hardware
+from space.presets import TOY_MODEL, model_family
 from trainer.families import family_by_name
 
 # Cards report GiB a little under their nominal GB (a "16 GB" card: 14.6-15.9 GiB), and the
@@ -86,3 +88,21 @@ def memory_note(
         advice = texts.MEMORY_TOO_BIG
     what = texts.memory_what(family_by_name(family_name).label, method, resolution)
     return texts.MEMORY_NOTE.format(what=what, need=round(need), have=round(hardware.memory_gb), advice=advice)
+
+
+def form_memory_note(
+    hardware: Hardware,
+    base_model: str | None,
+    method: str,
+    resolution: Any,
+    use_8bit_adam: bool,
+    gradient_checkpointing: bool,
+) -> str | None:
+    """memory_note for the Train form's values, as its widgets give them; None for the toy model."""
+    base_model = (base_model or "").strip()
+    family = None if base_model == TOY_MODEL else model_family(base_model)
+    try:
+        size = int(resolution)
+    except (TypeError, ValueError):  # the box is being edited: the engine will say what is wrong
+        size = 0
+    return memory_note(hardware, family, method, size, bool(use_8bit_adam), bool(gradient_checkpointing))

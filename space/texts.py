@@ -78,8 +78,7 @@ CONCEPT_HELP = (
     "for 30% (object), 65% (person) or 15% (style) of the steps."
 )
 METHOD_HELP = (
-    "LoRA: small file, less memory, fast. Full: the whole UNet, best fidelity, needs 16+ GB "
-    "(SDXL: about 40 GB)."
+    "LoRA: small file, less memory, fast. Full: the whole UNet, best fidelity, needs 16+ GB (SDXL: about 40 GB)."
 )
 BASE_MODEL_HELP = "Pick one, or type any Hub id (user/model) or a local diffusers folder."
 PRIOR_HELP = "Also train on generic class images so every dog does not become *your* dog."

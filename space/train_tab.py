@@ -36,7 +36,7 @@ from space.form import (
 )
 from space.hardware import Hardware, hub_offline
 from space.jobs import BusyError, JobManager, JobSnapshot, PublishRequest, error_message
-from space.memory import memory_note
+from space.memory import form_memory_note
 from space.presets import (
     SD,
     TOY_MODEL,
@@ -120,29 +120,11 @@ def on_base_model(deps: TrainDeps, base_model: str | None, previous: str | None)
     return (*(values.get(key, gr.skip()) for key in BASE_MODEL_FIELDS), kind or gr.skip())
 
 
-def form_memory_note(
-    deps: TrainDeps,
-    base_model: str | None,
-    method: str,
-    resolution: Any,
-    use_8bit_adam: bool,
-    gradient_checkpointing: bool,
-) -> str | None:
-    """space.memory's note for the form's values (MEMORY_FIELDS); None when they fit, or for the toy model."""
-    base_model = (base_model or "").strip()
-    family = None if base_model == TOY_MODEL else model_family(base_model)
-    try:
-        size = int(resolution)
-    except (TypeError, ValueError):  # the box is being edited: the engine will say what is wrong
-        size = 0
-    return memory_note(deps.hardware, family, method, size, bool(use_8bit_adam), bool(gradient_checkpointing))
-
-
 def memory_hint(
     deps: TrainDeps, base_model: str | None, method: str, resolution: Any, use_8bit: bool, checkpointing: bool
 ) -> Any:
-    """The memory note, shown only when the settings will not fit this GPU."""
-    note = form_memory_note(deps, base_model, method, resolution, use_8bit, checkpointing)
+    """The memory note (MEMORY_FIELDS' values), shown only when the settings will not fit this GPU."""
+    note = form_memory_note(deps.hardware, base_model, method, resolution, use_8bit, checkpointing)
     return gr.update(value=note or "", visible=note is not None)
 
 
@@ -346,7 +328,7 @@ def build_train_tab(deps: TrainDeps) -> TrainTab:
     gr.Markdown(f"{texts.hardware_line(deps.hardware)}\n\n{texts.toy_notice(deps.toy.installed, deps.toy.folder)}")
     machine = safe_defaults(deps.hardware, offline)
     values = initial_values(machine, model_family(machine["base_model"]) or SD)
-    note = form_memory_note(deps, *(values[key] for key in MEMORY_FIELDS))
+    note = form_memory_note(deps.hardware, *(values[key] for key in MEMORY_FIELDS))
     form, memory, photos = _form_layout(values, model_choices(deps.hardware, offline), note)
     base_kind = gr.State(model_kind(machine["base_model"]))  # the kind of the last base model picked
     hub, publish_box = _publish_layout()

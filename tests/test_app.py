@@ -74,7 +74,9 @@ def test_the_generate_widgets_take_the_engines_defaults_and_ranges(tmp_path: Pat
     assert by_label["Scheduler"]["value"] == engine.scheduler
 
 
-def test_the_train_form_offers_sdxl_lora_rank_and_a_memory_note(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_train_form_offers_sdxl_lora_rank_and_a_memory_note(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from space.layout import Services, build_app
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # the page as online: a real base model first (nothing is fetched)
@@ -89,6 +91,7 @@ def test_the_train_form_offers_sdxl_lora_rank_and_a_memory_note(tmp_path: Path, 
 
     cpu = build_app(Services.create(runs_dir=tmp_path / "runs", hardware=CPU)).get_config_file()
     assert _component(cpu, "lora-rank")["props"]["value"] == EXAMPLE_SETTINGS["lora_rank"]  # the toy model's
+
 
 def test_on_a_cpu_space_it_offers_to_duplicate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from space.hardware import SpaceInfo, default_runs_dir
@@ -180,11 +183,15 @@ def test_the_example_trains_on_the_toy_model_through_the_api(tmp_path: Path, tin
         assert len(gallery) == 1 and os.path.isfile(gallery[0]["image"])
 
 
-def test_gradio_client_trains_then_generates(tmp_path: Path, tiny_model_dir: Path, subject_images: Path) -> None:
+def test_gradio_client_trains_then_generates(tmp_path: Path, tiny_base, tiny_model_dir: Path,
+                                             subject_images: Path) -> None:
+    """For each model family: the same form, the same endpoints, the run in its family's pipeline."""
     from gradio_client import Client, handle_file
 
+    from trainer.run_folder import read_status
+
     images = [handle_file(str(p)) for p in sorted(subject_images.glob("*.png"))]
-    form = train_form(str(tiny_model_dir))
+    form = train_form(str(tiny_base.path))
     with serve_app(tmp_path, tiny_model_dir) as (url, services):
         client = Client(url, verbose=False)
         with pytest.raises(Exception, match="must contain the identifier"):  # the engine's words, as gr.Error
@@ -202,6 +209,7 @@ def test_gradio_client_trains_then_generates(tmp_path: Path, tiny_model_dir: Pat
         assert job["step"] == steps and len(job["losses"]) == steps and job["samples"]
         run_dir = Path(job["run_dir"])
         assert (run_dir / "pytorch_lora_weights.safetensors").is_file() and run_dir.parent == tmp_path / "runs"
+        assert read_status(run_dir)["family"] == tiny_base.family
 
         gallery = client.predict(
             str(run_dir),
@@ -218,6 +226,7 @@ def test_gradio_client_trains_then_generates(tmp_path: Path, tiny_model_dir: Pat
             api_name="/generate",
         )
         assert len(gallery) == 2 and all(os.path.isfile(item["image"]) for item in gallery)
+        assert type(services.pipelines.get(str(run_dir))) is tiny_base.pipeline_class  # the one it drew with
         with pytest.raises(Exception, match="multiples of 8"):
             client.predict(str(run_dir), "x", "", 7.5, 2, "DDIM", 0, 30, 32, 1, 1.0, api_name="/generate")
 

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from ui_fixtures import serve_app
+from ui_fixtures import GPU16, serve_app
 
 from trainer.toyworld import EXAMPLE_CLASS_PROMPT, EXAMPLE_SETTINGS, TOY_MODEL_LABEL
 
@@ -102,6 +102,33 @@ def test_train_then_generate_in_a_browser(tmp_path: Path, tiny_model_dir: Path, 
         expect(page.locator("#class-prompt textarea")).to_have_value(EXAMPLE_CLASS_PROMPT)
         browser.close()
     assert (ARTIFACTS / "train-tab.png").stat().st_size > 0 and (ARTIFACTS / "generate-tab.png").stat().st_size > 0
+
+
+def test_picking_sdxl_on_a_16gb_card_sets_its_presets_and_the_memory_note(tmp_path: Path, toy_stand_in: Path) -> None:
+    """No training: the Train form on a (pretended) 16 GB GPU as a person picks SDXL, then full fine-tuning."""
+    from playwright.sync_api import expect, sync_playwright
+
+    sdxl = "stabilityai/stable-diffusion-xl-base-1.0"
+    with serve_app(tmp_path, toy_stand_in, hardware=GPU16) as (url, _), sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1600})
+        page.set_default_timeout(30_000)
+        page.goto(url)
+        note = page.locator("#memory-note")
+        expect(note).to_be_hidden()
+        page.locator("#base-model input").click()
+        page.get_by_role("option", name=sdxl).click()
+        page.get_by_text("Advanced").click()
+        expect(page.locator("#resolution input")).to_have_value("1024")
+        expect(page.locator("#lora-rank input")).to_have_value("16")
+        expect(note).to_be_hidden()  # LoRA, fp16, 8-bit Adam, checkpointing: fits 16 GB
+
+        page.get_by_label("Full fine-tune").check()
+        expect(note).to_be_visible()
+        expect(note).to_contain_text("needs about 40 GB")
+        page.get_by_label("LoRA", exact=True).check()
+        expect(note).to_be_hidden()
+        browser.close()
 
 
 def _set_number(page, selector: str, value: str) -> None:

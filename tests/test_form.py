@@ -227,8 +227,8 @@ def test_safe_defaults_for_sdxl_on_a_16gb_card() -> None:
     assert xl["use_8bit_adam"] and xl["gradient_checkpointing"] and xl["cache_latents"]
     assert memory_note(GPU16, "sdxl", "lora", 1024, True, True) is None  # the preset fits
     sd = safe_defaults(GPU16)  # SD 1.5, as before: LoRA, fp16, checkpointing
-    assert (sd["base_model"], sd["resolution"], sd["method"], sd["lora_rank"]) == (next(iter(KNOWN_MODELS)), 512,
-                                                                                   "lora", 4)
+    first = next(iter(KNOWN_MODELS))
+    assert (sd["base_model"], sd["resolution"], sd["method"], sd["lora_rank"]) == (first, 512, "lora", 4)
     assert memory_note(GPU16, "sd", sd["method"], 512, sd["use_8bit_adam"], sd["gradient_checkpointing"]) is None
     big = safe_defaults(A100, family="sdxl")  # LoRA still (diffusers' SDXL recipe), without the savings
     assert (big["method"], big["mixed_precision"], big["use_8bit_adam"], big["gradient_checkpointing"]) == (
@@ -245,7 +245,7 @@ def test_safe_defaults_for_sdxl_on_a_16gb_card() -> None:
     ("hardware", "settings", "words"),
     [
         # (family, method, resolution, 8-bit Adam, gradient checkpointing)
-        (GPU16, ("sdxl", "full", 1024, True, True), "Stable Diffusion XL full fine-tuning at 1024 px needs about 40 GB"),
+        (GPU16, ("sdxl", "full", 1024, True, True), "Stable Diffusion XL full fine-tuning at 1024 px needs about 40"),
         (GPU16, ("sdxl", "full", 1024, True, True), "Use LoRA instead: it needs about 16 GB"),
         (GPU16, ("sdxl", "lora", 1024, True, False), "Turn on gradient checkpointing (under Advanced)"),
         (GPU16, ("sd", "full", 512, False, False), "Turn on gradient checkpointing and 8-bit Adam"),
@@ -310,7 +310,8 @@ def test_a_new_base_model_brings_its_familys_presets() -> None:
 def test_the_train_tabs_base_model_and_memory_handlers(tmp_path: Path) -> None:
     import gradio as gr
 
-    from space.train_tab import BASE_MODEL_FIELDS, TrainDeps, form_memory_note, on_base_model, on_preset
+    from space.memory import form_memory_note
+    from space.train_tab import BASE_MODEL_FIELDS, TrainDeps, on_base_model, on_preset
 
     deps = TrainDeps(JobManager(), tmp_path, ToyModel(), GPU16)
     *fields, kind = on_base_model(deps, SDXL_BASE, "sd")
@@ -318,10 +319,10 @@ def test_the_train_tabs_base_model_and_memory_handlers(tmp_path: Path) -> None:
     skipped = on_base_model(deps, "nobody/unknown-model", "sd")
     assert all(isinstance(value, type(gr.skip())) for value in skipped)
     assert on_preset(None, "object", "full", SDXL_BASE)[1] == 5e-6
-    assert form_memory_note(deps, SDXL_BASE, "full", 1024, True, True) is not None
-    assert form_memory_note(deps, SDXL_BASE, "lora", 1024, True, True) is None
-    assert form_memory_note(deps, TOY_MODEL, "full", 1024, False, False) is None  # the toy model fits anywhere
-    assert form_memory_note(deps, SDXL_BASE, "lora", None, True, True) is None  # a box being edited
+    assert form_memory_note(GPU16, SDXL_BASE, "full", 1024, True, True) is not None
+    assert form_memory_note(GPU16, SDXL_BASE, "lora", 1024, True, True) is None
+    assert form_memory_note(GPU16, TOY_MODEL, "full", 1024, False, False) is None  # the toy model fits anywhere
+    assert form_memory_note(GPU16, SDXL_BASE, "lora", None, True, True) is None  # a box being edited
 
 
 def test_the_form_sets_lora_rank_and_cache_latents(tmp_path: Path, four_images: list[str]) -> None:
@@ -347,7 +348,8 @@ def test_generate_samples_sdxl_runs_and_repos_at_1024(tmp_path: Path, toy: ToyMo
     for name, base, family in (("xl", SDXL_BASE, "sdxl"), ("sd", "some/sd-model", "sd"), ("old", "some/sd", None)):
         run = runs[name] = tmp_path / name
         run.mkdir()
-        TrainConfig(pretrained_model=base, instance_prompt="a photo of sks dog", resolution=768).save(run / "config.json")
+        config = TrainConfig(pretrained_model=base, instance_prompt="a photo of sks dog", resolution=768)
+        config.save(run / "config.json")
         if family is not None:  # a run from before families records none
             write_status(run, "completed", 1, 1, family=family)
     prompt, width, height, _ = on_model(deps, str(runs["xl"]))
@@ -358,6 +360,7 @@ def test_generate_samples_sdxl_runs_and_repos_at_1024(tmp_path: Path, toy: ToyMo
     for source in (str(runs["sd"]), str(runs["old"]), "someone/unknown-lora", ""):
         assert isinstance(on_model(deps, source)[1], type(gr.skip())), source
     assert on_model(deps, TOY_MODEL)[1] == TOY_RESOLUTION  # the toy model, as before
+
 
 # --- the toy model and the toy world's example -------------------------------------------------
 @pytest.fixture

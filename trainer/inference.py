@@ -7,6 +7,7 @@ by its config.json) plus the LoRA file. Only safetensors weights are ever loaded
 
 from __future__ import annotations
 
+import inspect
 import json
 import threading
 from dataclasses import dataclass
@@ -217,7 +218,8 @@ def generate(pipe: DiffusionPipeline, request: GenerateRequest) -> list[Image]:
     request.validate()
     # 1. a scheduler for this request, without touching the cached pipeline
     scheduler = SCHEDULERS[request.scheduler].from_config(pipe.scheduler.config)
-    extra_config = {"requires_safety_checker": False} if "requires_safety_checker" in pipe.config else {}
+    options = inspect.signature(type(pipe).__init__).parameters
+    extra_config = {name: False for name in ("requires_safety_checker", "add_watermarker") if name in options}
     run = type(pipe)(**{**pipe.components, "scheduler": scheduler}, **extra_config)
     run.set_progress_bar_config(disable=True)
     # 2. one CPU generator per image: the same latents whatever the device
