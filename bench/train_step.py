@@ -41,7 +41,12 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -111,20 +116,25 @@ def available_bytes(device) -> tuple[int, str]:
     raise RuntimeError("no MemTotal in /proc/meminfo")
 
 
-def run_cell(cell: dict, steps: int) -> dict:
+@dataclass
+class StepSetup:
+    """What a cell's timed step needs: the model, its trainable parameters, the optimizer and the AMP settings."""
+
+    unet: torch.nn.Module
+    params: list[torch.nn.Parameter]
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    dtype: torch.dtype
+    device: torch.device
+    notes: list[str]
+
+
+def size_up(cell: dict, config_dict: dict, row: dict, device: torch.device) -> bool:
+    """Count the parameters on the meta device (no memory, no init) into `row`; False (and why) if it cannot fit."""
     import torch
     from diffusers import UNet2DConditionModel
-    from diffusers.models.attention_processor import AttnProcessor2_0
 
-    from trainer.config import TrainConfig
-    from trainer.optim import make_optimizer, optimizer_state_bytes
-
-    model, method, optimizer, precision = cell["model"], cell["method"], cell["optimizer"], cell["precision"]
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    row = {**cell, "device": str(device)}
-    config_dict = unet_config(model)
-
-    # Count first, on the meta device (no memory, no init), and refuse what cannot fit.
+    method = cell["method"]
     with torch.device("meta"):
         shape = UNet2DConditionModel(**config_dict)
     total = sum(p.numel() for p in shape.parameters())
@@ -132,14 +142,22 @@ def run_cell(cell: dict, steps: int) -> dict:
     del shape
     row["params_m"] = (total + lora) / 1e6
     row["trainable_m"] = (lora if method == "lora" else total) / 1e6
-    needed = estimate_bytes(total + lora, lora if method == "lora" else total, optimizer)
+    needed = estimate_bytes(total + lora, lora if method == "lora" else total, cell["optimizer"])
     have, have_text = available_bytes(device)
     row["estimate_gib"] = needed / 2**30
     if needed > FIT_FRACTION * have:
         row["skipped"] = f"does not fit: needs ≥ {needed / 2**30:.1f} GiB, {have_text.format(have / 2**30)}"
-        return row
+        return False
+    return True
 
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+def build_unet(cell: dict, config_dict: dict, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """The UNet as the engine trains it: random weights, LoRA or full, frozen weights in `dtype`, SDPA."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    method = cell["method"]
     torch.manual_seed(0)
     with torch.device(device):  # random init straight on the GPU is seconds, not minutes
         unet = UNet2DConditionModel(**config_dict)
@@ -159,13 +177,30 @@ def run_cell(cell: dict, steps: int) -> dict:
     unet.train()
     if cell["checkpointing"]:
         unet.enable_gradient_checkpointing()
+    return unet
+
+
+def build_step(cell: dict, config_dict: dict, device: torch.device) -> StepSetup:
+    """The UNet, the engine's optimizer over its trainable parameters and, for fp16, a GradScaler."""
+    import torch
+
+    from trainer.config import TrainConfig
+    from trainer.optim import make_optimizer
+
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cell["precision"]]
+    unet = build_unet(cell, config_dict, device, dtype)
     params = [p for p in unet.parameters() if p.requires_grad]
-    config = TrainConfig(method=method, use_8bit_adam=optimizer == "adamw8bit")
+    config = TrainConfig(method=cell["method"], use_8bit_adam=cell["optimizer"] == "adamw8bit")
     notes: list[str] = []
     opt = make_optimizer(params, [], config, notes.append)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    return StepSetup(unet, params, opt, scaler, dtype, device, notes)
 
-    size = cell["latents"]
+
+def step_inputs(unet: torch.nn.Module, size: int, device: torch.device) -> dict:
+    """Random latents and text states at batch 1; for SDXL also the pooled text embedding and the time ids."""
+    import torch
+
     latents = torch.randn(1, 4, size, size, device=device)
     hidden = torch.randn(1, 77, unet.config.cross_attention_dim, device=device)
     added = None
@@ -174,44 +209,80 @@ def run_cell(cell: dict, steps: int) -> dict:
         px = float(size * 8)  # original size, crop top-left, target size: the engine's time ids
         added = {"text_embeds": torch.randn(1, pooled, device=device),
                  "time_ids": torch.tensor([[px, px, 0.0, 0.0, px, px]], device=device)}
+    return {"latents": latents, "hidden": hidden, "added": added}
+
+
+def train_step(setup: StepSetup, inputs: dict, first: bool) -> None:
+    """One engine step: forward under autocast, MSE, backward, clip at 1.0, optimizer step, zero_grad."""
+    import torch
+
+    device, scaler, opt, params = setup.device, setup.scaler, setup.opt, setup.params
+    latents = inputs["latents"]
+    t = torch.randint(0, 1000, (1,), device=device)
+    with torch.autocast(device.type, dtype=setup.dtype, enabled=setup.dtype != torch.float32):
+        pred = setup.unet(latents, t, inputs["hidden"], added_cond_kwargs=inputs["added"]).sample
+    loss = torch.nn.functional.mse_loss(pred.float(), latents)
+    (scaler.scale(loss) if scaler else loss).backward()
+    if first:
+        missing = sum(p.grad is None for p in params)
+        if missing:
+            setup.notes.append(f"{missing} of {len(params)} trainable tensors got no gradient")
+    if scaler:
+        scaler.unscale_(opt)
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    if scaler:
+        scaler.step(opt)
+        scaler.update()
+    else:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def time_steps(setup: StepSetup, inputs: dict, steps: int) -> tuple[list[float], str | None]:
+    """Seconds of each of steps + 1 steps (the first is warm-up); on out-of-memory, those done and why it stopped."""
+    import torch
+
+    device = setup.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()  # the steps' peak, not the fp32 build's
-    times = []
+    times: list[float] = []
     try:
         for i in range(steps + 1):  # the first step (allocations, kernel choice) is not timed
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            t = torch.randint(0, 1000, (1,), device=device)
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                pred = unet(latents, t, hidden, added_cond_kwargs=added).sample
-            loss = torch.nn.functional.mse_loss(pred.float(), latents)
-            (scaler.scale(loss) if scaler else loss).backward()
-            if i == 0:
-                missing = sum(p.grad is None for p in params)
-                if missing:
-                    notes.append(f"{missing} of {len(params)} trainable tensors got no gradient")
-            if scaler:
-                scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            if scaler:
-                scaler.step(opt)
-                scaler.update()
-            else:
-                opt.step()
-            opt.zero_grad(set_to_none=True)
+            train_step(setup, inputs, first=i == 0)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
     except torch.OutOfMemoryError as err:
-        row["failed"] = f"out of memory after {len(times)} step(s): {str(err).splitlines()[0][:120]}"
-    if "failed" not in row:
+        return times, f"out of memory after {len(times)} step(s): {str(err).splitlines()[0][:120]}"
+    return times, None
+
+
+def run_cell(cell: dict, steps: int) -> dict:
+    import torch
+
+    from trainer.optim import optimizer_state_bytes
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    row = {**cell, "device": str(device)}
+    config_dict = unet_config(cell["model"])
+    if not size_up(cell, config_dict, row, device):
+        return row
+
+    setup = build_step(cell, config_dict, device)
+    inputs = step_inputs(setup.unet, cell["latents"], device)
+    times, failed = time_steps(setup, inputs, steps)
+    if failed:
+        row["failed"] = failed
+    else:
         row["sec_per_step"] = sum(times[1:]) / steps
     row.update({
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "peak_cuda_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
-        "optimizer_state_mib": optimizer_state_bytes(opt) / 2**20,
-        "optimizer_class": type(opt).__name__, "notes": notes,
+        "optimizer_state_mib": optimizer_state_bytes(setup.opt) / 2**20,
+        "optimizer_class": type(setup.opt).__name__, "notes": setup.notes,
     })
     return row
 
@@ -250,7 +321,8 @@ def label(r: dict) -> str:
     return text
 
 
-def main() -> None:
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=["tiny", "sd15", "tiny-sdxl", "sdxl", "all"], default="all",
                         help="all = tiny + sd15; the SDXL models run only when named")
@@ -265,24 +337,16 @@ def main() -> None:
     parser.add_argument("--lora-rank", type=int, default=4, help="LoRA rank (alpha = rank)")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per cell, after one warm-up step")
     parser.add_argument("--cell", help=argparse.SUPPRESS)  # internal: run one cell (JSON), print JSON
-    args = parser.parse_args()
-    if args.cell:
-        print(json.dumps(run_cell(json.loads(args.cell), args.steps)))
-        return
-    if args.steps < 1:
-        parser.error("--steps must be at least 1")
-    if args.lora_rank < 1:
-        parser.error("--lora-rank must be at least 1")
+    return parser
 
-    import torch
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.precision == "fp16" and device == "cpu":
-        parser.error("--precision fp16 needs a CUDA GPU (fp16 autocast and GradScaler are CUDA's); "
-                     "on a CPU use bf16 or fp32")
-    def flatten(groups: list[list[str]] | None) -> list[str] | None:
-        return [v for group in groups for v in group] if groups else None
+def flatten(groups: list[list[str]] | None) -> list[str] | None:
+    """`action="append", nargs="+"` gives a list of lists; None when the flag was not given."""
+    return [v for group in groups for v in group] if groups else None
 
+
+def plan_cells(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[dict]:
+    """One cell per selected model x resolution (SDXL) x method x optimizer x checkpointing."""
     resolutions = split_values(flatten(args.resolution), RESOLUTIONS, parser, "--resolution")
     methods_given = flatten(args.method)
     methods = split_values(methods_given, METHODS, parser, "--method")
@@ -304,23 +368,28 @@ def main() -> None:
                         cells.append({"model": model, "resolution": res, "latents": latents, "method": method,
                                       "optimizer": optimizer, "checkpointing": ckpt == "on",
                                       "precision": args.precision, "rank": args.lora_rank})
+    return cells
 
-    rows = []
-    for cell in cells:
-        out = subprocess.run([sys.executable, __file__, "--cell", json.dumps(cell), "--steps", str(args.steps)],
-                             capture_output=True, text=True)
-        try:
-            row = json.loads(out.stdout.strip().splitlines()[-1])
-        except (IndexError, json.JSONDecodeError):
-            row = {**cell, "device": device, "failed": failure_reason(out)}
-        if out.returncode != 0 and "failed" not in row:
-            row["failed"] = failure_reason(out)
-        rows.append(row)
-        what = (f"{row['sec_per_step']:.2f} s/step" if "sec_per_step" in row
-                else row.get("skipped") or row.get("failed"))
-        print(f"  done {label(row)} {cell['optimizer']} ckpt={'on' if cell['checkpointing'] else 'off'}: {what}",
-              file=sys.stderr)
 
+def run_cell_process(cell: dict, steps: int, device: str) -> dict:
+    """Run one cell in its own process (so peak memory is that cell's); its row, or one saying why it failed."""
+    out = subprocess.run([sys.executable, __file__, "--cell", json.dumps(cell), "--steps", str(steps)],
+                         capture_output=True, text=True)
+    try:
+        row = json.loads(out.stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        row = {**cell, "device": device, "failed": failure_reason(out)}
+    if out.returncode != 0 and "failed" not in row:
+        row["failed"] = failure_reason(out)
+    what = (f"{row['sec_per_step']:.2f} s/step" if "sec_per_step" in row
+            else row.get("skipped") or row.get("failed"))
+    print(f"  done {label(row)} {cell['optimizer']} ckpt={'on' if cell['checkpointing'] else 'off'}: {what}",
+          file=sys.stderr)
+    return row
+
+
+def print_table(rows: list[dict], args: argparse.Namespace) -> None:
+    """The settings line, one table row per cell, then each cell's notes."""
     print(f"device: {rows[0]['device']}; batch 1; {args.precision}; {args.steps} timed steps per cell after one "
           f"warm-up" + (f"; LoRA rank {args.lora_rank}" if "lora" in {r["method"] for r in rows} else ""))
     print("| model | params | method | trainable | latents | optimizer | grad ckpt | s/step | it/s | peak RSS GiB "
@@ -342,6 +411,9 @@ def main() -> None:
         for note in r.get("notes", ()):
             print(f"note ({label(r)} {r['optimizer']}): {note}")
 
+
+def print_ratios(rows: list[dict]) -> None:
+    """Each cell against its group's (model, resolution, method) torch AdamW, checkpointing off."""
     done = [r for r in rows if "sec_per_step" in r]
     groups = list(dict.fromkeys((r["model"], r["resolution"], r["method"]) for r in rows))
     for key in groups:
@@ -355,6 +427,29 @@ def main() -> None:
                       f"time x{r['sec_per_step'] / base['sec_per_step']:.2f}, "
                       f"RSS x{r['peak_rss_gib'] / base['peak_rss_gib']:.2f}, "
                       f"optimizer state x{r['optimizer_state_mib'] / max(base['optimizer_state_mib'], 1e-9):.2f}")
+
+
+def main() -> None:
+    parser = build_parser()
+    args = parser.parse_args()
+    if args.cell:
+        print(json.dumps(run_cell(json.loads(args.cell), args.steps)))
+        return
+    if args.steps < 1:
+        parser.error("--steps must be at least 1")
+    if args.lora_rank < 1:
+        parser.error("--lora-rank must be at least 1")
+
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.precision == "fp16" and device == "cpu":
+        parser.error("--precision fp16 needs a CUDA GPU (fp16 autocast and GradScaler are CUDA's); "
+                     "on a CPU use bf16 or fp32")
+    cells = plan_cells(args, parser)
+    rows = [run_cell_process(cell, args.steps, device) for cell in cells]
+    print_table(rows, args)
+    print_ratios(rows)
 
 
 if __name__ == "__main__":
