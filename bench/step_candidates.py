@@ -1,0 +1,139 @@
+"""Where the mid model's training step goes, and what the candidate speed-ups do to it.
+
+    OMP_NUM_THREADS=1 python bench/step_candidates.py            # eager, channels-last, compiled; profile
+    OMP_NUM_THREADS=1 python bench/step_candidates.py --candidates eager --profile 25
+
+The step is the engine's shape of step on the side-by-side benchmark's mid UNet (bench/vs_reference.py:
+~18 M parameters, 64x64 latents, batch 2 = instance + class row, fp32, plain AdamW so that the
+optimizer does not hide the UNet): forward, MSE, backward, optimizer step. Each candidate runs in
+this process after one warm-up step (compilation included there, and reported apart), and its loss
+and weights after the timed steps are compared with eager's, so a speed-up that changes the result
+shows. The one-thread 2048² fp32 matmul peak is measured in the same minute, and each candidate's
+achieved GFLOP/s (torch's FlopCounterMode) is printed as a fraction of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+from vs_reference import MID_UNET  # noqa: E402
+
+
+def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def make_unet(channels_last: bool) -> torch.nn.Module:
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**MID_UNET)
+    unet.set_attn_processor(AttnProcessor2_0())
+    unet.train()
+    if channels_last:
+        unet = unet.to(memory_format=torch.channels_last)
+    return unet
+
+
+def inputs(channels_last: bool) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(1)
+    latents = torch.randn(2, 4, 64, 64, generator=gen)
+    if channels_last:
+        latents = latents.contiguous(memory_format=torch.channels_last)
+    hidden = torch.randn(2, 77, MID_UNET["cross_attention_dim"], generator=gen)
+    return latents, hidden, torch.tensor([500, 20]), torch.randn(2, 4, 64, 64, generator=gen)
+
+
+def step_fn(unet: torch.nn.Module, forward, opt: torch.optim.Optimizer):
+    def step(latents, hidden, timesteps, target) -> float:
+        loss = torch.nn.functional.mse_loss(forward(latents, timesteps, hidden), target)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step
+
+
+def run(name: str, steps: int) -> dict:
+    channels_last = name == "channels-last"
+    unet = make_unet(channels_last)
+    forward = lambda x, t, h: unet(x, t, h).sample  # noqa: E731
+    if name == "compiled":
+        forward = torch.compile(forward)
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-4)
+    step = step_fn(unet, forward, opt)
+    args = inputs(channels_last)
+    start = time.perf_counter()
+    step(*args)
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    losses = [step(*args) for _ in range(steps)]
+    per_step = (time.perf_counter() - start) / steps
+    return {"name": name, "first": first, "per_step": per_step, "losses": losses,
+            "weights": copy.deepcopy({k: v.detach().contiguous() for k, v in unet.state_dict().items()})}
+
+
+def step_flops() -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    unet = make_unet(False)
+    latents, hidden, timesteps, target = inputs(False)
+    with FlopCounterMode(display=False) as counter:
+        torch.nn.functional.mse_loss(unet(latents, timesteps, hidden).sample, target).backward()
+    return counter.get_total_flops()
+
+
+def profile(steps: int, rows: int) -> None:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    unet = make_unet(False)
+    step = step_fn(unet, lambda x, t, h: unet(x, t, h).sample, torch.optim.AdamW(unet.parameters(), lr=1e-4))
+    args = inputs(False)
+    step(*args)
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step(*args)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--candidates", nargs="+", default=["eager", "channels-last", "compiled"],
+                        choices=["eager", "channels-last", "compiled"])
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--profile", type=int, default=15, help="rows of the eager step's op profile (0: none)")
+    args = parser.parse_args()
+
+    peak = matmul_gflops()
+    flops = step_flops()
+    print(f"threads {torch.get_num_threads()}; matmul peak {peak:.1f} GFLOP/s; step {flops / 1e9:.1f} GFLOP")
+    rows = [run(name, args.steps) for name in args.candidates]
+    base = rows[0]
+    print("| candidate | first step s | s/step | GFLOP/s | of peak | max |Δloss| vs first | max |Δweight| |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        dloss = max(abs(a - b) for a, b in zip(r["losses"], base["losses"], strict=True))
+        dweight = max((r["weights"][k] - base["weights"][k]).abs().max().item() for k in base["weights"])
+        print(f"| {r['name']} | {r['first']:.2f} | {r['per_step']:.3f} | {flops / r['per_step'] / 1e9:.1f} | "
+              f"{flops / r['per_step'] / 1e9 / peak:.0%} | {dloss:.2e} | {dweight:.2e} |")
+    if args.profile:
+        profile(min(args.steps, 2), args.profile)
+
+
+if __name__ == "__main__":
+    main()
