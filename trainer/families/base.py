@@ -61,8 +61,9 @@ class ModelFamily:
     label: ClassVar[str]  # for people: "Stable Diffusion 1.x/2.x"
     pipeline_names: ClassVar[tuple[str, ...]]  # model_index.json `_class_name`s of this family
     default_resolution: ClassVar[int]
-    unet_lora_targets: ClassVar[tuple[str, ...]]
-    text_lora_targets: ClassVar[tuple[str, ...]]
+    # The attention projections of diffusers' UNet2DConditionModel and of transformers' CLIP encoders.
+    unet_lora_targets: ClassVar[tuple[str, ...]] = ("to_k", "to_q", "to_v", "to_out.0")
+    text_lora_targets: ClassVar[tuple[str, ...]] = ("q_proj", "k_proj", "v_proj", "out_proj")
     card_tags: ClassVar[tuple[str, ...]]
     # diffusers' kohya converter names the text encoders lora_te1_, lora_te2_; what this family's
     # A1111/ComfyUI/kohya files call them instead, where that differs.

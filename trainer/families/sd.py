@@ -22,6 +22,43 @@ def save_lora_file(pipeline_class: type, run_dir: Path, layers: dict[str, dict],
     return run_dir / LORA_WEIGHTS
 
 
+def load_clip_unet_parts(family: ModelFamily, source: str, revision: str | None, variant: str | None,
+                         second_encoder: bool = False) -> Components:
+    """A CLIP text encoder (and, for SDXL, a second one with projection), a VAE, a UNet and the
+    training noise schedule, each through `from_pretrained`."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    def load(part: str, loader):
+        return load_part(source, part, loader, revision, variant)
+
+    second = {}
+    if second_encoder:
+        second = {"tokenizer_2": load("tokenizer_2", CLIPTokenizer.from_pretrained),
+                  "text_encoder_2": load("text_encoder_2", CLIPTextModelWithProjection.from_pretrained)}
+    return Components(
+        family=family,
+        tokenizer=load("tokenizer", CLIPTokenizer.from_pretrained),
+        text_encoder=load("text_encoder", CLIPTextModel.from_pretrained),
+        vae=load("vae", AutoencoderKL.from_pretrained),
+        unet=load("unet", UNet2DConditionModel.from_pretrained),
+        noise_scheduler=load("scheduler", DDPMScheduler.from_pretrained),
+        **second,
+    )
+
+
+def save_full_pipeline(pipeline_class: type, source: str, revision: str | None, modules: dict[str, Any],
+                       run_dir: Path, to_fp32: bool) -> Path:
+    """The base pipeline with the trained modules in place, saved as a complete pipeline folder: the
+    base's own scheduler class and config (not the DDPM used for training) and its other parts."""
+    pipe = pipeline_class.from_pretrained(source, revision=revision, use_safetensors=True, **modules)
+    # fp32 on disk whatever the training dtype: loaders cast down, but cannot recover precision.
+    if to_fp32:
+        pipe.to(dtype=torch.float32)
+    pipe.save_pretrained(run_dir, safe_serialization=True)
+    return run_dir / PIPELINE_INDEX
+
+
 def load_part(source: str, part: str, loader, revision: str | None, variant: str | None):
     """One component through `from_pretrained`, so a Hub id and a local folder take one path."""
     try:
@@ -47,8 +84,6 @@ class StableDiffusion(ModelFamily):
     label = "Stable Diffusion 1.x/2.x"
     pipeline_names = ("StableDiffusionPipeline",)
     default_resolution = 512
-    unet_lora_targets = ("to_k", "to_q", "to_v", "to_out.0")
-    text_lora_targets = ("q_proj", "k_proj", "v_proj", "out_proj")
     card_tags = ("stable-diffusion",)
     kohya_prefixes = {"lora_te1_": "lora_te_"}  # SD 1.x/2.x files have a single lora_te_
 
@@ -59,20 +94,7 @@ class StableDiffusion(ModelFamily):
         return StableDiffusionPipeline
 
     def load_components(self, source: str, revision: str | None, variant: str | None) -> Components:
-        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTokenizer
-
-        def load(part: str, loader):
-            return load_part(source, part, loader, revision, variant)
-
-        return Components(
-            family=self,
-            tokenizer=load("tokenizer", CLIPTokenizer.from_pretrained),
-            text_encoder=load("text_encoder", CLIPTextModel.from_pretrained),
-            vae=load("vae", AutoencoderKL.from_pretrained),
-            unet=load("unet", UNet2DConditionModel.from_pretrained),
-            noise_scheduler=load("scheduler", DDPMScheduler.from_pretrained),
-        )
+        return load_clip_unet_parts(self, source, revision, variant)
 
     def pipeline(self, parts: Components, unet: torch.nn.Module, text_encoders: Sequence[torch.nn.Module],
                  scheduler: Any) -> Any:
@@ -109,22 +131,9 @@ class StableDiffusion(ModelFamily):
 
     def save_full(self, source: str, revision: str | None, parts: Components, unet: torch.nn.Module,
                   text_encoders: Sequence[torch.nn.Module], run_dir: Path, to_fp32: bool) -> Path:
-        # The base pipeline's own scheduler class and config (not the DDPM used for training).
-        pipe = self.pipeline_class.from_pretrained(
-            source,
-            revision=revision,
-            use_safetensors=True,
-            vae=parts.vae,
-            text_encoder=text_encoders[0],
-            tokenizer=parts.tokenizer,
-            unet=unet,
-            **_NO_SAFETY_CHECKER,
-        )
-        # fp32 on disk whatever the training dtype: loaders cast down, but cannot recover precision.
-        if to_fp32:
-            pipe.to(dtype=torch.float32)
-        pipe.save_pretrained(run_dir, safe_serialization=True)
-        return run_dir / PIPELINE_INDEX
+        modules = {"vae": parts.vae, "text_encoder": text_encoders[0], "tokenizer": parts.tokenizer, "unet": unet}
+        return save_full_pipeline(self.pipeline_class, source, revision, {**modules, **_NO_SAFETY_CHECKER},
+                                  run_dir, to_fp32)
 
     def save_lora(self, run_dir: Path, layers: dict[str, dict], metadata: dict[str, dict]) -> Path:
         return save_lora_file(self.pipeline_class, run_dir, layers, metadata)

@@ -10,9 +10,8 @@ from typing import Any
 import torch
 
 from ..config import ConfigError, TrainConfig
-from ..run_folder import PIPELINE_INDEX
 from .base import Components, Conditioning, ModelFamily
-from .sd import load_part, save_lora_file
+from .sd import load_clip_unet_parts, save_full_pipeline, save_lora_file
 
 # No invisible watermark on training samples and generated images (it needs an extra package, too).
 _NO_WATERMARK: dict[str, Any] = {"add_watermarker": False}
@@ -23,8 +22,6 @@ class StableDiffusionXL(ModelFamily):
     label = "Stable Diffusion XL"
     pipeline_names = ("StableDiffusionXLPipeline",)
     default_resolution = 1024
-    unet_lora_targets = ("to_k", "to_q", "to_v", "to_out.0")
-    text_lora_targets = ("q_proj", "k_proj", "v_proj", "out_proj")
     card_tags = ("stable-diffusion-xl", "stable-diffusion-xl-diffusers")
 
     @property
@@ -34,22 +31,7 @@ class StableDiffusionXL(ModelFamily):
         return StableDiffusionXLPipeline
 
     def load_components(self, source: str, revision: str | None, variant: str | None) -> Components:
-        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-        def load(part: str, loader):
-            return load_part(source, part, loader, revision, variant)
-
-        return Components(
-            family=self,
-            tokenizer=load("tokenizer", CLIPTokenizer.from_pretrained),
-            text_encoder=load("text_encoder", CLIPTextModel.from_pretrained),
-            tokenizer_2=load("tokenizer_2", CLIPTokenizer.from_pretrained),
-            text_encoder_2=load("text_encoder_2", CLIPTextModelWithProjection.from_pretrained),
-            vae=load("vae", AutoencoderKL.from_pretrained),
-            unet=load("unet", UNet2DConditionModel.from_pretrained),
-            noise_scheduler=load("scheduler", DDPMScheduler.from_pretrained),
-        )
+        return load_clip_unet_parts(self, source, revision, variant, second_encoder=True)
 
     def check_config(self, config: TrainConfig, parts: Components) -> None:
         native = self.native_resolution(parts)
@@ -62,16 +44,7 @@ class StableDiffusionXL(ModelFamily):
 
     def pipeline(self, parts: Components, unet: torch.nn.Module, text_encoders: Sequence[torch.nn.Module],
                  scheduler: Any) -> Any:
-        pipe = self.pipeline_class(
-            vae=parts.vae,
-            text_encoder=text_encoders[0],
-            text_encoder_2=text_encoders[1],
-            tokenizer=parts.tokenizer,
-            tokenizer_2=parts.tokenizer_2,
-            unet=unet,
-            scheduler=scheduler,
-            **_NO_WATERMARK,
-        )
+        pipe = self.pipeline_class(**self._modules(parts, unet, text_encoders), scheduler=scheduler, **_NO_WATERMARK)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
@@ -109,23 +82,13 @@ class StableDiffusionXL(ModelFamily):
 
     def save_full(self, source: str, revision: str | None, parts: Components, unet: torch.nn.Module,
                   text_encoders: Sequence[torch.nn.Module], run_dir: Path, to_fp32: bool) -> Path:
-        # The base pipeline's own scheduler class and config (not the DDPM used for training).
-        pipe = self.pipeline_class.from_pretrained(
-            source,
-            revision=revision,
-            use_safetensors=True,
-            vae=parts.vae,
-            text_encoder=text_encoders[0],
-            text_encoder_2=text_encoders[1],
-            tokenizer=parts.tokenizer,
-            tokenizer_2=parts.tokenizer_2,
-            unet=unet,
-            **_NO_WATERMARK,
-        )
-        if to_fp32:
-            pipe.to(dtype=torch.float32)
-        pipe.save_pretrained(run_dir, safe_serialization=True)
-        return run_dir / PIPELINE_INDEX
+        return save_full_pipeline(self.pipeline_class, source, revision,
+                                  {**self._modules(parts, unet, text_encoders), **_NO_WATERMARK}, run_dir, to_fp32)
+
+    @staticmethod
+    def _modules(parts: Components, unet: torch.nn.Module, text_encoders: Sequence[torch.nn.Module]) -> dict:
+        return {"vae": parts.vae, "text_encoder": text_encoders[0], "text_encoder_2": text_encoders[1],
+                "tokenizer": parts.tokenizer, "tokenizer_2": parts.tokenizer_2, "unet": unet}
 
     def save_lora(self, run_dir: Path, layers: dict[str, dict], metadata: dict[str, dict]) -> Path:
         return save_lora_file(self.pipeline_class, run_dir, layers, metadata)
