@@ -85,14 +85,16 @@ def test_missing_base_model_names_the_field(subject_images, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_a_folder_without_a_unet_names_the_part(tiny_model_dir, subject_images, tmp_path):
+@pytest.mark.parametrize("part", ["unet", "tokenizer", "text_encoder"])
+def test_a_folder_without_a_part_names_the_part(tiny_model_dir, subject_images, tmp_path, part):
     import shutil
 
     broken = tmp_path / "broken"
     shutil.copytree(tiny_model_dir, broken)
-    shutil.rmtree(broken / "unet")
-    with pytest.raises(ModelLoadError, match="`pretrained_model`: could not load the unet"):
+    shutil.rmtree(broken / part)
+    with pytest.raises(ModelLoadError, match=f"`pretrained_model`: could not load the {part} of .*no {part}/ folder"):
         train(tiny_config(broken, subject_images, tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
 
 
 def test_existing_run_is_not_overwritten(tiny_model_dir, subject_images, tmp_path):

@@ -61,6 +61,10 @@ def save_full_pipeline(pipeline_class: type, source: str, revision: str | None, 
 
 def load_part(source: str, part: str, loader, revision: str | None, variant: str | None):
     """One component through `from_pretrained`, so a Hub id and a local folder take one path."""
+    variant_note = f" (variant {variant})" if variant else ""
+    if Path(source).is_dir() and not (Path(source) / part).is_dir():
+        # Said here: a missing tokenizer folder makes transformers fail with an OverflowError.
+        raise ModelLoadError(f"`pretrained_model`: could not load the {part} of {source!r}: it has no {part}/ folder")
     try:
         if part in ("tokenizer", "scheduler"):
             return loader(source, subfolder=part, revision=revision)
@@ -68,10 +72,7 @@ def load_part(source: str, part: str, loader, revision: str | None, variant: str
     except (OSError, ValueError) as err:
         # from_pretrained's own messages are long; keep the first line and name the part.
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelLoadError(
-            f"`pretrained_model`: could not load the {part} of {source!r}"
-            f"{f' (variant {variant})' if variant else ''}: {first}"
-        ) from None
+        raise ModelLoadError(f"`pretrained_model`: could not load the {part} of {source!r}{variant_note}: {first}") from None
 
 
 # The generated images are the user's own; the safety checker would also cost a second model.
