@@ -13,7 +13,6 @@ folder, or the Hub cache): the page never waits on the network to guess it.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -21,7 +20,7 @@ from typing import Any, NamedTuple
 from space import texts
 from space.hardware import Hardware
 from trainer.config import DEFAULT_LR, ConfigError, TrainConfig, UserError
-from trainer.families import FAMILIES, family_by_name, family_for_class
+from trainer.families import FAMILIES, family_by_name, family_for_class, read_model_index
 from trainer.run_folder import PIPELINE_INDEX, try_read_config
 from trainer.toyworld import (
     EXAMPLE_SETTINGS,
@@ -102,10 +101,10 @@ class ToyModel:
 
     def native_size(self, source: str) -> int | None:
         """The image size the toy model, or a run trained on it, samples at; None for anything else."""
-        if not self.is_toy(source):
-            return None
-        config = try_read_config(Path(source))  # None for the toy entry itself
-        return config.resolution if config is not None else TOY_RESOLUTION
+        if source == TOY_MODEL:
+            return TOY_RESOLUTION
+        config = try_read_config(Path(source))
+        return config.resolution if config is not None and Path(config.pretrained_model) == self.folder else None
 
 
 def toy_first(hw: Hardware, offline: bool) -> bool:
@@ -114,27 +113,6 @@ def toy_first(hw: Hardware, offline: bool) -> bool:
 
 
 # --- a base model's family ------------------------------------------------------------------
-def _local_model_index(source: str) -> dict | None:
-    """The model_index.json of a folder, or of a Hub id in the Hub cache; None when not on disk."""
-    folder = Path(source).expanduser()
-    if folder.is_dir():
-        path: Any = folder / PIPELINE_INDEX
-    else:
-        from huggingface_hub import try_to_load_from_cache
-
-        try:
-            path = try_to_load_from_cache(source, PIPELINE_INDEX)  # a file lookup, never the network
-        except ValueError:  # not a valid repo id
-            return None
-        if not isinstance(path, str):
-            return None
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def model_family(base_model: str) -> str | None:
     """The family name of a base model: the toy model and known ids from the table, others from
     their model_index.json when it is on this disk; None when unknown or not one we train."""
@@ -143,12 +121,12 @@ def model_family(base_model: str) -> str | None:
         return SD  # a Stable Diffusion pipeline, only small
     if base_model in KNOWN_MODELS:
         return KNOWN_MODELS[base_model].family
-    index = _local_model_index(base_model) if base_model else None
-    if index is None:
+    if not base_model:
         return None
-    try:
+    try:  # a folder, or a Hub id in the local cache: never the network
+        index = read_model_index(base_model, cached_only=True)
         return family_for_class(index.get("_class_name"), base_model).name
-    except UserError:  # a pipeline we do not train: the engine says so at Start
+    except (UserError, ValueError):  # not on disk, not a repo id, or a pipeline we do not train
         return None
 
 

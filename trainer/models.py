@@ -7,6 +7,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 
 from .config import TrainConfig
 from .families import Components, ModelLoadError, detect_family
+from .families.base import first_line
 
 __all__ = ["Components", "ModelLoadError", "load_components", "prepare_for_training", "weight_dtype"]
 
@@ -37,8 +38,7 @@ def load_vae(source: str, parts: Components):
     try:
         found = AutoencoderKL.load_config(source)
     except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise fail(f"could not be loaded: {first}") from None
+        raise fail(f"could not be loaded: {first_line(err)}") from None
     if found.get("_class_name") != "AutoencoderKL":
         raise fail(f"is a {found.get('_class_name')}, not an AutoencoderKL")
     channels, base = found.get("latent_channels", 4), parts.vae.config
@@ -51,8 +51,7 @@ def load_vae(source: str, parts: Components):
     try:
         return AutoencoderKL.from_pretrained(source, use_safetensors=True)
     except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise fail(f"could not be loaded: {first}") from None
+        raise fail(f"could not be loaded: {first_line(err)}") from None
 
 
 def prepare_for_training(parts: Components, config: TrainConfig, device: torch.device) -> None:

@@ -184,15 +184,14 @@ def lora_base_model(folder: Path) -> tuple[str | None, str | None]:
 
 def run_family(run_dir: Path, config: TrainConfig | None = None):
     """The model family of a run: as run.json records it, else read from its pipeline or base model."""
-    from .families import FAMILIES, ModelLoadError, detect_family, family_by_name, family_for_class
+    from .families import FAMILIES, ModelLoadError, detect_family, family_by_name
 
     run_dir = Path(run_dir)
     recorded = read_status(run_dir).get("family")
     if isinstance(recorded, str):
         return family_by_name(recorded)
     if run_kind(run_dir) == "full":
-        index = json.loads((run_dir / PIPELINE_INDEX).read_text(encoding="utf-8"))
-        return family_for_class(index.get("_class_name"), str(run_dir))
+        return detect_family(str(run_dir))  # the run's own pipeline says
     config = config or read_config(run_dir)
     try:
         return detect_family(config.pretrained_model, config.revision)

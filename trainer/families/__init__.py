@@ -13,12 +13,12 @@ import json
 from pathlib import Path
 
 from ..config import UserError
-from .base import Components, Conditioning, ModelFamily, ModelLoadError
+from ..run_folder import PIPELINE_INDEX
+from .base import Components, Conditioning, ModelFamily, ModelLoadError, first_line
 from .sd import StableDiffusion
 from .sdxl import StableDiffusionXL
 
 FAMILIES: tuple[ModelFamily, ...] = (StableDiffusion(), StableDiffusionXL())
-PIPELINE_INDEX = "model_index.json"
 
 # Pipelines people try as a base that we recognise but do not train, with the reason.
 _NOT_TRAINED: dict[str, str] = {
@@ -65,8 +65,9 @@ def family_for_class(class_name: str | None, source: str) -> ModelFamily:
     )
 
 
-def read_model_index(source: str, revision: str | None = None) -> dict:
-    """The base model's model_index.json: from the folder, else from the Hub (or its cache)."""
+def read_model_index(source: str, revision: str | None = None, *, cached_only: bool = False) -> dict:
+    """The base model's model_index.json: from the folder, else from the Hub (or its cache).
+    `cached_only` never goes to the network: a Hub id not in the local cache is a ModelLoadError."""
     local = Path(source).expanduser()
     looks_local = local.is_absolute() or source.startswith((".", "~")) or source.count("/") > 1
     if looks_local and not local.is_dir():
@@ -74,15 +75,21 @@ def read_model_index(source: str, revision: str | None = None) -> dict:
     try:
         if local.is_dir():
             path = local / PIPELINE_INDEX
+        elif cached_only:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(source, PIPELINE_INDEX, revision=revision)
+            if not isinstance(cached, str):
+                raise ModelLoadError(f"`pretrained_model`: {source!r} is not in the local Hub cache")
+            path = Path(cached)
         else:
             from huggingface_hub import hf_hub_download
 
             path = Path(hf_hub_download(source, PIPELINE_INDEX, revision=revision))
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:  # not found, offline, unknown repo, not JSON
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelLoadError(
-            f"`pretrained_model`: could not load the {PIPELINE_INDEX} of {source!r}: {first}"
+            f"`pretrained_model`: could not load the {PIPELINE_INDEX} of {source!r}: {first_line(err)}"
         ) from None
     if not isinstance(data, dict):
         raise ModelLoadError(f"`pretrained_model`: the {PIPELINE_INDEX} of {source!r} is not a JSON object")

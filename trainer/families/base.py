@@ -16,6 +16,12 @@ class ModelLoadError(UserError, RuntimeError):
     """The base model could not be loaded; the message names the model and the part."""
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of a library's error (from_pretrained's run to paragraphs), or its type."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 @dataclass
 class Components:
     """The loaded parts of a base model; SDXL has a second tokenizer and text encoder."""

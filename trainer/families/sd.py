@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ..run_folder import LORA_WEIGHTS, PIPELINE_INDEX
-from .base import Components, Conditioning, ModelFamily, ModelLoadError
+from .base import Components, Conditioning, ModelFamily, ModelLoadError, first_line
 
 
 def save_lora_file(pipeline_class: type, run_dir: Path, layers: dict[str, dict], metadata: dict[str, dict]) -> Path:
@@ -71,8 +71,7 @@ def load_part(source: str, part: str, loader, revision: str | None, variant: str
         return loader(source, subfolder=part, variant=variant, revision=revision, use_safetensors=True)
     except (OSError, ValueError) as err:
         # from_pretrained's own messages are long; keep the first line and name the part.
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelLoadError(f"`pretrained_model`: could not load the {part} of {source!r}{variant_note}: {first}") from None
+        raise ModelLoadError(f"`pretrained_model`: could not load the {part} of {source!r}{variant_note}: {first_line(err)}") from None
 
 
 # The generated images are the user's own; the safety checker would also cost a second model.
