@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
-from diffusers.models.attention_processor import AttnProcessor2_0
 
 from .config import TrainConfig
 from .families import Components, ModelLoadError, detect_family
 from .families.base import first_line
+from .speed import SpeedChoices, attention_processor, choose, enable_checkpointing
 
 __all__ = ["Components", "ModelLoadError", "load_components", "prepare_for_training", "weight_dtype"]
 
@@ -54,8 +54,9 @@ def load_vae(source: str, parts: Components):
         raise fail(f"could not be loaded: {first_line(err)}") from None
 
 
-def prepare_for_training(parts: Components, config: TrainConfig, device: torch.device) -> None:
-    """Freeze, attach LoRA adapters, set dtypes and memory savers, in place.
+def prepare_for_training(parts: Components, config: TrainConfig, device: torch.device, speed: SpeedChoices) -> None:
+    """Freeze, attach LoRA adapters, set dtypes and memory savers, in place (the attention
+    processor was set by `choose_speed` once the device was known).
 
     Frozen modules sit in the mixed-precision dtype to halve their memory; every trainable
     parameter is fp32, because fp16 master weights are what makes GradScaler fail with
@@ -96,9 +97,8 @@ def prepare_for_training(parts: Components, config: TrainConfig, device: torch.d
             if param.requires_grad:
                 param.data = param.data.float()
 
-    parts.unet.set_attn_processor(AttnProcessor2_0())  # PyTorch SDPA: fused, memory-efficient attention
     if config.gradient_checkpointing:
-        parts.unet.enable_gradient_checkpointing()
+        enable_checkpointing(parts.unet, speed.selective_checkpointing)
     parts.vae.eval()
     parts.unet.train()
     for text_encoder in text_encoders:
@@ -129,3 +129,12 @@ def load_trainable_state_dict(module: torch.nn.Module, state: dict[str, torch.Te
     with torch.no_grad():
         for name, value in state.items():
             params[name].copy_(value.to(params[name].device, params[name].dtype))
+
+
+def choose_speed(parts: Components, config: TrainConfig, device: torch.device) -> tuple[SpeedChoices, str]:
+    """Set the UNet's attention processor for this device (class images use it too) and return
+    the speed choices (trainer/speed.py) with the line that says what they are."""
+    latent_size = config.resolution // parts.vae_scale_factor
+    choices, line = choose(parts.unet, device, latent_size, config.gradient_checkpointing)
+    parts.unet.set_attn_processor(attention_processor(choices.pad_heads))
+    return choices, line

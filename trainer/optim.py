@@ -35,7 +35,10 @@ def make_optimizer(
                 "Install it with `pip install bitsandbytes`."
             )
         else:
-            return bnb.optim.AdamW8bit(groups, **kwargs)
+            from .adamw8bit import AdamW8bitSmallTogether
+
+            del bnb  # imported above only to learn whether it imports
+            return AdamW8bitSmallTogether(groups, **kwargs)
     return torch.optim.AdamW(groups, **kwargs)
 
 

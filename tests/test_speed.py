@@ -1,0 +1,157 @@
+"""The engine's speed choices (trainer/speed.py, trainer/adamw8bit.py) change time, not results."""
+
+from __future__ import annotations
+
+import copy
+
+import bitsandbytes as bnb
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import UNet2DConditionModel
+from diffusers.models.attention_processor import AttnProcessor2_0
+from train_helpers import tiny_config
+
+from trainer import train
+from trainer.adamw8bit import AdamW8bitSmallTogether
+from trainer.events import PhaseEvent
+from trainer.speed import PaddedHeadsAttnProcessor, SpeedChoices, choose, enable_checkpointing, head_dims
+
+# Stated tolerances. Padding adds exact zeros, but the kernel's blocking changes the order of the
+# float sums: outputs and gradients agree to ~1e-6. Adam then divides each gradient by its own
+# running size, so where a gradient is near zero a rounding-level difference can move that weight
+# by a fraction of a step (measured: 7 of 793k weights by 1e-4 to 2.2e-4 after 3 steps at lr 1e-3;
+# 8-bit against fp32 AdamW on the same run differ by 1.5e-3).
+LR = 1e-3
+LOSS_RTOL = 1e-5
+CLOSE = 1e-6  # "the same weight": 0.1% of one step
+CLOSE_SHARE = 0.999  # at least this share of all weights are the same
+WEIGHT_ATOL = 0.3 * LR  # and none is further apart than 30% of one step
+
+
+def _unet(model_dir) -> UNet2DConditionModel:
+    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
+    unet.train()
+    return unet
+
+
+def _inputs(unet: UNet2DConditionModel, latent: int, seed: int = 1) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(seed)
+    channels = unet.config.in_channels
+    latents = torch.randn(2, channels, latent, latent, generator=gen)
+    hidden = torch.randn(2, 77, unet.config.cross_attention_dim, generator=gen)
+    target = torch.randn(2, channels, latent, latent, generator=gen)
+    return latents, torch.tensor([500, 20]), hidden, target
+
+
+def test_padded_heads_give_the_same_attention_and_gradients(tiny_model_dir):
+    plain, padded = _unet(tiny_model_dir), _unet(tiny_model_dir)
+    assert min(head_dims(plain)) == 8  # under the CPU kernel's 16: the padded path is what runs
+    plain.set_attn_processor(AttnProcessor2_0())
+    padded.set_attn_processor(PaddedHeadsAttnProcessor())
+    latents, timesteps, hidden, target = _inputs(plain, 16)
+    outputs = []
+    for unet in (plain, padded):
+        out = unet(latents, timesteps, hidden).sample
+        F.mse_loss(out, target).backward()
+        outputs.append(out.detach())
+    assert (outputs[0] - outputs[1]).abs().max().item() < 1e-5
+    assert outputs[0].abs().max().item() > 0.1  # a real output, not zeros compared with zeros
+    grads = {name: p.grad for name, p in plain.named_parameters()}
+    worst = max((p.grad - grads[name]).abs().max().item() for name, p in padded.named_parameters())
+    assert worst < 1e-5
+
+
+def _train_steps(unet, speed: SpeedChoices | None, optimizer_class, steps: int, latent: int):
+    unet.set_attn_processor(PaddedHeadsAttnProcessor() if speed and speed.pad_heads else AttnProcessor2_0())
+    enable_checkpointing(unet, bool(speed and speed.selective_checkpointing))
+    optimizer = optimizer_class(unet.parameters(), lr=LR, weight_decay=1e-2)
+    losses = []
+    for step in range(steps):
+        latents, timesteps, hidden, target = _inputs(unet, latent, seed=step)
+        loss = F.mse_loss(unet(latents, timesteps, hidden).sample, target)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses, {k: v.detach().clone() for k, v in unet.state_dict().items()}, optimizer
+
+
+def test_the_optimised_step_gives_the_loss_and_weights_of_the_plain_one(tiny_model_dir):
+    """Padded heads + selective checkpointing + small tensors stepped together, against SDPA +
+    plain checkpointing + bitsandbytes' own 8-bit AdamW, over 3 steps at 32x32 latents."""
+    base = _unet(tiny_model_dir)
+    plain = _train_steps(copy.deepcopy(base), None, bnb.optim.AdamW8bit, 3, 32)
+    fast = _train_steps(copy.deepcopy(base), SpeedChoices(True, True), AdamW8bitSmallTogether, 3, 32)
+    assert fast[0] == pytest.approx(plain[0], rel=LOSS_RTOL)
+    moved = max((plain[1][k] - base.state_dict()[k]).abs().max().item() for k in plain[1])
+    assert moved > LR / 2  # the weights did move (by about lr per step): the comparison means something
+    diffs = [(fast[1][k] - plain[1][k]).abs() for k in plain[1]]
+    same = sum((d <= CLOSE).sum().item() for d in diffs) / sum(d.numel() for d in diffs)
+    worst = max(d.max().item() for d in diffs)
+    assert same >= CLOSE_SHARE and worst < WEIGHT_ATOL, f"{same:.4%} the same; max difference {worst:.2e}"
+    # Same state as bitsandbytes keeps it: step counts, and 8-bit moments where it has them.
+    plain_opt, fast_opt = plain[2], fast[2]
+    for p_plain, p_fast in zip(plain_opt.param_groups[0]["params"], fast_opt.param_groups[0]["params"], strict=True):
+        a, b = plain_opt.state[p_plain], fast_opt.state[p_fast]
+        assert a.keys() == b.keys() and a["step"] == b["step"] == 3
+        assert a["state1"].dtype == b["state1"].dtype
+
+
+def test_small_tensors_stepped_together_resume_from_a_bitsandbytes_checkpoint():
+    """A checkpoint written by bnb's AdamW8bit loads into the faster one and continues identically."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(n)) for n in (10, 300, 5000)]  # two small, one 8-bit
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    old, ours = bnb.optim.AdamW8bit(params, lr=1e-2), bnb.optim.AdamW8bit(ref, lr=1e-2)
+    for _ in range(2):
+        for a, b in zip(params, ref, strict=True):
+            a.grad = torch.ones_like(a)
+            b.grad = torch.ones_like(b)
+        old.step()
+        ours.step()
+    resumed = AdamW8bitSmallTogether(ref, lr=1e-2)
+    resumed.load_state_dict(ours.state_dict())
+    for _ in range(2):
+        for a, b in zip(params, ref, strict=True):
+            a.grad = torch.full_like(a, -0.5)
+            b.grad = torch.full_like(b, -0.5)
+        old.step()
+        resumed.step()
+    for a, b in zip(params, ref, strict=True):
+        assert (a - b).abs().max().item() < 1e-6
+    assert resumed.state[ref[0]]["step"] == 4
+
+
+def _meta_unet(tiny_model_dir, **changes) -> UNet2DConditionModel:
+    config = {**UNet2DConditionModel.load_config(tiny_model_dir, subfolder="unet"), **changes}
+    with torch.device("meta"):
+        return UNet2DConditionModel.from_config(config)
+
+
+@pytest.mark.parametrize(
+    ("device", "changes", "latent", "pad", "selective"),
+    [
+        ("cpu", {}, 16, True, False),  # 8-channel heads, 256 tokens: pad, plain checkpointing
+        ("cpu", {}, 32, True, True),  # 1,024 tokens: attention outputs kept
+        ("cuda", {}, 64, False, True),  # CUDA kernels take any head size
+        ("cpu", {"attention_head_dim": 2}, 64, False, True),  # 16-channel heads: nothing to pad
+    ],
+)
+def test_the_choices_follow_device_head_size_and_tokens(tiny_model_dir, device, changes, latent, pad, selective):
+    unet = _meta_unet(tiny_model_dir, **changes)
+    choices, line = choose(unet, torch.device(device), latent, gradient_checkpointing=True)
+    assert choices == SpeedChoices(pad_heads=pad, selective_checkpointing=selective)
+    assert line.startswith(f"Speed choices on {device}")
+    assert ("padded to 16" in line) == pad and ("selective" in line) == selective
+    off, line = choose(unet, torch.device(device), latent, gradient_checkpointing=False)
+    assert not off.selective_checkpointing and "checkpointing off" in line
+
+
+def test_a_run_says_what_it_chose(tiny_model_dir, subject_images, tmp_path):
+    events = []
+    train(tiny_config(tiny_model_dir, subject_images, tmp_path / "run", max_train_steps=1,
+                      gradient_checkpointing=True), on_event=events.append)
+    said = [e.message for e in events if isinstance(e, PhaseEvent) and e.message.startswith("Speed choices")]
+    assert said == ["Speed choices on cpu: attention heads of 8 channels padded to 16 for the CPU flash kernel; "
+                    "gradient checkpointing plain (256 tokens: too few to gain from keeping attention)"]

@@ -1,0 +1,157 @@
+"""The engine's speed choices, made per device and model and printed once at the start of a run.
+
+Each one gives the same result as the plain way within floating-point rounding
+(tests/test_speed.py holds them to it); bench/step_candidates.py measures them.
+
+- **Attention kernel.** PyTorch's scaled_dot_product_attention everywhere. On the CPU its flash
+  kernel is slow for heads of under 16 channels (the toy and small test models have 8): the
+  heads are zero-padded to 16 channels, which leaves q·k and the output unchanged (the softmax
+  scale stays 1/sqrt(true channels)) and runs the kernel 1.6-1.7x faster forward and backward.
+  CUDA kernels take any head size; nothing changes there.
+- **Selective gradient checkpointing.** Checkpointing recomputes a transformer block's forward
+  during the backward pass. Its attention is the expensive part at thousands of tokens, and its
+  output is small (the size of the block's input, plus one float per token and head): it is
+  kept instead of recomputed (torch's selective activation checkpointing), so only the cheap
+  projections and MLP run twice. Below ~1,024 tokens the per-op bookkeeping costs more than the
+  attention it saves, so small latents keep plain checkpointing.
+- **Optimizer.** bitsandbytes' 8-bit AdamW keeps 32-bit state for tensors under 4,096 elements
+  (biases, norms, LoRA matrices) and steps them one call per tensor; here they are stepped
+  together by torch's multi-tensor AdamW, the same update on the same state, so an 8-bit run
+  with hundreds of small tensors spends less time outside the model.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention import BasicTransformerBlock
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
+
+# The CPU flash kernel's smallest fast head size (bench/step_candidates.py: 8 -> 16 channels runs
+# 1.6x faster; 40 -> 48 gains nothing).
+CPU_MIN_HEAD_DIM = 16
+# Self-attention length from which keeping attention outputs beats recomputing them (measured on
+# this CPU: 256 tokens lose 13 ms a step to the bookkeeping, 4,096 tokens gain 15%).
+SELECTIVE_MIN_TOKENS = 1024
+
+
+class PaddedHeadsAttnProcessor(AttnProcessor2_0):
+    """AttnProcessor2_0 with heads zero-padded to `min_head_dim` channels for the kernel call.
+
+    Padding q and k with zeros adds nothing to q·k; padding v adds zero output channels, which
+    are cut off. Only the plain self/cross-attention of UNet transformer blocks is handled here;
+    anything else (masks, group or spatial norms, 4-D inputs) goes to AttnProcessor2_0 unchanged.
+    """
+
+    def __init__(self, min_head_dim: int = CPU_MIN_HEAD_DIM) -> None:
+        super().__init__()
+        self.min_head_dim = min_head_dim
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states=None,
+        attention_mask=None,
+        temb=None,
+        *args,
+        **kwargs,
+    ) -> torch.Tensor:
+        if (
+            attention_mask is not None
+            or hidden_states.ndim != 3
+            or attn.spatial_norm is not None
+            or attn.group_norm is not None
+            or attn.norm_cross
+            or attn.residual_connection
+            or attn.norm_q is not None
+            or attn.norm_k is not None
+        ):
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        batch = hidden_states.shape[0]
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+        head_dim = key.shape[-1] // attn.heads
+        query, key, value = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
+        pad = self.min_head_dim - head_dim
+        if pad > 0:
+            query, key, value = (F.pad(t, (0, pad)) for t in (query, key, value))
+        out = F.scaled_dot_product_attention(query, key, value, scale=attn.scale)[..., :head_dim]
+        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        return out / attn.rescale_output_factor
+
+
+def _attention_ops_to_keep() -> list:
+    """The SDPA kernels whose outputs selective checkpointing keeps (those this torch build has)."""
+    names = (
+        "_scaled_dot_product_flash_attention_for_cpu",
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention",
+    )
+    return [getattr(torch.ops.aten, name).default for name in names if hasattr(torch.ops.aten, name)]
+
+
+def selective_checkpoint(module: torch.nn.Module, *args):
+    """diffusers' gradient-checkpointing function, keeping attention outputs of transformer blocks."""
+    if isinstance(module, BasicTransformerBlock):
+        context = functools.partial(create_selective_checkpoint_contexts, _attention_ops_to_keep())
+        return checkpoint(module.__call__, *args, use_reentrant=False, context_fn=context)
+    return checkpoint(module.__call__, *args, use_reentrant=False)
+
+
+def head_dims(unet: torch.nn.Module) -> set[int]:
+    return {module.inner_dim // module.heads for module in unet.modules() if isinstance(module, Attention)}
+
+
+def self_attention_tokens(unet_config, latent_size: int) -> int:
+    """Tokens of the UNet's largest self-attention: the latent grid at its first attention block."""
+    tokens = 0
+    for level, block in enumerate(unet_config.down_block_types):
+        if "CrossAttn" in block:
+            tokens = max(tokens, (latent_size // 2**level) ** 2)
+    return tokens
+
+
+@dataclass(frozen=True)
+class SpeedChoices:
+    pad_heads: bool
+    selective_checkpointing: bool
+
+    def describe(self, device: torch.device, heads: set[int], tokens: int) -> str:
+        attention = (
+            f"heads of {min(heads)} channels padded to {CPU_MIN_HEAD_DIM} for the CPU flash kernel"
+            if self.pad_heads
+            else "PyTorch SDPA"
+        )
+        if self.selective_checkpointing:
+            checkpointing = f"selective (attention outputs kept; {tokens} tokens)"
+        else:
+            checkpointing = "off" if tokens < 0 else f"plain ({tokens} tokens: too few to gain from keeping attention)"
+        return f"Speed choices on {device.type}: attention {attention}; gradient checkpointing {checkpointing}"
+
+
+def choose(
+    unet: torch.nn.Module, device: torch.device, latent_size: int, gradient_checkpointing: bool
+) -> tuple[SpeedChoices, str]:
+    """What this device and model get, and the line that says so."""
+    heads = head_dims(unet) or {CPU_MIN_HEAD_DIM}
+    tokens = self_attention_tokens(unet.config, latent_size)
+    choices = SpeedChoices(
+        pad_heads=device.type == "cpu" and min(heads) < CPU_MIN_HEAD_DIM,
+        selective_checkpointing=gradient_checkpointing and tokens >= SELECTIVE_MIN_TOKENS,
+    )
+    return choices, choices.describe(device, heads, tokens if gradient_checkpointing else -1)
+
+
+def attention_processor(pad_heads: bool) -> AttnProcessor2_0:
+    return PaddedHeadsAttnProcessor() if pad_heads else AttnProcessor2_0()
+
+
+def enable_checkpointing(unet, selective: bool) -> None:
+    unet.enable_gradient_checkpointing(selective_checkpoint if selective else None)
