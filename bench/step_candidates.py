@@ -1,11 +1,20 @@
 """Where the mid model's training step goes, and what the candidate speed-ups do to it.
 
-    OMP_NUM_THREADS=1 python bench/step_candidates.py            # eager, channels-last, compiled; profile
+    OMP_NUM_THREADS=1 python bench/step_candidates.py            # every candidate; profile of eager
+    OMP_NUM_THREADS=1 python bench/step_candidates.py --candidates checkpointed engine --latents 32
     OMP_NUM_THREADS=1 python bench/step_candidates.py --candidates eager --profile 25
 
 The step is the engine's shape of step on the side-by-side benchmark's mid UNet (bench/vs_reference.py:
 ~18 M parameters, 64x64 latents, batch 2 = instance + class row, fp32, plain AdamW so that the
-optimizer does not hide the UNet): forward, MSE, backward, optimizer step. Each candidate runs in
+optimizer does not hide the UNet): forward, MSE, backward, optimizer step. Candidates:
+  eager          SDPA (AttnProcessor2_0), no checkpointing
+  padded         the engine's CPU attention: heads under 16 channels zero-padded to 16 (trainer/speed.py)
+  checkpointed   eager with diffusers' gradient checkpointing (what the reference runs)
+  selective      checkpointed, keeping attention outputs instead of recomputing them (trainer/speed.py)
+  engine         padded + selective: what the engine chooses on this CPU at 4,096 tokens
+  channels-last  eager with channels-last memory format
+  compiled       eager under torch.compile
+Each candidate runs in
 this process after one warm-up step (compilation included there, and reported apart), and its loss
 and weights after the timed steps are compared with eager's, so a speed-up that changes the result
 shows. The one-thread 2048² fp32 matmul peak is measured in the same minute, and each candidate's
@@ -21,6 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 from vs_reference import MID_UNET  # noqa: E402
@@ -35,26 +45,33 @@ def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
     return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
-def make_unet(channels_last: bool) -> torch.nn.Module:
+CANDIDATES = ["eager", "padded", "checkpointed", "selective", "engine", "channels-last", "compiled"]
+LATENTS = 64  # --latents: the side of the latent grid (64: SD 1.5's grid at 512 px)
+
+
+def make_unet(name: str = "eager") -> torch.nn.Module:
     from diffusers import UNet2DConditionModel
-    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from trainer.speed import attention_processor, enable_checkpointing
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**MID_UNET)
-    unet.set_attn_processor(AttnProcessor2_0())
+    unet.set_attn_processor(attention_processor(pad_heads=name in ("padded", "engine")))
+    if name in ("checkpointed", "selective", "engine"):
+        enable_checkpointing(unet, selective=name != "checkpointed")
     unet.train()
-    if channels_last:
+    if name == "channels-last":
         unet = unet.to(memory_format=torch.channels_last)
     return unet
 
 
 def inputs(channels_last: bool) -> tuple[torch.Tensor, ...]:
     gen = torch.Generator().manual_seed(1)
-    latents = torch.randn(2, 4, 64, 64, generator=gen)
+    latents = torch.randn(2, 4, LATENTS, LATENTS, generator=gen)
     if channels_last:
         latents = latents.contiguous(memory_format=torch.channels_last)
     hidden = torch.randn(2, 77, MID_UNET["cross_attention_dim"], generator=gen)
-    return latents, hidden, torch.tensor([500, 20]), torch.randn(2, 4, 64, 64, generator=gen)
+    return latents, hidden, torch.tensor([500, 20]), torch.randn(2, 4, LATENTS, LATENTS, generator=gen)
 
 
 def step_fn(unet: torch.nn.Module, forward, opt: torch.optim.Optimizer):
@@ -70,7 +87,7 @@ def step_fn(unet: torch.nn.Module, forward, opt: torch.optim.Optimizer):
 
 def run(name: str, steps: int) -> dict:
     channels_last = name == "channels-last"
-    unet = make_unet(channels_last)
+    unet = make_unet(name)
     forward = lambda x, t, h: unet(x, t, h).sample  # noqa: E731
     if name == "compiled":
         forward = torch.compile(forward)
@@ -90,7 +107,7 @@ def run(name: str, steps: int) -> dict:
 def step_flops() -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
-    unet = make_unet(False)
+    unet = make_unet()
     latents, hidden, timesteps, target = inputs(False)
     with FlopCounterMode(display=False) as counter:
         torch.nn.functional.mse_loss(unet(latents, timesteps, hidden).sample, target).backward()
@@ -101,7 +118,7 @@ def profile(steps: int, rows: int) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    unet = make_unet(False)
+    unet = make_unet()
     step = step_fn(unet, lambda x, t, h: unet(x, t, h).sample, torch.optim.AdamW(unet.parameters(), lr=1e-4))
     args = inputs(False)
     step(*args)
@@ -113,11 +130,13 @@ def profile(steps: int, rows: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--candidates", nargs="+", default=["eager", "channels-last", "compiled"],
-                        choices=["eager", "channels-last", "compiled"])
+    parser.add_argument("--candidates", nargs="+", default=CANDIDATES, choices=CANDIDATES)
+    parser.add_argument("--latents", type=int, default=64, help="latent grid side (default 64)")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--profile", type=int, default=15, help="rows of the eager step's op profile (0: none)")
     args = parser.parse_args()
+    global LATENTS
+    LATENTS = args.latents
 
     peak = matmul_gflops()
     flops = step_flops()
