@@ -8,6 +8,7 @@ presets and the prompt helpers live here too.
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -20,7 +21,7 @@ import gradio as gr
 
 from space import texts
 from space.presets import FAMILY_PRESETS, SD
-from trainer.config import PRECISIONS, ConfigError, TrainConfig
+from trainer.config import PRECISIONS, ConfigError, TrainConfig, check_locations
 from trainer.data import is_caption_file
 
 MIN_IMAGES, MAX_IMAGES = 3, 20
@@ -120,7 +121,11 @@ class FormField:
         if self.kind == "files":
             return _image_paths(raw)
         if self.kind == "flag":
-            return bool(raw)
+            if isinstance(raw, str) and raw.strip().lower() in ("true", "false"):
+                return raw.strip().lower() == "true"
+            if raw is None or (isinstance(raw, bool | int) and raw in (0, 1)):
+                return bool(raw)
+            raise ConfigError(f"`{self.key}` must be true or false, got {raw!r}", field=self.key)
         if self.kind in ("int", "float"):
             return _number(values, self.key, int if self.kind == "int" else float)
         if self.kind == "choice" and self.config:
@@ -191,6 +196,9 @@ FORM: tuple[FormField, ...] = (
          precision=0, minimum=1, label="LoRA rank", info=texts.LORA_RANK_HELP, elem_id="lora-rank"),
     _row("cache_latents",               gr.Checkbox, "memory",       "flag",  "cache_latents", optional=True,
          label="Cache latents", info=texts.CACHE_LATENTS_HELP),
+    _row("sample_batch_size",           gr.Number,   "prior",        "int",   "sample_batch_size", optional=True,
+         precision=0, minimum=1, label="Class images per batch", info=texts.SAMPLE_BATCH_HELP,
+         elem_id="sample-batch-size"),
 )
 # fmt: on
 FIELDS: dict[str, FormField] = {f.key: f for f in FORM}
@@ -219,21 +227,34 @@ def initial_values(machine: Mapping[str, Any], family: str = SD) -> dict[str, An
         **machine,
     )
     values.update(preset_values(Concept.OBJECT.value, 0, values["method"], family))
+    # The preset trains the text encoder; where the settings picked for this GPU do not (it would not
+    # fit), the machine's choice wins.
+    values["train_text_encoder"] = values["train_text_encoder"] and machine.get("train_text_encoder", True)
     return values
 
 
 # --- values → TrainConfig ---------------------------------------------------------------------
 def _number(values: Mapping[str, Any], field: str, kind: type) -> Any:
+    """A number box's value (gradio sends int, float or str; an API client anything) as `kind`."""
     raw = values.get(field)
-    if raw is None or raw == "":
-        raise ConfigError(f"`{field}` is required")
-    try:
-        number = kind(raw)
-    except (TypeError, ValueError):
-        raise ConfigError(f"`{field}` must be a number, got {raw!r}") from None
-    if kind is int and float(raw) != number:
-        raise ConfigError(f"`{field}` must be a whole number, got {raw!r}")
-    return number
+    if raw is None or (isinstance(raw, str) and raw.strip() == ""):
+        raise ConfigError(f"`{field}` is required", field=field)
+    if isinstance(raw, bool) or not isinstance(raw, int | float | str):
+        raise ConfigError(f"`{field}` must be a number, got {raw!r}", field=field)
+    if isinstance(raw, int):
+        number: int | float = raw
+    else:
+        try:  # "12" stays an exact int; "1e3", "2.5" go through float
+            number = int(raw) if kind is int and isinstance(raw, str) and raw.strip().lstrip("+-").isdigit() else float(raw)
+        except ValueError:
+            raise ConfigError(f"`{field}` must be a number, got {raw!r}", field=field) from None
+    if not math.isfinite(number):
+        raise ConfigError(f"`{field}` must be a finite number, got {raw!r}", field=field)
+    if kind is int:
+        if number != int(number):
+            raise ConfigError(f"`{field}` must be a whole number, got {raw!r}", field=field)
+        return int(number)
+    return float(number)
 
 
 def _no_settings(base_model: str) -> Mapping[str, Any]:
@@ -270,4 +291,6 @@ def form_to_config(
         validation_prompts=(FIELDS["validation_prompt"].parse(values) or settings["instance_prompt"],),
         **hidden,
     ).validate()
-    return config.replace(pretrained_model=resolve_model(config.pretrained_model))
+    config = config.replace(pretrained_model=resolve_model(config.pretrained_model))
+    check_locations(config)  # the base model and the run folder, before the job copies the uploads there
+    return config

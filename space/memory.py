@@ -1,108 +1,174 @@
-"""Will a training fit this GPU? A rough estimate per family and method, and the note the Train tab
-shows when a chosen setting will not fit.
+"""Will a training fit this GPU? The engine's memory model (trainer/memory.py) on the Train form's
+settings: the line the form shows before Start, and the best settings that fit a GPU (which
+space.presets.memory_settings hands to the form).
 
-The figures are the documented recipes, split into what the weights and optimizer take and what
-the activations take (which grow with the number of pixels):
-- SD 1.x/2.x LoRA fits 8 GB; full fine-tuning fits 16 GB only with 8-bit Adam and gradient
-  checkpointing, ~24 GB without (diffusers' train_dreambooth README).
-- SDXL LoRA at 1024 px needs ~16 GB with fp16, 8-bit Adam and gradient checkpointing
-  (diffusers' train_dreambooth_lora_sdxl README); full SDXL fine-tuning ~40 GB even with 8-bit Adam.
-- 8-bit Adam saves the fp32 Adam states of the trained weights: ~5 GB for SD's 860M-parameter
-  UNet, ~16 GB for SDXL's 2.6B; nothing worth counting for LoRA's few million.
-All assume fp16 or bf16 for the frozen weights, as the hardware presets choose on CUDA.
+A base model's config files are read from its folder or the Hub cache only: the page never waits
+on the network. A Hub id not on this disk is sized with its family's known architecture (SD 1.5,
+SDXL base), and the line says so.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from space import texts
 from space.hardware import Hardware
-from space.presets import TOY_MODEL, model_family
-from trainer.families import family_by_name
+from space.presets import TOY_MODEL, model_family, model_resolution
+from trainer.config import TrainConfig, UserError
+from trainer.memory import GiB, MemoryEstimate, estimate, lower_bound, needed
+from trainer.memory_advice import all_changes, fitting_changes
+from trainer.memory_shapes import KNOWN_LABELS, ModelShapes, read_shapes
 
-# Cards report GiB a little under their nominal GB (a "16 GB" card: 14.6-15.9 GiB), and the
-# figures above are round: a setting fits when it needs at most this much more than reported.
-SLACK = 1.1
-
-
-@dataclass(frozen=True)
-class MemoryRecipe:
-    """GB one training takes, at its family's native size."""
-
-    weights_gb: float  # weights, gradients, 8-bit optimizer states, CUDA context
-    adam_fp32_gb: float  # added without 8-bit Adam
-    activations_gb: float  # with gradient checkpointing
-    activations_unchecked_gb: float  # without
-
-    def need(self, scale: float, use_8bit_adam: bool, gradient_checkpointing: bool) -> float:
-        activations = self.activations_gb if gradient_checkpointing else self.activations_unchecked_gb
-        return self.weights_gb + (0.0 if use_8bit_adam else self.adam_fp32_gb) + activations * scale
-
-
-RECIPES: dict[tuple[str, str], MemoryRecipe] = {
-    ("sd", "lora"): MemoryRecipe(6, 0, 2, 5),
-    ("sd", "full"): MemoryRecipe(14, 5, 2, 5),
-    ("sdxl", "lora"): MemoryRecipe(12, 0, 4, 12),
-    ("sdxl", "full"): MemoryRecipe(36, 16, 4, 12),
+# What a CPU (or Apple GPU) trains: the toy model, LoRA in fp32; no 8-bit Adam (bitsandbytes' CPU
+# kernels are slow) and no checkpointing (the toy model's activations are tiny).
+CPU_SETTINGS: dict[str, Any] = {
+    "method": "lora",
+    "mixed_precision": "no",
+    "use_8bit_adam": False,
+    "gradient_checkpointing": False,
+    "cache_latents": True,
+    "train_batch_size": 1,
 }
+# Quality first: the whole UNet and the text encoder learn the subject best, LoRA alone least.
+TIERS: tuple[tuple[str, bool], ...] = (("full", True), ("full", False), ("lora", True), ("lora", False))
+# The preset picker sizes a DreamBooth run as the form starts one, with prior preservation on (its
+# class images generated) and a validation prompt.
+PICKER_PRIOR = {"with_prior_preservation": True, "class_prompt": "a photo of a dog", "validation_prompts": ("x",)}
 
 
-def estimate_gb(
-    family_name: str, method: str, resolution: int, use_8bit_adam: bool, gradient_checkpointing: bool
-) -> float | None:
-    """GB a training needs, roughly; None for a family or method without a recipe."""
-    recipe = RECIPES.get((family_name, method))
-    if recipe is None:
-        return None
-    scale = (resolution / family_by_name(family_name).default_resolution) ** 2
-    return recipe.need(scale, use_8bit_adam, gradient_checkpointing)
-
-
-def memory_note(
-    hardware: Hardware,
-    family_name: str | None,
-    method: str,
-    resolution: int,
-    use_8bit_adam: bool,
-    gradient_checkpointing: bool,
-) -> str | None:
-    """A sentence for the form when these settings will not fit this GPU, with what would; None when
-    they fit, or when there is nothing to tell (no CUDA memory figure, an unknown family)."""
-    if hardware.device != "cuda" or not hardware.memory_gb or family_name is None or resolution <= 0:
-        return None
-    need = estimate_gb(family_name, method, resolution, use_8bit_adam, gradient_checkpointing)
-    if need is None or need <= hardware.memory_gb * SLACK:
-        return None
-    saved = estimate_gb(family_name, method, resolution, True, True)
-    lora = estimate_gb(family_name, "lora", resolution, True, True)
-    if saved is not None and saved <= hardware.memory_gb * SLACK:
-        off = [] if gradient_checkpointing else ["gradient checkpointing"]
-        if not use_8bit_adam and estimate_gb(family_name, method, resolution, True, gradient_checkpointing) < need:
-            off.append("8-bit Adam")  # only where it saves something: not for LoRA's few weights
-        advice = texts.MEMORY_TURN_ON.format(savings=" and ".join(off), need=round(saved))
-    elif method != "lora" and lora is not None and lora <= hardware.memory_gb * SLACK:
-        advice = texts.MEMORY_USE_LORA.format(need=round(lora))
-    else:
-        advice = texts.MEMORY_TOO_BIG
-    what = texts.memory_what(family_by_name(family_name).label, method, resolution)
-    return texts.MEMORY_NOTE.format(what=what, need=round(need), have=round(hardware.memory_gb), advice=advice)
-
-
-def form_memory_note(
-    hardware: Hardware,
-    base_model: str | None,
-    method: str,
-    resolution: Any,
-    use_8bit_adam: bool,
-    gradient_checkpointing: bool,
-) -> str | None:
-    """memory_note for the Train form's values, as its widgets give them; None for the toy model."""
-    base_model = (base_model or "").strip()
-    family = None if base_model == TOY_MODEL else model_family(base_model)
+@functools.lru_cache(maxsize=32)
+def model_shapes(base_model: str, family: str) -> ModelShapes | None:
+    """The base model's part configs from this disk, or its family's known ones; None when neither."""
     try:
-        size = int(resolution)
-    except (TypeError, ValueError):  # the box is being edited: the engine will say what is wrong
-        size = 0
-    return memory_note(hardware, family, method, size, bool(use_8bit_adam), bool(gradient_checkpointing))
+        return read_shapes(base_model, local_only=True, family=family)
+    except (UserError, OSError, ValueError):
+        return None
+
+
+def form_config(values: Mapping[str, Any]) -> TrainConfig | None:
+    """The memory settings of the Train form's values as a (not validated) TrainConfig; None while a
+    number box is being edited (the engine says what is wrong at Start)."""
+    try:
+        resolution, batch = int(values["resolution"]), int(values.get("train_batch_size") or 1)
+        rank = int(values.get("lora_rank") or TrainConfig.lora_rank)
+        accumulation = int(values.get("gradient_accumulation_steps") or 1)
+        samples = int(values.get("sample_batch_size") or TrainConfig.sample_batch_size)
+    except (TypeError, ValueError):
+        return None
+    if resolution < 8 or batch < 1 or samples < 1:
+        return None
+    prior = bool(values.get("with_prior_preservation"))
+    return TrainConfig(
+        pretrained_model=str(values.get("base_model") or ""),
+        method=str(values.get("method") or "lora"),
+        resolution=resolution,
+        train_batch_size=batch,
+        lora_rank=rank,
+        gradient_accumulation_steps=accumulation,
+        use_8bit_adam=bool(values.get("use_8bit_adam")),
+        gradient_checkpointing=bool(values.get("gradient_checkpointing")),
+        mixed_precision=str(values.get("mixed_precision") or "no"),
+        train_text_encoder=bool(values.get("train_text_encoder")),
+        cache_latents=values.get("cache_latents") is not False,
+        with_prior_preservation=prior,
+        class_prompt="a photo of a dog" if prior else "",
+        sample_batch_size=samples,
+        validation_prompts=("x",),
+    )
+
+
+def memory_note(hardware: Hardware, config: TrainConfig) -> str | None:
+    """ "Fits / does not fit your GPU (x of y GB)", with what to change when it does not; None off
+    CUDA, for the toy model (it fits anywhere) and for a base model of unknown family."""
+    base_model = config.pretrained_model.strip()
+    if hardware.device != "cuda" or not hardware.memory_gb or base_model == TOY_MODEL:
+        return None
+    family = model_family(base_model)
+    shapes = model_shapes(base_model, family) if family else None
+    if shapes is None:
+        return None
+    memory = estimate(config, "cuda", shapes=shapes)
+    capacity = round(hardware.memory_gb * GiB)
+    assumed = texts.memory_assumed(KNOWN_LABELS[family] if shapes.fallback else None)
+    if needed(memory) <= capacity:
+        return texts.MEMORY_FITS.format(need=needed(memory) / GiB, have=hardware.memory_gb) + assumed
+    return (
+        texts.MEMORY_DOES_NOT_FIT.format(
+            need=needed(memory) / GiB, have=hardware.memory_gb, advice=_advice(config, capacity, shapes)
+        )
+        + assumed
+    )
+
+
+def _advice(config: TrainConfig, capacity: int, shapes: ModelShapes) -> str:
+    """The cheapest single change that fits, else every saving together, else: a bigger GPU."""
+    fitting = [f for f in fitting_changes(config, "cuda", capacity, shapes) if f.change.field in texts.MEMORY_CHANGES]
+    if fitting:
+        first = fitting[0]
+        value = getattr(first.change.config, first.change.field)
+        return texts.memory_change(first.change.field, value, first.need / GiB)
+    need = needed(estimate(all_changes(config, "cuda"), "cuda", shapes=shapes))
+    return texts.MEMORY_TOGETHER.format(need=need / GiB) if need <= capacity else texts.MEMORY_TOO_BIG
+
+
+def form_memory_note(hardware: Hardware, values: Mapping[str, Any]) -> str | None:
+    """memory_note for the Train form's values (keys as in space.form.FORM)."""
+    config = form_config(values)
+    return memory_note(hardware, config) if config is not None else None
+
+
+# --- the settings that fit best ------------------------------------------------------------------
+@dataclass(frozen=True)
+class MemoryPick:
+    settings: dict[str, Any]  # form values: method, train_text_encoder, mixed_precision, 8-bit Adam, ...
+    why: str  # what was picked and why, for the form; empty off CUDA
+
+
+def candidates(native: int, precision: str) -> Iterator[dict[str, Any]]:
+    """Settings from the best quality down: resolution (native, 3/4, 1/2), then method and text
+    encoder (TIERS), then fp32 Adam before 8-bit, no checkpointing before checkpointing, batch 2
+    before 1, and last (it costs only time) class images 4 at a time before one at a time."""
+    resolutions = dict.fromkeys([native, native * 3 // 4 // 64 * 64, native // 2])
+    for resolution, (method, text_encoder) in itertools.product(resolutions, TIERS):
+        for eight_bit, checkpointing, batch, samples in itertools.product((False, True), (False, True), (2, 1), (4, 1)):
+            yield {
+                "method": method,
+                "train_text_encoder": text_encoder,
+                "mixed_precision": precision,
+                "use_8bit_adam": eight_bit,
+                "gradient_checkpointing": checkpointing,
+                "cache_latents": True,
+                "train_batch_size": batch,
+                "sample_batch_size": samples,
+                "resolution": resolution,
+            }
+
+
+@functools.lru_cache(maxsize=32)
+def pick(hardware: Hardware, family: str, base_model: str, lora_rank: int) -> MemoryPick:
+    """The best-quality settings (`candidates`) that the memory model says fit this GPU."""
+    shapes = model_shapes(base_model, family)
+    if hardware.device != "cuda" or not hardware.memory_gb or shapes is None:
+        return MemoryPick(dict(CPU_SETTINGS), "")
+    precision = "bf16" if hardware.bf16 else "fp16"
+    native = model_resolution(base_model) or shapes.native_resolution
+    capacity, previous = round(hardware.memory_gb * GiB), None
+    for settings in candidates(native, precision):
+        config = TrainConfig(pretrained_model=base_model, lora_rank=lora_rank, **PICKER_PRIOR, **settings)
+        # Where the weights and optimizer alone do not fit, there is no need to weigh the activations.
+        if lower_bound(config, "cuda", shapes) <= capacity:
+            memory = estimate(config, "cuda", shapes=shapes)
+            if needed(memory) <= capacity:
+                better = (previous[0], _gb(estimate(previous[1], "cuda", shapes=shapes))) if previous else None
+                return MemoryPick(settings, texts.memory_picked(settings, _gb(memory), hardware.memory_gb, better))
+        previous = (settings, config)
+    smallest = _gb(estimate(config, "cuda", shapes=shapes))
+    return MemoryPick(settings, texts.memory_nothing_fits(settings, smallest, hardware.memory_gb))
+
+
+def _gb(memory: MemoryEstimate) -> float:
+    return needed(memory) / GiB

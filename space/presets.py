@@ -6,7 +6,7 @@ first when there is no CUDA GPU or the Hub is switched off. If its folder is mis
 says so (space.texts.TOY_MISSING) rather than offer something else in its place.
 
 Each known base model names its family (trainer.families: "sd" or "sdxl") and native size; a
-family brings its own learning rates, LoRA rank and memory recipe. The family of a model the
+family brings its own learning rates and LoRA rank; what fits the GPU is space.memory's. The family of a model the
 table does not know is read from its model_index.json only where that is on this disk (a
 folder, or the Hub cache): the page never waits on the network to guess it.
 """
@@ -30,6 +30,7 @@ from trainer.toyworld import (
 )
 
 TOY_MODEL = "toy-demo"  # the value the model lists use for the toy model
+TOY_CLASS_BATCH = int(EXAMPLE_SETTINGS["sample_batch_size"])  # its 32 px class images: many at once
 SD, SDXL = "sd", "sdxl"  # trainer.families' names of the families the app lists models of
 
 
@@ -161,8 +162,9 @@ def model_kind(base_model: str) -> str | None:
 def base_model_values(hw: Hardware, base_model: str, previous: str | None) -> tuple[str | None, dict[str, Any]]:
     """(model_kind, form values) when the visitor picks `base_model` after a model of kind
     `previous`. The size always follows the model (SD 2.1 wants 768); a new family also brings
-    its LoRA rank, learning rate and the memory settings that fit this machine (an SDXL base on
-    16 GB: LoRA, fp16, 8-bit Adam, checkpointing, cached latents). The toy model brings only its
+    its LoRA rank, learning rate and the best settings that fit this machine (memory_settings:
+    method, text encoder, 8-bit Adam, checkpointing, resolution, batch, class images per batch). The
+    toy model brings only its
     size and rank: the example picks it and sets the rest itself. Unknown: nothing changes."""
     kind = model_kind(base_model)
     if kind is None:
@@ -171,8 +173,10 @@ def base_model_values(hw: Hardware, base_model: str, previous: str | None) -> tu
     if kind == previous:
         return kind, values
     values["lora_rank"] = lora_rank_for(base_model)
-    if kind != "toy":
-        values.update(memory_settings(hw, kind))
+    if kind == "toy":
+        values["sample_batch_size"] = TOY_CLASS_BATCH
+    else:
+        values.update(memory_settings(hw, kind, base_model))
         values["learning_rate"] = FAMILY_PRESETS[kind].learning_rate[values["method"]]
     return kind, values
 
@@ -182,53 +186,33 @@ def first_model(family: str) -> str:
 
 
 # --- settings that fit the machine ----------------------------------------------------------
-def memory_settings(hw: Hardware, family: str = SD) -> dict[str, Any]:
-    """Method, precision and memory savings that fit this machine for a family: the documented
-    recipes of diffusers' scripts (space.memory says what each needs)."""
-    if hw.device != "cuda":
-        # No CUDA: no 8-bit Adam, no fp16 autocast; the toy model is the only sane base model.
-        return {
-            "method": "lora",
-            "mixed_precision": "no",
-            "use_8bit_adam": False,
-            "gradient_checkpointing": False,
-            "cache_latents": True,
-            "train_batch_size": 1,
-        }
-    memory = hw.memory_gb or 0.0
-    precision = "bf16" if hw.bf16 else "fp16"
-    if family == SDXL:
-        # LoRA (diffusers' SDXL DreamBooth script trains nothing else): at 1024 px it fits 16 GB with
-        # fp16, 8-bit Adam, gradient checkpointing and latents encoded once. Full fine-tuning
-        # needs ~40 GB even with all of them: the visitor may choose it, the memory note warns.
-        return {
-            "method": "lora",
-            "mixed_precision": precision,
-            "use_8bit_adam": memory < 40,
-            "gradient_checkpointing": memory < 40,
-            "cache_latents": True,
-            "train_batch_size": 1,
-        }
-    return {
-        # Full fine-tuning of SD 1.x fits 16 GB only with 8-bit Adam + checkpointing; LoRA fits 8 GB.
-        "method": "full" if memory >= 20 else "lora",
-        "mixed_precision": precision,
-        "use_8bit_adam": memory < 40,
-        "gradient_checkpointing": memory < 24,
-        "cache_latents": True,
-        "train_batch_size": 2 if memory >= 40 else 1,
-    }
+def memory_pick(hw: Hardware, family: str = SD, base_model: str | None = None) -> Any:
+    """The best settings that fit this machine for `base_model` (default: the family's first known
+    model), with the sentence that says what was picked and why: space.memory.pick, which weighs
+    them with the engine's memory model (trainer/memory.py)."""
+    from space.memory import pick  # imported here: space.memory reads this module's model table
+
+    model = base_model or first_model(family)
+    rank = lora_rank_for(model) or FAMILY_PRESETS[family].lora_rank
+    return pick(hw, family, model, rank)
+
+
+def memory_settings(hw: Hardware, family: str = SD, base_model: str | None = None) -> dict[str, Any]:
+    """Method, text encoder, precision, memory savings, resolution and batch that fit this machine best
+    (no CUDA: LoRA in fp32, for the toy model)."""
+    return dict(memory_pick(hw, family, base_model).settings)
 
 
 def safe_defaults(hw: Hardware, offline: bool = False, family: str = SD) -> dict[str, Any]:
     """Form values that fit this machine, with the first known base model of `family` (the toy
     model where it is the only one that will work) and that model's size and LoRA rank."""
-    defaults = memory_settings(hw, family)
+    defaults: dict[str, Any] = {}
     if hw.device == "cuda":
         base_model = first_model(family)
         defaults.update(base_model=base_model, resolution=KNOWN_MODELS[base_model].resolution)
+    defaults.update(memory_settings(hw, family))  # on a GPU it may lower the resolution to fit
     if toy_first(hw, offline):
-        defaults.update(base_model=TOY_MODEL, resolution=TOY_RESOLUTION)
+        defaults.update(base_model=TOY_MODEL, resolution=TOY_RESOLUTION, sample_batch_size=TOY_CLASS_BATCH)
     if "base_model" in defaults:
         defaults["lora_rank"] = lora_rank_for(defaults["base_model"])
     return defaults

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from space.hardware import Hardware, SpaceInfo
 from space.jobs import JobSnapshot
 
@@ -78,7 +81,8 @@ CONCEPT_HELP = (
     "for 30% (object), 65% (person) or 15% (style) of the steps."
 )
 METHOD_HELP = (
-    "LoRA: small file, less memory, fast. Full: the whole UNet, best fidelity, needs 16+ GB (SDXL: about 40 GB)."
+    "LoRA: small file, less memory, fast. Full: the whole UNet, best fidelity, needs more memory (the line below "
+    "says whether it fits your GPU)."
 )
 BASE_MODEL_HELP = "Pick one, or type any Hub id (user/model) or a local diffusers folder."
 PRIOR_HELP = "Also train on generic class images so every dog does not become *your* dog."
@@ -100,17 +104,82 @@ EXAMPLE_HELP = (
 
 LORA_RANK_HELP = "Size of the LoRA: higher learns more detail, in a bigger file. Empty: the base model's default."
 CACHE_LATENTS_HELP = "Encode the photos with the VAE once, then free it: less memory and time per step."
-# The memory note under the base model (space.memory.memory_note), shown only when a setting will not fit.
-MEMORY_NOTE = "**May not fit in memory:** {what} needs about {need} GB; this GPU has {have} GB. {advice}"
-MEMORY_TURN_ON = "Turn on {savings} (under Advanced) to bring it to about {need} GB."
-MEMORY_USE_LORA = "Use LoRA instead: it needs about {need} GB with 8-bit Adam and gradient checkpointing."
-MEMORY_TOO_BIG = "Lower the resolution, or use a GPU with more memory."
+SAMPLE_BATCH_HELP = "Class images generated at once: more is faster; decoding large images together takes memory."
+# The memory line under the base model (space.memory.memory_note): the engine's memory model
+# (trainer/memory.py) on the form's settings, on a CUDA GPU. GB as the hardware line counts them.
+MEMORY_FITS = "**Fits your GPU** (about {need:.1f} of {have:.1f} GB)."
+MEMORY_DOES_NOT_FIT = "**Does not fit your GPU** (about {need:.1f} of {have:.1f} GB). {advice}"
+# What to do in the form for each change trainer.memory_advice weighs (the rest are not in the form).
+MEMORY_CHANGES: dict[str, str] = {
+    "gradient_checkpointing": "Turn on gradient checkpointing (under Advanced)",
+    "use_8bit_adam": "Turn on 8-bit Adam (under Advanced)",
+    "mixed_precision": "Set mixed precision to {value} (under Advanced)",
+    "train_text_encoder": "Turn off training the text encoder (under Advanced)",
+    "method": "Use LoRA",
+    "train_batch_size": "Set the batch size to 1 (under Advanced)",
+    "resolution": "Lower the resolution to {value} (under Advanced)",
+    "sample_batch_size": "Generate class images one at a time (class images per batch: 1)",
+}
+MEMORY_CHANGE = "{change} to bring it to about {need:.1f} GB."
+MEMORY_TOGETHER = "Use LoRA and every memory saving under Advanced to bring it to about {need:.1f} GB."
+MEMORY_TOO_BIG = "Even with every memory saving it will not fit: lower the resolution, or use a GPU with more memory."
+MEMORY_ASSUMED = " (Sized as {label}: this model's config files are not on this machine.)"
+# The preset the app picked for this GPU (space.memory.pick), under the memory line.
+MEMORY_PICKED = "**Picked for your GPU:** {what} (about {need:.1f} of {have:.1f} GB).{better}"
+MEMORY_BETTER = " The next better setting ({difference}) would need {need:.1f} GB."
+MEMORY_NOTHING_FITS = "**Nothing fits your GPU:** even {what} needs about {need:.1f} of {have:.1f} GB."
 
 
-def memory_what(family_label: str, method: str, resolution: int) -> str:
-    """ "Stable Diffusion XL full fine-tuning at 1024 px" """
-    how = "LoRA" if method == "lora" else "full fine-tuning"
-    return f"{family_label} {how} at {resolution} px"
+def memory_change(field: str, value: object, need: float) -> str:
+    return MEMORY_CHANGE.format(change=MEMORY_CHANGES[field].format(value=value), need=need)
+
+
+def memory_assumed(label: str | None) -> str:
+    return MEMORY_ASSUMED.format(label=label) if label else ""
+
+
+def memory_what(settings: Mapping[str, Any]) -> str:
+    """ "full fine-tuning with the text encoder, 8-bit Adam and gradient checkpointing, 512 px, batch 1" """
+    how = "full fine-tuning" if settings["method"] == "full" else "LoRA"
+    if settings["train_text_encoder"]:
+        how += " with the text encoder"
+    savings = [
+        name
+        for name, key in (("8-bit Adam", "use_8bit_adam"), ("gradient checkpointing", "gradient_checkpointing"))
+        if settings[key]
+    ]
+    saved = " and ".join(savings) if savings else "no memory savings"
+    one_at_a_time = ", class images one at a time" if settings.get("sample_batch_size") == 1 else ""
+    return f"{how}, {saved}, {settings['resolution']} px, batch {settings['train_batch_size']}{one_at_a_time}"
+
+
+def memory_difference(better: Mapping[str, Any], picked: Mapping[str, Any]) -> str:
+    """What a better setting has that the picked one lacks: "full fine-tuning", "without 8-bit Adam",
+    "at 1024 px", "at batch 2", "4 class images at a time"."""
+    words = []
+    if (better["method"], better["train_text_encoder"]) != (picked["method"], picked["train_text_encoder"]):
+        words.append(memory_what(better).split(",")[0])
+    for key, name in (("use_8bit_adam", "8-bit Adam"), ("gradient_checkpointing", "gradient checkpointing")):
+        if picked[key] and not better[key]:
+            words.append(f"without {name}")
+    if better["resolution"] > picked["resolution"]:
+        words.append(f"at {better['resolution']} px")
+    if better["train_batch_size"] > picked["train_batch_size"]:
+        words.append(f"at batch {better['train_batch_size']}")
+    if better.get("sample_batch_size", 1) > picked.get("sample_batch_size", 1):
+        words.append(f"{better['sample_batch_size']} class images at a time")
+    return ", ".join(words)
+
+
+def memory_picked(
+    settings: Mapping[str, Any], need: float, have: float, better: tuple[Mapping[str, Any], float] | None
+) -> str:
+    more = MEMORY_BETTER.format(difference=memory_difference(better[0], settings), need=better[1]) if better else ""
+    return MEMORY_PICKED.format(what=memory_what(settings), need=need, have=have, better=more)
+
+
+def memory_nothing_fits(settings: Mapping[str, Any], need: float, have: float) -> str:
+    return MEMORY_NOTHING_FITS.format(what=memory_what(settings), need=need, have=have)
 
 
 def images_count(n: int) -> str:

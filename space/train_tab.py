@@ -42,6 +42,8 @@ from space.presets import (
     TOY_MODEL,
     ToyModel,
     base_model_values,
+    memory_pick,
+    memory_settings,
     model_choices,
     model_family,
     model_kind,
@@ -60,14 +62,30 @@ BASE_MODEL_FIELDS = (
     "lora_rank",
     "learning_rate",
     "method",
+    "train_text_encoder",
     "mixed_precision",
     "use_8bit_adam",
     "gradient_checkpointing",
     "cache_latents",
     "train_batch_size",
+    "sample_batch_size",
 )
-# The fields the memory note reads, in memory_hint's order after the base model.
-MEMORY_FIELDS = ("base_model", "method", "resolution", "use_8bit_adam", "gradient_checkpointing")
+# The fields the memory line reads (space.memory.form_config), in memory_hint's order.
+MEMORY_FIELDS = (
+    "base_model",
+    "method",
+    "resolution",
+    "use_8bit_adam",
+    "gradient_checkpointing",
+    "mixed_precision",
+    "train_batch_size",
+    "train_text_encoder",
+    "with_prior_preservation",
+    "lora_rank",
+    "cache_latents",
+    "gradient_accumulation_steps",
+    "sample_batch_size",
+)
 
 
 @dataclass(frozen=True)
@@ -109,22 +127,33 @@ def on_images(files: list[str] | None, kind: str, how: str, before: int) -> tupl
     return paths, texts.images_count(n), new_steps, n
 
 
-def on_preset(files: list[str] | None, kind: str, how: str, base_model: str) -> tuple[Any, ...]:
-    p = preset_values(kind, len(photos_only(files or [])), how, model_family(base_model or "") or SD)
-    return p["max_train_steps"], p["learning_rate"], p["train_text_encoder"], p["text_encoder_steps_fraction"]
+def on_preset(deps: TrainDeps, files: list[str] | None, kind: str, how: str, base_model: str) -> tuple[Any, ...]:
+    """Steps, learning rate and text-encoder training of a concept preset; the text encoder only where
+    the settings picked for this GPU train it (space.memory.pick)."""
+    family = model_family(base_model or "") or SD
+    p = preset_values(kind, len(photos_only(files or [])), how, family)
+    fits = base_model == TOY_MODEL or memory_settings(deps.hardware, family).get("train_text_encoder", True)
+    return p["max_train_steps"], p["learning_rate"], p["train_text_encoder"] and fits, p["text_encoder_steps_fraction"]
 
 
 def on_base_model(deps: TrainDeps, base_model: str | None, previous: str | None) -> tuple[Any, ...]:
-    """The BASE_MODEL_FIELDS a newly picked base model sets (skipping the rest), then its kind."""
+    """The BASE_MODEL_FIELDS a newly picked base model sets (skipping the rest), its kind, and the line
+    that says what was picked for this GPU and why (when a new family brought new settings)."""
     kind, values = base_model_values(deps.hardware, base_model or "", previous)
-    return (*(values.get(key, gr.skip()) for key in BASE_MODEL_FIELDS), kind or gr.skip())
+    why = pick_line(deps.hardware, base_model or "") if "method" in values else gr.skip()
+    return (*(values.get(key, gr.skip()) for key in BASE_MODEL_FIELDS), kind or gr.skip(), why)
 
 
-def memory_hint(
-    deps: TrainDeps, base_model: str | None, method: str, resolution: Any, use_8bit: bool, checkpointing: bool
-) -> Any:
-    """The memory note (MEMORY_FIELDS' values), shown only when the settings will not fit this GPU."""
-    note = form_memory_note(deps.hardware, base_model, method, resolution, use_8bit, checkpointing)
+def pick_line(hardware: Hardware, base_model: str) -> Any:
+    """What the app picked for this GPU and why (space.memory.pick); hidden off CUDA and for the toy model."""
+    family = model_family(base_model)
+    why = memory_pick(hardware, family, base_model).why if family and base_model.strip() != TOY_MODEL else ""
+    return gr.update(value=why, visible=bool(why))
+
+
+def memory_hint(deps: TrainDeps, *values: Any) -> Any:
+    """The memory line for MEMORY_FIELDS' values: fits / does not fit this GPU (x of y GB)."""
+    note = form_memory_note(deps.hardware, dict(zip(MEMORY_FIELDS, values, strict=True)))
     return gr.update(value=note or "", visible=note is not None)
 
 
@@ -262,8 +291,8 @@ def _draw(place: str, values: Mapping[str, Any], more: Mapping[str, Mapping[str,
 
 
 def _form_layout(
-    values: Mapping[str, Any], base_models: list[tuple[str, str]], note: str | None
-) -> tuple[dict[str, Any], gr.Markdown, _Photos]:
+    values: Mapping[str, Any], base_models: list[tuple[str, str]], note: str | None, why: Any
+) -> tuple[dict[str, Any], tuple[gr.Markdown, gr.Markdown], _Photos]:
     more = {"base_model": {"choices": base_models}}
     form: dict[str, Any] = {}
     with gr.Row():
@@ -281,6 +310,7 @@ def _form_layout(
                 form |= _draw("names", values, more)
             form |= _draw("prompts", values, more)
             memory = gr.Markdown(note or "", visible=note is not None, elem_id="memory-note")
+            picked = gr.Markdown(why["value"], visible=why["visible"], elem_id="memory-pick")
             with gr.Row():
                 form |= _draw("prior", values, more)
     with gr.Accordion("Advanced", open=False):
@@ -288,7 +318,7 @@ def _form_layout(
             with gr.Row():
                 form |= _draw(place, values, more)
     # In table order: the /train endpoint's parameters come in this order.
-    return {f.key: form[f.key] for f in FORM}, memory, _Photos(count, preview, example, gr.State(0))
+    return {f.key: form[f.key] for f in FORM}, (memory, picked), _Photos(count, preview, example, gr.State(0))
 
 
 def _publish_layout() -> tuple[dict[str, Any], gr.Column]:
@@ -328,8 +358,9 @@ def build_train_tab(deps: TrainDeps) -> TrainTab:
     gr.Markdown(f"{texts.hardware_line(deps.hardware)}\n\n{texts.toy_notice(deps.toy.installed, deps.toy.folder)}")
     machine = safe_defaults(deps.hardware, offline)
     values = initial_values(machine, model_family(machine["base_model"]) or SD)
-    note = form_memory_note(deps.hardware, *(values[key] for key in MEMORY_FIELDS))
-    form, memory, photos = _form_layout(values, model_choices(deps.hardware, offline), note)
+    note = form_memory_note(deps.hardware, {key: values[key] for key in MEMORY_FIELDS})
+    why = pick_line(deps.hardware, machine["base_model"])
+    form, (memory, picked), photos = _form_layout(values, model_choices(deps.hardware, offline), note, why)
     base_kind = gr.State(model_kind(machine["base_model"]))  # the kind of the last base model picked
     hub, publish_box = _publish_layout()
     job = _job_layout()
@@ -344,13 +375,14 @@ def build_train_tab(deps: TrainDeps) -> TrainTab:
         [photos.preview, photos.count, f["max_train_steps"], n_images],
         **PRIVATE,
     )
+    to_note = [f[key] for key in MEMORY_FIELDS]
     gr.on(
         [f["concept"].input, f["method"].input],
-        on_preset,
+        bind(on_preset, deps),
         [images, f["concept"], f["method"], f["base_model"]],
         [f["max_train_steps"], f["learning_rate"], f["train_text_encoder"], f["text_encoder_steps_fraction"]],
         **PRIVATE,
-    )
+    ).then(bind(memory_hint, deps), to_note, memory, **PRIVATE)
     gr.on(
         [f["identifier"].input, f["class_noun"].input, f["concept"].input],
         prompts_for,
@@ -359,12 +391,11 @@ def build_train_tab(deps: TrainDeps) -> TrainTab:
         **PRIVATE,
     )
     # A new base model brings its size, and a new family its presets (the example's toy model only
-    # its size and rank, which the example sets too); then the memory note follows what was set.
-    to_note = [f[key] for key in MEMORY_FIELDS]
+    # its size and rank, which the example sets too); then the memory line follows what was set.
     f["base_model"].change(
         bind(on_base_model, deps),
         [f["base_model"], base_kind],
-        [*(f[key] for key in BASE_MODEL_FIELDS), base_kind],
+        [*(f[key] for key in BASE_MODEL_FIELDS), base_kind, picked],
         **PRIVATE,
     ).then(bind(memory_hint, deps), to_note, memory, **PRIVATE)
     gr.on([f[key].input for key in MEMORY_FIELDS[1:]], bind(memory_hint, deps), to_note, memory, **PRIVATE)

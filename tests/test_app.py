@@ -84,13 +84,15 @@ def test_the_train_form_offers_sdxl_lora_rank_and_a_memory_note(
     choices = [tuple(c) for c in _component(config, "base-model")["props"]["choices"]]
     assert ("stabilityai/stable-diffusion-xl-base-1.0",) * 2 in choices
     assert _component(config, "lora-rank")["props"]["value"] == 4  # SD 1.5's, the default base on a GPU
-    note = _component(config, "memory-note")["props"]
-    assert note["visible"] is False  # the presets fit this card: nothing to say
+    note, picked = _component(config, "memory-note")["props"], _component(config, "memory-pick")["props"]
+    assert note["visible"] and "Fits your GPU" in note["value"]  # the picked presets fit this card
+    assert picked["visible"] and "Picked for your GPU" in picked["value"]
     labels = {c["props"].get("label") for c in config["components"]}
     assert {"LoRA rank", "Cache latents"} <= labels
 
     cpu = build_app(Services.create(runs_dir=tmp_path / "runs", hardware=CPU)).get_config_file()
     assert _component(cpu, "lora-rank")["props"]["value"] == EXAMPLE_SETTINGS["lora_rank"]  # the toy model's
+    assert not _component(cpu, "memory-note")["props"]["visible"]  # no GPU to size for
 
 
 def test_on_a_cpu_space_it_offers_to_duplicate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

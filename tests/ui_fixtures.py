@@ -87,6 +87,7 @@ def train_form(base_model: str) -> dict[str, Any]:
         "validation_prompt": "",
         "lora_rank": 4,
         "cache_latents": True,
+        "sample_batch_size": 4,
     }
 
 

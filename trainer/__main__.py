@@ -1,4 +1,4 @@
-"""The command line: `python -m trainer train --config run.json [--field value ...]`, `push`."""
+"""The command line: `python -m trainer train --config run.json [--field value ...]`, `memory`, `push`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import types
 import typing
 from pathlib import Path
 
-from .config import ConfigError, TrainConfig, UserError
+from .config import ConfigError, TrainConfig, UserError, read_config_file
 
 _FIELD_TYPES = typing.get_type_hints(TrainConfig)
 
@@ -47,13 +47,31 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(flag, type=scalar, **kwargs)
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    values = {}
-    if args.config:
-        values = TrainConfig.load(Path(args.config)).to_dict()
+def config_from_args(args: argparse.Namespace, *, validate: bool = False) -> TrainConfig:
+    """The config file's fields, overridden by the flags given; `validate` checks every value, and an
+    error in a value that came from the file names the file as well as the field."""
     names = {f.name for f in dataclasses.fields(TrainConfig)}
-    values.update({k: v for k, v in vars(args).items() if k in names})
-    return TrainConfig.from_dict(values)
+    flags = {k: v for k, v in vars(args).items() if k in names}
+    from_file: dict = {}
+    if args.config:
+        path = Path(args.config)
+        try:
+            from_file = read_config_file(path)
+            TrainConfig.from_dict(from_file)  # unknown fields are named with the file
+        except ConfigError as err:
+            raise ConfigError(str(err) if str(err).startswith(str(path)) else f"{path}: {err}") from None
+    config = TrainConfig.from_dict({**from_file, **flags})
+    if not validate:
+        return config
+    try:
+        return config.validate()
+    except ConfigError as err:
+        if args.config and err.field in from_file and err.field not in flags:
+            raise ConfigError(f"{args.config}: {err}", field=err.field) from None
+        if args.config and err.field in names and err.field not in from_file and err.field not in flags:
+            flag = "--" + err.field.replace("_", "-")
+            raise ConfigError(f"{err} (set it in {args.config} or with {flag})", field=err.field) from None
+        raise
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -61,12 +79,16 @@ def _train(args: argparse.Namespace) -> int:
     from .cli_progress import CliProgress
     from .events import CancelToken
 
-    config = config_from_args(args).validate()
+    config = config_from_args(args, validate=True)
     token = None
-    if args.push_to_hub:
-        from .hub import check_token, resolve_token
+    if args.push_to_hub is not None:
+        from .hub import HubError, check_repo_id, check_token, resolve_token
 
-        # A bad token fails now, in seconds, not after the training.
+        # A malformed repo id or a bad token fails now, in seconds, not after the training.
+        try:
+            args.push_to_hub = check_repo_id(args.push_to_hub)
+        except HubError as err:
+            raise ConfigError(f"`--push-to-hub`: {err}") from None
         token = resolve_token(_token_from_env(args.token_env))
         check_token(token)
     if args.quiet:
@@ -78,10 +100,36 @@ def _train(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 130
     print(f"{result.status}: {result.step}/{result.total_steps} steps; run folder {result.run_dir}")
-    if args.push_to_hub and result.status == "completed":
+    if args.push_to_hub is not None and result.status == "completed":
         from .hub import publish
 
         print(publish(result.run_dir, args.push_to_hub, private=args.private, token=token).url)
+    return 0
+
+
+def _memory(args: argparse.Namespace) -> int:
+    """Print a training's predicted peak memory and, where the capacity is known, whether it fits."""
+    import torch
+
+    from .memory import GiB, device_capacity, estimate
+    from .memory_advice import advice, describe_fit
+    from .memory_shapes import read_shapes
+
+    config = config_from_args(args)  # not validated: only the model and the memory settings matter
+    if not config.pretrained_model.strip():
+        raise ConfigError("`pretrained_model` is required (a Hub id or a local folder)")
+    here = "cuda" if torch.cuda.is_available() else "cpu"
+    device = args.device or here
+    shapes = read_shapes(config.pretrained_model, config.revision, config.pretrained_vae, family=args.family)
+    memory = estimate(config, device, shapes=shapes)
+    print(memory.describe())
+    capacity = round(args.memory_gib * GiB) if args.memory_gib else None
+    if capacity is None and device == here:
+        capacity = device_capacity(torch.device(device))[0]
+    if capacity is not None:
+        print(f"\n{describe_fit(memory, capacity)}")
+        if "does not" in describe_fit(memory, capacity):
+            print(advice(config, device, capacity, shapes))
     return 0
 
 
@@ -108,8 +156,12 @@ def _token_from_env(var: str | None) -> str | None:
 
 
 def _push(args: argparse.Namespace) -> int:
-    from .hub import publish
+    from .hub import HubError, check_repo_id, publish
 
+    try:
+        check_repo_id(args.repo_id)
+    except HubError as err:
+        raise ConfigError(f"`--repo-id`: {err}") from None
     token = _token_from_env(args.token_env)
     result = publish(Path(args.run_dir), args.repo_id, private=args.private, token=token)
     print(result.url)
@@ -122,8 +174,15 @@ def _prog() -> str:
     return name if name.startswith("dreambooth-studio") else "python -m trainer"
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its usage errors in the CLI's one form: `error: ...` on stderr, exit status 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=_prog(), description="DreamBooth Studio engine")
+    parser = _Parser(prog=_prog(), description="DreamBooth Studio engine")
     sub = parser.add_subparsers(dest="command", required=True)
     train_p = sub.add_parser("train", help="Fine-tune a model on your subject.",
                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -136,6 +195,20 @@ def build_parser() -> argparse.ArgumentParser:
                      help="Publish the run to this Hub repo; the token is checked before training starts.")
     _add_hub_flags(hub)
     train_p.set_defaults(func=_train)
+
+    memory_p = sub.add_parser("memory", help="Predict a training's peak memory, before anything loads.",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    memory_p.add_argument("--config", help="A config.json to start from; flags override it.")
+    add_config_arguments(memory_p)
+    sizing = memory_p.add_argument_group("the estimate")
+    sizing.add_argument("--device", choices=["cuda", "cpu"], default=None,
+                        help="Device to size the training for (default: this machine's).")
+    sizing.add_argument("--family", choices=["sd", "sdxl"], default=None,
+                        help="Where the base model's config files cannot be read (offline: set HF_HUB_OFFLINE=1 "
+                             "not to wait on the network), assume this family's known architecture.")
+    sizing.add_argument("--memory-gib", type=float, default=None,
+                        help="Memory to check the estimate against (default: this machine's, when sizing for it).")
+    memory_p.set_defaults(func=_memory)
 
     push_p = sub.add_parser("push", help="Publish a run folder to the Hugging Face Hub.")
     push_p.add_argument("run_dir", help="The run folder to publish.")
@@ -155,12 +228,18 @@ def _add_hub_flags(parser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit status 0 done, 1 failed (the model, the Hub, the disk, a diverged training), 2 refused
+    input; either way one `error: ...` on stderr, never a traceback for something the user can fix."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2 if isinstance(err, ConfigError | ValueError) else 1
+    except OSError as err:  # the disk or the system said no (full, read-only, permissions): no bug of ours
+        where = f": {err.filename}" if err.filename else ""
+        print(f"error: {err.strerror or err}{where}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
+import math
+import os
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -25,6 +30,14 @@ LR_SCHEDULERS: tuple[str, ...] = (
 )
 # Learning rates of diffusers' DreamBooth scripts, used when `learning_rate` is left unset.
 DEFAULT_LR: dict[str, float] = {"full": 5e-6, "lora": 1e-4}
+# numpy's seeds (accelerate's set_seed seeds numpy, random and torch together) are 32-bit.
+MAX_SEED = 2**32 - 1
+# SDXL trains at 1024 px; at 4096 px one image's latents already fill any GPU's memory, and a
+# typo (40960) would first upscale the photos to a size that fills the machine's RAM.
+MAX_RESOLUTION = 4096
+MAX_LR = 1.0
+MAX_PRIOR_LOSS_WEIGHT = 100.0  # beyond, the subject's own loss no longer counts
+MAX_GUIDANCE = 50.0  # no Stable Diffusion model is sampled above ~20; beyond, images saturate to noise
 
 
 class UserError(Exception):
@@ -32,7 +45,12 @@ class UserError(Exception):
 
 
 class ConfigError(UserError, ValueError):
-    """A TrainConfig field holds a value the engine cannot use; the message names the field."""
+    """A TrainConfig field holds a value the engine cannot use; the message names the field
+    (and `field` holds its name, when one field is to blame)."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 @dataclass(frozen=True)
@@ -190,10 +208,25 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
     def validate(self) -> TrainConfig:
-        """Raise ConfigError naming the first bad field; return self so calls chain."""
+        """Raise ConfigError naming the first bad field; return self so calls chain.
+
+        Every field is checked here for its type, its range and its meaning, in this order, before
+        anything is created, loaded or trained; what needs the disk is `check_locations`, what needs
+        the tokenizer is `prompts.check_prompts`.
+        """
+        _check_types(self)
         _check(self.pretrained_model.strip() != "", "pretrained_model", "is required (a Hub id or a local folder)")
         _check(len(self.instance_data) > 0, "instance_data", "is required (a folder or image files)")
         _check(self.output_dir.strip() != "", "output_dir", "is required")
+        for name in ("revision", "variant", "pretrained_vae", "class_data_dir", "class_cache_dir",
+                     "resume_from_checkpoint"):
+            value = getattr(self, name)
+            _check(value is None or value.strip() != "", name, "must not be empty: leave it out (None) for the default")
+        for name in PATH_FIELDS:
+            value = getattr(self, name)
+            for i, path in enumerate(value if isinstance(value, tuple) else (value,)):
+                if path and (problem := _path_problem(path)):
+                    _check(False, name if not isinstance(value, tuple) else f"{name}[{i}]", problem)
         ident = self.identifier.strip()
         _check(ident != "" and " " not in ident, "identifier", f"must be one word, got {self.identifier!r}")
         _check(self.instance_prompt.strip() != "", "instance_prompt", "is required")
@@ -202,6 +235,8 @@ class TrainConfig:
             "instance_prompt",
             f"must contain the identifier {ident!r} as a word, got {self.instance_prompt!r}",
         )
+        for i, prompt in enumerate(self.validation_prompts):
+            _check(prompt.strip() != "", f"validation_prompts[{i}]", "is empty: give a prompt, or no validation prompts")
         ext = self.caption_extension
         _check(
             ext == "" or (ext.startswith(".") and len(ext) > 1 and not any(c in ext for c in "/\\ ")),
@@ -215,8 +250,6 @@ class TrainConfig:
                 "class_prompt",
                 f"must not contain the identifier {ident!r}: it describes the class, not the subject",
             )
-            _check(self.num_class_images >= 1, "num_class_images", f"must be at least 1, got {self.num_class_images}")
-            _check(self.prior_loss_weight >= 0, "prior_loss_weight", f"must be >= 0, got {self.prior_loss_weight}")
         _check(self.method in METHODS, "method", f"must be one of {', '.join(METHODS)}, got {self.method!r}")
         _check(
             self.mixed_precision in PRECISIONS,
@@ -234,22 +267,43 @@ class TrainConfig:
             "resolution",
             f"must be a positive multiple of 8, got {self.resolution}",
         )
+        _check(self.resolution <= MAX_RESOLUTION, "resolution", f"must be at most {MAX_RESOLUTION}, got {self.resolution}")
         for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "lora_rank",
                      "checkpointing_steps", "validation_steps", "num_validation_images",
-                     "sample_batch_size", "class_inference_steps", "validation_inference_steps"):
+                     "sample_batch_size", "class_inference_steps", "validation_inference_steps", "num_class_images"):
             value = getattr(self, name)
             _check(value >= 1, name, f"must be at least 1, got {value}")
-        _check(self.lr > 0, "learning_rate", f"must be > 0, got {self.lr}")
-        _check(self.te_lr > 0, "text_encoder_lr", f"must be > 0, got {self.te_lr}")
+        _check(0 <= self.seed <= MAX_SEED, "seed", f"must be between 0 and {MAX_SEED} (2**32 - 1), got {self.seed}")
+        for name, lr in (("learning_rate", self.lr), ("text_encoder_lr", self.te_lr)):
+            # AdamW moves each weight by about the learning rate per step: above 1 every weight jumps by
+            # more than its own size (and past ~1e37 the optimizer's own float32 arithmetic overflows).
+            _check(0 < lr <= MAX_LR, name, f"must be > 0 and at most {MAX_LR:g} (DreamBooth uses about 1e-6 to "
+                                           f"1e-3), got {lr}")
         _check(
             0.0 < self.text_encoder_steps_fraction <= 1.0,
             "text_encoder_steps_fraction",
             f"must be in (0, 1], got {self.text_encoder_steps_fraction}",
         )
         _check(self.lr_warmup_steps >= 0, "lr_warmup_steps", f"must be >= 0, got {self.lr_warmup_steps}")
+        for name in ("adam_beta1", "adam_beta2"):
+            value = getattr(self, name)
+            _check(0.0 <= value < 1.0, name, f"must be in [0, 1), got {value}")
+        # 0 would divide 0 by 0 for a weight whose gradient is still 0 (a LoRA matrix at step 1): NaN weights.
+        _check(self.adam_epsilon > 0, "adam_epsilon", f"must be > 0 (1e-8 is usual), got {self.adam_epsilon}")
+        # AdamW shrinks each weight by learning_rate x weight_decay per step: above 1 the decay outruns any lr.
+        _check(0 <= self.adam_weight_decay <= 1, "adam_weight_decay",
+               f"must be in [0, 1] (1e-2 is usual), got {self.adam_weight_decay}")
         _check(self.max_grad_norm > 0, "max_grad_norm", f"must be > 0, got {self.max_grad_norm}")
-        _check(self.offset_noise >= 0, "offset_noise", f"must be >= 0, got {self.offset_noise}")
+        _check(0 <= self.prior_loss_weight <= MAX_PRIOR_LOSS_WEIGHT, "prior_loss_weight",
+               f"must be in [0, {MAX_PRIOR_LOSS_WEIGHT:g}] (1 is usual), got {self.prior_loss_weight}")
+        # Offset noise is a fraction of the noise's own scale (0.1 is usual); past 1 it drowns the noise.
+        _check(0 <= self.offset_noise <= 1, "offset_noise", f"must be in [0, 1] (0.1 is usual), got {self.offset_noise}")
         _check(self.snr_gamma is None or self.snr_gamma > 0, "snr_gamma", f"must be > 0, got {self.snr_gamma}")
+        _check(
+            0 <= self.validation_guidance_scale <= MAX_GUIDANCE,
+            "validation_guidance_scale",
+            f"must be >= 0 (1 turns guidance off) and at most {MAX_GUIDANCE:g}, got {self.validation_guidance_scale}",
+        )
         _check(
             self.lora_alpha is None or self.lora_alpha > 0, "lora_alpha", f"must be > 0, got {self.lora_alpha}"
         )
@@ -266,15 +320,21 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """A TrainConfig from a config.json's fields (JSON lists become tuples); the values are
+        checked by `validate`, so any JSON value gets a message there rather than a TypeError here."""
         known = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - set(known))
         if unknown:
-            raise ConfigError(f"unknown config field(s): {', '.join(unknown)}")
+            hints = [f"{name} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(name, known, n=1))
+                     else name for name in unknown]
+            raise ConfigError(f"unknown config field(s): {', '.join(hints)}")
         values = dict(data)
         for name in ("instance_data", "validation_prompts"):
-            if name in values and values[name] is not None:
-                raw = values[name]
-                values[name] = (raw,) if isinstance(raw, str) else tuple(raw)
+            raw = values.get(name)
+            if isinstance(raw, str):
+                values[name] = (raw,)
+            elif isinstance(raw, list):
+                values[name] = tuple(raw)
         return cls(**values)
 
     def save(self, path: Path) -> None:
@@ -282,15 +342,203 @@ class TrainConfig:
 
     @classmethod
     def load(cls, path: Path) -> TrainConfig:
-        try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{path}: not valid JSON ({err})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a JSON object of config fields")
-        return cls.from_dict(data)
+        """A config file (see `read_config_file`); its values are checked by `validate`."""
+        return cls.from_dict(read_config_file(path))
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The JSON object of a config file; ConfigError naming the file when it is missing, a folder,
+    unreadable, not UTF-8, not JSON or not an object."""
+    path = Path(path)
+    if path.is_dir():
+        hint = f" (did you mean {path / 'config.json'}?)" if (path / "config.json").is_file() else ""
+        raise ConfigError(f"{path}: is a folder, not a config file{hint}")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text (expected a JSON config file)") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot be read ({err.strerror or err})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}: not valid JSON ({err})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid JSON (nested too deeply)") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object of config fields, got {_json_kind(data)}")
+    return data
+
+
+def _json_kind(value: Any) -> str:
+    return {list: "a list", str: "a string", bool: "true/false", type(None): "null"}.get(type(value), "a number")
 
 
 def _check(ok: bool, name: str, problem: str) -> None:
     if not ok:
-        raise ConfigError(f"`{name}` {problem}")
+        raise ConfigError(f"`{name}` {problem}", field=name)
+
+
+# --- types: what every field may hold, said in words -----------------------------------------
+def _expected(tp: Any, name: str) -> str:
+    """The words for what field `name` of type `tp` holds: "a whole number", "text or none", ..."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        return f"{_expected(inner[0], name)} or none (null) for the default"
+    if origin is Literal:
+        return "one of " + ", ".join(map(str, args))
+    if origin is tuple:
+        return "a list of prompts" if name.endswith("prompts") else "a list of paths"
+    return {bool: "true or false", int: "a whole number", float: "a number", str: "text"}[tp]
+
+
+def _fits(value: Any, tp: Any) -> bool:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if tp is type(None):
+        return value is None
+    if origin is Literal:
+        return isinstance(value, str)  # the value itself is checked with the field's meaning
+    if origin is tuple:
+        return isinstance(value, tuple) and all(_fits(v, args[0]) for v in value)
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def _text_problem(text: str) -> str | None:
+    """What makes a string unusable as a prompt, a path or a name, if anything."""
+    if "\x00" in text:
+        return "must not contain a NUL character"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates: non-UTF-8 bytes given on the command line
+        return f"is not valid UTF-8 text, got {text!r}"
+    return None
+
+
+# Fields that name files or folders, and the limits of the file systems they live on (Linux's
+# NAME_MAX and PATH_MAX; longer names make every os call fail with "File name too long").
+PATH_FIELDS: tuple[str, ...] = ("pretrained_model", "pretrained_vae", "instance_data", "output_dir",
+                                "class_data_dir", "class_cache_dir", "resume_from_checkpoint")
+MAX_NAME_BYTES, MAX_PATH_BYTES = 255, 4096
+
+
+def _path_problem(path: str) -> str | None:
+    longest = max((len(part.encode("utf-8")) for part in Path(path).parts), default=0)
+    if longest > MAX_NAME_BYTES:
+        return f"has a name of {longest} bytes; a file or folder name may have at most {MAX_NAME_BYTES}"
+    if len(path.encode("utf-8")) > MAX_PATH_BYTES:
+        return f"is {len(path.encode('utf-8'))} bytes long; a path may have at most {MAX_PATH_BYTES}"
+    return None
+
+
+def _check_types(config: TrainConfig) -> None:
+    """Each field holds its type (JSON and the form can send anything), finite numbers, clean text."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value, tp = getattr(config, f.name), hints[f.name]
+        _check(_fits(value, tp), f.name, f"must be {_expected(tp, f.name)}, got {value!r}")
+        if isinstance(value, float):
+            _check(math.isfinite(value), f.name, f"must be a finite number, got {value}")
+        for i, text in enumerate(value if isinstance(value, tuple) else (value,)):
+            if isinstance(text, str) and (problem := _text_problem(text)):
+                _check(False, f.name if not isinstance(value, tuple) else f"{f.name}[{i}]", problem)
+
+
+# --- what needs the disk ------------------------------------------------------------------------
+def check_locations(config: TrainConfig) -> None:
+    """The folders a run will write can be made, and the models it names can be a folder or a Hub
+    repo id; said before anything is created (a run folder half made is worse than none)."""
+    checks = [(_check_writable_folder, "output_dir")]
+    if config.with_prior_preservation and config.class_cache_dir:
+        checks.append((_check_writable_folder, "class_cache_dir"))
+    checks += [(_check_model_source, name) for name in ("pretrained_model", "pretrained_vae") if getattr(config, name)]
+    for check, name in checks:
+        try:
+            check(getattr(config, name), name)
+        except OSError as err:  # a folder that cannot be listed or looked into
+            raise ConfigError(f"`{name}`: {err.filename or getattr(config, name)} cannot be read "
+                              f"({err.strerror or err})", field=name) from None
+
+
+def _check_writable_folder(folder: str, name: str) -> None:
+    path = Path(folder).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"`{name}`: {path} is a file, not a folder; choose a folder path", field=name)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"`{name}`: {path} cannot be made: {existing} is a file, not a folder", field=name)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"`{name}`: {path} cannot be written: no write permission in {existing}", field=name)
+
+
+PICKLE_SUFFIXES: tuple[str, ...] = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+
+
+def _check_model_source(source: str, name: str) -> None:
+    """A local diffusers folder with safetensors weights, or else a well-formed Hub repo id (the
+    network is asked later, when loading); a missing part is named by the loader."""
+    local = Path(source).expanduser()
+    if local.exists():
+        if not local.is_dir():
+            single = local.suffix.lower() in (".safetensors", ".ckpt")
+            raise ConfigError(
+                f"`{name}`: {source} is a file; expected a diffusers model folder or a Hub repo id"
+                + (" (a single-file checkpoint: convert it once with diffusers' "
+                   "`from_single_file(...).save_pretrained(folder)` and train from that folder)" if single else ""),
+                field=name,
+            )
+        _check_model_folder(local, name)
+        return
+    if local.is_absolute() or source.startswith((".", "~")) or source.count("/") > 1:
+        return  # a folder that is not there: the model loader names it ("no such folder")
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(source)
+    except HFValidationError as err:
+        raise ConfigError(
+            f"`{name}`: {source!r} is neither a local folder nor a Hub repo id such as "
+            f"'stable-diffusion-v1-5/stable-diffusion-v1-5' ({str(err).split(':')[0]})",
+            field=name,
+        ) from None
+
+
+def _check_model_folder(folder: Path, name: str) -> None:
+    """A base model folder is a diffusers pipeline (a VAE folder a model): say what it is instead, or
+    which part holds only pickle weights, which are never loaded (unpickling can run any code)."""
+    if name == "pretrained_model":
+        if not (folder / "model_index.json").is_file():
+            inner = sorted(p.parent for p in folder.glob("*/model_index.json"))
+            if (folder / "pytorch_lora_weights.safetensors").is_file():
+                problem = "is a LoRA (pytorch_lora_weights.safetensors), not a base model: train from its base model"
+            elif inner:
+                problem = f"has no model_index.json, but {inner[0]} has: did you mean that folder?"
+            else:
+                problem = ("has no model_index.json: expected a diffusers pipeline folder (model_index.json, unet/, "
+                           "vae/, text_encoder/, tokenizer/, scheduler/)")
+            raise ConfigError(f"`{name}`: {folder} {problem}", field=name)
+        parts = [p for p in folder.iterdir() if p.is_dir() and (p / "config.json").is_file()]
+    else:
+        parts = [folder]
+    for part in sorted(parts):
+        pickles = sorted(p.name for p in part.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+        if pickles and not any(part.glob("*.safetensors")):
+            raise ConfigError(
+                f"`{name}`: {part} holds only pickle weights ({', '.join(pickles)}), which are never loaded "
+                "(unpickling can run any code); use a copy of the model with .safetensors weights, or convert it "
+                "once with diffusers' `from_pretrained(folder).save_pretrained(folder, safe_serialization=True)`",
+                field=name,
+            )

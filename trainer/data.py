@@ -55,20 +55,23 @@ def collect_image_paths(sources: Sequence[str | Path], field: str = "instance_da
             problems.append(ImageProblem(Path(), "an empty path was given"))
             continue
         path = Path(source).expanduser()
-        if path.is_dir():
-            found = sorted(
-                (p for p in path.iterdir() if _is_image_name(p.name) and p.is_file()),
-                key=lambda p: (p.name.casefold(), p.name),
-            )
-            if not found:
-                problems.append(
-                    ImageProblem(path, f"folder {path} has no images ({', '.join(IMAGE_SUFFIXES)})")
+        try:
+            if path.is_dir():
+                found = sorted(
+                    (p for p in path.iterdir() if _is_image_name(p.name) and p.is_file()),
+                    key=lambda p: (p.name.casefold(), p.name),
                 )
-            paths.extend(found)
-        elif path.exists():
-            paths.append(path)  # named explicitly: check_images reports it if it is no image
-        else:
-            problems.append(ImageProblem(path, f"{path} does not exist"))
+                if not found:
+                    problems.append(
+                        ImageProblem(path, f"folder {path} has no images ({', '.join(IMAGE_SUFFIXES)})")
+                    )
+                paths.extend(found)
+            elif path.exists():
+                paths.append(path)  # named explicitly: check_images reports it if it is no image
+            else:
+                problems.append(ImageProblem(path, f"{path} does not exist"))
+        except OSError as err:  # a folder that cannot be listed, a path the system refuses
+            problems.append(ImageProblem(path, f"{path} cannot be read ({err.strerror or err})"))
     if problems:
         raise ImageDataError(problems, field)
     unique: dict[Path, Path] = {}  # a file given both alone and inside its folder trains once
@@ -147,10 +150,39 @@ def _decode_rgb(source: Path | BytesIO, still_only: bool) -> Image.Image:
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise _ImageRejected("is too large (decompression-bomb limit)") from None
         except UnidentifiedImageError:
-            raise _ImageRejected("is not an image (Pillow cannot identify its format)") from None
+            what = _looks_like(_head(source))
+            raise _ImageRejected(f"is not an image: it looks like {what}" if what
+                                 else "is not an image (Pillow cannot identify its format)") from None
         except (OSError, SyntaxError, ValueError, EOFError) as err:  # what Pillow's decoders raise
             raise _ImageRejected(f"is truncated or corrupt ({err})") from None
     return _to_rgb(upright)
+
+
+def _head(source: Path | BytesIO, size: int = 64) -> bytes:
+    if isinstance(source, BytesIO):
+        return source.getvalue()[:size]
+    try:
+        with open(source, "rb") as file:
+            return file.read(size)
+    except OSError:
+        return b""
+
+
+_HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"heim", b"heis", b"mif1", b"msf1", b"avif", b"avis")
+
+
+def _looks_like(head: bytes) -> str | None:
+    """What a file Pillow cannot read most likely is, when its first bytes say so."""
+    text = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if text.startswith((b"<!doctype html", b"<html", b"<head", b"<body")):
+        return "an HTML page (a web page saved under an image name, or a failed download)"
+    if text.startswith((b"<svg", b"<?xml")):
+        return "an SVG or XML file; export it as PNG or JPEG"
+    if head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS:
+        return "a HEIC/AVIF photo, which cannot be read here; export it as JPEG or PNG"
+    if head.startswith(b"%PDF"):
+        return "a PDF document"
+    return None
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

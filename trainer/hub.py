@@ -60,6 +60,10 @@ class HubError(UserError):
     """A publish or download that failed; the message is meant for the user as is."""
 
 
+class HubInputError(HubError, ValueError):
+    """The request itself is wrong (a malformed repo id, a folder that is no run), whatever the Hub says."""
+
+
 @dataclass(frozen=True)
 class PublishResult:
     url: str
@@ -117,8 +121,7 @@ def publish(
     """
     run_dir = Path(run_dir)
     # 1. check everything local before the network
-    repo_id = repo_id.strip()
-    _validate_repo_id(repo_id)
+    repo_id = check_repo_id(repo_id)
     kind = _check_publishable(run_dir)
     steps = read_config(run_dir).max_train_steps  # a broken config fails here
     # 2. the token and its owner
@@ -251,21 +254,31 @@ def _slug(text: str | None) -> str:
     return slug.strip("-.")
 
 
+def check_repo_id(repo_id: str) -> str:
+    """`repo_id` without surrounding blanks, if it is one the Hub accepts ('name' or 'user/name');
+    HubInputError otherwise. Checked before anything is trained or uploaded."""
+    if not isinstance(repo_id, str) or not repo_id.strip():
+        raise HubInputError("The repo id is empty: give 'name' or 'username/name'.")
+    repo_id = repo_id.strip()
+    _validate_repo_id(repo_id)
+    return repo_id
+
+
 def _validate_repo_id(repo_id: str) -> None:
     try:
         validate_repo_id(repo_id)
     except HFValidationError as err:
-        raise HubError(f"Invalid repo id {repo_id!r}: {err} Use 'name' or 'username/name'.") from None
+        raise HubInputError(f"Invalid repo id {repo_id!r}: {err} Use 'name' or 'username/name'.") from None
     if repo_id.endswith((".git", ".ipynb")):
-        raise HubError(f"Invalid repo id {repo_id!r}: a repo name cannot end with .git or .ipynb.")
+        raise HubInputError(f"Invalid repo id {repo_id!r}: a repo name cannot end with .git or .ipynb.")
 
 
 def _check_publishable(run_dir: Path) -> str:
     if not (run_dir / CONFIG_NAME).is_file():
-        raise HubError(f"{run_dir} is not a run folder: it has no {CONFIG_NAME}.")
+        raise HubInputError(f"{run_dir} is not a run folder: it has no {CONFIG_NAME}.")
     kind = run_kind(run_dir)
     if kind is None:
-        raise HubError(
+        raise HubInputError(
             f"{run_dir} has no trained weights yet ({LORA_WEIGHTS} or {PIPELINE_INDEX}): "
             "finish or resume the training, then publish."
         )

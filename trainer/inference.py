@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from diffusers import (
@@ -28,6 +30,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from PIL.Image import Image
 
 from . import run_folder
+from .config import MAX_GUIDANCE
 from .hub import download_model
 from .run_folder import LORA_WEIGHTS, lora_base_model, run_kind
 
@@ -61,6 +64,20 @@ class GenerateRequest:
 
     def validate(self) -> GenerateRequest:
         """Raise ValueError naming the first bad field; return self so calls chain."""
+        for name in ("prompt", "negative_prompt", "scheduler"):
+            value = getattr(self, name)
+            if not isinstance(value, str):
+                raise ValueError(f"`{name}` must be text, got {value!r}")
+            if "\x00" in value:
+                raise ValueError(f"`{name}` must not contain a NUL character")
+        for name in ("steps", "seed", "width", "height", "num_images"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"`{name}` must be a whole number, got {value!r}")
+        for name in ("guidance_scale", "lora_scale"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+                raise ValueError(f"`{name}` must be a finite number, got {value!r}")
         if not self.prompt.strip():
             raise ValueError("`prompt` must not be empty")
         if self.width % 8 or self.height % 8:
@@ -75,6 +92,8 @@ class GenerateRequest:
             raise ValueError(f"`steps` must be between 1 and {MAX_STEPS}, got {self.steps}")
         if self.guidance_scale < 0:
             raise ValueError(f"`guidance_scale` must be >= 0, got {self.guidance_scale}")
+        if self.guidance_scale > MAX_GUIDANCE:
+            raise ValueError(f"`guidance_scale` must be at most {MAX_GUIDANCE:g} (7.5 is usual), got {self.guidance_scale}")
         if self.scheduler not in SCHEDULERS:
             raise ValueError(f"`scheduler` must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
         if not 0 <= self.seed < 2**63:
@@ -84,6 +103,18 @@ class GenerateRequest:
         if not 0.0 <= self.lora_scale <= MAX_LORA_SCALE:
             raise ValueError(f"`lora_scale` must be between 0 and {MAX_LORA_SCALE:g}, got {self.lora_scale}")
         return self
+
+    def check_prompt_length(self, tokenizers: Sequence[Any]) -> None:
+        """Raise ValueError for a prompt the text encoder would cut short (the pipeline only logs it)."""
+        for name in ("prompt", "negative_prompt"):
+            text = getattr(self, name)
+            for tokenizer in tokenizers:
+                n = len(tokenizer(text).input_ids)  # with the start and end tokens
+                if n > tokenizer.model_max_length:
+                    raise ValueError(
+                        f"`{name}` is {n} tokens long; the text encoder reads at most {tokenizer.model_max_length} "
+                        "(start and end included): shorten it"
+                    )
 
 
 @dataclass(frozen=True)
@@ -216,6 +247,7 @@ class PipelineCache:
 def generate(pipe: DiffusionPipeline, request: GenerateRequest) -> list[Image]:
     """Images for `request`; image i is what seed `seed + i` gives alone, on any device."""
     request.validate()
+    request.check_prompt_length([t for t in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)) if t is not None])
     # 1. a scheduler for this request, without touching the cached pipeline
     scheduler = SCHEDULERS[request.scheduler].from_config(pipe.scheduler.config)
     options = inspect.signature(type(pipe).__init__).parameters

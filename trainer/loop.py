@@ -11,19 +11,20 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import set_seed
 
 from . import checkpoints as ckpt
 from . import run_folder
 from .batches import BatchSource, PromptEmbeddings, micro_step_index, step_generator
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig, UserError, check_locations
 from .data import ImageSet, check_images, collect_image_paths, read_captions, split_caption_files
 from .events import (
     CancelToken,
@@ -37,7 +38,9 @@ from .events import (
     WarningEvent,
 )
 from .families import Components, Conditioning
+from .families.base import first_line
 from .loss import LossParts, dreambooth_loss, noise_and_timesteps, target_for
+from .memory import check_fits
 from .models import choose_speed, load_components, prepare_for_training, trainable_parameters, weight_dtype
 from .optim import make_lr_scheduler, make_optimizer
 from .output import make_samples, save_weights
@@ -148,10 +151,26 @@ class Outcome:
 
 
 # --- 1. check inputs ------------------------------------------------------------------------
+def check_memory(run: Run, device: torch.device) -> None:
+    """On a GPU, refuse a training it cannot hold, from the configs alone (trainer/memory.py), rather
+    than fail with an out-of-memory error an hour in. A base model whose configs cannot be read or
+    traced is left to the loader, which names the broken file; the run goes on without the check."""
+    if device.type != "cuda":  # on the CPU the system's swap and the OOM killer decide; estimating costs seconds
+        return
+    try:
+        check_fits(run.config, device)
+    except ConfigError:
+        raise
+    except (RuntimeError, OSError, ValueError, KeyError, TypeError) as err:
+        run.warn(f"Memory not estimated before loading ({first_line(err)}); training without that check.")
+
+
 def check_inputs(run: Run) -> Inputs:
     config = run.config
     config.validate()
+    check_locations(config)
     check_runtime(config)
+    check_memory(run, PartialState().device)
     if config.resume_from_checkpoint is None and run_folder.is_run(run.dir):
         # Never overwrite a finished or started run unless asked to resume it.
         raise ConfigError(
@@ -282,13 +301,70 @@ def train_step(run: Run, parts: Components, model: Trainables, batches: BatchSou
             model_pred = parts.family.predict(model.unet, noisy, timesteps, cond, batch.image_info)
             target = target_for(parts.noise_scheduler, batch.latents, noise, timesteps)
             loss = dreambooth_loss(model_pred, target, timesteps, batch.n_instance, parts.noise_scheduler, config)
+            stop_unless_finite(run, parts, step, "loss", loss.total)
             accelerator.backward(loss.total)
             if accelerator.sync_gradients:
                 params = model.unet_params + (model.text_params if train_te else [])
-                accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                if config.mixed_precision != "fp16":  # under fp16 the grad scaler skips such a step itself
+                    stop_unless_finite(run, parts, step, "gradient norm", norm)
             model.optimizer.step()
             model.optimizer.zero_grad(set_to_none=True)
     return loss
+
+
+class NonFiniteLossError(UserError, RuntimeError):
+    """The training diverged: a loss or gradient was inf or NaN, and the run stopped before applying it."""
+
+
+def stop_unless_finite(run: Run, parts: Components, step: int, what: str, value: torch.Tensor | None) -> None:
+    """Stop the run at once on an inf/NaN loss or gradient norm, before the optimizer step writes it into
+    the weights: the run folder keeps its checkpoints, saves no weights and says "failed"."""
+    if value is None:
+        return
+    finite = run.accelerator.gather(torch.isfinite(value.detach()).float().reshape(1))
+    if bool(finite.min() > 0):  # every process agrees, so none waits for another in a collective
+        return
+    config = run.config
+    lrs = f"learning_rate {config.lr:g}" + (f", text_encoder_lr {config.te_lr:g}" if config.train_text_encoder else "")
+    fp16 = ("or an fp16 overflow: use mixed_precision 'bf16' (or 'no')" if config.mixed_precision == "fp16" else
+            f"(an fp16 overflow, the other usual cause, is ruled out: mixed_precision is {config.mixed_precision!r})")
+    kept = f"No checkpoint had been saved yet (checkpointing_steps {config.checkpointing_steps})"
+    if run.is_main:
+        good, removed = last_finite_checkpoint(run.dir)
+        if good is not None:
+            kept = f"The last good checkpoint, {good.relative_to(run.dir).as_posix()}, is kept"
+        elif removed:
+            kept = "No checkpoint with finite weights had been saved"
+        if removed:
+            kept += f" ({', '.join(p.name for p in removed)}: non-finite weights, removed)"
+        run_folder.write_status(run.dir, "failed", step, config.max_train_steps, family=parts.family.name)
+    run.accelerator.end_training()
+    raise NonFiniteLossError(
+        f"Training stopped at step {step + 1} of {config.max_train_steps}: the {what} is "
+        f"{value.detach().float().item()}, not a finite number. Likely causes: a learning rate too high for "
+        f"this model ({lrs}: try 10 times lower) {fp16}. {kept}; no weights were saved as the result "
+        "(run.json says failed)."
+    )
+
+
+def last_finite_checkpoint(run_dir: Path) -> tuple[Path | None, list[Path]]:
+    """The newest checkpoint whose weights are all finite, and the newer ones removed for holding
+    inf/NaN (a step can overflow the weights while its loss and gradients were still finite)."""
+    from safetensors import safe_open
+
+    removed = []
+    for path in reversed(ckpt.list_checkpoints(run_dir)):
+        finite = True
+        for file in sorted(path.glob("*.safetensors")):
+            with safe_open(file, framework="pt") as weights:
+                names = weights.keys()  # one tensor at a time: a full UNet's checkpoint is gigabytes
+                finite = finite and all(bool(torch.isfinite(weights.get_tensor(name)).all()) for name in names)
+        if finite:
+            return path, removed
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return None, removed
 
 
 class StepLog:
