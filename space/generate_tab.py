@@ -165,7 +165,7 @@ def generate_images(
             num_images=int(num_images),
             lora_scale=float(lora_scale),
         ).validate()
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError, OverflowError) as err:  # OverflowError: int(inf) from an API client
         raise gr.Error(str(err), print_exception=False) from None
     if not (model or "").strip():
         raise gr.Error(texts.NO_MODEL, print_exception=False)

@@ -97,6 +97,24 @@ def test_a_folder_without_a_part_names_the_part(tiny_model_dir, subject_images, 
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("part", ["unet", "text_encoder"])
+def test_a_part_whose_weights_do_not_match_its_config_is_named(tiny_model_dir, subject_images, tmp_path, part):
+    """Weights of other shapes than the part's config.json: a clear error naming the part, not a traceback."""
+    import json
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    config_file = broken / part / "config.json"
+    config = json.loads(config_file.read_text())
+    key = "cross_attention_dim" if part == "unet" else "intermediate_size"
+    config[key] = config[key] * 2
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match=f"`pretrained_model`: could not load the {part} of "):
+        train(tiny_config(broken, subject_images, tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
 def test_existing_run_is_not_overwritten(tiny_model_dir, subject_images, tmp_path):
     first = train(tiny_config(tiny_model_dir, subject_images, tmp_path / "run", max_train_steps=1))
     before = {p: p.read_bytes() for p in first.run_dir.rglob("*") if p.is_file()}

@@ -69,7 +69,7 @@ def load_part(source: str, part: str, loader, revision: str | None, variant: str
         if part in ("tokenizer", "scheduler"):
             return loader(source, subfolder=part, revision=revision)
         return loader(source, subfolder=part, variant=variant, revision=revision, use_safetensors=True)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, RuntimeError) as err:  # RuntimeError: weights of other shapes than the config
         # from_pretrained's own messages are long; keep the first line and name the part.
         raise ModelLoadError(f"`pretrained_model`: could not load the {part} of {source!r}{variant_note}: {first_line(err)}") from None
 
