@@ -111,7 +111,7 @@ def _memory(args: argparse.Namespace) -> int:
     """Print a training's predicted peak memory and, where the capacity is known, whether it fits."""
     import torch
 
-    from .memory import GiB, device_capacity, estimate
+    from .memory import GiB, device_capacity, estimate, needed
     from .memory_advice import advice, describe_fit
     from .memory_shapes import read_shapes
 
@@ -128,7 +128,7 @@ def _memory(args: argparse.Namespace) -> int:
         capacity = device_capacity(torch.device(device))[0]
     if capacity is not None:
         print(f"\n{describe_fit(memory, capacity)}")
-        if "does not" in describe_fit(memory, capacity):
+        if needed(memory) > capacity:
             print(advice(config, device, capacity, shapes))
     return 0
 

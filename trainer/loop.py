@@ -40,7 +40,6 @@ from .events import (
 from .families import Components, Conditioning
 from .families.base import first_line
 from .loss import LossParts, dreambooth_loss, noise_and_timesteps, target_for
-from .memory import check_fits
 from .models import choose_speed, load_components, prepare_for_training, trainable_parameters, weight_dtype
 from .optim import make_lr_scheduler, make_optimizer
 from .output import make_samples, save_weights
@@ -157,6 +156,8 @@ def check_memory(run: Run, device: torch.device) -> None:
     traced is left to the loader, which names the broken file; the run goes on without the check."""
     if device.type != "cuda":  # on the CPU the system's swap and the OOM killer decide; estimating costs seconds
         return
+    from .memory import check_fits  # only here: a CPU run never needs the memory model
+
     try:
         check_fits(run.config, device)
     except ConfigError:

@@ -123,17 +123,19 @@ class SpeedChoices:
     pad_heads: bool
     selective_checkpointing: bool
 
-    def describe(self, device: torch.device, heads: set[int], tokens: int) -> str:
+    def describe(self, device: torch.device, heads: set[int], tokens: int, checkpointing: bool) -> str:
         attention = (
             f"heads of {min(heads)} channels padded to {CPU_MIN_HEAD_DIM} for the CPU flash kernel"
             if self.pad_heads
             else "PyTorch SDPA"
         )
-        if self.selective_checkpointing:
-            checkpointing = f"selective (attention outputs kept; {tokens} tokens)"
+        if not checkpointing:
+            how = "off"
+        elif self.selective_checkpointing:
+            how = f"selective (attention outputs kept; {tokens} tokens)"
         else:
-            checkpointing = "off" if tokens < 0 else f"plain ({tokens} tokens: too few to gain from keeping attention)"
-        return f"Speed choices on {device.type}: attention {attention}; gradient checkpointing {checkpointing}"
+            how = f"plain ({tokens} tokens: too few to gain from keeping attention)"
+        return f"Speed choices on {device.type}: attention {attention}; gradient checkpointing {how}"
 
 
 def choose(
@@ -146,7 +148,7 @@ def choose(
         pad_heads=device.type == "cpu" and min(heads) < CPU_MIN_HEAD_DIM,
         selective_checkpointing=gradient_checkpointing and tokens >= SELECTIVE_MIN_TOKENS,
     )
-    return choices, choices.describe(device, heads, tokens if gradient_checkpointing else -1)
+    return choices, choices.describe(device, heads, tokens, gradient_checkpointing)
 
 
 def attention_processor(pad_heads: bool) -> AttnProcessor2_0:
