@@ -14,14 +14,23 @@ from pathlib import Path
 
 import gradio as gr
 
-from space.layout import CSS, Services, build_app
+from space import login_page
+from space.hardware import SpaceInfo
+from space.layout import CSS, GPU_MODE_ENV, MAX_UPLOAD, Services, build_app
 
 AUTH_ENV = "DREAMBOOTH_AUTH"  # "user:password", an alternative to --auth that stays out of argv
 
 
-def create_app(runs_dir: Path | None = None) -> tuple[gr.Blocks, Services]:
-    services = Services.create(runs_dir=runs_dir)
+def create_app(runs_dir: Path | None = None, gpu_mode: str | None = None) -> tuple[gr.Blocks, Services]:
+    services = Services.create(runs_dir=runs_dir, gpu_mode=gpu_mode)
     return build_app(services), services
+
+
+def runs_privately(args: argparse.Namespace, space: SpaceInfo) -> bool:
+    """Served on this machine's loopback only, without a public link, a login or a Space around it:
+    whoever uses it is the machine's user, who may cancel any training."""
+    local = args.host in ("127.0.0.1", "localhost", "::1")
+    return local and not args.share and args.auth is None and space.space_id is None
 
 
 def parse_auth(text: str | None) -> tuple[str, str] | None:
@@ -51,6 +60,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"Require this login (or set {AUTH_ENV}=USER:PASS, which keeps it out of ps).",
     )
     parser.add_argument(
+        "--gpu-mode",
+        choices=["per_gpu", "all_gpus"],
+        default=None,
+        help=f"With several GPUs: one queued training per GPU (per_gpu, the default), or one training across "
+        f"all of them with accelerate launch (all_gpus). Or set {GPU_MODE_ENV}.",
+    )
+    parser.add_argument(
         "--runs-dir",
         type=Path,
         default=None,
@@ -68,7 +84,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
-    app, services = (demo, _services) if args.runs_dir is None else create_app(args.runs_dir)
+    default = args.runs_dir is None and args.gpu_mode is None
+    app, services = (demo, _services) if default else create_app(args.runs_dir, args.gpu_mode)
+    private = runs_privately(args, services.space)
+    services.set_private(private)
     if args.share and args.auth is None:
         print("Warning: the public link will be open to anyone who has it; protect it with --auth USER:PASS.")
     app.queue(default_concurrency_limit=1)
@@ -78,6 +97,8 @@ def main(argv: list[str] | None = None) -> None:
         share=args.share,
         auth=args.auth,
         allowed_paths=[str(services.runs_dir.resolve())],
+        max_file_size=None if private else MAX_UPLOAD,
+        app_kwargs=login_page.app_kwargs(),
         prevent_thread_lock=True,
         theme=gr.themes.Soft(),
         css=CSS,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from space import texts
 from space.example import suggested_prompts
 from space.hardware import Hardware
 from space.jobs import JobManager, error_message
+from space.local_paths import LocalPaths
 from space.presets import KNOWN_MODELS, SD, TOY_MODEL, ToyModel
 from space.wiring import PRIVATE, bind
 from trainer.config import UserError
@@ -57,6 +58,7 @@ class GenerateDeps:
     toy: ToyModel
     hardware: Hardware
     pipelines: PipelineCache
+    paths: LocalPaths = field(default_factory=lambda: LocalPaths([], confined=False))  # Services passes the app's
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,8 @@ def show_run(deps: GenerateDeps, run_dir: str) -> tuple[Any, Any]:
 
 def on_model(deps: GenerateDeps, source: str) -> tuple[Any, ...]:
     """Prefill the run's instance prompt and its suggestions; the size follows the model (native_size)."""
+    if not deps.paths.allows(source):  # a folder this visitor may not read: Generate will say so
+        return gr.skip(), gr.skip(), gr.skip(), gr.update(choices=[], value=None, visible=False)
     size = native_size(deps.toy, source) or gr.skip()
     suggested = suggested_prompts(source, deps.toy)
     return (
@@ -174,7 +178,8 @@ def generate_images(
         raise gr.Error(texts.GENERATE_BUSY.format(step=snap.step, total=snap.total), print_exception=False)
     try:
         dtype = torch.float16 if deps.hardware.device == "cuda" else torch.float32
-        pipe = deps.pipelines.get(deps.toy.resolve(model), deps.hardware.device, dtype)
+        source = deps.paths.check(deps.toy.resolve(model), "`model`")
+        pipe = deps.pipelines.get(source, deps.hardware.device, dtype)
         return generate(pipe, request)
     except Exception as err:
         log.info("Generation failed: %s", err)

@@ -1,27 +1,38 @@
-"""JobManager: one training at a time, in a background thread the browser cannot kill.
+"""JobManager: the app's trainings, each in a process of its own, one queue, first in first out.
 
 The event handler that starts a training returns at once; the training belongs to this service,
-so closing the tab does not stop it, and any page polls `snapshot()` to show its state. The same
-`gpu_lock` is held by the training thread and by generation, so they never share the GPU.
+so closing the tab does not stop it, and any page polls `snapshot()` / `view()` to show its state.
+Each training runs as `python -m trainer train --events json` (space/job_process.py), so whatever it
+does (out of memory, a crash, kill -9) the app keeps serving, and the GPU's memory is whole again
+when it ends. A Start while every GPU slot is busy is queued (space/job_queue.py); queued jobs start
+by themselves, and their pages show the position and an estimate of when. The `gpu_lock` is held
+while a training runs on the GPU that generation uses, so the two never share it (a generation
+asked for meanwhile is answered with the training's progress); without a GPU they share the cores.
 
-A job may also publish its run to the Hub once the training completes (not when cancelled). The
-token for that stays in the job's memory until then: never in the config, events, logs or snapshot.
+Each job has an owner (the Hub user, else the browser session): a visitor cancels, withdraws or
+resumes only their own; `private` (the app runs on this machine for its one user, set by app.py)
+lets the local user act on any. A job may also publish its run to the Hub once the training
+completes (not when cancelled). The token for that stays in this process, in the job's memory
+until then: never in the child's argv, environment, config, events, logs or the snapshot.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import shutil
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from trainer.config import TrainConfig, UserError
-from trainer.data import is_caption_file
+from space import texts
+from space.job_process import ChildDied, JobFiles, TrainingProcess
+from space.job_queue import GpuMode, Slot, SlotPool, gpu_slots, start_estimates
+from space.job_runs import check_inputs, discard_uploads, has_checkpoint, keep_uploads, mark_run
+from trainer.config import ConfigError, TrainConfig, UserError
 from trainer.events import (
     CancelToken,
     CheckpointEvent,
@@ -34,24 +45,41 @@ from trainer.events import (
     StepEvent,
     WarningEvent,
 )
-from trainer.run_folder import instance_images_dir
+from trainer.run_folder import is_run, read_config
 
 if TYPE_CHECKING:
     from trainer.hub import PublishResult
 
 log = logging.getLogger(__name__)
+__all__ = ["BusyError", "JobManager", "JobSnapshot", "NotYourJob", "PublishRequest", "Visitor", "keep_uploads"]
 
-JobState = Literal["idle", "starting", "running", "completed", "cancelled", "failed"]
+JobState = Literal["idle", "queued", "starting", "running", "completed", "cancelled", "failed", "withdrawn"]
 TrainFn = Callable[[TrainConfig, EventHandler, CancelToken], RunResult]
+CANCEL_GRACE_SECONDS = 120.0  # after Cancel, a training that has not stopped by then is killed
+MAX_QUEUED = 20
+KEEP_FINISHED = 50  # finished jobs remembered (their pages, their Resume button)
 
 
 def error_message(err: BaseException) -> str:
     """The engine's own words for input errors; the exception type too for anything else."""
-    return str(err) if isinstance(err, UserError | ValueError) else f"{type(err).__name__}: {err}"
+    return str(err) if isinstance(err, UserError | ValueError | ChildDied) else f"{type(err).__name__}: {err}"
 
 
 class BusyError(RuntimeError):
-    """A training is already running."""
+    """The queue is full."""
+
+
+class NotYourJob(UserError):
+    """A visitor asked to cancel or resume someone else's training."""
+
+
+@dataclass(frozen=True)
+class Visitor:
+    """Who asks: the Hub user, else the browser session; `admin` may act on any job (the local user
+    of an app that runs privately on this machine)."""
+
+    id: str | None
+    admin: bool = False
 
 
 @dataclass(frozen=True)
@@ -85,10 +113,20 @@ class JobSnapshot:
     error: str | None = None
     hub_url: str | None = None  # where the run was published when training finished
     publish_error: str | None = None  # why that failed; the run itself is fine
+    queue_position: int | None = None  # 1: next to start; None once it is no longer queued
+    starts_in_seconds: float | None = None  # a queued job's estimated wait; None: unknown
+    resumable: bool = False  # failed or cancelled with a checkpoint: Resume continues it
+    gpus: tuple[int, ...] = ()
+    pid: int | None = None  # the training process (its process group), while it runs
+    log_path: str | None = None
 
     @property
     def active(self) -> bool:
         return self.state in ("starting", "running")
+
+    @property
+    def queued(self) -> bool:
+        return self.state == "queued"
 
     @property
     def publishing(self) -> bool:
@@ -97,11 +135,15 @@ class JobSnapshot:
     def as_dict(self) -> dict[str, Any]:
         """Plain data for API clients."""
         return {
+            "job_id": self.job_id,
             "state": self.state,
             "phase": self.phase,
             "step": self.step,
             "total": self.total,
             "eta_seconds": self.eta_seconds,
+            "queue_position": self.queue_position,
+            "starts_in_seconds": self.starts_in_seconds,
+            "resumable": self.resumable,
             "run_dir": self.run_dir,
             "error": self.error,
             "message": self.message,
@@ -113,12 +155,6 @@ class JobSnapshot:
         }
 
 
-def default_train(config: TrainConfig, on_event: EventHandler, cancel: CancelToken) -> RunResult:
-    from trainer import train  # the engine is imported when the first job starts, not at import
-
-    return train(config, on_event=on_event, cancel=cancel)
-
-
 def default_publish(run_dir: Path, request: PublishRequest) -> PublishResult:
     from trainer.hub import publish
 
@@ -128,88 +164,244 @@ def default_publish(run_dir: Path, request: PublishRequest) -> PublishResult:
 @dataclass
 class _Job:
     snapshot: JobSnapshot
+    config: TrainConfig
+    owner: str | None = None
     cancel: CancelToken = field(default_factory=CancelToken)
     first_signal: threading.Event = field(default_factory=threading.Event)
     exception: BaseException | None = None
     publish: PublishRequest | None = None  # dropped once used: the token lives no longer than needed
+    created_dir: bool = False  # the app made output_dir: a refused run's copies are removed again
+    slot: Slot | None = None  # held from its start to the end of its training (not while it publishes)
+    process: TrainingProcess | None = None
+
+    @property
+    def job_id(self) -> int:
+        return self.snapshot.job_id
 
 
 class JobManager:
+    """The app's trainings. `train_fn` runs them in this process instead (fast UI tests); by default
+    each runs in a child process. `gpu_count` (None: as torch sees them) and `gpu_mode` say how the
+    queue uses several GPUs; `cancel_grace` is how long a cancelled training may take to stop before
+    it is killed; `jobs_dir` holds the jobs' configs and logs (default: `.jobs` beside the run folder)."""
+
     def __init__(
         self,
-        train_fn: TrainFn = default_train,
+        train_fn: TrainFn | None = None,
         gpu_lock: threading.Lock | None = None,
         publish_fn: PublishFn = default_publish,
+        *,
+        jobs_dir: Path | None = None,
+        gpu_count: int | None = None,
+        gpu_mode: GpuMode = "per_gpu",
+        cancel_grace: float = CANCEL_GRACE_SECONDS,
+        private: bool = False,
     ) -> None:
         self._train_fn = train_fn
         self._publish_fn = publish_fn
         self.gpu_lock = gpu_lock or threading.Lock()
-        self._lock = threading.Lock()  # guards _job and its snapshot
-        self._job: _Job | None = None
+        self.jobs_dir = jobs_dir
+        self.cancel_grace = cancel_grace
+        self.private = private  # the app runs privately on this machine: its user may cancel any job
+        self._slots = SlotPool(gpu_slots(_gpu_count() if gpu_count is None else gpu_count, gpu_mode))
+        self._lock = threading.Lock()  # guards the jobs, the queue, the slots and every snapshot
+        self._jobs: dict[int, _Job] = {}
+        self._queue: list[_Job] = []
         self._next_id = 1
+        self._seconds_per_step: float | None = None  # last measured, for the queue's estimates
         self._finished = threading.Condition(self._lock)
 
     # --- reading -------------------------------------------------------------------------
-    def snapshot(self) -> JobSnapshot:
+    def snapshot(self, job_id: int | None = None) -> JobSnapshot:
+        """A job by id; without one, the current job: the oldest running, else the newest started, else idle."""
         with self._lock:
-            return self._job.snapshot if self._job else JobSnapshot()
+            job = self._jobs.get(job_id) if job_id is not None else self._current()
+            return job.snapshot if job else JobSnapshot()
 
-    def wait(self, timeout: float | None = None) -> JobSnapshot:
-        """Block until the current job is no longer active (tests, the API)."""
+    def view(self, owner: str | None) -> JobSnapshot:
+        """What `owner`'s page shows: their running job, else their next queued one, else their newest
+        (not withdrawn), else the current job."""
+        with self._lock:
+            mine = [job for job in self._jobs.values() if owner is not None and job.owner == owner]
+            running = [job for job in mine if job.snapshot.active]
+            queued = [job for job in mine if job.snapshot.queued]
+            ended = [job for job in mine if not _pending(job.snapshot) and job.snapshot.state != "withdrawn"]
+            job = (running or queued or [None])[0] or (ended[-1] if ended else self._current())
+            return job.snapshot if job else JobSnapshot()
+
+    def pending(self, owner: str | None) -> list[JobSnapshot]:
+        """`owner`'s running and queued jobs, oldest first."""
+        with self._lock:
+            return [job.snapshot for job in self._jobs.values() if job.owner == owner and _pending(job.snapshot)]
+
+    def queued(self) -> list[JobSnapshot]:
+        with self._lock:
+            return [job.snapshot for job in self._queue]
+
+    def owns(self, job_id: int, visitor: Visitor | None) -> bool:
+        with self._lock:
+            job = self._jobs.get(job_id)
+            return job is not None and self._may_act(job, visitor)
+
+    def wait(self, timeout: float | None = None, job_id: int | None = None) -> JobSnapshot:
+        """Block until `job_id` (default: every job, queued ones too) has finished (tests, the API)."""
+
+        def done() -> bool:
+            if job_id is not None:
+                return not _pending(self._jobs[job_id].snapshot)
+            return not any(_pending(job.snapshot) for job in self._jobs.values())
+
         with self._finished:
-            self._finished.wait_for(lambda: not (self._job and self._job.snapshot.active), timeout)
-            return self._job.snapshot if self._job else JobSnapshot()
+            self._finished.wait_for(done, timeout)
+        return self.snapshot(job_id)
 
     # --- control -------------------------------------------------------------------------
     def start(
-        self, config: TrainConfig, preflight_timeout: float = 60.0, publish: PublishRequest | None = None
+        self,
+        config: TrainConfig,
+        preflight_timeout: float = 60.0,
+        publish: PublishRequest | None = None,
+        owner: str | None = None,
     ) -> JobSnapshot:
-        """Start `config` in the background; raise BusyError if a job runs.
-
-        Waits (up to `preflight_timeout` seconds) until the engine is past checking inputs and
-        loading the model, so that the errors it raises there (bad images, bad config, an unknown
-        model) reach the caller as exceptions with the engine's words. With `publish`, a completed
-        training is then published (the caller has checked the token already).
-        """
+        """Queue `config`; it starts at once when a GPU slot is free. Raises the engine's error for
+        input it refuses (checked here first; then, for a job that starts now, what the child says
+        before its first step, waiting up to `preflight_timeout` seconds). With `publish`, a completed
+        training is then published (the caller has checked the token already)."""
+        if self._train_fn is None:  # an in-process train_fn checks its own inputs, as the engine's train() does
+            check_inputs(config)
+        out = Path(config.output_dir)
         with self._lock:
-            if self._job and self._job.snapshot.active:
-                snap = self._job.snapshot
-                if snap.publishing:
-                    raise BusyError("The last training is being published to the Hub; start again in a moment.")
-                raise BusyError(f"A training is already running (step {snap.step}/{snap.total}).")
-            config = keep_uploads(config)
+            if len(self._queue) >= MAX_QUEUED:
+                raise BusyError(texts.QUEUE_FULL.format(n=len(self._queue)))
+            if any(_pending(job.snapshot) and Path(job.config.output_dir) == out for job in self._jobs.values()):
+                raise ConfigError(texts.SAME_FOLDER_QUEUED.format(folder=out), field="output_dir")
+        created = not out.exists()
+        config = keep_uploads(config)  # only now: a refused run leaves nothing behind
+        with self._lock:
             job = _Job(
-                JobSnapshot(
-                    job_id=self._next_id,
-                    state="starting",
-                    phase="starting",
-                    message="Starting…",
-                    total=config.max_train_steps,
-                    run_dir=config.output_dir,
-                ),
-                publish=publish,
+                JobSnapshot(job_id=self._next_id, state="queued", phase="queued", total=config.max_train_steps,
+                            run_dir=config.output_dir),
+                config=config, owner=owner, publish=publish, created_dir=created,
             )
             self._next_id += 1
-            self._job = job
-        threading.Thread(target=self._run, args=(job, config), name=f"train-{job.snapshot.job_id}", daemon=True).start()
-        job.first_signal.wait(preflight_timeout)
-        if job.exception is not None:
-            raise job.exception
-        return self.snapshot()
+            self._jobs[job.job_id] = job
+            self._queue.append(job)
+            self._forget_old()
+            self._dispatch()
+            started = job.slot is not None
+        if started:
+            job.first_signal.wait(preflight_timeout)
+            if job.exception is not None:
+                raise job.exception
+        return self.snapshot(job.job_id)
 
-    def cancel(self) -> bool:
-        """Ask the running job to stop at its next step (it keeps a usable checkpoint)."""
+    def resume(self, job_or_run_dir: int | str | Path, owner: str | None = None,
+               visitor: Visitor | None = None) -> JobSnapshot:
+        """Queue a failed or cancelled run again, from its last checkpoint: a job id (its owner, or
+        an admin) or a run folder. The run's own config.json is used where the child wrote one."""
+        if isinstance(job_or_run_dir, int):
+            with self._lock:
+                job = self._jobs.get(job_or_run_dir)
+                if job is None:
+                    raise ConfigError(texts.NOTHING_TO_RESUME)
+                if not self._may_act(job, visitor):
+                    raise NotYourJob(texts.NOT_YOUR_JOB)
+                config = job.config
+        else:
+            config = read_config(Path(job_or_run_dir))
+        if is_run(Path(config.output_dir)):
+            config = read_config(Path(config.output_dir))
+        return self.start(config.replace(resume_from_checkpoint="latest"), owner=owner)
+
+    def cancel(self, job_id: int | None = None, visitor: Visitor | None = None) -> bool:
+        """Stop a running job at its next step (it keeps a usable checkpoint), or withdraw a queued one.
+        Without `job_id`, the current running job. `visitor` None is the app itself; a visitor may
+        stop only their own jobs (NotYourJob), unless an admin."""
         with self._lock:
-            if not (self._job and self._job.snapshot.active) or self._job.snapshot.publishing:
+            job = self._jobs.get(job_id) if job_id is not None else self._current()
+            if job is None or not (job.snapshot.queued or job.snapshot.active) or job.snapshot.publishing:
                 return False  # an upload under way is not interrupted: the training is done
-            self._job.cancel.cancel()
-        self._update(self._job, message="Cancelling at the next step…")
+            if not self._may_act(job, visitor):
+                raise NotYourJob(texts.NOT_YOUR_JOB)
+            if job.snapshot.queued:
+                self._queue.remove(job)
+                self._set(job, state="withdrawn", phase="withdrawn", message=texts.WITHDRAWN, queue_position=None,
+                          starts_in_seconds=None)
+                self._estimate()
+                self._finished.notify_all()
+                withdrawn = True
+            else:
+                job.cancel.cancel()
+                self._set(job, message=texts.CANCELLING)
+                withdrawn = False
+        if withdrawn:
+            discard_uploads(job.config, job.created_dir)
+        elif job.process is not None:
+            job.process.stop()
         return True
 
-    # --- the background thread -----------------------------------------------------------
-    def _run(self, job: _Job, config: TrainConfig) -> None:
+    def cancel_all(self) -> None:
+        """Withdraw every queued job and cancel every running one (shutting down, tests)."""
+        with self._lock:
+            ids = [job.job_id for job in (*self._queue, *self._jobs.values())]
+        for job_id in dict.fromkeys(ids):
+            self.cancel(job_id)
+
+    # --- the queue -----------------------------------------------------------------------
+    def _current(self) -> _Job | None:
+        """The oldest running job; else the newest that started; else the newest of any (under the lock)."""
+        jobs = list(self._jobs.values())
+        running = [job for job in jobs if job.snapshot.active]
+        if running:
+            return running[0]
+        started = [job for job in jobs if not job.snapshot.queued and job.snapshot.state != "withdrawn"]
+        return (started or jobs or [None])[-1]
+
+    def _may_act(self, job: _Job, visitor: Visitor | None) -> bool:
+        return visitor is None or visitor.admin or self.private or (visitor.id is not None and visitor.id == job.owner)
+
+    def _dispatch(self) -> None:
+        """Start queued jobs, first in first out, while a slot is free (under the lock)."""
+        while self._queue and (slot := self._slots.take()) is not None:
+            job = self._queue.pop(0)
+            job.slot = slot
+            if self._train_fn is None:
+                folder = self.jobs_dir or Path(job.config.output_dir).parent / ".jobs"
+                name = f"{time.strftime('%Y%m%d-%H%M%S')}-job{job.job_id}"
+                job.process = TrainingProcess(JobFiles.make(folder, name), slot, self.cancel_grace)
+            self._set(job, state="starting", phase="starting", message="Starting…", queue_position=None,
+                      starts_in_seconds=None, gpus=slot.gpus,
+                      log_path=str(job.process.files.log) if job.process else None)
+            threading.Thread(target=self._run, args=(job,), name=f"train-{job.job_id}", daemon=True).start()
+        self._estimate()
+
+    def _estimate(self) -> None:
+        """Each queued job's position and estimated start (under the lock)."""
+        holding = [job for job in self._jobs.values() if job.slot is not None]
+        etas = [job.snapshot.eta_seconds if job.snapshot.phase == "training" else None for job in holding]
+        steps = [job.config.max_train_steps for job in self._queue]
+        for position, (job, start) in enumerate(
+            zip(self._queue, start_estimates(etas, self._slots.free, steps, self._seconds_per_step), strict=True), 1
+        ):
+            if (job.snapshot.queue_position, job.snapshot.starts_in_seconds) != (position, start):
+                self._set(job, queue_position=position, starts_in_seconds=start)
+
+    def _release_slot(self, job: _Job) -> None:
+        with self._lock:
+            if job.slot is not None:
+                self._slots.release(job.slot)
+                job.slot = None
+            self._dispatch()
+
+    def _forget_old(self) -> None:
+        finished = [job_id for job_id, job in self._jobs.items() if not _pending(job.snapshot)]
+        for job_id in finished[:-KEEP_FINISHED]:
+            del self._jobs[job_id]
+
+    # --- the job's thread ----------------------------------------------------------------
+    def _run(self, job: _Job) -> None:
         try:
-            result = self._train(job, config)
+            result = self._train(job)
             if result is not None and job.publish is not None and not result.cancelled:
                 self._publish(job, result.run_dir, job.publish)
         finally:
@@ -217,8 +409,9 @@ class JobManager:
             with self._finished:
                 self._finished.notify_all()
 
-    def _train(self, job: _Job, config: TrainConfig) -> RunResult | None:
-        """Train holding the GPU; the result, or None when it failed (the snapshot says why)."""
+    def _train(self, job: _Job) -> RunResult | None:
+        """Train holding the slot (and the GPU lock, on the GPU generation uses); the result, or None
+        when it failed (the snapshot says why)."""
 
         def on_event(event: Event) -> None:
             self._apply(job, event)
@@ -226,25 +419,38 @@ class JobManager:
             if not isinstance(event, WarningEvent) and getattr(event, "phase", None) != "loading":
                 job.first_signal.set()
 
-        if not self.gpu_lock.acquire(blocking=False):
+        config, lock = job.config, job.slot is not None and job.slot.shares_generation_gpu
+        if lock and not self.gpu_lock.acquire(blocking=False):
             self._update(job, message="Waiting for a generation to finish with the GPU…")
             self.gpu_lock.acquire()
         try:
             self._update(job, state="running")
-            result = self._train_fn(config, on_event, job.cancel)
+            if job.process is None:
+                result = self._train_fn(config, on_event, job.cancel)
+            else:  # a cancel while it waited for the GPU left the cancel file: it stops at its first step
+                result = job.process.run(config, on_event)
+        except ChildDied as err:
+            self._died(job, err)
+            return None
         except Exception as err:  # reported to the UI; a traceback goes to the server log only
+            refused = isinstance(err, UserError | ValueError) and not job.first_signal.is_set()
             if isinstance(err, UserError | ValueError):  # the engine refused the input: no traceback needed
-                log.warning("Training %s refused: %s", job.snapshot.job_id, err)
+                log.warning("Training %s refused: %s", job.job_id, err)
             else:
-                log.exception("Training %s failed", job.snapshot.job_id)
+                log.exception("Training %s failed", job.job_id)
             job.exception = err
-            self._update(job, state="failed", error=error_message(err), message="")
+            if refused:
+                discard_uploads(job.config, job.created_dir)
+            else:
+                mark_run(job.config, "failed", job.snapshot.step)
+            resumable = not refused and is_run(Path(config.output_dir))
+            self._update(job, state="failed", error=error_message(err), message="", resumable=resumable)
             return None
         else:
             publishing = job.publish is not None and not result.cancelled
             self._update(
                 job,
-                # Still active while it publishes: a second training waits, and wait() covers both.
+                # Still active while it publishes: wait() covers both; the next training may start meanwhile.
                 state="running" if publishing else result.status,
                 phase="publishing" if publishing else "done",
                 step=result.step,
@@ -254,11 +460,27 @@ class JobManager:
                 message=f"Trained; publishing to {job.publish.repo_id}…" if publishing else _finished_message(result),
                 samples=tuple(dict.fromkeys((*job.snapshot.samples, *map(str, result.samples)))),
                 warnings=tuple(dict.fromkeys((*job.snapshot.warnings, *result.warnings))),
+                resumable=result.cancelled and result.checkpoint is not None,
             )
             return result
         finally:
-            self.gpu_lock.release()  # publishing needs the network, not the GPU
+            if lock:
+                self.gpu_lock.release()  # publishing needs the network, not the GPU
+            self._update(job, pid=None)
             job.first_signal.set()
+            self._release_slot(job)
+
+    def _died(self, job: _Job, err: ChildDied) -> None:
+        """The child ended without a result: killed (by us after a cancel, or by anyone), crashed."""
+        stopped = err.forced and job.cancel.cancelled
+        log.warning("Training %s %s: exit %s", job.job_id, "stopped by force" if stopped else "died", err.returncode)
+        mark_run(job.config, "cancelled" if stopped else "failed", job.snapshot.step)
+        run_dir = Path(job.config.output_dir)
+        if stopped:
+            message = texts.STOPPED_BY_FORCE.format(seconds=self.cancel_grace)
+            self._update(job, state="cancelled", message=message, resumable=has_checkpoint(run_dir))
+        else:
+            self._update(job, state="failed", error=str(err), message="", resumable=True)
 
     def _publish(self, job: _Job, run_dir: Path, request: PublishRequest) -> None:
         """Publish the finished run; a failure is reported and the run stays as it is."""
@@ -267,10 +489,10 @@ class JobManager:
         except Exception as err:  # the run is fine: report, keep the job completed
             text = _scrub(error_message(err), request.token)
             if isinstance(err, UserError):  # HubError: a message meant for the user, already scrubbed
-                log.warning("Publishing run %s failed: %s", job.snapshot.job_id, text)
+                log.warning("Publishing run %s failed: %s", job.job_id, text)
             else:
                 trace = "".join(traceback.format_exception(err))
-                log.error("Publishing run %s failed:\n%s", job.snapshot.job_id, _scrub(trace, request.token))
+                log.error("Publishing run %s failed:\n%s", job.job_id, _scrub(trace, request.token))
             self._update(
                 job,
                 state="completed",
@@ -290,9 +512,13 @@ class JobManager:
 
     def _apply(self, job: _Job, event: Event) -> None:
         snap = job.snapshot
+        if job.process is not None and snap.pid is None and job.process.pid is not None:
+            self._update(job, pid=job.process.pid)
         if isinstance(event, PhaseEvent):
             self._update(job, phase=event.phase, message=event.message or event.phase.capitalize())
         elif isinstance(event, StepEvent):
+            if event.eta_seconds is not None and event.total > event.step:
+                self._seconds_per_step = event.eta_seconds / (event.total - event.step)
             self._update(
                 job,
                 phase="training",
@@ -301,6 +527,8 @@ class JobManager:
                 eta_seconds=event.eta_seconds,
                 losses=(*snap.losses, (event.step, event.loss)),
             )
+            with self._lock:
+                self._estimate()
         elif isinstance(event, ProgressEvent):
             self._update(job, phase=event.phase, message=f"{event.phase}: {event.done}/{event.total}")
         elif isinstance(event, SampleEvent):
@@ -312,34 +540,21 @@ class JobManager:
 
     def _update(self, job: _Job, **changes: object) -> None:
         with self._lock:
-            job.snapshot = dataclasses.replace(job.snapshot, version=job.snapshot.version + 1, **changes)
+            self._set(job, **changes)
+
+    @staticmethod
+    def _set(job: _Job, **changes: object) -> None:
+        job.snapshot = dataclasses.replace(job.snapshot, version=job.snapshot.version + 1, **changes)
 
 
-def keep_uploads(config: TrainConfig) -> TrainConfig:
-    """Copy the uploaded photos (and caption files) into the run folder: gradio deletes its
-    temporary uploads, and a run must stay repeatable and resumable from its own config.json.
+def _pending(snap: JobSnapshot) -> bool:
+    return snap.queued or snap.active
 
-    Gradio keeps each upload in a folder of its own, so a caption is paired with its photo by
-    name here: dog1.txt goes beside dog1.jpg as 03-dog1.txt next to 03-dog1.jpg.
-    """
-    dest = instance_images_dir(Path(config.output_dir))
-    sources = [Path(p) for p in config.instance_data]
-    if not all(p.is_file() for p in sources) or all(p.parent == dest for p in sources):
-        return config
-    ext = config.caption_extension
-    photos = [p for p in sources if not is_caption_file(p, ext)]
-    captions = {p.stem: p for p in sources if is_caption_file(p, ext)}
-    dest.mkdir(parents=True, exist_ok=True)
-    copies = []
-    for i, src in enumerate(photos):
-        target = dest / f"{i:02d}-{src.name}"
-        shutil.copy2(src, target)
-        copies.append(str(target))
-        caption = captions.pop(src.stem, None)
-        if caption is not None:
-            shutil.copy2(caption, target.with_suffix(ext))
-    # A caption matching no photo stays named, so the engine reports it by its own name.
-    return config.replace(instance_data=tuple(copies) + tuple(str(p) for p in captions.values()))
+
+def _gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def _scrub(text: str, token: str | None) -> str:

@@ -6,6 +6,7 @@ the JobManager's thread starts with the first training.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,17 +15,27 @@ import gradio as gr
 from space import texts
 from space.generate_tab import GenerateDeps, build_generate_tab
 from space.hardware import Hardware, SpaceInfo, default_runs_dir, detect_hardware, detect_space
-from space.jobs import JobManager, TrainFn, default_train
+from space.job_queue import GpuMode
+from space.jobs import JobManager, TrainFn
+from space.local_paths import LocalPaths
 from space.presets import ToyModel
 from space.publish_tab import build_publish_tab
 from space.train_tab import TrainDeps, build_train_tab
 from trainer.inference import PipelineCache
 from trainer.toyworld import TOY_MODEL_DIR
 
+GPU_MODE_ENV = "DREAMBOOTH_GPU_MODE"  # per_gpu (default) or all_gpus
+JOBS_DIR = ".jobs"  # in the runs folder: each training's config, log and cancel file
 CSS = """
 #train-status { min-height: 4em; }
 footer { display: none !important; }
 """
+
+
+# Each uploaded file, on an app served beyond this machine (gradio refuses larger ones with a message):
+# a phone's photo is 3-12 MB, a 16-bit TIFF of a 24 MP camera about 140 MB; the engine trains at most
+# 1024 px and keeps at most MAX_IMAGES photos, so 50 MB each is room enough and bounds a visitor's disk.
+MAX_UPLOAD = "50mb"
 
 
 @dataclass
@@ -36,26 +47,36 @@ class Services:
     space: SpaceInfo
     toy: ToyModel
     jobs: JobManager
+    paths: LocalPaths
     pipelines: PipelineCache = field(default_factory=PipelineCache)
 
     @classmethod
     def create(
         cls,
         runs_dir: Path | None = None,
-        train_fn: TrainFn = default_train,
+        train_fn: TrainFn | None = None,
         toy_dir: Path = TOY_MODEL_DIR,
         hardware: Hardware | None = None,
         space: SpaceInfo | None = None,
+        gpu_mode: GpuMode | None = None,
     ) -> Services:
-        """The services of this machine; tests pass their own hardware and toy model folder."""
+        """The services of this machine; tests pass their own hardware and toy model folder. Trainings
+        run in child processes (`train_fn`: in this process instead); with several GPUs, `gpu_mode`
+        (default: $DREAMBOOTH_GPU_MODE, else per_gpu) runs one queued job per GPU or one on all."""
         space = space or detect_space()
-        return cls(
-            runs_dir=Path(runs_dir) if runs_dir else default_runs_dir(space),
-            hardware=hardware or detect_hardware(),
-            space=space,
-            toy=ToyModel(toy_dir),
-            jobs=JobManager(train_fn),
-        )
+        hardware = hardware or detect_hardware()
+        runs_dir = Path(runs_dir) if runs_dir else default_runs_dir(space)
+        mode = gpu_mode or os.environ.get(GPU_MODE_ENV, "per_gpu")
+        jobs = JobManager(train_fn, jobs_dir=runs_dir / JOBS_DIR, gpu_count=None if hardware.device == "cuda" else 0,
+                          gpu_mode=mode)
+        paths = LocalPaths([runs_dir, toy_dir])
+        return cls(runs_dir=runs_dir, hardware=hardware, space=space, toy=ToyModel(toy_dir), jobs=jobs, paths=paths)
+
+    def set_private(self, private: bool) -> None:
+        """A private app (see app.runs_privately) lets its user cancel any training and name any folder;
+        one served beyond this machine confines both to each visitor's own."""
+        self.jobs.private = private
+        self.paths.confined = not private
 
 
 def build_app(services: Services) -> gr.Blocks:
@@ -70,11 +91,11 @@ def build_app(services: Services) -> gr.Blocks:
                     gr.DuplicateButton(scale=0)
         with gr.Tabs():
             with gr.Tab("Train", id="train"):
-                train = build_train_tab(TrainDeps(s.jobs, s.runs_dir, s.toy, s.hardware))
+                train = build_train_tab(TrainDeps(s.jobs, s.runs_dir, s.toy, s.hardware, s.paths))
             with gr.Tab("Generate", id="generate"):
-                gen = build_generate_tab(GenerateDeps(s.jobs, s.runs_dir, s.toy, s.hardware, s.pipelines))
+                gen = build_generate_tab(GenerateDeps(s.jobs, s.runs_dir, s.toy, s.hardware, s.pipelines, s.paths))
             with gr.Tab("Publish", id="publish"):
-                build_publish_tab(s.runs_dir)
+                build_publish_tab(s.runs_dir, s.paths)
 
         # Cross-tab wiring: a finished training becomes the Generate tab's model.
         train.finished_run.change(

@@ -13,6 +13,7 @@ from pathlib import Path
 import gradio as gr
 
 from space import texts
+from space.local_paths import LocalPaths
 from space.tokens import NO_TOKEN, oauth_enabled, pick_token, token_field
 from space.wiring import bind
 from trainer.config import ConfigError
@@ -36,6 +37,7 @@ def suggest_for_run(run_dir: str | None, username: str | None, unique: bool) -> 
 
 
 def publish_run(
+    paths: LocalPaths,
     run_dir: str | None,
     repo_id: str,
     private: bool,
@@ -51,6 +53,7 @@ def publish_run(
     if token is None:
         raise gr.Error(NO_TOKEN, print_exception=False)
     try:
+        paths.check(run_dir, "`run`")
         result = publish(Path(run_dir), repo_id, private=private, token=token)
     except (HubError, ConfigError) as err:
         raise gr.Error(str(err), print_exception=False) from None
@@ -69,7 +72,7 @@ def make_unique(run_dir: str | None, profile: gr.OAuthProfile | None) -> str:
     return suggest_for_run(run_dir, profile.username if profile else None, unique=True)
 
 
-def build_publish_tab(runs_dir: Path) -> None:
+def build_publish_tab(runs_dir: Path, paths: LocalPaths) -> None:
     """The tab's content; call it inside `with gr.Tab(...)` of a gr.Blocks."""
     runs = run_choices(runs_dir)
     first = runs[0][1] if runs else None
@@ -92,10 +95,10 @@ def build_publish_tab(runs_dir: Path) -> None:
     refresh.click(bind(refresh_runs, runs_dir), None, run, **_QUIET)
     run.change(prefill, run, repo, **_QUIET)
     unique.click(make_unique, run, repo, **_QUIET)
-    button.click(publish_run, [run, repo, private, token], result, api_name="publish", concurrency_limit=1)
+    button.click(bind(publish_run, paths), [run, repo, private, token], result, api_name="publish", concurrency_limit=1)
 
 
 if __name__ == "__main__":
     with gr.Blocks(title="Publish") as app:
-        build_publish_tab(Path(sys.argv[1] if len(sys.argv) > 1 else "runs"))
+        build_publish_tab(Path(sys.argv[1] if len(sys.argv) > 1 else "runs"), LocalPaths([], confined=False))
     app.launch()

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from space.hardware import Hardware, SpaceInfo
-from space.jobs import JobSnapshot
+
+if TYPE_CHECKING:  # space.jobs reads its sentences from here
+    from space.jobs import JobSnapshot
 
 TITLE = "DreamBooth Studio"
 INTRO = (
@@ -97,6 +99,47 @@ IDLE = "No training yet. Upload photos and press **Start training**."
 CANCELLING = "Cancelling at the next step…"
 CANNOT_CANCEL_PUBLISHING = "The training has finished and is being published; publishing cannot be cancelled."
 NOTHING_TO_CANCEL = "No training is running."
+NOT_YOUR_JOB = "This training was started by someone else: you can cancel or resume only your own."
+WITHDRAWN = "Withdrawn from the queue."
+NOTHING_TO_RESUME = "There is no failed or cancelled training to resume."
+RESUME_BUTTON = "Resume"
+RESUMING = "Resuming from the last checkpoint…"
+QUEUE_FULL = "The queue is full ({n} trainings waiting); start again later."
+SAME_FOLDER_QUEUED = "`output_dir`: {folder} is already the folder of a queued or running training"
+STOPPED_BY_FORCE = (
+    "Cancelled: it did not stop within {seconds:.0f} s, so it was stopped by force. Its last checkpoint "
+    "is kept: press **Resume** to continue from it."
+)
+DIED_OUT_OF_MEMORY = (
+    "**What to try:** it ran out of memory. Use a smaller batch (train_batch_size 1), gradient "
+    "checkpointing, 8-bit Adam or a LoRA, or a lower resolution; then press **Resume** to continue from "
+    "the last checkpoint."
+)
+DIED_KILLED = (
+    "**What to try:** press **Resume** to continue from the last checkpoint. A process killed without "
+    "warning (SIGKILL) is often the system running out of memory: if it happens again, lower the batch "
+    "size or the resolution."
+)
+DIED_OTHER = "**What to try:** the log above says why; press **Resume** to continue from the last checkpoint."
+
+
+def died_by_signal(name: str) -> str:
+    return f"The training process was killed ({name})."
+
+
+def died_with_status(code: int) -> str:
+    return f"The training process failed (exit status {code})."
+
+
+def queue_line(position: int, starts_in: float | None) -> str:
+    """Where a queued training stands: "Queued: 2nd in line · starts in about 4m 10s"."""
+    place = "next in line" if position == 1 else f"number {position} in line"
+    when = "unknown" if starts_in is None else f"about {eta_text(starts_in)}"
+    return f"Queued: {place} · starts in {when}. It starts by itself; you may close this page."
+
+
+def others_line(waiting: int) -> str:
+    return f"{waiting} training{'s' if waiting != 1 else ''} waiting in the queue." if waiting else ""
 EXAMPLE_HELP = (
     "Five pictures of a star painted half yellow, half purple: a subject the toy model cannot draw "
     "from text. The button loads them and the settings that teach it in a few minutes on a CPU."
@@ -193,18 +236,21 @@ def job_status(snap: JobSnapshot) -> str:
     """The status line(s) under Start/Cancel."""
     if snap.state == "idle":
         return IDLE
-    head = {"starting": "Starting", "running": "Training", "completed": "Completed", "cancelled": "Cancelled"}
+    head = {"starting": "Starting", "running": "Training", "completed": "Completed", "cancelled": "Cancelled",
+            "queued": "Queued", "withdrawn": "Withdrawn"}
     state = "Publishing" if snap.publishing else head.get(snap.state, "Failed")
     lines = [f"**{state}** · phase: {snap.phase} · step **{snap.step}/{snap.total}**"]
     if snap.active and not snap.publishing:
         lines[0] += f" · ETA {eta_text(snap.eta_seconds)}"
+    if snap.queue_position is not None:
+        lines.append(queue_line(snap.queue_position, snap.starts_in_seconds))
     if snap.message:
         lines.append(snap.message)
     if snap.error:
         lines.append(f"**Error:** {snap.error}")
     if snap.publish_error:
         lines.append(f"**Publishing failed:** {snap.publish_error}")
-    if snap.run_dir and not snap.active:
+    if snap.run_dir and not snap.active and not snap.queued:
         lines.append(f"Run folder: `{snap.run_dir}`")
     return "\n\n".join(lines)
 

@@ -1,8 +1,11 @@
-"""The Train tab: the form, Start and Cancel, and a live view of the JobManager's job.
+"""The Train tab: the form, Start, Cancel and Resume, and a live view of the JobManager's job.
 
-The Start handler only validates and hands the config to the JobManager; every open page draws
-the job by polling it with a gr.Timer, so a closed tab loses nothing and a second visitor sees
-the running job. With "publish when training finishes", Start first asks the Hub whose token it
+The Start handler only validates and hands the config to the JobManager, which runs it in a
+process of its own or queues it behind the running one; every open page draws its visitor's job
+(else the running one) by polling it with a gr.Timer, so a closed tab loses nothing and a second
+visitor sees the running job and their own place in the queue. A visitor is the logged-in user,
+else the browser session: they cancel, withdraw and resume only their own trainings (the local
+user of an app running privately on this machine: any). With "publish when training finishes", Start first asks the Hub whose token it
 is (seconds), and the job publishes the run when the training completes; the token only ever
 travels in memory to trainer.hub. Launch alone with `python -m space.train_tab`.
 
@@ -14,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +38,8 @@ from space.form import (
     prompts_for,
 )
 from space.hardware import Hardware, hub_offline
-from space.jobs import BusyError, JobManager, JobSnapshot, PublishRequest, error_message
+from space.jobs import BusyError, JobManager, JobSnapshot, NotYourJob, PublishRequest, Visitor, error_message
+from space.local_paths import LocalPaths
 from space.memory import form_memory_note
 from space.presets import (
     SD,
@@ -96,6 +100,7 @@ class TrainDeps:
     runs_dir: Path
     toy: ToyModel
     hardware: Hardware
+    paths: LocalPaths = field(default_factory=lambda: LocalPaths([], confined=False))  # Services passes the app's
 
 
 @dataclass(frozen=True)
@@ -106,10 +111,12 @@ class PollState:
     version: int = -1
     n_samples: int = 0
     n_warnings: int = 0
+    waiting: int = 0  # trainings in the queue
+    resumable: bool = False
 
     @classmethod
-    def of(cls, snap: JobSnapshot) -> PollState:
-        return cls(snap.job_id, snap.version, len(snap.samples), len(snap.warnings))
+    def of(cls, snap: JobSnapshot, waiting: int = 0) -> PollState:
+        return cls(snap.job_id, snap.version, len(snap.samples), len(snap.warnings), waiting, snap.resumable)
 
 
 @dataclass(frozen=True)
@@ -204,11 +211,29 @@ def publish_request(values: Mapping[str, Any], oauth_token: gr.OAuthToken | None
 
 
 # --- handlers: the job ----------------------------------------------------------------------
-def start_training(deps: TrainDeps, oauth_token: gr.OAuthToken | None = None, **values: Any) -> str:
-    """Validate the form (and the token, when publishing) and start a training in the background."""
+def visitor(deps: TrainDeps, request: gr.Request | None) -> Visitor | None:
+    """Who asks: the logged-in user, else the browser session. None: called from Python, not a page."""
+    if request is None:
+        return None
+    return Visitor(getattr(request, "username", None) or getattr(request, "session_hash", None), deps.jobs.private)
+
+
+def _owner(deps: TrainDeps, request: gr.Request | None) -> str | None:
+    who = visitor(deps, request)
+    return who.id if who else None
+
+
+def start_training(
+    deps: TrainDeps, oauth_token: gr.OAuthToken | None = None, request: gr.Request | None = None, **values: Any
+) -> str:
+    """Validate the form (and the token, when publishing) and start a training in the background, or
+    queue it behind the running one."""
     try:
-        config = form_to_config(values, deps.runs_dir, resolve_model=deps.toy.resolve, model_settings=model_settings)
-        snap = deps.jobs.start(config, publish=publish_request(values, oauth_token))
+        def resolve_model(model: str) -> str:
+            return deps.paths.check(deps.toy.resolve(model), "`base_model`")
+
+        config = form_to_config(values, deps.runs_dir, resolve_model=resolve_model, model_settings=model_settings)
+        snap = deps.jobs.start(config, publish=publish_request(values, oauth_token), owner=_owner(deps, request))
     except BusyError as err:
         raise gr.Error(str(err)) from None
     except Exception as err:  # every engine check lands here with its own words
@@ -217,37 +242,62 @@ def start_training(deps: TrainDeps, oauth_token: gr.OAuthToken | None = None, **
     return texts.job_status(snap)
 
 
-def cancel_training(deps: TrainDeps) -> str:
-    """Stop the running training at its next step; its checkpoint is kept."""
-    if deps.jobs.cancel():
-        return texts.CANCELLING
-    if deps.jobs.snapshot().publishing:
+def cancel_training(deps: TrainDeps, request: gr.Request | None = None) -> str:
+    """Withdraw the visitor's last queued training, else stop their running one at its next step (its
+    checkpoint is kept): the least that is lost first; press again for the next."""
+    who = visitor(deps, request)
+    mine = deps.jobs.pending(who.id) if who else []
+    queued = [snap for snap in mine if snap.queued]
+    snap = queued[-1] if queued else (mine[0] if mine else deps.jobs.snapshot())  # else the running job (an admin's)
+    try:
+        if deps.jobs.cancel(snap.job_id or None, who):
+            return texts.WITHDRAWN if snap.queued else texts.CANCELLING
+    except NotYourJob as err:
+        return str(err)
+    if snap.publishing:
         return texts.CANNOT_CANCEL_PUBLISHING
     return texts.NOTHING_TO_CANCEL
 
 
-def poll(deps: TrainDeps, last: PollState) -> tuple[Any, ...]:
-    """(poll state, status, loss plot, samples, warnings, finished run), skipping what has not changed."""
-    snap = deps.jobs.snapshot()
-    now = PollState.of(snap)
+def resume_training(deps: TrainDeps, request: gr.Request | None = None) -> str:
+    """Train the visitor's failed or cancelled run on from its last checkpoint (queued like a Start)."""
+    who = visitor(deps, request)
+    snap = deps.jobs.view(who.id if who else None)
+    if not snap.resumable:
+        raise gr.Error(texts.NOTHING_TO_RESUME, print_exception=False)
+    try:
+        resumed = deps.jobs.resume(snap.job_id, owner=who.id if who else None, visitor=who)
+    except Exception as err:  # NotYourJob, or the engine's words for a run it will not resume
+        raise gr.Error(error_message(err), print_exception=False) from None
+    return texts.job_status(resumed)
+
+
+def poll(deps: TrainDeps, last: PollState, request: gr.Request | None = None) -> tuple[Any, ...]:
+    """(poll state, status, loss plot, samples, warnings, finished run, Resume button), skipping what has
+    not changed."""
+    snap = deps.jobs.view(_owner(deps, request))
+    waiting = len(deps.jobs.queued())
+    now = PollState.of(snap, waiting)
     if now == last:
-        return (gr.skip(),) * 6
+        return (gr.skip(),) * 7
     same_job = now.job_id == last.job_id
     done = (snap.state in ("completed", "cancelled") or snap.publishing) and snap.run_dir
+    others = texts.others_line(waiting) if not snap.queued else ""
     return (
         now,
-        texts.job_status(snap),
+        texts.job_status(snap) + (f"\n\n{others}" if others else ""),
         _loss_frame(snap.losses),
         gr.skip() if same_job and now.n_samples == last.n_samples else list(snap.samples),
         gr.skip() if same_job and now.n_warnings == last.n_warnings else "\n".join(snap.warnings),
         snap.run_dir if done else gr.skip(),
+        gr.update(visible=snap.resumable) if now.resumable != last.resumable else gr.skip(),
     )
 
 
-def current_job(deps: TrainDeps) -> dict[str, Any]:
-    """The current training job as plain data: state, phase, step, total, run_dir, error, samples, losses,
-    hub_url and publish_error."""
-    return deps.jobs.snapshot().as_dict()
+def current_job(deps: TrainDeps, request: gr.Request | None = None) -> dict[str, Any]:
+    """The visitor's training job (else the current one) as plain data: job_id, state, phase, step, total,
+    queue_position, starts_in_seconds, resumable, run_dir, error, samples, losses, hub_url and publish_error."""
+    return deps.jobs.view(_owner(deps, request)).as_dict()
 
 
 def _loss_frame(losses: tuple[tuple[int, float], ...]) -> pd.DataFrame:
@@ -276,6 +326,7 @@ class _Photos:
 class _Job:
     start: gr.Button
     cancel: gr.Button
+    resume: gr.Button
     status: gr.Markdown
     loss_plot: gr.LinePlot
     samples: gr.Gallery
@@ -345,12 +396,15 @@ def _job_layout() -> _Job:
     with gr.Row():
         start = gr.Button("Start training", variant="primary", elem_id="start-training")
         cancel = gr.Button("Cancel", variant="stop", elem_id="cancel-training")
+        resume = gr.Button(texts.RESUME_BUTTON, visible=False, elem_id="resume-training")
     status = gr.Markdown(texts.IDLE, elem_id="train-status")
     with gr.Row():
         loss_plot = gr.LinePlot(_loss_frame(()), x="step", y="loss", title="Loss", height=260, elem_id="loss-plot")
         samples = gr.Gallery(label="Validation samples", columns=4, height=260, elem_id="train-samples")
     warnings = gr.Textbox(label="Warnings", lines=3, max_lines=8, interactive=False)
-    return _Job(start, cancel, status, loss_plot, samples, warnings, gr.State(PollState()), gr.State(""), gr.Timer(1.0))
+    return _Job(
+        start, cancel, resume, status, loss_plot, samples, warnings, gr.State(PollState()), gr.State(""), gr.Timer(1.0)
+    )
 
 
 def build_train_tab(deps: TrainDeps) -> TrainTab:
@@ -415,10 +469,11 @@ def build_train_tab(deps: TrainDeps) -> TrainTab:
         concurrency_id="gpu",
     )
     job.cancel.click(bind(cancel_training, deps), None, job.status, api_name="cancel", concurrency_limit=None)
+    job.resume.click(bind(resume_training, deps), None, job.status, api_name="resume", concurrency_id="gpu")
     job.timer.tick(
         bind(poll, deps),
         job.seen,
-        [job.seen, job.status, job.loss_plot, job.samples, job.warnings, job.finished_run],
+        [job.seen, job.status, job.loss_plot, job.samples, job.warnings, job.finished_run, job.resume],
         api_visibility="private",
         show_progress="hidden",
         concurrency_limit=None,

@@ -200,8 +200,9 @@ def test_gradio_client_trains_then_generates(tmp_path: Path, tiny_base, tiny_mod
             client.predict(images=images, **{**form, "instance_prompt": "a photo of a square"}, api_name="/train")
         status = client.predict(images=images, **form, api_name="/train")
         assert "step" in status
-        with pytest.raises(Exception, match="already running"):  # a second visitor is told it is busy
-            client.predict(images=images, **form, api_name="/train")
+        queued = client.predict(images=images, **form, api_name="/train")  # a second Start waits in the queue
+        assert "Queued" in queued and "next in line" in queued, queued
+        assert client.predict(api_name="/cancel") == "Withdrawn from the queue."  # its owner withdraws it
         deadline = time.monotonic() + 120
         while (job := client.predict(api_name="/job_status"))["state"] in ("starting", "running"):
             assert time.monotonic() < deadline, job

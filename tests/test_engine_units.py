@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from diffusers import DDPMScheduler
 from train_helpers import tiny_config
 
-from trainer import train
+from trainer import TrainConfig, train
 from trainer.checkpoints import list_checkpoints
 from trainer.loss import dreambooth_loss, target_for
 from trainer.models import choose_speed, load_components, prepare_for_training
@@ -200,3 +201,31 @@ def test_sdxl_time_ids_are_the_original_size_and_the_crop_actually_taken(tiny_sd
             assert any(np.abs(got - e).max() < 1.0 for e in expected), (path.name, top, left)
             seen.add((path.name, top, left))
     assert len({(name, top, left) for name, top, left in seen if name == "p0.png"}) > 1, "the crops never moved"
+
+
+def test_8bit_adamw_gives_way_where_the_strategy_shards_the_optimizer_and_says_why():
+    from trainer.optim import sharding_optimizer_note
+
+    config = TrainConfig(use_8bit_adam=True)
+    assert sharding_optimizer_note(config, "ddp", offload=False) is None  # DDP and one process keep it
+    assert "DeepSpeed's CPU Adam" in sharding_optimizer_note(config, "deepspeed", offload=True)
+    for how, name in (("deepspeed", "DeepSpeed ZeRO"), ("fsdp", "FSDP")):
+        note = sharding_optimizer_note(config, how, offload=False)
+        assert note.startswith("Optimizer: torch AdamW instead of 8-bit AdamW") and name in note
+    # Nothing to say when 8-bit was not asked for.
+    assert sharding_optimizer_note(config.replace(use_8bit_adam=False), "fsdp", offload=False) is None
+
+
+@pytest.mark.parametrize(("name", "kind", "machines"), [
+    ("multi_gpu", "MULTI_GPU", 1), ("two_machines", "MULTI_GPU", 2), ("zero2_offload", "DEEPSPEED", 1),
+    ("fsdp", "FSDP", 1)])
+def test_the_shipped_accelerate_configs_load_as_accelerate_reads_them(name, kind, machines):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / f"{name}.yaml"
+    config = load_config_from_file(str(path))
+    assert config.distributed_type.name == kind and config.num_machines == machines
+    if kind == "DEEPSPEED":  # ZeRO-2 with the optimizer state offloaded: what the engine's choice reads
+        assert config.deepspeed_config["zero_stage"] == 2 and config.deepspeed_config["offload_optimizer_device"] == "cpu"
+    if kind == "FSDP":  # the engine gathers weights with FSDP1's summon_full_params; LoRA needs orig params
+        assert config.fsdp_config["fsdp_version"] == 1 and config.fsdp_config["fsdp_use_orig_params"] is True

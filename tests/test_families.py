@@ -94,8 +94,11 @@ def test_generate_refuses_an_unsupported_pipeline_folder(tmp_path: Path) -> None
 def test_a_run_records_its_family_and_its_card_and_output_follow_it(
     tiny_model_dir: Path, subject_images: Path, tmp_path: Path
 ) -> None:
-    result = train(tiny_config(tiny_model_dir, subject_images, tmp_path / "run", max_train_steps=1))
-    assert read_status(result.run_dir) == {"status": "completed", "step": 1, "total_steps": 1, "family": "sd"}
+    config = tiny_config(tiny_model_dir, subject_images, tmp_path / "run", max_train_steps=1)
+    result = train(config)
+    assert read_status(result.run_dir) == {
+        "status": "completed", "step": 1, "total_steps": 1, "family": "sd", "processes": 1,
+        "effective_batch": config.train_batch_size * config.gradient_accumulation_steps}
     card = (result.run_dir / "README.md").read_text()
     assert "- stable-diffusion\n" in card and "from diffusers import StableDiffusionPipeline" in card
     pipe = load_pipeline(tiny_model_dir, torch.float32, lora_dir=result.run_dir)

@@ -12,7 +12,7 @@ from ui_fixtures import A100, CPU, GPU16
 
 from space.form import PRESETS, Concept, form_to_config, new_run_dir, preset_values, prompts_for
 from space.hardware import Hardware, hub_offline
-from space.jobs import BusyError, JobManager, PublishRequest
+from space.jobs import JobManager, PublishRequest
 from space.presets import (
     KNOWN_MODELS,
     TOY_MODEL,
@@ -487,18 +487,23 @@ def fake_train(release: threading.Event, fail: Exception | None = None):
 
 def test_job_manager_runs_one_job_at_a_time_and_cancels(tmp_path: Path) -> None:
     release = threading.Event()
-    jobs = JobManager(fake_train(release))
-    config = TrainConfig(output_dir=str(tmp_path), max_train_steps=50, instance_prompt="sks")
+    jobs = JobManager(fake_train(release), gpu_count=0)
+    config = TrainConfig(output_dir=str(tmp_path / "a"), max_train_steps=50, instance_prompt="sks")
     snap = jobs.start(config)
     assert snap.active and snap.job_id == 1
-    with pytest.raises(BusyError, match="already running"):
+    queued = jobs.start(config.replace(output_dir=str(tmp_path / "b"), max_train_steps=2))  # queued, not refused
+    assert queued.state == "queued" and queued.queue_position == 1 and not queued.active
+    with pytest.raises(ConfigError, match="already the folder of a queued or running training"):
         jobs.start(config)
-    assert not jobs.gpu_lock.acquire(blocking=False)  # generation must wait for the GPU
+    assert jobs.gpu_lock.acquire(blocking=False)  # no GPU: generation shares the cores with the training
+    jobs.gpu_lock.release()
     assert jobs.cancel()
     release.set()
-    done = jobs.wait(10)
+    jobs.wait(10)
+    done = jobs.snapshot(1)
     assert done.state == "cancelled" and done.warnings == ("careful",) and done.samples == ("s.png",)
     assert done.losses[0] == (1, 1.0) and done.step < 50
+    assert jobs.snapshot(2).state == "completed"  # the queued job started by itself once the first ended
     assert jobs.gpu_lock.acquire(blocking=False)
     jobs.gpu_lock.release()
 
@@ -517,13 +522,13 @@ def test_the_train_tabs_poll_redraws_only_what_changed(tmp_path: Path) -> None:
     assert cancel_training(deps) == "No training is running."
 
     deps.jobs.start(TrainConfig(output_dir=str(tmp_path / "run"), max_train_steps=50, instance_prompt="sks"))
-    running, status, _, samples, warnings, finished = poll(deps, idle)
+    running, status, _, samples, warnings, finished, _ = poll(deps, idle)
     assert running.job_id == 1 and "step" in status and warnings == "careful"
     assert samples == [] and isinstance(finished, type(gr.skip()))  # a new job: its samples redrawn, empty
     assert cancel_training(deps) == "Cancelling at the next step…"
     release.set()
     deps.jobs.wait(10)
-    done, status, _, samples, warnings, finished = poll(deps, running)
+    done, status, _, samples, warnings, finished, _ = poll(deps, running)
     assert "Cancelled" in status and samples == ["s.png"] and isinstance(warnings, type(gr.skip()))
     assert finished == str(tmp_path / "run")
 
@@ -610,20 +615,21 @@ def test_job_manager_publishes_a_completed_training(tmp_path: Path) -> None:
     assert during.active and during.publishing and during.phase == "publishing" and during.step == 3
     assert "publishing to tester/sks-dog" in during.message
     assert not jobs.cancel()  # an upload under way is not interrupted
-    with pytest.raises(BusyError, match="being published"):
-        jobs.start(config)
     assert jobs.gpu_lock.acquire(blocking=False)  # generation may use the GPU meanwhile
     jobs.gpu_lock.release()
+    nxt = jobs.start(config.replace(output_dir=str(tmp_path / "next")))  # so may the next training: not queued
+    assert nxt.state != "queued" and nxt.queue_position is None
     publish.release.set()
-    done = jobs.wait(10)
+    jobs.wait(10)
+    done = jobs.snapshot(1)
 
     assert done.state == "completed" and done.phase == "done" and done.publish_error is None
     assert done.hub_url == "https://hub.test/tester/sks-dog"
     assert "Published to [tester/sks-dog](https://hub.test/tester/sks-dog) (private)" in done.message
     (run_dir, request), = publish.calls
     assert run_dir == tmp_path / "run" and request.token == SECRET and request.private
-    assert SECRET not in repr(request) + repr(done) + repr(done.as_dict()) + repr(jobs._job)
-    assert jobs._job.publish is None  # the token is dropped once used
+    assert SECRET not in repr(request) + repr(done) + repr(done.as_dict()) + repr(jobs._jobs)
+    assert jobs._jobs[1].publish is None  # the token is dropped once used
 
 
 @pytest.mark.parametrize("fail", [HubError("Cannot create x: 403 Forbidden."), RuntimeError(f"boom {SECRET}")])

@@ -614,7 +614,8 @@ def test_a_diverging_run_stops_at_once_keeps_its_last_good_checkpoint_and_saves_
     assert checkpoints[-1] == f"checkpoint-{last:06d}"
     assert all(torch.isfinite(t).all() for t in load_file(run / "checkpoints" / checkpoints[-1] / "unet.safetensors").values())
     assert json.loads((run / "run.json").read_text()) == {"status": "failed", "step": failed_at - 1,
-                                                          "total_steps": 40, "family": "sd"}
+                                                          "total_steps": 40, "family": "sd", "processes": 1,
+                                                          "effective_batch": 1}
     assert _no_weights_saved(run)
 
 

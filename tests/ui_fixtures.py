@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from space.hardware import Hardware
+from space.layout import MAX_UPLOAD
 
 __all__ = ["toy_stand_in"]
 
@@ -49,20 +50,26 @@ def toy_stand_in(tmp_path: Path) -> Path:
 
 @contextmanager
 def serve_app(
-    tmp: Path, tiny_model_dir: Path, toy_dir: Path | None = None, hardware: Hardware = CPU
+    tmp: Path, tiny_model_dir: Path, toy_dir: Path | None = None, hardware: Hardware = CPU, *,
+    confined: bool = False, auth: tuple[str, str] | None = None,
 ) -> Iterator[tuple[str, Any]]:
     """Serve the whole app on a free port, on `hardware`; the session's tiny model stands in for the
-    toy model (it is faster) unless `toy_dir` is given. Yields (url, services)."""
+    toy model (it is faster) unless `toy_dir` is given. Yields (url, services). Visitors may name any
+    local model folder (the tests' models live in temporary folders) unless `confined`, as an app
+    served beyond this machine is; `auth` asks for a login."""
+    from space import login_page
     from space.layout import Services, build_app
 
     services = Services.create(runs_dir=tmp / "runs", toy_dir=toy_dir or tiny_model_dir, hardware=hardware)
+    services.paths.confined = confined
     app = build_app(services)
     app.queue(default_concurrency_limit=1)
-    app.launch(prevent_thread_lock=True, quiet=True, server_name="127.0.0.1", server_port=None)
+    app.launch(prevent_thread_lock=True, quiet=True, server_name="127.0.0.1", server_port=None, auth=auth,
+               max_file_size=MAX_UPLOAD if confined else None, app_kwargs=login_page.app_kwargs())
     try:
         yield app.local_url, services
     finally:
-        services.jobs.cancel()  # never leave a training thread behind
+        services.jobs.cancel_all()  # never leave a training (or a queued one) behind
         services.jobs.wait(120)
         app.close()
 

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
+import signal
 import sys
+import threading
 import types
 import typing
+from collections.abc import Iterator
 from pathlib import Path
 
 from .config import ConfigError, TrainConfig, UserError, read_config_file
@@ -77,7 +81,7 @@ def config_from_args(args: argparse.Namespace, *, validate: bool = False) -> Tra
 def _train(args: argparse.Namespace) -> int:
     from . import train
     from .cli_progress import CliProgress
-    from .events import CancelToken
+    from .events import CancelToken, FileCancelToken
 
     config = config_from_args(args, validate=True)
     token = None
@@ -91,20 +95,49 @@ def _train(args: argparse.Namespace) -> int:
             raise ConfigError(f"`--push-to-hub`: {err}") from None
         token = resolve_token(_token_from_env(args.token_env))
         check_token(token)
-    if args.quiet:
-        _quiet_libraries()
-    cancel = CancelToken()
-    try:
-        with CliProgress(quiet=args.quiet) as progress:
-            result = train(config, on_event=progress, cancel=cancel)
-    except KeyboardInterrupt:
-        return 130
+    json_events = getattr(args, "json_events", None)
+    if args.quiet or json_events is not None:
+        _quiet_libraries(warnings=json_events is None)  # a reader's log keeps the libraries' warnings
+    cancel = FileCancelToken(Path(args.cancel_file)) if args.cancel_file else CancelToken()
+    with _stop_on_signals(cancel), CliProgress(quiet=args.quiet) as progress:
+        result = train(config, on_event=json_events or progress, cancel=cancel)
+    if json_events is not None:
+        json_events(result)
+    if os.environ.get("RANK", "0") != "0":  # under accelerate launch the main process reports and publishes
+        return 0
+    # With --events json, stdout holds the events only: this line (and the URL) go to stderr.
     print(f"{result.status}: {result.step}/{result.total_steps} steps; run folder {result.run_dir}")
     if args.push_to_hub is not None and result.status == "completed":
         from .hub import publish
 
         print(publish(result.run_dir, args.push_to_hub, private=args.private, token=token).url)
     return 0
+
+
+@contextlib.contextmanager
+def _stop_on_signals(cancel) -> Iterator[None]:
+    """SIGINT (Ctrl-C) or SIGTERM: a clean stop, as the app's Cancel (the engine checkpoints and saves
+    at the next step); a second Ctrl-C stops at once (KeyboardInterrupt, exit status 130)."""
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield
+        return
+    asked: list[int] = []
+
+    def on_signal(signum: int, frame: object) -> None:
+        if signum == signal.SIGINT and signal.SIGINT in asked:
+            raise KeyboardInterrupt
+        if not asked:
+            print("Stopping at the next step (a checkpoint is kept); press Ctrl-C again to stop now.",
+                  file=sys.stderr, flush=True)
+        asked.append(signum)
+        cancel.cancel()
+
+    previous = {signum: signal.signal(signum, on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _memory(args: argparse.Namespace) -> int:
@@ -133,8 +166,9 @@ def _memory(args: argparse.Namespace) -> int:
     return 0
 
 
-def _quiet_libraries() -> None:
-    """--quiet silences the libraries too: their bars (loading weights, downloads) and their warnings."""
+def _quiet_libraries(warnings: bool = True) -> None:
+    """--quiet silences the libraries too: their bars (loading weights, downloads) and their warnings;
+    --events json their bars only (a log of progress bars is noise)."""
     from diffusers.utils import logging as diffusers_logging
     from huggingface_hub.utils import disable_progress_bars
     from transformers.utils import logging as transformers_logging
@@ -142,7 +176,8 @@ def _quiet_libraries() -> None:
     disable_progress_bars()
     for library in (diffusers_logging, transformers_logging):
         library.disable_progress_bar()
-        library.set_verbosity_error()
+        if warnings:
+            library.set_verbosity_error()
 
 
 def _token_from_env(var: str | None) -> str | None:
@@ -189,6 +224,14 @@ def build_parser() -> argparse.ArgumentParser:
     train_p.add_argument("--config", help="A config.json (e.g. a run folder's) to start from; flags override it.")
     train_p.add_argument("--quiet", "-q", action="store_true",
                          help="Print only errors and the final line (no progress, phases or warnings).")
+    train_p.add_argument("--events", choices=["text", "json"], default="text",
+                         help="json: instead of progress bars, print each event as one JSON line on stdout "
+                              '({"type": "step", ...}), then one {"type": "result", ...} or {"type": "error", '
+                              '"message": ..., "exit": N} line; everything else goes to stderr. Under accelerate '
+                              "launch only the process with RANK 0 prints them.")
+    train_p.add_argument("--cancel-file", metavar="PATH", default=None,
+                         help="Stop cleanly (checkpoint, save) at the next step once this file exists, as on "
+                              "Ctrl-C or SIGTERM.")
     add_config_arguments(train_p)
     hub = train_p.add_argument_group("publishing when the training completes")
     hub.add_argument("--push-to-hub", metavar="REPO_ID", default=None,
@@ -231,15 +274,35 @@ def main(argv: list[str] | None = None) -> int:
     """Exit status 0 done, 1 failed (the model, the Hub, the disk, a diverged training), 2 refused
     input; either way one `error: ...` on stderr, never a traceback for something the user can fix."""
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2 if isinstance(err, ConfigError | ValueError) else 1
-    except OSError as err:  # the disk or the system said no (full, read-only, permissions): no bug of ours
-        where = f": {err.filename}" if err.filename else ""
-        print(f"error: {err.strerror or err}{where}", file=sys.stderr)
-        return 1
+    json_events = None
+    if getattr(args, "events", "text") == "json":
+        from .cli_progress import JsonEvents
+
+        # Events on stdout, from the process with RANK 0 only; anything else printed goes to stderr.
+        json_events = args.json_events = JsonEvents(sys.stdout, enabled=os.environ.get("RANK", "0") == "0")
+    with contextlib.redirect_stdout(sys.stderr) if json_events else contextlib.nullcontext():
+        try:
+            return args.func(args)
+        except UserError as err:
+            return _fail(json_events, str(err), 2 if isinstance(err, ConfigError | ValueError) else 1)
+        except OSError as err:  # the disk or the system said no (full, read-only, permissions): no bug of ours
+            where = f": {err.filename}" if err.filename else ""
+            return _fail(json_events, f"{err.strerror or err}{where}", 1)
+        except KeyboardInterrupt:  # a second Ctrl-C: no message, as any command line tool
+            if json_events is not None:
+                json_events.error("interrupted", 130)
+            return 130
+        except Exception as err:  # a bug: the traceback goes to stderr as always, the reader learns it failed
+            if json_events is not None:
+                json_events.error(f"{type(err).__name__}: {err}", 1, unexpected=True)
+            raise
+
+
+def _fail(json_events, message: str, status: int) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    if json_events is not None:
+        json_events.error(message, status)
+    return status
 
 
 if __name__ == "__main__":

@@ -1,8 +1,14 @@
 """Training batches: which images a step sees, their latents and prompt embeddings.
 
 Everything random here (data order, crops, flips, the VAE's latent sample, noise, timesteps)
-is drawn from generators seeded by (seed, micro-step), never from global state: a run resumed
-at step k sees exactly the batches an uninterrupted run sees.
+is drawn from generators seeded by (seed, sample), never from global state: a run resumed at
+step k sees exactly the batches an uninterrupted run sees.
+
+A sample is one row of the global batch, numbered across the whole run: optimizer step s holds
+samples s·G … s·G + G − 1, G = batch per process × processes × accumulation. Process r of W takes,
+in micro-batch m, samples (m·W + r)·b … + b − 1. So 1 process × batch 2, 2 processes × batch 1 and
+1 process × batch 1 × accumulation 2 see the same rows with the same noise, and a checkpoint written
+by N processes resumes on M: the next sample is all a resume needs (`resume_at`).
 """
 
 from __future__ import annotations
@@ -17,29 +23,24 @@ from .config import TrainConfig
 from .data import ImageSet, prepare_image_and_crop
 from .families import Components, Conditioning
 
-# Random streams drawn from per micro-step: 0 noise and timesteps, 1 the batch's crops, flips and
-# latent samples, 2 the epoch's data order (indexed by epoch instead of micro-step).
-NOISE_STREAM, BATCH_STREAM, ORDER_STREAM = 0, 1, 2
+# Random streams drawn from per sample: noise and timestep of its instance row and of its class row,
+# the crop, flip and latent sample of each, and the epoch's data order (indexed by epoch instead).
+NOISE_STREAM, BATCH_STREAM, ORDER_STREAM, CLASS_NOISE_STREAM, CLASS_BATCH_STREAM = 0, 1, 2, 3, 4
 
 
-def micro_step_index(step: int, accumulation: int, micro: int) -> int:
-    """The global index of micro-batch `micro` of optimizer step `step`: what every draw is keyed by."""
-    return step * accumulation + micro
-
-
-def step_seed(seed: int, micro_step: int, stream: int = 0) -> int:
-    """The seed of one random stream at one micro-step; a pure function of its arguments.
+def step_seed(seed: int, index: int, stream: int = 0) -> int:
+    """The seed of one random stream at one sample (or epoch); a pure function of its arguments.
 
     This is what makes resume exact: a run restarted at step k draws the same numbers an
     uninterrupted run draws at step k, with no generator state to save. Streams (< 7) never
-    collide within a micro-step, and the large prime keeps runs of different seeds apart for
-    any practical number of micro-steps. Changing this changes every run's randomness.
+    collide within a sample, and the large prime keeps runs of different seeds apart for
+    any practical number of samples. Changing this changes every run's randomness.
     """
-    return seed * 1_000_003 + micro_step * 7 + stream
+    return seed * 1_000_003 + index * 7 + stream
 
 
-def step_generator(seed: int, micro_step: int, salt: int = NOISE_STREAM) -> torch.Generator:
-    return torch.Generator(device="cpu").manual_seed(step_seed(seed, micro_step, salt))
+def step_generator(seed: int, index: int, salt: int = NOISE_STREAM) -> torch.Generator:
+    return torch.Generator(device="cpu").manual_seed(step_seed(seed, index, salt))
 
 
 @dataclass
@@ -49,6 +50,8 @@ class Batch:
     n_instance: int
     # Per row: original height, width, crop top, left, target height, width (SDXL's time ids).
     image_info: torch.Tensor
+    noise_generators: list[torch.Generator]  # per row, seeded by its sample: noise and timestep
+    images: list[int]  # per instance row, the index of its photo (logged: which process saw what)
 
 
 class BatchSource:
@@ -71,6 +74,8 @@ class BatchSource:
         self.classes = classes
         self.device = device
         self.rank, self.world = process_index, num_processes
+        self.global_batch = config.train_batch_size * num_processes * config.gradient_accumulation_steps
+        self.step_base, self.sample_base = 0, 0  # where this process's count of samples starts
         # One epoch covers every instance image and every class image at least once.
         self.epoch_len = max(len(instance), len(classes) if classes else 0)
         # Each instance image's prompt: its caption file's text, else the instance prompt.
@@ -130,29 +135,53 @@ class BatchSource:
         return (latent - shift) * vae_cfg.scaling_factor, info
 
     # --- batches ----------------------------------------------------------------------
-    def batch(self, micro_step: int) -> Batch:
+    def resume_at(self, step: int, samples_seen: int | None) -> None:
+        """Continue after `step` optimizer steps that took `samples_seen` samples (None: this run's own
+        global batch throughout). A checkpoint from another number of processes continues the same
+        data order and noise from its next sample."""
+        self.step_base = step
+        self.sample_base = step * self.global_batch if samples_seen is None else samples_seen
+
+    def samples_seen(self, step: int) -> int:
+        """How many samples the run has taken after `step` optimizer steps (kept in checkpoints)."""
+        return self.sample_base + (step - self.step_base) * self.global_batch
+
+    def sample_index(self, step: int, micro: int, row: int) -> int:
         size = self.config.train_batch_size
-        gen = step_generator(self.config.seed, micro_step, salt=BATCH_STREAM)
-        latents, ids, infos, class_latents, class_ids, class_infos = [], [], [], [], [], []
-        for j in range(size):
-            sample = (micro_step * self.world + self.rank) * size + j
+        return self.samples_seen(step) + (micro * self.world + self.rank) * size + row
+
+    def batch(self, step: int, micro: int = 0) -> Batch:
+        """This process's share of micro-batch `micro` of optimizer step `step`."""
+        seed = self.config.seed
+        latents, ids, infos, gens, images = [], [], [], [], []
+        class_latents, class_ids, class_infos, class_gens = [], [], [], []
+        for row in range(self.config.train_batch_size):
+            sample = self.sample_index(step, micro, row)
             epoch, offset = divmod(sample, self.epoch_len)
-            order = torch.randperm(self.epoch_len, generator=step_generator(self.config.seed, epoch, salt=ORDER_STREAM))
+            order = torch.randperm(self.epoch_len, generator=step_generator(seed, epoch, salt=ORDER_STREAM))
             position = int(order[offset])
-            latent, info = self._latent("instance", self.instance, position % len(self.instance), gen)
+            image = position % len(self.instance)
+            latent, info = self._latent("instance", self.instance, image,
+                                        step_generator(seed, sample, salt=BATCH_STREAM))
             latents.append(latent)
             infos.append(info)
-            ids.append(self.instance_ids[position % len(self.instance)])
+            ids.append(self.instance_ids[image])
+            gens.append(step_generator(seed, sample, salt=NOISE_STREAM))
+            images.append(image)
             if self.classes is not None:
-                latent, info = self._latent("class", self.classes, position % len(self.classes), gen)
+                latent, info = self._latent("class", self.classes, position % len(self.classes),
+                                            step_generator(seed, sample, salt=CLASS_BATCH_STREAM))
                 class_latents.append(latent)
                 class_infos.append(info)
                 class_ids.append(self.class_ids)
+                class_gens.append(step_generator(seed, sample, salt=CLASS_NOISE_STREAM))
         return Batch(
             latents=torch.cat(latents + class_latents).to(self.device),
             input_ids=torch.stack(ids + class_ids).to(self.device),
-            n_instance=size,
+            n_instance=len(latents),
             image_info=torch.stack(infos + class_infos).to(self.device),
+            noise_generators=gens + class_gens,
+            images=images,
         )
 
 

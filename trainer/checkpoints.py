@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from . import atomic
 from .config import ConfigError
 from .families import ModelFamily
 from .models import load_trainable_state_dict, trainable_state_dict
@@ -32,6 +33,9 @@ class TrainingState:
 
     step: int
     text_encoder_frozen: bool
+    # Samples taken so far (trainer/batches.py): lets a checkpoint resume on another number of
+    # processes; None in checkpoints written before it was kept (then step × the global batch).
+    samples_seen: int | None = None
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -44,14 +48,23 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
+    """'latest', a checkpoint folder, or the name of one of the run's own checkpoints: diffusers'
+    scripts take `checkpoint-4` relative to the output folder, and people who come from them type it
+    so (our folders are zero-padded, checkpoint-000004: the step is what is matched)."""
     if resume is None:
         return None
+    found = list_checkpoints(run_dir)
     if resume == "latest":
-        found = list_checkpoints(run_dir)
         return found[-1] if found else None
     path = Path(resume)
+    if not (path / STATE).is_file() and len(path.parts) == 1 and (named := _NAME.match(resume)):
+        by_step = {int(_NAME.match(p.name).group(1)): p for p in found}
+        path = by_step.get(int(named.group(1)), path)
     if not (path / STATE).is_file():
-        raise ConfigError(f"`resume_from_checkpoint`: {path} is not a complete checkpoint (no {STATE})")
+        have = ", ".join(p.name for p in found) if found else "none"
+        raise ConfigError(f"`resume_from_checkpoint`: {path} is not a complete checkpoint (no {STATE}); give "
+                          f"'latest', a checkpoint folder, or one of this run's checkpoints ({have})",
+                          field="resume_from_checkpoint")
     return path
 
 
@@ -65,27 +78,54 @@ def save_checkpoint(
     keep: int | None,
 ) -> Path:
     """Write into a temporary folder and rename it: a killed process leaves no checkpoint that
-    looks complete. state.json is written last, so even a partial copy is never 'complete'."""
+    looks complete. state.json is written last, so even a partial copy is never 'complete'. A write
+    that fails (a full disk) removes the temporary folder and raises an OSError naming the checkpoint;
+    the earlier checkpoints stay as they were."""
     root = checkpoints_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"checkpoint-{state.step:06d}"
     tmp = root / f".tmp-{final.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    _remove_unfinished(root)
     tmp.mkdir()
-    save_file(trainable_state_dict(unet), tmp / "unet.safetensors")
-    for name, text_encoder in zip(ModelFamily.text_encoder_names(len(text_encoders)), text_encoders, strict=True):
-        save_file(trainable_state_dict(text_encoder), tmp / f"{name}.safetensors")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(lr_scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(_rng_state(), tmp / "rng.pt")
-    (tmp / STATE).write_text(json.dumps({"step": state.step, "text_encoder_frozen": state.text_encoder_frozen}))
+    with atomic.cleaned_up(tmp, final):
+        save_file(trainable_state_dict(unet), tmp / "unet.safetensors")
+        for name, text_encoder in zip(ModelFamily.text_encoder_names(len(text_encoders)), text_encoders, strict=True):
+            save_file(trainable_state_dict(text_encoder), tmp / f"{name}.safetensors")
+        _torch_save(optimizer.state_dict(), tmp / "optimizer.pt")
+        _torch_save(lr_scheduler.state_dict(), tmp / "scheduler.pt")
+        _torch_save(_rng_state(), tmp / "rng.pt")
+        (tmp / STATE).write_text(json.dumps({"step": state.step, "text_encoder_frozen": state.text_encoder_frozen,
+                                            "samples_seen": state.samples_seen}))
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
     if keep is not None:
         for old in list_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            _discard(old)
     return final
+
+
+def _torch_save(obj: object, path: Path) -> None:
+    """torch.save through a Python file: a failed write then carries the OSError that caused it (a full
+    disk), where torch's own file writer says only "unexpected pos"."""
+    with path.open("wb") as file:
+        torch.save(obj, file)
+
+
+def _discard(checkpoint: Path) -> None:
+    """Renamed, then deleted: a kill mid-delete leaves a hidden folder, never a checkpoint missing files."""
+    trash = checkpoint.with_name(f".old-{checkpoint.name}")
+    atomic.remove(trash)
+    checkpoint.rename(trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _remove_unfinished(root: Path) -> None:
+    """What a killed or failed save left: unfinished (.tmp-) and half-deleted (.old-) folders."""
+    for leftover in root.glob(".tmp-checkpoint-*"):
+        atomic.remove(leftover)
+    for leftover in root.glob(".old-checkpoint-*"):
+        atomic.remove(leftover)
 
 
 def load_checkpoint(
@@ -107,7 +147,9 @@ def load_checkpoint(
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     lr_scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     _set_rng_state(torch.load(path / "rng.pt", weights_only=True))
-    return TrainingState(step=int(info["step"]), text_encoder_frozen=bool(info["text_encoder_frozen"]))
+    seen = info.get("samples_seen")
+    return TrainingState(step=int(info["step"]), text_encoder_frozen=bool(info["text_encoder_frozen"]),
+                         samples_seen=None if seen is None else int(seen))
 
 
 def _rng_state() -> dict[str, object]:

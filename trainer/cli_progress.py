@@ -3,17 +3,29 @@
 On a terminal: one tqdm bar per phase (training steps with loss, lr and ETA; class images; latent
 caching), with phase lines, samples and warnings written above it. Into a pipe or a file (a log,
 CI): plain lines, about one per tenth of a phase, so a long run leaves a short log. Quiet: nothing;
-the errors and the final line are the caller's to print.
+the errors and the final line are the caller's to print. For a program (`--events json`, the app):
+`JsonEvents`, one JSON line per event, then one for the result or the error.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from typing import TextIO
 
 from tqdm import tqdm
 
-from .events import CheckpointEvent, Event, PhaseEvent, ProgressEvent, SampleEvent, StepEvent, WarningEvent
+from .events import (
+    CheckpointEvent,
+    Event,
+    PhaseEvent,
+    ProgressEvent,
+    RunResult,
+    SampleEvent,
+    StepEvent,
+    WarningEvent,
+    event_to_json,
+)
 
 LINES_PER_PHASE = 10  # a plain log shows about this many progress lines per phase, however long
 _LABELS = {"training": "training", "class-images": "class images", "caching": "caching latents"}
@@ -107,3 +119,23 @@ class CliProgress:
                              file=self.file, bar_format=_BAR_FORMAT, dynamic_ncols=True, leave=True)
             self._bar_phase = phase
         return self._bar
+
+
+class JsonEvents:
+    """`--events json`: each event as one line of `event_to_json` on `file`, flushed at once; then
+    {"type": "result", ...} or {"type": "error", "message": ..., "exit": N}. `enabled=False` (a
+    process other than RANK 0 under `accelerate launch`) prints nothing, so the reader sees one run."""
+
+    def __init__(self, file: TextIO, *, enabled: bool = True) -> None:
+        self.file = file
+        self.enabled = enabled
+
+    def __call__(self, event: Event | RunResult) -> None:
+        if self.enabled:
+            print(event_to_json(event), file=self.file, flush=True)
+
+    def error(self, message: str, status: int, *, unexpected: bool = False) -> None:
+        """`unexpected`: an exception that is no UserError (a bug, out of memory): its traceback is on stderr."""
+        record = {"type": "error", "message": message, "exit": status} | ({"unexpected": True} if unexpected else {})
+        if self.enabled:
+            print(json.dumps(record), file=self.file, flush=True)

@@ -1,12 +1,21 @@
-"""Progress leaves the engine as typed events; cancellation comes in through a token."""
+"""Progress leaves the engine as typed events; cancellation comes in through a token.
+
+The same events cross a process boundary as JSON lines (`python -m trainer train --events json`,
+read back by the app's JobManager): `event_to_json` / `event_from_json` are that one vocabulary.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import json
 import threading
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 Phase = Literal["loading", "class-images", "caching", "training", "saving", "done"]
 
@@ -70,6 +79,23 @@ class CancelToken:
         return self._event.is_set()
 
 
+class FileCancelToken(CancelToken):
+    """Also cancelled once `path` exists: how another process (the app) asks a training to stop.
+
+    One stat per read; the loop reads `cancelled` once per step, the class-image loop once per image.
+    """
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = Path(path)
+
+    @property
+    def cancelled(self) -> bool:
+        if not super().cancelled and self.path.exists():
+            self.cancel()
+        return super().cancelled
+
+
 @dataclass(frozen=True)
 class RunResult:
     run_dir: Path
@@ -84,3 +110,65 @@ class RunResult:
     @property
     def cancelled(self) -> bool:
         return self.status == "cancelled"
+
+
+# --- events as JSON lines -------------------------------------------------------------------
+_TYPES: dict[str, type] = {
+    "phase": PhaseEvent,
+    "step": StepEvent,
+    "progress": ProgressEvent,
+    "sample": SampleEvent,
+    "checkpoint": CheckpointEvent,
+    "warning": WarningEvent,
+    "result": RunResult,
+}
+_NAMES = {cls: name for name, cls in _TYPES.items()}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def event_to_json(event: Event | RunResult) -> str:
+    """One line: {"type": "step", "step": 3, ...}, the dataclass's fields with paths as strings."""
+    fields = {f.name: _plain(getattr(event, f.name)) for f in dataclasses.fields(event)}
+    return json.dumps({"type": _NAMES[type(event)], **fields})
+
+
+def _typed(tp: Any, value: Any) -> Any:
+    """A JSON value back as the field's type: the paths (also inside tuples and optionals) and tuples."""
+    if value is None:
+        return None
+    if tp is Path:
+        return Path(value)
+    if typing.get_origin(tp) is tuple:
+        return tuple(_typed(typing.get_args(tp)[0], v) for v in value)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _typed(inner[0], value) if len(inner) == 1 else value
+    return value
+
+
+def event_from_json(line: str) -> Event | RunResult | dict[str, Any]:
+    """The event (or RunResult) a line of `event_to_json` holds; any other record (the CLI's
+    {"type": "error", ...}, or a type this version does not know) as the plain dict.
+    Raises ValueError for a line that is not a JSON object."""
+    data = json.loads(line)
+    if not isinstance(data, dict):
+        raise ValueError(f"not an event: {line[:80]!r}")
+    cls = _TYPES.get(data.get("type"))
+    if cls is None:
+        return data
+    hints = _hints(cls)
+    return cls(**{name: _typed(hints[name], value) for name, value in data.items() if name in hints})
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    """The dataclass's fields and their types (a field added in a newer version is left out)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}

@@ -19,15 +19,18 @@ class LossParts:
 
 
 def noise_and_timesteps(
-    latents: torch.Tensor, num_train_timesteps: int, offset_noise: float, gen: torch.Generator
+    latents: torch.Tensor, num_train_timesteps: int, offset_noise: float, gens: list[torch.Generator]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    b, c = latents.shape[:2]
-    noise = torch.randn(latents.shape, generator=gen)
-    if offset_noise > 0:
-        # Offset noise (Guttenberg 2023): a per-channel constant lets the model shift mean brightness.
-        noise = noise + offset_noise * torch.randn((b, c, 1, 1), generator=gen)
-    timesteps = torch.randint(0, num_train_timesteps, (b,), generator=gen)
-    return noise.to(latents.device, latents.dtype), timesteps.to(latents.device)
+    """Each row's noise and timestep from its own generator (one per row: see trainer/batches.py)."""
+    noises, timesteps = [], []
+    for gen in gens:
+        noise = torch.randn(latents.shape[1:], generator=gen)
+        if offset_noise > 0:
+            # Offset noise (Guttenberg 2023): a per-channel constant lets the model shift mean brightness.
+            noise = noise + offset_noise * torch.randn((latents.shape[1], 1, 1), generator=gen)
+        noises.append(noise)
+        timesteps.append(torch.randint(0, num_train_timesteps, (1,), generator=gen))
+    return torch.stack(noises).to(latents.device, latents.dtype), torch.cat(timesteps).to(latents.device)
 
 
 def target_for(noise_scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:

@@ -10,13 +10,33 @@ from diffusers.optimization import get_scheduler
 from .config import TrainConfig
 
 
+def sharding_optimizer_note(config: TrainConfig, strategy: str, offload: bool) -> str | None:
+    """Why 8-bit AdamW is not used under a strategy that shards the optimizer itself (None: it is).
+
+    DeepSpeed ZeRO and FSDP split the optimizer's state over the GPUs in their own flat buffers, which
+    bitsandbytes' blockwise 8-bit state does not follow; with ZeRO's CPU offload the state lives in CPU
+    RAM anyway and DeepSpeed's CPU Adam steps it there.
+    """
+    if strategy not in ("deepspeed", "fsdp") or not config.use_8bit_adam:
+        return None
+    if strategy == "deepspeed" and offload:
+        return ("Optimizer: DeepSpeed's CPU Adam instead of 8-bit AdamW: ZeRO offload keeps the optimizer "
+                "state in CPU RAM and steps it there, so the GPU holds none of it.")
+    name = "DeepSpeed ZeRO" if strategy == "deepspeed" else "FSDP"
+    return (f"Optimizer: torch AdamW instead of 8-bit AdamW: {name} shards the optimizer state across the GPUs "
+            "in its own flat buffers, which 8-bit AdamW's blockwise state cannot follow.")
+
+
 def make_optimizer(
     unet_params: list[torch.nn.Parameter],
     text_params: list[torch.nn.Parameter],
     config: TrainConfig,
     warn: Callable[[str], None],
+    strategy: str = "ddp",
+    offload: bool = False,
 ) -> torch.optim.Optimizer:
-    """One optimizer, one parameter group per model so the text encoder keeps its own LR."""
+    """One optimizer, one parameter group per model so the text encoder keeps its own LR. `strategy`
+    is how accelerate spreads the run (ddp, fsdp, deepspeed); `offload`: ZeRO's optimizer CPU offload."""
     groups = [{"params": unet_params, "lr": config.lr}]
     if text_params:
         groups.append({"params": text_params, "lr": config.te_lr})
@@ -25,6 +45,14 @@ def make_optimizer(
         "weight_decay": config.adam_weight_decay,
         "eps": config.adam_epsilon,
     }
+    note = sharding_optimizer_note(config, strategy, offload)
+    if note is not None:
+        warn(note)
+        if strategy == "deepspeed" and offload:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            return DeepSpeedCPUAdam(groups, **kwargs)
+        return torch.optim.AdamW(groups, **kwargs)
     if config.use_8bit_adam:
         try:
             import bitsandbytes as bnb

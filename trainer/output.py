@@ -9,9 +9,17 @@ from pathlib import Path
 import torch
 from diffusers import DPMSolverMultistepScheduler
 
+from . import atomic
 from .config import TrainConfig
 from .families import Components
-from .run_folder import KOHYA_LORA_WEIGHTS, LORA_WEIGHTS, sample_path, samples_dir
+from .run_folder import (
+    KOHYA_LORA_WEIGHTS,
+    LORA_WEIGHTS,
+    PIPELINE_INDEX,
+    WEIGHTS_STAGING,
+    sample_path,
+    samples_dir,
+)
 
 
 def pipeline_from_parts(parts: Components, unet: torch.nn.Module, text_encoders: Sequence[torch.nn.Module]):
@@ -51,7 +59,8 @@ def make_samples(
                         generator=generator,
                     ).images[0]
                 path = sample_path(run_dir, step, p, i)
-                image.save(path)
+                with atomic.written(path) as tmp:
+                    image.save(tmp, format="PNG")
                 paths.append(path)
     finally:
         for module, training in zip(modules, was_training, strict=True):
@@ -61,11 +70,36 @@ def make_samples(
 
 def save_weights(config: TrainConfig, parts: Components, unet: torch.nn.Module,
                  text_encoders: Sequence[torch.nn.Module], run_dir: Path) -> Path:
-    """Full: a pipeline folder plain `from_pretrained` loads. LoRA: the diffusers LoRA file."""
-    if config.method == "lora":
-        return _save_lora(config, parts, unet, text_encoders, run_dir)
-    return parts.family.save_full(config.pretrained_model, config.revision, parts, unet, text_encoders, run_dir,
-                                  to_fp32=config.mixed_precision != "no")
+    """Full: a pipeline folder plain `from_pretrained` loads. LoRA: the diffusers LoRA file (and kohya's).
+
+    Saved into a hidden folder of the run folder, then moved into place with the file that says the run
+    has weights (`run_kind`: model_index.json, the LoRA file) last: a save killed or stopped by a full
+    disk leaves no weights that look complete, and one that fails removes what it wrote and raises an
+    OSError naming the weights."""
+    run_dir = Path(run_dir)
+    staging = run_dir / WEIGHTS_STAGING
+    marker = run_dir / (LORA_WEIGHTS if config.method == "lora" else PIPELINE_INDEX)
+    atomic.remove(staging)  # a killed save's
+    staging.mkdir()
+    with atomic.cleaned_up(staging, marker if config.method == "lora" else run_dir):
+        if config.method == "lora":
+            weights = _save_lora(config, parts, unet, text_encoders, staging)
+        else:
+            weights = parts.family.save_full(config.pretrained_model, config.revision, parts, unet, text_encoders,
+                                             staging, to_fp32=config.mixed_precision != "no")
+    _move_into(staging, run_dir, last=marker.name)
+    return run_dir / weights.relative_to(staging)
+
+
+def _move_into(staging: Path, run_dir: Path, last: str) -> None:
+    """Move each file and folder of `staging` into `run_dir`, replacing what is there; `last` (the file that
+    says the run has weights) is removed first and moved in last. Renames only: no space needed."""
+    (run_dir / last).unlink(missing_ok=True)
+    for entry in sorted(staging.iterdir(), key=lambda entry: entry.name == last):
+        target = run_dir / entry.name
+        atomic.remove(target)
+        entry.replace(target)
+    staging.rmdir()
 
 
 def _save_lora(config: TrainConfig, parts: Components, unet: torch.nn.Module,

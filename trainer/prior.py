@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from . import atomic
 from .config import TrainConfig
 from .data import IMAGE_SUFFIXES
 from .families import Components
@@ -53,25 +54,36 @@ def class_images(
     on_progress: Callable[[int, int], None],
     should_stop: Callable[[], bool] = lambda: False,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    share: tuple[int, int] = (0, 1),
+    wait: Callable[[], None] = lambda: None,
 ) -> list[Path]:
     """Return `num_class_images` paths: the user's folder first, then cached/generated ones.
 
     `should_stop` is asked between batches; images generated until then stay in the cache.
     `autocast` is the run's mixed-precision context: the UNet and text encoders may be in half
     precision while the VAE stays in fp32, and autocast lets their tensors meet.
+    With several processes, `share` is (this process, how many) and `wait` their barrier: every
+    process lists what is missing, then generates every n-th missing image, so none is made twice.
     """
     own = _images_in(Path(config.class_data_dir)) if config.class_data_dir else []
     if len(own) >= config.num_class_images:
         return own[: config.num_class_images]
     needed = config.num_class_images - len(own)
     cache = cache_dir_for(config)
-    cached = _images_in(cache)
-    missing = needed - len(cached)
-    if missing > 0:
-        _generate(config, parts, device, cache, start=len(cached), count=missing, on_progress=on_progress,
+    missing = [i for i in range(needed) if not class_image_path(cache, i).is_file()]
+    wait()  # all processes have listed the cache before any writes to it
+    rank, world = share
+    if missing[rank::world]:
+        _generate(config, parts, device, cache, missing[rank::world], on_progress=on_progress,
                   should_stop=should_stop, autocast=autocast)
-        cached = _images_in(cache)
-    return own + cached[:needed]
+    wait()  # every share is in the cache
+    if missing and rank == 0:
+        _write_manifest(cache, config, total=len(_images_in(cache)))
+    return own + _images_in(cache)[:needed]
+
+
+def class_image_path(cache: Path, index: int) -> Path:
+    return cache / f"class-{index:05d}.png"
 
 
 def _generate(
@@ -79,38 +91,36 @@ def _generate(
     parts: Components,
     device: torch.device,
     cache: Path,
-    start: int,
-    count: int,
+    indices: list[int],
     on_progress: Callable[[int, int], None],
     should_stop: Callable[[], bool],
     autocast: Callable[[], contextlib.AbstractContextManager],
 ) -> None:
-    """Generate images start..start+count-1; image i is seeded with i, so the cache is reproducible."""
+    """Generate the images numbered `indices`; image i is seeded with i, so the cache is reproducible
+    and the same whichever process makes which image."""
     from .output import pipeline_from_parts
 
     cache.mkdir(parents=True, exist_ok=True)
     pipe = pipeline_from_parts(parts, parts.unet, parts.text_encoders)
     done = 0
-    while done < count and not should_stop():
-        batch = min(config.sample_batch_size, count - done)
-        indices = range(start + done, start + done + batch)
-        generators = [torch.Generator(device="cpu").manual_seed(i) for i in indices]
+    while done < len(indices) and not should_stop():
+        batch = indices[done : done + config.sample_batch_size]
+        generators = [torch.Generator(device="cpu").manual_seed(i) for i in batch]
         with torch.no_grad(), autocast():
             images = pipe(
-                [config.class_prompt] * batch,
+                [config.class_prompt] * len(batch),
                 num_inference_steps=config.class_inference_steps,
                 height=config.resolution,
                 width=config.resolution,
                 generator=generators,
             ).images
-        for index, image in zip(indices, images, strict=True):
-            # Written under a temporary name, then renamed: a killed run leaves no half image.
-            tmp = cache / f".class-{index:05d}.png.tmp"
-            image.save(tmp, format="PNG")
-            tmp.replace(cache / f"class-{index:05d}.png")
-        done += batch
-        on_progress(done, count)
-    _write_manifest(cache, config, total=start + done)
+        for index, image in zip(batch, images, strict=True):
+            # Written under a temporary name, then renamed: a killed run leaves no half image, and a full
+            # disk removes it and names the image (trainer/atomic.py).
+            with atomic.written(class_image_path(cache, index)) as tmp:
+                image.save(tmp, format="PNG")
+        done += len(batch)
+        on_progress(done, len(indices))
 
 
 def _write_manifest(cache: Path, config: TrainConfig, total: int) -> None:
@@ -127,6 +137,5 @@ def _write_manifest(cache: Path, config: TrainConfig, total: int) -> None:
         "seeds": f"image i is generated with torch.Generator().manual_seed(i), i = 0..{total - 1}",
         "images": total,
     }
-    tmp = cache / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(cache / MANIFEST)
+    with atomic.written(cache / MANIFEST) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")

@@ -11,6 +11,7 @@
     <run>/pytorch_lora_weights.safetensors   a LoRA run (diffusers)
     <run>/pytorch_lora_weights_kohya.safetensors   the same LoRA as A1111, ComfyUI and kohya load it
     <run>/README.md            the model card
+    <run>/.tmp-weights/        the weights while they are saved (output.save_weights moves them in)
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from . import atomic
 from .config import ConfigError, TrainConfig
 
 CONFIG_NAME = "config.json"
@@ -34,6 +36,7 @@ PIPELINE_INDEX = "model_index.json"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the name diffusers' save/load_lora_weights use
 KOHYA_LORA_WEIGHTS = "pytorch_lora_weights_kohya.safetensors"  # the same LoRA for A1111, ComfyUI, kohya
 CARD_NAME = "README.md"
+WEIGHTS_STAGING = ".tmp-weights"  # the weights while they are saved; moved into place once complete
 
 RunKind = Literal["full", "lora"]
 
@@ -69,17 +72,27 @@ def try_read_config(run_dir: Path) -> TrainConfig | None:
 
 
 def write_config(run_dir: Path, config: TrainConfig) -> None:
-    config.save(Path(run_dir) / CONFIG_NAME)
+    with atomic.written(Path(run_dir) / CONFIG_NAME) as tmp:
+        config.save(tmp)
 
 
-def write_status(run_dir: Path, status: str, step: int, total: int, family: str | None = None) -> None:
-    """run.json, replaced atomically: a reader sees the old or the new file, never half of one."""
+def write_status(run_dir: Path, status: str, step: int, total: int, family: str | None = None,
+                 processes: int | None = None) -> None:
+    """run.json, replaced atomically: a reader sees the old or the new file, never half of one.
+    `processes` (and the effective batch it makes) is recorded when the run starts and kept after."""
     record: dict[str, object] = {"status": status, "step": step, "total_steps": total}
     if family is not None:
         record["family"] = family
-    tmp = Path(run_dir) / f".{STATUS_NAME}.tmp"
-    tmp.write_text(json.dumps(record) + "\n", encoding="utf-8")
-    tmp.replace(Path(run_dir) / STATUS_NAME)
+    before = read_status(run_dir)
+    if processes is None and "processes" in before:
+        processes = before["processes"]
+    if processes is not None:
+        config = try_read_config(run_dir)
+        record["processes"] = processes
+        if config is not None:
+            record["effective_batch"] = processes * config.train_batch_size * config.gradient_accumulation_steps
+    with atomic.written(Path(run_dir) / STATUS_NAME) as tmp:
+        tmp.write_text(json.dumps(record) + "\n", encoding="utf-8")
 
 
 def read_status(run_dir: Path) -> dict[str, object]:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import ProjectConfiguration
+from accelerate.state import AcceleratorState, GradientState, PartialState
+from accelerate.utils import DistributedType, ProjectConfiguration, parse_flag_from_env
 
 from .config import ConfigError, TrainConfig
 from .run_folder import logs_dir
@@ -26,12 +27,41 @@ def check_runtime(config: TrainConfig) -> None:
         raise ConfigError("`report_to` wandb needs the wandb package: `pip install wandb`, or use 'tensorboard'")
 
 
+def use_cpu() -> bool:
+    """Train on the CPU although an accelerator may be there: `accelerate launch --cpu` asked for it, or
+    several processes were launched on a machine without a GPU. accelerate 1.15 reads neither from the
+    environment itself, and without it each launched process would train alone on the whole batch."""
+    if parse_flag_from_env("ACCELERATE_USE_CPU"):
+        return True
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return launched and not torch.cuda.is_available()
+
+
+def process_state() -> PartialState:
+    """This process's place among the launched ones (set up once per process, as the run will use it)."""
+    return PartialState(cpu=use_cpu())
+
+
+def strategy(accelerator: Accelerator) -> tuple[str, bool]:
+    """How accelerate spreads this run: "ddp" (also one process), "fsdp" or "deepspeed"; and whether
+    DeepSpeed offloads the optimizer state to the CPU (from the accelerate config's ZeRO section)."""
+    kind = accelerator.distributed_type
+    if kind == DistributedType.DEEPSPEED:
+        zero = accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
+        device = (zero.get("offload_optimizer") or {}).get("device", "none")
+        return "deepspeed", device not in ("none", None)
+    if kind == DistributedType.FSDP:
+        return "fsdp", False
+    return "ddp", False
+
+
 def make_accelerator(config: TrainConfig, run_dir: Path) -> Accelerator:
     # accelerate keeps one AcceleratorState per process; a second train() in the same process
     # (the app, the tests) must start from a clean one. The distributed PartialState is kept.
     AcceleratorState._reset_state()
     GradientState._reset_state()
     accelerator = Accelerator(
+        cpu=use_cpu(),
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         mixed_precision=config.mixed_precision,
         log_with=None if config.report_to == "none" else config.report_to,

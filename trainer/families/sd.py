@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from ..config import ConfigError
 from ..run_folder import LORA_WEIGHTS, PIPELINE_INDEX
 from .base import Components, Conditioning, ModelFamily, ModelLoadError, first_line
 
@@ -32,6 +33,8 @@ def load_clip_unet_parts(family: ModelFamily, source: str, revision: str | None,
     def load(part: str, loader):
         return load_part(source, part, loader, revision, variant)
 
+    schedule = load("scheduler", DDPMScheduler.load_config)  # first: a few bytes, read before the weights
+    check_noise_schedule(source, schedule)
     second = {}
     if second_encoder:
         second = {"tokenizer_2": load("tokenizer_2", CLIPTokenizer.from_pretrained),
@@ -42,7 +45,7 @@ def load_clip_unet_parts(family: ModelFamily, source: str, revision: str | None,
         text_encoder=load("text_encoder", CLIPTextModel.from_pretrained),
         vae=load("vae", AutoencoderKL.from_pretrained),
         unet=load("unet", UNet2DConditionModel.from_pretrained),
-        noise_scheduler=load("scheduler", DDPMScheduler.from_pretrained),
+        noise_scheduler=DDPMScheduler.from_config(schedule),
         **second,
     )
 
@@ -57,6 +60,20 @@ def save_full_pipeline(pipeline_class: type, source: str, revision: str | None, 
         pipe.to(dtype=torch.float32)
     pipe.save_pretrained(run_dir, safe_serialization=True)
     return run_dir / PIPELINE_INDEX
+
+
+def check_noise_schedule(source: str, schedule: dict[str, Any]) -> None:
+    """Refuse a base made for EDM's noise parametrisation (Playground v2.5, CosXL: an EDM scheduler, with
+    `sigma_data`): the DDPM noise this engine trains with would fit it to the wrong target, silently."""
+    name = str(schedule.get("_class_name", ""))
+    if name.startswith("EDM") or "sigma_data" in schedule:
+        raise ConfigError(
+            f"`pretrained_model`: {source} is an EDM-style model (its scheduler is {name or 'an EDM one'}, as "
+            "Playground v2.5's and CosXL's are); DreamBooth Studio trains with DDPM noise only, which would fit "
+            "this model to the wrong target. Train from a Stable Diffusion 1.x/2.x or SDXL base with a DDPM-style "
+            "scheduler.",
+            field="pretrained_model",
+        )
 
 
 def load_part(source: str, part: str, loader, revision: str | None, variant: str | None):
