@@ -16,7 +16,7 @@ import gradio as gr
 
 from space import login_page
 from space.hardware import SpaceInfo
-from space.layout import CSS, GPU_MODE_ENV, MAX_UPLOAD, Services, build_app
+from space.layout import CSS, GPU_MODE_ENV, MAX_SESSIONS, MAX_UPLOAD, Services, build_app
 
 AUTH_ENV = "DREAMBOOTH_AUTH"  # "user:password", an alternative to --auth that stays out of argv
 
@@ -67,12 +67,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         f"all of them with accelerate launch (all_gpus). Or set {GPU_MODE_ENV}.",
     )
     parser.add_argument(
+        "--max-sessions",
+        type=int,
+        default=MAX_SESSIONS,
+        help=f"Browser sessions whose page state is kept in memory (about 220 KB each; the least recently "
+        f"used go first). Default {MAX_SESSIONS}.",
+    )
+    parser.add_argument(
         "--runs-dir",
         type=Path,
         default=None,
         help="Where runs are saved. Default ./runs, or /data/runs on a Space with storage.",
     )
     args = parser.parse_args(argv)
+    if args.max_sessions < 1:
+        parser.error(f"--max-sessions must be at least 1, got {args.max_sessions}")
     try:
         args.auth = parse_auth(args.auth or os.environ.get(AUTH_ENV))
     except ValueError as err:
@@ -98,6 +107,7 @@ def main(argv: list[str] | None = None) -> None:
         auth=args.auth,
         allowed_paths=[str(services.runs_dir.resolve())],
         max_file_size=None if private else MAX_UPLOAD,
+        state_session_capacity=args.max_sessions,
         app_kwargs=login_page.app_kwargs(),
         prevent_thread_lock=True,
         theme=gr.themes.Soft(),

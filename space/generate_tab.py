@@ -154,8 +154,10 @@ def generate_images(
     height: int,
     num_images: int,
     lora_scale: float,
+    progress: gr.Progress = gr.Progress(),  # noqa: B008 (gradio reads it from the signature)
 ) -> list[Image.Image]:
-    """Generate images from a run folder, the toy model or a Hub repo (full or LoRA)."""
+    """Generate images from a run folder, the toy model or a Hub repo (full or LoRA). While a training
+    holds the GPU the request waits for it (the page shows the training's step), then draws."""
     try:
         request = GenerateRequest(
             prompt=prompt,
@@ -173,9 +175,9 @@ def generate_images(
         raise gr.Error(str(err), print_exception=False) from None
     if not (model or "").strip():
         raise gr.Error(texts.NO_MODEL, print_exception=False)
-    if not deps.jobs.gpu_lock.acquire(blocking=False):
+    while not deps.jobs.gpu_lock.acquire(timeout=1.0):
         snap = deps.jobs.snapshot()
-        raise gr.Error(texts.GENERATE_BUSY.format(step=snap.step, total=snap.total), print_exception=False)
+        progress(None, desc=texts.GENERATE_WAITING.format(step=snap.step, total=snap.total))
     try:
         dtype = torch.float16 if deps.hardware.device == "cuda" else torch.float32
         source = deps.paths.check(deps.toy.resolve(model), "`model`")

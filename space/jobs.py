@@ -7,7 +7,7 @@ does (out of memory, a crash, kill -9) the app keeps serving, and the GPU's memo
 when it ends. A Start while every GPU slot is busy is queued (space/job_queue.py); queued jobs start
 by themselves, and their pages show the position and an estimate of when. The `gpu_lock` is held
 while a training runs on the GPU that generation uses, so the two never share it (a generation
-asked for meanwhile is answered with the training's progress); without a GPU they share the cores.
+asked for meanwhile waits for it, showing the training's step); without a GPU they share the cores.
 
 Each job has an owner (the Hub user, else the browser session): a visitor cancels, withdraws or
 resumes only their own; `private` (the app runs on this machine for its one user, set by app.py)

@@ -37,6 +37,13 @@ footer { display: none !important; }
 # 1024 px and keeps at most MAX_IMAGES photos, so 50 MB each is room enough and bounds a visitor's disk.
 MAX_UPLOAD = "50mb"
 
+# Gradio keeps one SessionState per browser session (each holds its own copy of the page's config,
+# about 220 KB for this UI, measured by bench/soak.py), least recently used first out, and frees none
+# when a tab closes: its default of 10,000 lets a stream of new visitors grow the app by ~2 GB. An open
+# page polls every second, so it stays among the newest; only pages idle the longest are forgotten
+# (their next request starts from the page's defaults).
+MAX_SESSIONS = 500
+
 
 @dataclass
 class Services:

@@ -271,7 +271,7 @@ MODEL_SOURCE_HELP = (
 )
 SEED_HELP = "Same seed + same settings = same images."
 SIZE_HELP = "Multiples of 8."
-GENERATE_BUSY = "A training is using the GPU right now (step {step}/{total}). Generate again when it has finished."
+GENERATE_WAITING = "Waiting for the training on the GPU to finish (step {step}/{total}); this request draws then."
 NO_MODEL = "Choose a model: a run, the toy model, or a Hub repo id."
 TOY_SOURCE_LABEL = "Toy base model (shapes world)"
 

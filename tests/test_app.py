@@ -38,6 +38,9 @@ def test_importing_app_builds_the_ui_and_nothing_else(tmp_path: Path, monkeypatc
     )
     with pytest.raises(SystemExit):
         app.parse_args(["--auth", "no-colon"])
+    assert args.max_sessions == 500 and app.parse_args(["--max-sessions", "20"]).max_sessions == 20
+    with pytest.raises(SystemExit):
+        app.parse_args(["--max-sessions", "0"])
 
 
 def test_blocks_build_with_the_real_engine(tmp_path: Path) -> None:

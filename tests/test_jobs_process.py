@@ -193,6 +193,28 @@ def test_per_gpu_runs_a_queued_job_on_each_free_gpu_and_owners_act_on_their_own(
     jobs.gpu_lock.release()
 
 
+def test_a_generation_waits_for_the_training_that_holds_the_gpu(tmp_path: Path) -> None:
+    from ui_fixtures import CPU
+
+    from space.generate_tab import GenerateDeps, generate_images
+    from space.presets import TOY_MODEL, ToyModel
+    from trainer.inference import PipelineCache
+
+    deps = GenerateDeps(JobManager(), tmp_path, ToyModel(), CPU, PipelineCache())
+    answer: list = []
+    deps.jobs.gpu_lock.acquire()  # as a training on the GPU generation uses holds it
+    asker = threading.Thread(target=lambda: answer.append(
+        generate_images(deps, TOY_MODEL, "a photo of a red circle", "", 5.0, 2, "DDIM", 1, 32, 32, 1, 1.0)))
+    asker.start()
+    asker.join(3.0)
+    assert asker.is_alive() and answer == []  # waiting, not refused
+    deps.jobs.gpu_lock.release()  # the training ended
+    asker.join(60)
+    assert len(answer) == 1 and answer[0][0].size == (32, 32)
+    assert deps.jobs.gpu_lock.acquire(blocking=False)  # and the generation gave the GPU back
+    deps.jobs.gpu_lock.release()
+
+
 def test_the_queue_has_a_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("space.jobs.MAX_QUEUED", 1)
     release = threading.Event()
