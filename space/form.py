@@ -22,9 +22,9 @@ import gradio as gr
 from space import texts
 from space.presets import FAMILY_PRESETS, SD
 from trainer.config import PRECISIONS, ConfigError, TrainConfig, check_locations
-from trainer.data import is_caption_file
+from trainer.data import MAX_PHOTOS, MIN_PHOTOS, is_caption_file
 
-MIN_IMAGES, MAX_IMAGES = 3, 20
+MIN_IMAGES, MAX_IMAGES = MIN_PHOTOS, MAX_PHOTOS  # the engine's own range
 DEFAULT_IDENTIFIER = "zwx"  # a made-up word; the popular "sks" is also the name of a rifle
 DEFAULT_CLASS_NOUN = "dog"
 
@@ -199,6 +199,9 @@ FORM: tuple[FormField, ...] = (
     _row("sample_batch_size",           gr.Number,   "prior",        "int",   "sample_batch_size", optional=True,
          precision=0, minimum=1, label="Class images per batch", info=texts.SAMPLE_BATCH_HELP,
          elem_id="sample-batch-size"),
+    _row("preservation",                gr.Radio,    "prior",        "choice", "preservation", optional=True,
+         choices=[("Class images", "class-images"), ("The base model's predictions", "base-prediction")],
+         label="Preserve the class with", info=texts.PRESERVATION_HELP, elem_id="preservation"),
 )
 # fmt: on
 FIELDS: dict[str, FormField] = {f.key: f for f in FORM}

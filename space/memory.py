@@ -75,6 +75,7 @@ def form_config(values: Mapping[str, Any]) -> TrainConfig | None:
         train_text_encoder=bool(values.get("train_text_encoder")),
         cache_latents=values.get("cache_latents") is not False,
         with_prior_preservation=prior,
+        preservation=str(values.get("preservation") or TrainConfig.preservation),
         class_prompt="a photo of a dog" if prior else "",
         sample_batch_size=samples,
         validation_prompts=("x",),

@@ -147,6 +147,7 @@ EXAMPLE_HELP = (
 
 LORA_RANK_HELP = "Size of the LoRA: higher learns more detail, in a bigger file. Empty: the base model's default."
 CACHE_LATENTS_HELP = "Encode the photos with the VAE once, then free it: less memory and time per step."
+PRESERVATION_HELP = ("Base-model predictions start at once (no class images to make) and follow the base model exactly, but cost an extra forward pass a step (and, for a full fine-tune, a frozen copy of the UNet in memory).")
 SAMPLE_BATCH_HELP = "Class images generated at once: more is faster; decoding large images together takes memory."
 # The memory line under the base model (space.memory.memory_note): the engine's memory model
 # (trainer/memory.py) on the form's settings, on a CUDA GPU. GB as the hardware line counts them.

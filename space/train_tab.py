@@ -85,6 +85,7 @@ MEMORY_FIELDS = (
     "train_batch_size",
     "train_text_encoder",
     "with_prior_preservation",
+    "preservation",
     "lora_rank",
     "cache_latents",
     "gradient_accumulation_steps",

@@ -77,12 +77,17 @@ runpy.run_module("trainer", run_name="__main__", alter_sys=True)
 
 
 # --- the CLI in a process --------------------------------------------------------------------------------------
+# Threads of each training process. Bit-identical weights need the same number in the unbroken reference
+# run (in this process): a different count sums a matrix product in another order (3.7e-5 apart).
+CHILD_THREADS = int(os.environ.get("OMP_NUM_THREADS", "1"))
+
+
 class Cli:
     """`python -m trainer train --config <file> --events json` in its own process (see `_CLI`), waiting
     for `go()`; its stderr goes to a log file."""
 
     def __init__(self, config_file: Path, log: Path, pause_at: str | None = None) -> None:
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "HF_HUB_OFFLINE": "1",
+        env = {**os.environ, "OMP_NUM_THREADS": str(CHILD_THREADS), "HF_HUB_OFFLINE": "1",
                "GRADIO_ANALYTICS_ENABLED": "False"}
         self.log = log
         with log.open("w") as stderr:
@@ -240,9 +245,15 @@ def _fault_config(model: Path, images: Path, folder: Path, **changes) -> TrainCo
 
 
 def _unbroken(config: TrainConfig, folder: Path) -> Path:
-    """The same training, in one go, in this process (own run folder and class cache): the reference."""
-    result = train(config.replace(output_dir=str(folder / "run"), class_cache_dir=str(folder / "cache"),
-                                  resume_from_checkpoint=None))
+    """The same training, in one go, in this process (own run folder and class cache), with the children's
+    thread count: the reference."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(CHILD_THREADS)
+    try:
+        result = train(config.replace(output_dir=str(folder / "run"), class_cache_dir=str(folder / "cache"),
+                                      resume_from_checkpoint=None))
+    finally:
+        torch.set_num_threads(threads)
     assert result.status == "completed"
     return result.run_dir
 

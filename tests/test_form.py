@@ -230,7 +230,8 @@ def _memory_form(base_model: str, **changes) -> dict:
     """The form fields the memory line reads, LoRA with every saving by default."""
     return {"base_model": base_model, "method": "lora", "resolution": 1024, "use_8bit_adam": True,
             "gradient_checkpointing": True, "mixed_precision": "fp16", "train_batch_size": 1,
-            "train_text_encoder": False, "with_prior_preservation": False, "lora_rank": 16, **changes}
+            "train_text_encoder": False, "with_prior_preservation": False, "lora_rank": 16, "preservation": "class-images",
+            **changes}
 
 
 def test_safe_defaults_for_sdxl_on_a_16gb_card() -> None:

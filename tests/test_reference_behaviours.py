@@ -249,3 +249,26 @@ def test_families_we_do_not_train_are_refused_by_the_cli(pipeline, subject_image
                               "--output-dir", str(tmp_path / "run"), *FAST])
     assert status == 2 and stderr.startswith("error: `pretrained_model`:") and pipeline in stderr, stderr[-3000:]
     assert not (tmp_path / "run").exists()
+
+
+# --- limits the app and the CLI share ---------------------------------------------------------------
+@pytest.mark.parametrize("n_photos", [1, 3, 21])
+def test_the_engine_says_what_it_does_with_fewer_or_more_photos_than_the_app_takes(tiny_model_dir, tmp_path,
+                                                                                  n_photos):
+    """The app takes 3-20 photos (space/form.py refuses others); the CLI trains on any number and says
+    what that means outside the range, in one warning naming the count and the range."""
+    from PIL import Image
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(n_photos):  # distinct, so that no duplicate warning joins in
+        Image.new("RGB", (64, 64), (10 * i, 255 - 10 * i, 128)).save(photos / f"p{i:02d}.png")
+    status, stderr = run_cli(["train", "--pretrained-model", str(tiny_model_dir), "--instance-data", str(photos),
+                              "--output-dir", str(tmp_path / "run"), "--max-train-steps", "1", *FAST])
+    assert status == 0, stderr[-3000:]
+    notes = [line for line in stderr.splitlines() if "DreamBooth is made for 3-20" in line
+             or "DreamBooth learns one from 3-20" in line]
+    if n_photos == 3:
+        assert notes == []
+    else:
+        assert len(notes) == 1 and f"{n_photos} photo" in notes[0] and "Training on" in notes[0], stderr[-3000:]

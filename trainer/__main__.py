@@ -45,7 +45,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         if typing.get_origin(tp) is tuple:
             kwargs["nargs"] = "+"
         if typing.get_origin(tp) is typing.Literal:
-            kwargs["choices"] = typing.get_args(tp)
+            kwargs["choices"] = typing.get_args(tp) + (("none",) if f.name == "preservation" else ())
         elif (inner := [a for a in typing.get_args(tp) if typing.get_origin(a) is typing.Literal]):
             kwargs["choices"] = typing.get_args(inner[0])
         parser.add_argument(flag, type=scalar, **kwargs)
@@ -56,6 +56,11 @@ def config_from_args(args: argparse.Namespace, *, validate: bool = False) -> Tra
     error in a value that came from the file names the file as well as the field."""
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     flags = {k: v for k, v in vars(args).items() if k in names}
+    if "preservation" in flags:  # --preservation names the kind of prior preservation, or none
+        preservation = flags.pop("preservation")
+        flags["with_prior_preservation"] = preservation != "none"
+        if preservation != "none":
+            flags["preservation"] = preservation
     from_file: dict = {}
     if args.config:
         path = Path(args.config)

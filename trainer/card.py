@@ -204,11 +204,13 @@ def _settings_table(kind: str, config: TrainConfig) -> str:
     if kind == "lora":
         method = f"LoRA, rank {config.lora_rank}, alpha {config.lora_alpha or config.lora_rank}"
     prior = "no"
-    if config.with_prior_preservation:
+    if config.class_images_used:
         prior = (
             f"yes: `{config.class_prompt}`, {config.num_class_images} class images, "
             f"weight {config.prior_loss_weight}"
         )
+    elif config.from_base_prediction:
+        prior = f"yes: `{config.class_prompt}`, from the base model's predictions, weight {config.prior_loss_weight}"
     text_encoder = "no"
     if config.train_text_encoder:
         text_encoder = f"yes, for {config.text_encoder_steps_fraction:.0%} of the steps"

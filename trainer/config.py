@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 Method = Literal["full", "lora"]
+Preservation = Literal["class-images", "base-prediction"]
 Precision = Literal["no", "fp16", "bf16"]
 Reporter = Literal["tensorboard", "wandb", "none"]
 
 METHODS: tuple[str, ...] = ("full", "lora")
+PRESERVATIONS: tuple[str, ...] = ("class-images", "base-prediction")
 PRECISIONS: tuple[str, ...] = ("no", "fp16", "bf16")
 REPORTERS: tuple[str, ...] = ("tensorboard", "wandb", "none")
 LR_SCHEDULERS: tuple[str, ...] = (
@@ -91,6 +93,14 @@ class TrainConfig:
     # --- prior preservation -----------------------------------------------------------
     with_prior_preservation: bool = field(
         default=False, metadata={"help": "Add the prior-preservation loss on class images."}
+    )
+    preservation: Preservation = field(
+        default="class-images",
+        metadata={"help": "What the prior loss compares with: class-images (made by the base model first, the "
+                          "paper's way) or base-prediction (no class images: the base model's own prediction for "
+                          "the class prompt on the same noisy latents; LoRA disables its adapters for it, full "
+                          "fine-tuning keeps a frozen copy of the UNet). On the CLI, --preservation none turns "
+                          "prior preservation off."},
     )
     class_prompt: str = field(default="", metadata={"help": "Prompt of the class images."})
     prior_loss_weight: float = field(default=1.0, metadata={"help": "Weight of the prior loss."})
@@ -200,6 +210,16 @@ class TrainConfig:
         return self.text_encoder_lr if self.text_encoder_lr is not None else self.lr
 
     @property
+    def class_images_used(self) -> bool:
+        """Class images are made (or read) and trained on: prior preservation on class images."""
+        return self.with_prior_preservation and self.preservation == "class-images"
+
+    @property
+    def from_base_prediction(self) -> bool:
+        """The prior loss's target is the base model's prediction for the class prompt."""
+        return self.with_prior_preservation and self.preservation == "base-prediction"
+
+    @property
     def augments(self) -> bool:
         """Random augmentation means latents differ between epochs and cannot be cached."""
         return self.random_flip or not self.center_crop
@@ -251,6 +271,8 @@ class TrainConfig:
                 f"must not contain the identifier {ident!r}: it describes the class, not the subject",
             )
         _check(self.method in METHODS, "method", f"must be one of {', '.join(METHODS)}, got {self.method!r}")
+        _check(self.preservation in PRESERVATIONS, "preservation",
+               f"must be one of {', '.join(PRESERVATIONS)}, got {self.preservation!r}")
         _check(
             self.mixed_precision in PRECISIONS,
             "mixed_precision",

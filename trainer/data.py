@@ -19,6 +19,9 @@ from .config import UserError
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 MIN_SIDE = 64  # below this an image carries too little of the subject to be worth upscaling
+# DreamBooth's paper and every tool after it teach a subject from 3-5 photos, rarely more than 20: the
+# app takes that many; the engine trains on whatever it is given and says what that means.
+MIN_PHOTOS, MAX_PHOTOS = 3, 20
 SIXTEEN_BIT_MODES: tuple[str, ...] = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
@@ -128,6 +131,21 @@ def check_images(paths: Sequence[Path], resolution: int) -> list[str]:
     if problems:
         raise ImageDataError(problems)
     return notes
+
+
+def photo_count_note(n_photos: int, steps: int, rows_per_step: int) -> str | None:
+    """What the engine does with fewer or more photos than a DreamBooth run is made for, or None."""
+    if MIN_PHOTOS <= n_photos <= MAX_PHOTOS:
+        return None
+    seen = steps * rows_per_step / n_photos
+    if n_photos < MIN_PHOTOS:
+        return (f"{n_photos} photo{'s' if n_photos > 1 else ''} of the subject: DreamBooth learns one from "
+                f"{MIN_PHOTOS}-{MAX_PHOTOS} (the app takes no fewer). Training on {'both' if n_photos == 2 else 'it'} "
+                f"anyway, each seen about {seen:.0f} times: expect the model to copy the pose and background; "
+                "more photos in other places and poses help more than more steps.")
+    return (f"{n_photos} photos of the subject: DreamBooth is made for {MIN_PHOTOS}-{MAX_PHOTOS} (the app takes no "
+            f"more). Training on all {n_photos}, each seen about {seen:.1f} times in {steps} steps: if the subject "
+            "comes out weak, raise max_train_steps (about 100-200 per photo is usual).")
 
 
 class _ImageRejected(Exception):

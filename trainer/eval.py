@@ -37,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--method", choices=("lora", "full"), default="lora", help="Default lora, as the example.")
     parser.add_argument("--prior", action=argparse.BooleanOptionalAction, default=True,
                         help="Prior preservation (default on).")
+    parser.add_argument("--preservation", choices=("class-images", "base-prediction"), default="class-images",
+                        help="With --prior: class images (default) or the base model's own predictions.")
     parser.add_argument("--train-text-encoder", action=argparse.BooleanOptionalAction, default=None,
                         help="Also train the text encoder (default: the example's setting).")
     parser.add_argument("--steps", type=int, default=None, help="Training steps (default: the example's).")
@@ -54,12 +56,14 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def train_run(args: argparse.Namespace, base: Path, instance_dir: Path, run_dir: Path, seed: int | None = None) -> float:
-    """Train with the engine; return the wall-clock seconds it took."""
+def train_run(args: argparse.Namespace, base: Path, instance_dir: Path, run_dir: Path,
+              seed: int | None = None) -> dict[str, float | None]:
+    """Train with the engine; return the wall-clock seconds it took, to its first step, and per step after."""
     from . import train
     from .toyworld import example_config
 
-    changes: dict = {"method": args.method, "with_prior_preservation": args.prior, "identifier": args.identifier,
+    changes: dict = {"method": args.method, "with_prior_preservation": args.prior, "preservation": args.preservation,
+                     "identifier": args.identifier,
                      "instance_prompt": args.instance_prompt or f"a photo of {args.identifier} {args.class_noun}",
                      "class_prompt": f"a photo of a {args.class_noun}",
                      "class_cache_dir": str(run_dir.parent / "class-images")}
@@ -78,10 +82,17 @@ def train_run(args: argparse.Namespace, base: Path, instance_dir: Path, run_dir:
     if seed is not None:
         changes["seed"] = seed
     config = example_config(base, instance_dir, run_dir, **changes)
+    from .events import StepEvent
+
+    steps: list[float] = []  # when each step ended
     started = time.monotonic()
-    result = train(config)
-    print(f"trained {result.step} steps in {time.monotonic() - started:.0f} s -> {result.run_dir}", flush=True)
-    return time.monotonic() - started
+    result = train(config, on_event=lambda e: steps.append(time.monotonic()) if isinstance(e, StepEvent) else None)
+    took = {"seconds": round(time.monotonic() - started, 2),
+            "first_step": round(steps[0] - started, 2) if steps else None,
+            "per_step": round((steps[-1] - steps[0]) / (len(steps) - 1), 4) if len(steps) > 1 else None}
+    print(f"trained {result.step} steps in {took['seconds']:.0f} s (first step after {took['first_step']} s, then "
+          f"{took['per_step']} s a step) -> {result.run_dir}", flush=True)
+    return took
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -120,6 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
     if len(per_run) > 1:
         rows.update({f"seed {k}": row for k, row in enumerate(per_run)})
     results = {"runs": [str(d) for d in run_dirs], "method": args.method, "prior": args.prior,
+               "preservation": args.preservation if args.prior else "none",
                "train_seconds": seconds, "real_similarity": round(real_similarity(judge, subject), 3), **rows}
 
     print(f"\nreal images vs each other: subject sim {results['real_similarity']}")
@@ -129,6 +141,10 @@ def main(argv: list[str] | None = None) -> dict:
     ratio = rows["trained"]["div"] / rows["base"]["div"] if rows["base"]["div"] else float("nan")
     print(f"DIV kept: {ratio:.2f} of the base model's" + (f" (trained: mean of {len(per_run)} seeds)"
                                                            if len(per_run) > 1 else ""))
+    timed = [s for s in seconds if s and s["per_step"] is not None]
+    if timed:
+        print(f"time to first step {sum(s['first_step'] for s in timed) / len(timed):.1f} s, then "
+              f"{sum(s['per_step'] for s in timed) / len(timed):.3f} s a step (mean of {len(timed)} runs)")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     return results

@@ -147,8 +147,11 @@ def estimate(
         shapes, config.method, config.lora_rank, config.lora_alpha, config.train_text_encoder, config.mixed_precision
     )
     eight_bit = _eight_bit(config)
+    by_part = dict(by_part)
+    if config.from_base_prediction and config.method == "full":  # the base UNet, frozen, beside the trained one
+        by_part[FROZEN_UNET] = frozen_part_bytes(shapes, "unet", config.mixed_precision)
     held = _Held(
-        weights_by_part=dict(by_part),
+        weights_by_part=by_part,
         gradients=4 * sum(trainable),  # trainable weights are fp32, so are their gradients
         optimizer=optimizer_state_bytes(trainable, eight_bit),
         caches=cache_bytes(shapes, config),
@@ -222,6 +225,16 @@ def _phases(
     return phases, live - grads_then
 
 
+FROZEN_UNET = "unet (frozen copy)"
+
+
+def frozen_part_bytes(shapes: ModelShapes, name: str, mixed_precision: str) -> int:
+    """A part's bytes frozen in the mixed-precision dtype (as `_static` counts a part not trained)."""
+    part = part_tensors(shapes)[name]
+    size = weight_dtype(mixed_precision).itemsize
+    return size * (sum(part.params) + part.float_buffers) + part.other_buffers
+
+
 @functools.lru_cache(maxsize=256)
 def _static(
     shapes: ModelShapes, method: str, rank: int, alpha: int | None, train_text_encoder: bool, mixed_precision: str
@@ -287,7 +300,7 @@ def cache_bytes(shapes: ModelShapes, config: TrainConfig) -> int:
     """Latents cached on the device (mean and std of each photo and class image, fp32) and prompt
     embeddings (one per distinct prompt, in the text encoders' dtype)."""
     photos = count_images(config.instance_data) or ASSUMED_PHOTOS
-    classes = config.num_class_images if config.with_prior_preservation else 0
+    classes = config.num_class_images if config.class_images_used else 0
     latent = config.resolution // shapes.vae_scale_factor
     channels = shapes.configs["unet"].get("in_channels", 4)
     latents = (photos + classes) * 2 * channels * latent * latent * 4 if config.cache_latents else 0
@@ -313,7 +326,7 @@ def count_images(sources: tuple[str, ...] | list[str]) -> int:
 
 def class_images_to_make(config: TrainConfig) -> int:
     """Class images the run will generate: those its folder and the shared cache do not hold."""
-    if not config.with_prior_preservation:
+    if not config.class_images_used:
         return 0
     from .prior import cache_dir_for
 

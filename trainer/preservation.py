@@ -1,0 +1,79 @@
+"""Prior preservation from the base model's own predictions, without class images.
+
+The paper keeps the class prior with images the base model drew of the class: the loss on them
+pulls the fine-tuned model's prediction towards what the base model would have drawn. The newer
+trainers ask the base model directly: each step, the instance rows' noisy latents go through the
+model a second time with the class prompt, and the target is what the base model predicts for them
+(ai-toolkit's "differential output preservation"). Nothing to generate before the first step, and
+the target is the base model itself rather than a hundred samples of it; the cost is a forward pass
+of the base model a step, and for a full fine-tune a frozen copy of the UNet (in the mixed-precision
+dtype: `trainer.memory` counts it). A LoRA's base model is the same UNet with its adapters switched
+off, so it costs no memory.
+
+The class prompt's conditioning for the base model is computed once, when the run is set up and
+before a checkpoint is loaded, so the text encoder is still the base model's then, even when it is
+trained or the run resumes.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from .config import TrainConfig
+from .families import Components, Conditioning
+
+
+@dataclass
+class BasePrediction:
+    """The targets of the class rows: the base model's prediction for the class prompt."""
+
+    class_ids: torch.Tensor  # the class prompt's token ids, one row
+    conditioning: Conditioning  # the base text encoders' conditioning of it, one row
+    frozen_unet: torch.nn.Module | None  # full fine-tuning: the base UNet; LoRA: None (adapters off)
+
+    @classmethod
+    def create(cls, config: TrainConfig, parts: Components, device: torch.device,
+               dtype: torch.dtype) -> BasePrediction | None:
+        """Called after the trainable setup (LoRA adapters added, dtypes and device set), before resume."""
+        if not config.from_base_prediction:
+            return None
+        ids = parts.family.tokenize(parts, config.class_prompt)[None].to(device)
+        with torch.no_grad(), _adapters_off(parts.text_encoders):
+            conditioning = parts.family.encode(parts, ids)
+        frozen = None
+        if config.method == "full":
+            frozen = copy.deepcopy(parts.unet).requires_grad_(False).to(dtype=dtype).eval()
+        return cls(ids[0], conditioning, frozen)
+
+    def rows(self, n: int, device: torch.device) -> torch.Tensor:
+        """The class prompt's ids for `n` rows, to append to a batch's."""
+        return self.class_ids.to(device).expand(n, -1)
+
+    @torch.no_grad()
+    def targets(self, parts: Components, unet: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor,
+                image_info: torch.Tensor) -> torch.Tensor:
+        """The base model's prediction for the class prompt on these noisy latents. `unet` is the
+        trained UNet, unwrapped (its adapters are switched off for this forward)."""
+        cond = Conditioning.cat([self.conditioning] * noisy.shape[0])
+        if self.frozen_unet is not None:
+            return parts.family.predict(self.frozen_unet, noisy, timesteps, cond, image_info)
+        with _adapters_off([unet]):
+            return parts.family.predict(unet, noisy, timesteps, cond, image_info)
+
+
+class _adapters_off:  # noqa: N801 (a context manager, used like a function)
+    """Switch the LoRA adapters of these modules off, and on again after (modules without any: nothing)."""
+
+    def __init__(self, modules) -> None:
+        self.modules = [m for m in modules if getattr(m, "peft_config", None)]
+
+    def __enter__(self) -> None:
+        for module in self.modules:
+            module.disable_adapters()
+
+    def __exit__(self, *exc) -> None:
+        for module in self.modules:
+            module.enable_adapters()
