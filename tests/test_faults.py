@@ -357,8 +357,8 @@ def small_disk(tmp_path: Path) -> Iterator[Callable[[str], Disk]]:
         return Disk(path)
 
     yield mount
-    for path in reversed(mounted):
-        subprocess.run(["umount", str(path)], check=False)
+    for path in reversed(mounted):  # lazily: a failed test's last child may still hold a file there
+        subprocess.run(["umount", "--lazy", str(path)], check=False)
 
 
 def _says_the_disk_is_full(status: int, events: list[dict], stderr: str, path: Path) -> None:
