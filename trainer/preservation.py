@@ -45,7 +45,9 @@ class BasePrediction:
             conditioning = parts.family.encode(parts, ids)
         frozen = None
         if config.method == "full":
-            frozen = copy.deepcopy(parts.unet).requires_grad_(False).to(dtype=dtype).eval()
+            frozen = copy.deepcopy(parts.unet).requires_grad_(False).eval()
+            if dtype != next(frozen.parameters()).dtype:  # (diffusers warns on any .to(dtype))
+                frozen.to(dtype=dtype)
         return cls(ids[0], conditioning, frozen)
 
     def rows(self, n: int, device: torch.device) -> torch.Tensor:
