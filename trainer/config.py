@@ -92,7 +92,7 @@ class TrainConfig:
 
     # --- prior preservation -----------------------------------------------------------
     with_prior_preservation: bool = field(
-        default=False, metadata={"help": "Add the prior-preservation loss on class images."}
+        default=False, metadata={"help": "Add the prior-preservation loss (what it compares with: preservation)."}
     )
     preservation: Preservation = field(
         default="class-images",

@@ -60,6 +60,7 @@ def train_run(args: argparse.Namespace, base: Path, instance_dir: Path, run_dir:
               seed: int | None = None) -> dict[str, float | None]:
     """Train with the engine; return the wall-clock seconds it took, to its first step, and per step after."""
     from . import train
+    from .events import StepEvent
     from .toyworld import example_config
 
     changes: dict = {"method": args.method, "with_prior_preservation": args.prior, "preservation": args.preservation,
@@ -82,8 +83,6 @@ def train_run(args: argparse.Namespace, base: Path, instance_dir: Path, run_dir:
     if seed is not None:
         changes["seed"] = seed
     config = example_config(base, instance_dir, run_dir, **changes)
-    from .events import StepEvent
-
     steps: list[float] = []  # when each step ended
     started = time.monotonic()
     result = train(config, on_event=lambda e: steps.append(time.monotonic()) if isinstance(e, StepEvent) else None)

@@ -17,7 +17,9 @@ trained or the run resumes.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -66,16 +68,14 @@ class BasePrediction:
             return parts.family.predict(unet, noisy, timesteps, cond, image_info)
 
 
-class _adapters_off:  # noqa: N801 (a context manager, used like a function)
+@contextlib.contextmanager
+def _adapters_off(modules) -> Iterator[None]:
     """Switch the LoRA adapters of these modules off, and on again after (modules without any: nothing)."""
-
-    def __init__(self, modules) -> None:
-        self.modules = [m for m in modules if getattr(m, "peft_config", None)]
-
-    def __enter__(self) -> None:
-        for module in self.modules:
-            module.disable_adapters()
-
-    def __exit__(self, *exc) -> None:
-        for module in self.modules:
+    with_adapters = [m for m in modules if getattr(m, "peft_config", None)]
+    for module in with_adapters:
+        module.disable_adapters()
+    try:
+        yield
+    finally:
+        for module in with_adapters:
             module.enable_adapters()
