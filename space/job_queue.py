@@ -64,10 +64,6 @@ class SlotPool:
     def free(self) -> int:
         return len(self.slots) - len(self._busy)
 
-    @property
-    def busy_gpus(self) -> list[int]:
-        return sorted(gpu for s in self.slots if s.index in self._busy for gpu in s.gpus)
-
 
 def start_estimates(
     running_eta: Sequence[float | None], free_slots: int, queued_steps: Sequence[int], seconds_per_step: float | None
