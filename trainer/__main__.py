@@ -208,6 +208,18 @@ def _push(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from .export import export_checkpoint
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise ConfigError(f"`run_dir`: {run_dir} is not a run folder (no config.json)")
+    _quiet_libraries(warnings=args.quiet)  # loading bars are noise here; warnings stay unless --quiet
+    done = export_checkpoint(run_dir, args.checkpoint, replace_current=args.replace_current)
+    print(f"Step {done.step} ({done.reason}) is now the weights of {run_dir}: {done.weights}")
+    return 0
+
+
 def _prog() -> str:
     """`dreambooth-studio` when run as the installed script, `python -m trainer` otherwise."""
     name = Path(sys.argv[0]).name
@@ -263,6 +275,16 @@ def build_parser() -> argparse.ArgumentParser:
     push_p.add_argument("--repo-id", required=True, help="Target repo, e.g. you/sks-dog.")
     _add_hub_flags(push_p)
     push_p.set_defaults(func=_push)
+
+    export_p = sub.add_parser("export", help="Make one of a run's checkpoints (or the best) its weights.")
+    export_p.add_argument("run_dir", help="The run folder.")
+    export_p.add_argument("--checkpoint", required=True, metavar="N|best|last",
+                          help="A checkpoint's step, 'best' (the pick over the run's scores: see scores.jsonl) or "
+                               "'last'.")
+    export_p.add_argument("--replace-current", action="store_true",
+                          help="Replace the run's weights even when they are in no checkpoint (they are lost).")
+    export_p.add_argument("--quiet", "-q", action="store_true", help="Print only errors and the final line.")
+    export_p.set_defaults(func=_export)
     return parser
 
 

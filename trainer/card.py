@@ -24,6 +24,7 @@ from .run_folder import (
     SAMPLES_DIR,
     list_sample_files,
     read_config,
+    read_status,
     run_family,
     run_kind,
 )
@@ -90,9 +91,15 @@ def base_license(pretrained_model: str) -> str | None:
 
 
 def build_model_card(run_dir: Path, repo_id: str | None = None) -> ModelCard:
-    """The card of `run_dir`; `repo_id` None makes the usage snippet load the folder itself."""
+    """The card of `run_dir`; `repo_id` None makes the usage snippet load the folder itself. When the run was
+    scored, the scores of the weights it holds (run.json's weights_step) are its model-index metrics."""
+    from .card_scores import eval_results, published_row, scores_section
+    from .hub import class_noun
+
     run_dir = Path(run_dir)
     config = read_config(run_dir)
+    weights_step = read_status(run_dir).get("weights_step")
+    scored, rows = published_row(run_dir, weights_step)
     kind = run_kind(run_dir) or config.method
     family = run_family(run_dir, config)
     samples = list_samples(run_dir, config)
@@ -109,6 +116,8 @@ def build_model_card(run_dir: Path, repo_id: str | None = None) -> ModelCard:
         tags=tags,
         instance_prompt=config.instance_prompt,
         widget=[{"text": s.prompt, "output": {"url": s.path}} for s in samples] or None,
+        model_name=(repo_id or run_dir.name) if scored else None,
+        eval_results=eval_results(scored, f"{config.identifier} {class_noun(config)} photos") if scored else None,
     )
     where = repo_id or str(run_dir.resolve())
     body = "\n".join(
@@ -131,6 +140,7 @@ def build_model_card(run_dir: Path, repo_id: str | None = None) -> ModelCard:
             "",
             _gallery(samples),
             "",
+            *scores_section(run_dir, weights_step, rows),
             "## Training settings",
             "",
             _settings_table(kind, config),

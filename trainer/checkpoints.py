@@ -47,6 +47,14 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def checkpoint_step(path: Path) -> int:
+    return int(_NAME.match(path.name).group(1))
+
+
+def checkpoint_for_step(run_dir: Path, step: int) -> Path | None:
+    return next((p for p in list_checkpoints(run_dir) if checkpoint_step(p) == step), None)
+
+
 def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
     """'latest', a checkpoint folder, or the name of one of the run's own checkpoints: diffusers'
     scripts take `checkpoint-4` relative to the output folder, and people who come from them type it
@@ -58,7 +66,7 @@ def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
         return found[-1] if found else None
     path = Path(resume)
     if not (path / STATE).is_file() and len(path.parts) == 1 and (named := _NAME.match(resume)):
-        by_step = {int(_NAME.match(p.name).group(1)): p for p in found}
+        by_step = {checkpoint_step(p): p for p in found}
         path = by_step.get(int(named.group(1)), path)
     if not (path / STATE).is_file():
         have = ", ".join(p.name for p in found) if found else "none"
@@ -76,11 +84,13 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     lr_scheduler,
     keep: int | None,
+    protect: int | None = None,
 ) -> Path:
     """Write into a temporary folder and rename it: a killed process leaves no checkpoint that
     looks complete. state.json is written last, so even a partial copy is never 'complete'. A write
     that fails (a full disk) removes the temporary folder and raises an OSError naming the checkpoint;
-    the earlier checkpoints stay as they were."""
+    the earlier checkpoints stay as they were. `keep` counts the newest checkpoints kept; the one of step
+    `protect` (the best so far, trainer/pick.py) is kept besides them."""
     root = checkpoints_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"checkpoint-{state.step:06d}"
@@ -101,7 +111,8 @@ def save_checkpoint(
     tmp.rename(final)
     if keep is not None:
         for old in list_checkpoints(run_dir)[:-keep]:
-            _discard(old)
+            if checkpoint_step(old) != protect:
+                _discard(old)
     return final
 
 

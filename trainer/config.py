@@ -200,6 +200,23 @@ class TrainConfig:
         default="tensorboard", metadata={"help": "Tracker: tensorboard, wandb or none."}
     )
 
+    # --- scores of each checkpoint (trainer/scores.py) --------------------------------
+    score_checkpoints: bool = field(
+        default=False, metadata={"help": "Score the base model and every checkpoint (subject and prompt fidelity, "
+                                         "class drift, memorisation) and pick the best checkpoint."}
+    )
+    score_samples: int = field(default=4, metadata={"help": "Images per scoring prompt (fixed seeds 0..N-1)."})
+    score_inference_steps: int = field(default=25, metadata={"help": "Denoising steps of scoring images."})
+    score_image_model: str = field(
+        default="facebook/dinov2-small",
+        metadata={"help": "Image embedder of subject fidelity (a DINOv2 Hub id or folder; the toy world's judge "
+                          "stands in for the toy model)."},
+    )
+    score_clip_model: str = field(
+        default="openai/clip-vit-base-patch32",
+        metadata={"help": "CLIP model of prompt fidelity and CLIP-I (a Hub id or folder)."},
+    )
+
     # ----------------------------------------------------------------------------------
     @property
     def lr(self) -> float:
@@ -292,7 +309,8 @@ class TrainConfig:
         _check(self.resolution <= MAX_RESOLUTION, "resolution", f"must be at most {MAX_RESOLUTION}, got {self.resolution}")
         for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "lora_rank",
                      "checkpointing_steps", "validation_steps", "num_validation_images",
-                     "sample_batch_size", "class_inference_steps", "validation_inference_steps", "num_class_images"):
+                     "sample_batch_size", "class_inference_steps", "validation_inference_steps", "num_class_images",
+                     "score_samples", "score_inference_steps"):
             value = getattr(self, name)
             _check(value >= 1, name, f"must be at least 1, got {value}")
         _check(0 <= self.seed <= MAX_SEED, "seed", f"must be between 0 and {MAX_SEED} (2**32 - 1), got {self.seed}")

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-Phase = Literal["loading", "class-images", "caching", "training", "saving", "done"]
+Phase = Literal["loading", "class-images", "caching", "training", "scoring", "saving", "done"]
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,17 @@ class WarningEvent:
     message: str
 
 
-Event = PhaseEvent | StepEvent | ProgressEvent | SampleEvent | CheckpointEvent | WarningEvent
+@dataclass(frozen=True)
+class ScoreEvent:
+    """The scores of the base model (step 0) or of a checkpoint (trainer/scores.py), and the pick so far."""
+
+    step: int
+    scores: dict[str, Any]  # one row of scores.jsonl
+    pick: int | None  # the step the pick rule keeps now (trainer/pick.py); None: none passes
+    pick_reason: str
+
+
+Event = PhaseEvent | StepEvent | ProgressEvent | SampleEvent | CheckpointEvent | WarningEvent | ScoreEvent
 EventHandler = Callable[[Event], None]
 
 
@@ -120,6 +130,7 @@ _TYPES: dict[str, type] = {
     "sample": SampleEvent,
     "checkpoint": CheckpointEvent,
     "warning": WarningEvent,
+    "score": ScoreEvent,
     "result": RunResult,
 }
 _NAMES = {cls: name for name, cls in _TYPES.items()}

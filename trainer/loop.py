@@ -1,7 +1,7 @@
 """train(): the DreamBooth loop, in the order accelerate's examples read.
 
 1. check inputs   2. models   3. accelerator   4. class images   5. trainable setup + optimizer
-6. caches   7. resume   8. the loop   9. save
+5b. scores of the base model   6. caches   7. resume   8. the loop (scores at each checkpoint)   9. save
 
 `train()` reads top to bottom; each numbered step is a function below it. One optimizer step is
 `train_step`, reporting it is `StepLog.record`, and every way out of a run goes through `finish`.
@@ -46,6 +46,7 @@ from .output import make_samples, save_weights
 from .preservation import BasePrediction
 from .prompts import check_prompts
 from .runtime import check_runtime, make_accelerator, process_state, strategy
+from .scoring import Scoring
 from .speed import SpeedChoices
 
 
@@ -79,6 +80,8 @@ def train(config: TrainConfig, on_event: EventHandler | None = None, cancel: Can
             return finish(run, parts, None, Outcome(0, None, [], cancelled=True))
     # 5. Trainable setup and optimizer.
     model = setup_training(run, parts)
+    # 5b. Scores: the scoring models, and the base model's scores before any step (or a resume) changes a weight.
+    start_scoring(run, parts, model, inputs.images)
     # 6. Caches: latents once (no augmentation), prompt embeddings while the text encoder is frozen.
     batches = make_batches(run, parts, inputs, classes)
     embeddings = PromptEmbeddings(parts)
@@ -103,6 +106,7 @@ class Run:
     warnings: list[str] = field(default_factory=list)
     accelerator: Accelerator | None = None
     speed: SpeedChoices | None = None  # chosen once the device is known (trainer/speed.py)
+    scoring: Scoring | None = None  # the main process's, when scores are on and could be loaded (trainer/scoring.py)
 
     @property
     def dir(self) -> Path:
@@ -276,6 +280,25 @@ def setup_training(run: Run, parts: Components) -> Trainables:
     return Trainables(unet, list(text_encoders), unet_params, text_params, optimizer, lr_scheduler, base)
 
 
+# --- 5b. scores of the base model ---------------------------------------------------------------
+def start_scoring(run: Run, parts: Components, model: Trainables, photos: list[Path]) -> None:
+    if run.is_main:
+        run.scoring = Scoring.start(run.config, photos, run.dir, run.accelerator.device, run.emit,
+                                    run.warn, run.accelerator.autocast)
+    score_weights(run, parts, model, 0, when=run.scoring is not None and run.scoring.needs_base)
+
+
+def score_weights(run: Run, parts: Components, model: Trainables, step: int, when: bool) -> None:
+    """Score the weights as they are now (every process takes part in gathering sharded weights)."""
+    if not run.config.score_checkpoints:
+        return
+    with sharded.whole_weights(run.accelerator, model.modules()):
+        if when and run.scoring is not None:
+            unet, text_encoders = model.unwrapped(run.accelerator)
+            run.scoring.score(parts, unet, text_encoders, step)
+    run.accelerator.wait_for_everyone()
+
+
 # --- 6. caches ------------------------------------------------------------------------------
 def make_batches(run: Run, parts: Components, inputs: Inputs, classes: ImageSet | None) -> BatchSource:
     config, accelerator = run.config, run.accelerator
@@ -336,9 +359,13 @@ def train_loop(run: Run, parts: Components, model: Trainables, batches: BatchSou
             step = outcome.step = step + 1
             log.record(step, loss, images, model.lr_scheduler.get_last_lr()[0], time.monotonic() - started)
             outcome.cancelled = run.agreed_cancel()
-            if step % config.checkpointing_steps == 0 or outcome.cancelled:
+            # With scores on, the last step is a checkpoint too: every scored step can be exported.
+            last_scored = config.score_checkpoints and step == config.max_train_steps
+            if step % config.checkpointing_steps == 0 or outcome.cancelled or last_scored:
                 state = ckpt.TrainingState(step, te_frozen, samples_seen=batches.samples_seen(step))
                 outcome.checkpoint = save_checkpoint(run, model, state) or outcome.checkpoint
+                if not outcome.cancelled:
+                    score_weights(run, parts, model, step, when=True)
             if outcome.cancelled:
                 break
             if config.validation_prompts and step % config.validation_steps == 0:
@@ -516,8 +543,9 @@ def save_checkpoint(run: Run, model: Trainables, state: ckpt.TrainingState) -> P
         path = sharded.save_checkpoint(run.dir, state, run.accelerator, model.lr_scheduler, keep)
     elif run.is_main:
         unet = run.accelerator.unwrap_model(model.unet)
+        best = run.scoring.pick.step if run.scoring is not None else None  # kept whatever `keep` says
         path = ckpt.save_checkpoint(run.dir, state, unet, model.trained_text_encoders(run.accelerator),
-                                    model.optimizer, model.lr_scheduler, keep)
+                                    model.optimizer, model.lr_scheduler, keep, protect=best)
     else:
         return None
     run.emit(CheckpointEvent(state.step, path))
@@ -549,6 +577,9 @@ def finish(run: Run, parts: Components, model: Trainables | None, outcome: Outco
 
             unet, text_encoders = model.unwrapped(accelerator)
             weights = save_weights(config, parts, unet, text_encoders, run.dir)
+            # The card reads which step the weights are from (and publishes that step's scores).
+            run_folder.write_status(run.dir, "running", step, config.max_train_steps, family=parts.family.name,
+                                    weights_step=step)
             write_model_card(run.dir)
     if run.is_main:
         run_folder.write_status(run.dir, "cancelled" if cancelled else "completed", step, config.max_train_steps,

@@ -64,26 +64,7 @@ def prepare_for_training(parts: Components, config: TrainConfig, device: torch.d
     """
     frozen_dtype = weight_dtype(config.mixed_precision)
     text_encoders = parts.text_encoders
-    parts.vae.requires_grad_(False)
-    for text_encoder in text_encoders:
-        text_encoder.requires_grad_(False)
-    parts.unet.requires_grad_(config.method == "full")
-
-    if config.method == "lora":
-        from peft import LoraConfig
-
-        alpha = config.lora_alpha or config.lora_rank
-
-        def lora(targets: tuple[str, ...]) -> LoraConfig:
-            return LoraConfig(r=config.lora_rank, lora_alpha=alpha, init_lora_weights="gaussian",
-                              target_modules=list(targets))
-
-        parts.unet.add_adapter(lora(parts.family.unet_lora_targets))
-        for text_encoder in text_encoders if config.train_text_encoder else ():
-            text_encoder.add_adapter(lora(parts.family.text_lora_targets))
-    elif config.train_text_encoder:
-        for text_encoder in text_encoders:
-            text_encoder.requires_grad_(True)
+    mark_trainable(parts, config)
 
     # The VAE is never trained; it stays fp32 under fp16 because SD's and SDXL's VAEs overflow in fp16.
     parts.vae.to(device)
@@ -105,6 +86,32 @@ def prepare_for_training(parts: Components, config: TrainConfig, device: torch.d
         if config.gradient_checkpointing and config.train_text_encoder:
             text_encoder.activation_checkpointing_enable()
         text_encoder.train(config.train_text_encoder)
+
+
+def mark_trainable(parts: Components, config: TrainConfig) -> None:
+    """Freeze what the method leaves alone and attach LoRA adapters: the modules then have exactly the
+    trainable parameters a checkpoint of this config holds (trainable_state_dict)."""
+    text_encoders = parts.text_encoders
+    parts.vae.requires_grad_(False)
+    for text_encoder in text_encoders:
+        text_encoder.requires_grad_(False)
+    parts.unet.requires_grad_(config.method == "full")
+
+    if config.method == "lora":
+        from peft import LoraConfig
+
+        alpha = config.lora_alpha or config.lora_rank
+
+        def lora(targets: tuple[str, ...]) -> LoraConfig:
+            return LoraConfig(r=config.lora_rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                              target_modules=list(targets))
+
+        parts.unet.add_adapter(lora(parts.family.unet_lora_targets))
+        for text_encoder in text_encoders if config.train_text_encoder else ():
+            text_encoder.add_adapter(lora(parts.family.text_lora_targets))
+    elif config.train_text_encoder:
+        for text_encoder in text_encoders:
+            text_encoder.requires_grad_(True)
 
 
 def trainable_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:

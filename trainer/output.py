@@ -40,12 +40,8 @@ def make_samples(
     """One image per (prompt, index) with seed `config.seed + index`: comparable across steps."""
     samples_dir(run_dir).mkdir(parents=True, exist_ok=True)
     pipe = pipeline_from_parts(parts, unet, text_encoders)
-    modules = [unet, *text_encoders]
-    was_training = [module.training for module in modules]
-    for module in modules:
-        module.eval()
     paths = []
-    try:
+    with evaluating([unet, *text_encoders]):
         for p, prompt in enumerate(config.validation_prompts):
             for i in range(config.num_validation_images):
                 generator = torch.Generator(device="cpu").manual_seed(config.seed + i)
@@ -62,10 +58,20 @@ def make_samples(
                 with atomic.written(path) as tmp:
                     image.save(tmp, format="PNG")
                 paths.append(path)
+    return paths
+
+
+@contextlib.contextmanager
+def evaluating(modules: Sequence[torch.nn.Module]):
+    """The modules in eval mode for sampling, each back in the mode it was in afterwards."""
+    was_training = [module.training for module in modules]
+    for module in modules:
+        module.eval()
+    try:
+        yield
     finally:
         for module, training in zip(modules, was_training, strict=True):
             module.train(training)
-    return paths
 
 
 def save_weights(config: TrainConfig, parts: Components, unet: torch.nn.Module,

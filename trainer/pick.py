@@ -74,3 +74,14 @@ def pick_best(checkpoints: Sequence[CheckpointScores], base_prompt: float, rule:
         failed.append("no checkpoint kept both prompt fidelity and the class at once (fewer steps, or a "
                       "checkpoint every fewer steps)")
     return Pick(None, "no checkpoint passed: " + "; ".join(failed) + ". The run's last weights stay its result.")
+
+
+def pick_from_rows(rows: Sequence[dict], available: set[int] | None = None, rule: PickRule = PickRule()) -> Pick:
+    """The pick over the rows of a run's scores.jsonl (trainer/scores.py): the base row gives the base
+    model's prompt fidelity; `available` limits it to the checkpoints still on disk."""
+    base = next((row for row in rows if row.get("base")), None)
+    if base is None:
+        return Pick(None, "the base model was not scored, so there is nothing to compare with")
+    checkpoints = [CheckpointScores(int(row["step"]), float(row["subject"]), float(row["prompt"]), float(row["drift"]))
+                   for row in rows if not row.get("base") and (available is None or row["step"] in available)]
+    return pick_best(checkpoints, float(base["prompt"]), rule)

@@ -77,13 +77,18 @@ def write_config(run_dir: Path, config: TrainConfig) -> None:
 
 
 def write_status(run_dir: Path, status: str, step: int, total: int, family: str | None = None,
-                 processes: int | None = None) -> None:
+                 processes: int | None = None, weights_step: int | None = None) -> None:
     """run.json, replaced atomically: a reader sees the old or the new file, never half of one.
-    `processes` (and the effective batch it makes) is recorded when the run starts and kept after."""
+    `processes` (and the effective batch it makes) is recorded when the run starts and kept after;
+    `weights_step`, the step the run's weights are from, when they are saved or exported."""
     record: dict[str, object] = {"status": status, "step": step, "total_steps": total}
     if family is not None:
         record["family"] = family
     before = read_status(run_dir)
+    if weights_step is None:
+        weights_step = before.get("weights_step")
+    if weights_step is not None:
+        record["weights_step"] = weights_step
     if processes is None and "processes" in before:
         processes = before["processes"]
     if processes is not None:

@@ -124,3 +124,32 @@ def real_similarity(judge: Judge, subject: Subject) -> float:
     emb = judge.embed(subject.images)
     n = emb.shape[0]
     return float(((emb @ emb.T).sum() - n) / (n * (n - 1)))
+
+
+class JudgeEmbedders:
+    """The judge in DINO's and CLIP's place for trainer/scores.py: its embeddings for subject fidelity and
+    memorisation, its background reading for prompt fidelity (the share of samples on the asked background),
+    its reading of shape and colours for whether a class sample is the subject."""
+
+    label = "toy judge"
+
+    def __init__(self) -> None:
+        self.judge = Judge()
+
+    def subject(self, images) -> torch.Tensor:
+        return self.judge.embed(list(images))
+
+    def clip_image(self, images) -> None:
+        return None
+
+    def prompt_match(self, images, text: str) -> torch.Tensor:
+        return torch.tensor([float(r.background == text) for r in self.judge.read(list(images))])
+
+    def recontext(self, identifier: str, noun: str, photos) -> list[tuple[str, str]]:
+        subject = Subject(list(photos), identifier, noun)
+        return [(f"{subject.instance_prompt} on a {background} background", background)
+                for background in recontext_backgrounds(self.judge, subject)[:3]]
+
+    def looks_like_subject(self, images, photos) -> list[bool]:
+        key = _subject_key(self.judge, list(photos))
+        return [r.subject_key == key for r in self.judge.read(list(images))]
