@@ -1,0 +1,257 @@
+"""Scores of checkpoints (trainer/scores.py, scoring.py), the export of a checkpoint (trainer/export.py)
+and the card's metrics, on the tiny SD with tiny random DINOv2 and CLIP models loaded through
+`from_pretrained` as the real ones are."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from train_helpers import tiny_config
+
+from trainer import train
+from trainer.config import ConfigError
+from trainer.events import PhaseEvent, ScoreEvent, WarningEvent
+
+CLASS_PROMPT = "a photo of a square"
+
+
+@pytest.fixture(scope="session")
+def tiny_scorers(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    from tiny_scorers import build_tiny_scorers
+
+    return build_tiny_scorers(tmp_path_factory.mktemp("scorers"))
+
+
+def scored_config(model: Path, images: Path, out: Path, scorers: tuple[Path, Path], **changes):
+    settings = {"score_checkpoints": True, "checkpointing_steps": 2, "score_samples": 2, "score_inference_steps": 2,
+                "score_image_model": str(scorers[0]), "score_clip_model": str(scorers[1]),
+                "with_prior_preservation": True, "preservation": "base-prediction", "class_prompt": CLASS_PROMPT}
+    return tiny_config(model, images, out, **{**settings, **changes})
+
+
+@dataclass
+class _Images:
+    images: list[Image.Image]
+
+
+class FixedImages:
+    """A stand-in pipeline that draws the given pictures whatever it is asked: what a model that reproduces
+    its training photos (or draws the subject for every prompt) would return."""
+
+    def __init__(self, images: list[Image.Image]) -> None:
+        self.pictures = images
+
+    def __call__(self, prompts: list[str], **kwargs) -> _Images:
+        return _Images([self.pictures[i % len(self.pictures)] for i in range(len(prompts))])
+
+
+@pytest.fixture
+def scorer(tiny_model_dir, subject_images, tmp_path, tiny_scorers):
+    from trainer.data import collect_image_paths, load_rgb
+    from trainer.scores import HubEmbedders, Scorer
+
+    config = scored_config(tiny_model_dir, subject_images, tmp_path / "run", tiny_scorers)
+    embedders = HubEmbedders(str(tiny_scorers[0]), str(tiny_scorers[1]), torch.device("cpu"))
+    photos = [load_rgb(p) for p in collect_image_paths([subject_images])]
+    return Scorer(embedders, photos, config), photos
+
+
+@pytest.fixture
+def base_pipe(tiny_model_dir):
+    from trainer.run_folder import load_pipeline
+
+    pipe = load_pipeline(tiny_model_dir, torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def without_time(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k != "seconds"}
+
+
+def test_scores_are_the_same_for_the_same_model_and_seeds(scorer, base_pipe):
+    scorer, _ = scorer
+    first = scorer.score(base_pipe, 0)
+    second = scorer.score(base_pipe, 0)
+    assert first["base"] and "base" not in second  # the first pipeline scored is the reference
+    assert {k: first[k] for k in ("subject", "subject_clip", "prompt", "memorisation")} == \
+           {k: second[k] for k in ("subject", "subject_clip", "prompt", "memorisation")}
+
+
+def test_drift_is_zero_and_diversity_kept_whole_when_the_checkpoint_is_the_base_model(scorer, base_pipe):
+    scorer, _ = scorer
+    scorer.score(base_pipe, 0)
+    again = scorer.score(base_pipe, 10)
+    assert again["drift"] == 0.0
+    assert again["div_kept"] == pytest.approx(1.0)
+
+
+def test_a_class_that_now_draws_the_subject_has_drifted(scorer, base_pipe):
+    scorer, photos = scorer
+    scorer.score(base_pipe, 0)
+    drifted = scorer.score(FixedImages(photos), 10)  # every prompt, the class one too, draws the photos
+    assert drifted["drift"] > 0.5
+    assert drifted["div_kept"] is not None
+
+
+def test_memorisation_is_highest_when_a_sample_is_a_training_photo(scorer, base_pipe):
+    scorer, photos = scorer
+    drawn = scorer.score(base_pipe, 0)
+    copied = scorer.score(FixedImages(photos), 10)
+    assert copied["memorisation"] == pytest.approx(1.0, abs=1e-4)
+    assert copied["memorisation"] > drawn["memorisation"]
+    assert copied["memorised"] and not drawn["memorised"]
+    assert drawn["memorisation_threshold"] == copied["memorisation_threshold"] < 1.0
+
+
+def test_the_memorisation_threshold_sits_between_other_photos_and_a_copy():
+    from trainer.scores import memorisation_threshold
+
+    photos = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0]]), dim=1)
+    # nearest other photo: cos = 0.8 (both pairs with the middle one), so halfway to a copy is 0.9
+    assert memorisation_threshold(photos) == pytest.approx(0.9)
+    assert memorisation_threshold(photos[:1]) == pytest.approx(0.9)  # one photo: the fixed fallback
+
+
+def test_training_scores_the_base_and_every_checkpoint_and_the_last_step(
+        tiny_model_dir, subject_images, tmp_path, tiny_scorers):
+    from trainer.scores import read_scores
+
+    events = []
+    config = scored_config(tiny_model_dir, subject_images, tmp_path / "run", tiny_scorers,
+                           max_train_steps=5, checkpointing_steps=2, checkpoints_total_limit=1)
+    result = train(config, on_event=events.append)
+    rows = read_scores(result.run_dir)
+    assert [r["step"] for r in rows] == [0, 2, 4, 5]  # the last step is checkpointed and scored too
+    assert rows[0]["base"] and rows[0]["drift"] == 0.0
+    scored = [e for e in events if isinstance(e, ScoreEvent)]
+    assert [e.step for e in scored] == [0, 2, 4, 5]
+    assert all(e.scores["seconds"] > 0 for e in scored)
+    assert any(isinstance(e, PhaseEvent) and e.phase == "scoring" and "Scored step 2 in" in e.message for e in events)
+    # checkpoints_total_limit 1 keeps the newest, and the pick besides it
+    kept = sorted(p.name for p in (result.run_dir / "checkpoints").iterdir())
+    pick = scored[-1].pick
+    assert kept == sorted({f"checkpoint-{5:06d}", f"checkpoint-{pick:06d}"})
+    assert json.loads((result.run_dir / "run.json").read_text())["weights_step"] == 5
+
+
+def test_resuming_keeps_the_base_models_scores(tiny_model_dir, subject_images, tmp_path, tiny_scorers):
+    from trainer.scores import read_scores
+
+    config = scored_config(tiny_model_dir, subject_images, tmp_path / "run", tiny_scorers, max_train_steps=2)
+    train(config)
+    events = []
+    train(config.replace(max_train_steps=4, resume_from_checkpoint="latest"), on_event=events.append)
+    assert [e.step for e in events if isinstance(e, ScoreEvent)] == [4]  # no base model rescored
+    assert [r["step"] for r in read_scores(tmp_path / "run")] == [0, 2, 4]
+
+
+def test_scores_unavailable_say_why_and_the_training_goes_on(tiny_model_dir, subject_images, tmp_path, tiny_scorers):
+    events = []
+    config = scored_config(tiny_model_dir, subject_images, tmp_path / "run", tiny_scorers, max_train_steps=2,
+                           score_image_model=str(tmp_path / "no-such-model"))
+    result = train(config, on_event=events.append)
+    warnings = [e.message for e in events if isinstance(e, WarningEvent)]
+    assert any(w.startswith("Scores unavailable: could not load") and "no-such-model" in w for w in warnings)
+    assert result.status == "completed" and result.weights is not None
+    assert not (result.run_dir / "scores.jsonl").exists()
+
+
+def lora_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "pytorch_lora_weights.safetensors")
+
+
+def test_export_best_gives_the_weights_of_that_step_and_they_load_in_plain_diffusers(
+        tiny_model_dir, subject_images, tmp_path, tiny_scorers):
+    from diffusers import StableDiffusionPipeline
+
+    from trainer.export import export_checkpoint
+    from trainer.pick import pick_from_rows
+    from trainer.scores import read_scores
+
+    run = tmp_path / "run"
+    train(scored_config(tiny_model_dir, subject_images, run, tiny_scorers, max_train_steps=4,
+                        checkpoints_total_limit=None))
+    rows = read_scores(run)
+    # Make step 2 the best by the rule: the scores file is the pick's only input.
+    rows = [{**r, "subject": r["subject"] + (0.5 if r["step"] == 2 else 0.0)} for r in rows]
+    (run / "scores.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert pick_from_rows(rows).step == 2
+    done = export_checkpoint(run, "best")
+    assert done.step == 2
+    # The same training stopped at step 2 saved these very weights.
+    short = tmp_path / "short"
+    train(scored_config(tiny_model_dir, subject_images, short, tiny_scorers, max_train_steps=2, score_checkpoints=False))
+    exported, reference = lora_tensors(run), lora_tensors(short)
+    assert exported.keys() == reference.keys()
+    assert all(torch.equal(exported[k], reference[k]) for k in reference)
+    assert json.loads((run / "run.json").read_text())["weights_step"] == 2
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir, use_safetensors=True)
+    pipe.load_lora_weights(run, weight_name="pytorch_lora_weights.safetensors")
+    image = pipe("a photo of sks square", num_inference_steps=2, height=32, width=32, output_type="np").images[0]
+    assert image.shape == (32, 32, 3)
+
+
+def test_export_of_a_full_fine_tune_loads_in_plain_diffusers(tiny_model_dir, subject_images, tmp_path, tiny_scorers):
+    from diffusers import StableDiffusionPipeline
+
+    from trainer.__main__ import main
+
+    run = tmp_path / "run"
+    train(scored_config(tiny_model_dir, subject_images, run, tiny_scorers, method="full", max_train_steps=4,
+                        learning_rate=1e-3, checkpoints_total_limit=None))
+    last = StableDiffusionPipeline.from_pretrained(run, use_safetensors=True).unet.state_dict()
+    assert main(["export", str(run), "--checkpoint", "2", "--quiet"]) == 0
+    exported = StableDiffusionPipeline.from_pretrained(run, use_safetensors=True).unet.state_dict()
+    checkpoint = load_file(run / "checkpoints" / "checkpoint-000002" / "unet.safetensors")
+    assert all(torch.equal(exported[k], checkpoint[k]) for k in checkpoint)
+    assert any(not torch.equal(exported[k], last[k]) for k in checkpoint)  # step 2 is not the last step
+
+
+def test_export_refuses_what_would_lose_weights_or_is_not_there(tiny_model_dir, subject_images, tmp_path, capsys):
+    from trainer.__main__ import main
+    from trainer.export import export_checkpoint
+
+    run = tmp_path / "run"
+    # Not scored: step 3's weights are the result, and only step 2 is a checkpoint.
+    train(tiny_config(tiny_model_dir, subject_images, run, max_train_steps=3, checkpointing_steps=2))
+    before = lora_tensors(run)
+    with pytest.raises(ConfigError, match="in no checkpoint: exporting step 2 would lose them"):
+        export_checkpoint(run, 2)
+    assert main(["export", str(run), "--checkpoint", "best"]) == 2
+    assert "the base model was not scored" in capsys.readouterr().err
+    assert main(["export", str(run), "--checkpoint", "7"]) == 2
+    assert "has no checkpoint of step 7 (it has: 2)" in capsys.readouterr().err
+    assert all(torch.equal(before[k], v) for k, v in lora_tensors(run).items())  # nothing was replaced
+    assert export_checkpoint(run, 2, replace_current=True).step == 2
+
+
+def test_the_cards_metrics_are_the_scores_of_its_weights_and_parse_back(
+        tiny_model_dir, subject_images, tmp_path, tiny_scorers):
+    from huggingface_hub import ModelCard
+
+    from trainer.card_scores import card_metrics
+    from trainer.export import export_checkpoint
+    from trainer.scores import read_scores
+
+    run = tmp_path / "run"
+    train(scored_config(tiny_model_dir, subject_images, run, tiny_scorers, max_train_steps=4,
+                        checkpoints_total_limit=None))
+    rows = {r["step"]: r for r in read_scores(run)}
+
+    def expected(row: dict) -> dict[str, float]:
+        return {"subject-fidelity": row["subject"], "subject-fidelity-clip-i": row["subject_clip"],
+                "prompt-fidelity": row["prompt"], "class-drift": row["drift"],
+                "class-diversity-kept": row["div_kept"], "memorisation": row["memorisation"]}
+
+    card = ModelCard.load(run / "README.md")
+    assert card_metrics(card) == expected(rows[4])
+    assert "The pick rule: the highest subject fidelity" in card.text
+    export_checkpoint(run, 2)
+    assert card_metrics(ModelCard.load(run / "README.md")) == expected(rows[2])
