@@ -3,6 +3,7 @@
     python -m trainer.eval --instance-data SUBJECT_DIR --identifier sks --class-noun star
     python -m trainer.eval --example --method lora --prior          # train the bundled example
     python -m trainer.eval --example --run runs/my-run              # score an existing run folder
+    python -m trainer.eval --example --method full --score-every 200 --seeds 3   # the pick vs the last step
 
 Trains one DreamBooth run with the engine (unless --run names one), then scores the base model
 and the trained one on the same seeds: subject fidelity, prompt fidelity, prior preservation
@@ -48,6 +49,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seeds", type=int, default=1,
                         help="Train this many runs (training seeds 0..N-1) and report their mean: one run's "
                              "numbers move by ~0.1 from seed to seed.")
+    parser.add_argument("--score-every", type=int, default=None, metavar="N",
+                        help="Checkpoint and score (trainer/scores.py) every N steps while training, then also "
+                             "measure the checkpoint the pick rule keeps (trainer/pick.py) beside the last one.")
+    parser.add_argument("--score-samples", type=int, default=8, help="With --score-every: images per scoring prompt.")
     parser.add_argument("--samples", type=int, default=16, help="Images per prompt.")
     parser.add_argument("--inference-steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=5.0)
@@ -82,6 +87,9 @@ def train_run(args: argparse.Namespace, base: Path, instance_dir: Path, run_dir:
             changes[name] = value
     if seed is not None:
         changes["seed"] = seed
+    if args.score_every:
+        changes.update(score_checkpoints=True, checkpointing_steps=args.score_every, checkpoints_total_limit=None,
+                       score_inference_steps=args.inference_steps, score_samples=args.score_samples)
     config = example_config(base, instance_dir, run_dir, **changes)
     steps: list[float] = []  # when each step ended
     started = time.monotonic()
@@ -92,6 +100,25 @@ def train_run(args: argparse.Namespace, base: Path, instance_dir: Path, run_dir:
     print(f"trained {result.step} steps in {took['seconds']:.0f} s (first step after {took['first_step']} s, then "
           f"{took['per_step']} s a step) -> {result.run_dir}", flush=True)
     return took
+
+
+def _mean(rows: list[dict[str, float]]) -> dict[str, float]:
+    from .toyworld.score import SCORE_NAMES
+
+    return {key: round(sum(r[key] for r in rows) / len(rows), 3) for key in SCORE_NAMES}
+
+
+def _use_pick(run_dir: Path) -> tuple[int | None, str]:
+    """Make the run's picked checkpoint its weights (the last step stays a checkpoint); (step, reason)."""
+    from .export import export_checkpoint
+    from .pick import pick_from_rows
+    from .scores import read_scores
+
+    pick = pick_from_rows(read_scores(run_dir))
+    if pick.step is None:
+        return None, pick.reason
+    export_checkpoint(run_dir, pick.step)
+    return pick.step, pick.reason
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -125,13 +152,24 @@ def main(argv: list[str] | None = None) -> dict:
     base_pipe = load_pipeline(base, torch.float32)
     settings = {"count": args.samples, "steps": args.inference_steps, "guidance": args.guidance}
     per_run = [score(load_run(d, base_model=base), judge, subject, **settings).as_dict() for d in run_dirs]
-    rows = {"base": score(base_pipe, judge, subject, **settings).as_dict(),
-            "trained": {key: round(sum(r[key] for r in per_run) / len(per_run), 3) for key in SCORE_NAMES}}
+    rows = {"base": score(base_pipe, judge, subject, **settings).as_dict(), "trained": _mean(per_run)}
     if len(per_run) > 1:
         rows.update({f"seed {k}": row for k, row in enumerate(per_run)})
+    picks = None
+    if args.score_every:
+        picks, picked = [], []
+        for run_dir, last in zip(run_dirs, per_run, strict=True):
+            step, reason = _use_pick(run_dir)
+            picks.append({"step": step, "reason": reason})
+            print(f"{run_dir}: {reason}", flush=True)
+            picked.append(last if step is None else score(load_run(run_dir, base_model=base), judge, subject,
+                                                          **settings).as_dict())
+        rows["picked"] = _mean(picked)
+        if len(picked) > 1:
+            rows.update({f"pick {k}": row for k, row in enumerate(picked)})
     results = {"runs": [str(d) for d in run_dirs], "method": args.method, "prior": args.prior,
                "preservation": args.preservation if args.prior else "none",
-               "train_seconds": seconds, "real_similarity": round(real_similarity(judge, subject), 3), **rows}
+               "train_seconds": seconds, "picks": picks, "real_similarity": round(real_similarity(judge, subject), 3), **rows}
 
     print(f"\nreal images vs each other: subject sim {results['real_similarity']}")
     print(f"{'model':8}" + "".join(f"{name:>16}" for name in SCORE_NAMES.values()))

@@ -38,9 +38,11 @@ from .families.base import first_line
 
 SCORES_NAME = "scores.jsonl"
 CLASS_SEED = 1000  # class-prompt samples use seeds 1000.., the others 0..: no two prompts share noise
-# A sample this far from the photos' own nearest-neighbour similarity towards 1 (an exact copy) is a copy:
-# halfway. In the toy world a re-rendered training photo scores above it and a new photo of the subject below.
-COPY_FRACTION = 0.5
+# A sample this far from the photos' own nearest-other-photo similarity towards 1 (an exact copy) is a copy.
+# Calibrated on the toy world's example (bench/memorisation_threshold.py): at 0.9, 100% of copies of a
+# training photo are flagged, 2% of new photos of the subject on the same backgrounds, 0% in new contexts
+# (at 0.5: 100%, 35%, 0%).
+COPY_FRACTION = 0.9
 NO_PAIR_THRESHOLD = 0.9  # with a single photo there is no pair to calibrate on
 
 
@@ -123,8 +125,9 @@ def _short(model: str) -> str:
 
 
 def memorisation_threshold(photos: torch.Tensor) -> float:
-    """The similarity above which a sample counts as a copy of a training photo: halfway from the highest
-    similarity between two different photos (what a new photo of the subject reaches) to 1 (an exact copy)."""
+    """The similarity above which a sample counts as a copy of a training photo: COPY_FRACTION of the way from
+    the highest similarity between two different photos (what a new photo of the subject reaches) to 1 (an
+    exact copy)."""
     n = photos.shape[0]
     if n < 2:
         return NO_PAIR_THRESHOLD
@@ -147,6 +150,7 @@ class BaseReference:
     class_similarity: float  # the base class samples' mean similarity to the photos
     div: float
     prompt: float
+    prompt_se: float
 
 
 def generate(pipe, prompt: str, count: int, seed: int, steps: int, guidance: float, size: int,
@@ -207,13 +211,16 @@ class Scorer:
         subject_clip = None
         if self.photo_clip is not None:
             subject_clip = float((self.embedders.clip_image(own) @ self.photo_clip.T).mean())
-        prompt_scores, nearest = [], [float((own_embeddings @ self.photo_embeddings.T).max())]
+        matches, nearest = [], [float((own_embeddings @ self.photo_embeddings.T).max())]
         for k, (prompt, text) in enumerate(self.recontext):
             images = self._generate(pipe, prompt, 0, autocast)
-            prompt_scores.append(float(self.embedders.prompt_match(images, text).mean()))
+            matches.append(self.embedders.prompt_match(images, text).float())
             nearest.append(float((self.embedders.subject(images) @ self.photo_embeddings.T).max()))
             progress(2 + k, jobs)
-        prompt_fidelity = sum(prompt_scores) / len(prompt_scores) if prompt_scores else 0.0
+        match = torch.cat(matches) if matches else torch.zeros(1)
+        prompt_fidelity = float(match.mean())
+        # Its sampling noise (the standard error of that mean), which the pick rule allows for.
+        prompt_se = float(match.std() / len(match) ** 0.5) if len(match) > 1 else 0.0
 
         classes = self._generate(pipe, self.class_prompt, CLASS_SEED, autocast)
         progress(jobs, jobs)
@@ -222,13 +229,13 @@ class Scorer:
         looks, div = self._looks(classes, class_similarity), diversity(class_embeddings)
         row: dict[str, object] = {"step": step}
         if self.base is None:
-            self.base = BaseReference(tuple(looks), float(class_similarity.mean()), div, prompt_fidelity)
+            self.base = BaseReference(tuple(looks), float(class_similarity.mean()), div, prompt_fidelity, prompt_se)
             row.update(base=True, class_looks=list(looks), class_similarity=round(self.base.class_similarity, 4),
                        div=round(div, 4))
         drifted = sum(now and not before for now, before in zip(looks, self.base.class_looks, strict=True))
         memorisation = max(nearest)
         row.update(subject=round(subject, 4), subject_clip=None if subject_clip is None else round(subject_clip, 4),
-                   prompt=round(prompt_fidelity, 4), drift=round(drifted / len(looks), 4),
+                   prompt=round(prompt_fidelity, 4), prompt_se=round(prompt_se, 4), drift=round(drifted / len(looks), 4),
                    div_kept=round(div / self.base.div, 4) if self.base.div else None,
                    memorisation=round(memorisation, 4), memorised=memorisation >= self.threshold,
                    memorisation_threshold=round(self.threshold, 4), scored_with=self.embedders.label,
@@ -241,7 +248,7 @@ def base_reference(rows: Sequence[dict]) -> BaseReference | None:
     for row in rows:
         if row.get("base"):
             return BaseReference(tuple(bool(x) for x in row["class_looks"]), float(row["class_similarity"]),
-                                 float(row["div"]), float(row["prompt"]))
+                                 float(row["div"]), float(row["prompt"]), float(row.get("prompt_se", 0.0)))
     return None
 
 
