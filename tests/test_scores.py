@@ -255,3 +255,22 @@ def test_the_cards_metrics_are_the_scores_of_its_weights_and_parse_back(
     assert "The pick rule: the highest subject fidelity" in card.text
     export_checkpoint(run, 2)
     assert card_metrics(ModelCard.load(run / "README.md")) == expected(rows[2])
+
+
+def test_the_cli_scores_when_asked_and_says_the_best_so_far(tiny_model_dir, subject_images, tmp_path, tiny_scorers,
+                                                            capsys):
+    from trainer.__main__ import main
+
+    run = tmp_path / "run"
+    status = main(["train", "--pretrained-model", str(tiny_model_dir), "--instance-data", str(subject_images),
+                   "--output-dir", str(run), "--instance-prompt", "a photo of sks square", "--resolution", "32",
+                   "--max-train-steps", "2", "--checkpointing-steps", "1", "--report-to", "none",
+                   "--no-gradient-checkpointing", "--score-checkpoints", "--score-samples", "2",
+                   "--score-inference-steps", "2", "--score-image-model", str(tiny_scorers[0]),
+                   "--score-clip-model", str(tiny_scorers[1])])
+    out = capsys.readouterr().out
+    assert status == 0
+    assert "scores of the base model: subject" in out
+    assert "scores of step 2: subject" in out and "best so far: step" in out
+    assert main(["export", str(run), "--checkpoint", "best", "-q"]) == 0
+    assert "is now the weights of" in capsys.readouterr().out

@@ -22,14 +22,15 @@ from .events import (
     ProgressEvent,
     RunResult,
     SampleEvent,
+    ScoreEvent,
     StepEvent,
     WarningEvent,
     event_to_json,
 )
 
 LINES_PER_PHASE = 10  # a plain log shows about this many progress lines per phase, however long
-_LABELS = {"training": "training", "class-images": "class images", "caching": "caching latents"}
-_UNITS = {"training": "step", "class-images": "image", "caching": "image"}
+_LABELS = {"training": "training", "class-images": "class images", "caching": "caching latents", "scoring": "scoring"}
+_UNITS = {"training": "step", "class-images": "image", "caching": "image", "scoring": "prompt"}
 _BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]"
 
 
@@ -81,6 +82,8 @@ class CliProgress:
             self._line(f"checkpoint at step {event.step}: {event.path}")
         elif isinstance(event, WarningEvent):
             self._line(f"warning: {event.message}", self.err)
+        elif isinstance(event, ScoreEvent):
+            self._line(score_line(event))
 
     def close(self) -> None:
         if self._bar is not None:
@@ -119,6 +122,16 @@ class CliProgress:
                              file=self.file, bar_format=_BAR_FORMAT, dynamic_ncols=True, leave=True)
             self._bar_phase = phase
         return self._bar
+
+
+def score_line(event: ScoreEvent) -> str:
+    row = event.scores
+    what = "the base model" if row.get("base") else f"step {event.step}"
+    copy = " (a copy of a photo?)" if row.get("memorised") and not row.get("base") else ""
+    best = "" if row.get("base") else (f"; best so far: step {event.pick}" if event.pick is not None
+                                       else "; no checkpoint passes the pick rule yet")
+    return (f"scores of {what}: subject {row['subject']:.3f}, prompt {row['prompt']:.3f}, drift {row['drift']:.0%}, "
+            f"memorisation {row['memorisation']:.3f}{copy} ({row['seconds']:.1f} s){best}")
 
 
 class JsonEvents:
