@@ -274,3 +274,18 @@ def test_the_cli_scores_when_asked_and_says_the_best_so_far(tiny_model_dir, subj
     assert "scores of step 2: subject" in out and "best so far: step" in out
     assert main(["export", str(run), "--checkpoint", "best", "-q"]) == 0
     assert "is now the weights of" in capsys.readouterr().out
+
+
+def test_the_memory_model_counts_the_scoring_models_and_the_scoring_phase(tiny_model_dir, subject_images, tmp_path):
+    from trainer.memory import SCORER_BYTES, SCORERS, SCORING, estimate
+    from trainer.memory_shapes import read_shapes
+
+    shapes = read_shapes(str(tiny_model_dir), None, None, local_only=True)
+    config = tiny_config(tiny_model_dir, subject_images, tmp_path / "run")
+    plain = estimate(config, "cpu", shapes=shapes)
+    scored = estimate(config.replace(score_checkpoints=True, score_samples=4), "cpu", shapes=shapes)
+    assert scored.weights_by_part[SCORERS] == SCORER_BYTES and SCORERS not in plain.weights_by_part
+    assert scored.weights - plain.weights == SCORER_BYTES
+    assert SCORING in scored.phases and SCORING not in plain.phases
+    more = estimate(config.replace(score_checkpoints=True, score_samples=16), "cpu", shapes=shapes)
+    assert more.phases[SCORING] > scored.phases[SCORING]  # the samples of one prompt are drawn together

@@ -150,6 +150,8 @@ def estimate(
     by_part = dict(by_part)
     if config.from_base_prediction and config.method == "full":  # the base UNet, frozen, beside the trained one
         by_part[FROZEN_UNET] = frozen_part_bytes(shapes, "unet", config.mixed_precision)
+    if config.score_checkpoints:  # loaded once, kept for the whole run (trainer/scoring.py)
+        by_part[SCORERS] = SCORER_BYTES
     held = _Held(
         weights_by_part=by_part,
         gradients=4 * sum(trainable),  # trainable weights are fp32, so are their gradients
@@ -188,12 +190,13 @@ def device_overhead(device_type: str, transient: int, computing: int) -> int:
     return CPU_PROCESS + CPU_FIRST_STEP + round(CPU_HEAP_SLACK * transient + CPU_REPACK * computing)
 
 
-TRAINING, CLASS_IMAGES, CACHING, ENCODING, SAMPLES = (
+TRAINING, CLASS_IMAGES, CACHING, ENCODING, SAMPLES, SCORING = (
     "training step",
     "class images",
     "caching latents",
     "encoding photos each step",
     "validation samples",
+    "scoring a checkpoint",
 )
 
 
@@ -222,10 +225,18 @@ def _phases(
     if config.validation_prompts:
         sample = generation_profile(shapes, config.mixed_precision, device_type, choices.pad_heads, True)
         phases[SAMPLES] = kept + sample.peak(1, pixels)[0]
+    if config.score_checkpoints:  # each prompt's samples are drawn together
+        drawn = generation_profile(shapes, config.mixed_precision, device_type, choices.pad_heads,
+                                   config.score_samples == 1)
+        phases[SCORING] = kept + drawn.peak(config.score_samples, pixels)[0]
     return phases, live - grads_then
 
 
 FROZEN_UNET = "unet (frozen copy)"
+SCORERS = "scoring models"
+# The default scorers in fp32: facebook/dinov2-small (22.1 M parameters) and openai/clip-vit-base-patch32
+# (151.3 M); other scorers are counted as these.
+SCORER_BYTES = 4 * (22_100_000 + 151_300_000)
 
 
 def frozen_part_bytes(shapes: ModelShapes, name: str, mixed_precision: str) -> int:
