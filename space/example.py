@@ -3,7 +3,8 @@ the Train form as the example fills it, and the prompts to try once it is traine
 
 The subject, its prompts and its settings are trainer.toyworld's (example.py there): a star painted
 half yellow, half purple, which the toy model cannot draw from text alone. Filling the form with
-them and pressing Start trains exactly `example_config(...)`, plus a validation prompt.
+them and pressing Start trains exactly `example_config(...)`, plus a validation prompt and the scores
+of SCORED_CHECKPOINTS checkpoints (the toy world's judge scores them; scoring leaves the training as it is).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from space.form import Concept, config_to_form
+from space.form import Concept, checkpoint_every, config_to_form
 from space.presets import TOY_MODEL, ToyModel
 from trainer.config import TrainConfig
 from trainer.run_folder import try_read_config
@@ -52,7 +53,7 @@ def example_images(folder: Path) -> list[str]:
 
 def example_form(images: Sequence[str], base_model: str = TOY_MODEL) -> dict[str, Any]:
     """The Train form (keys as in space.form.FORM) filled with the example: EXAMPLE_SETTINGS where
-    they say, TrainConfig's defaults elsewhere, as example_config() does."""
+    they say, TrainConfig's defaults elsewhere, as example_config() does; scored, as the app's runs are."""
     config = TrainConfig(**EXAMPLE_SETTINGS)
     values = config_to_form(config)
     values.update(
@@ -63,6 +64,8 @@ def example_form(images: Sequence[str], base_model: str = TOY_MODEL) -> dict[str
         learning_rate=config.lr,
         # Sampled during training: the subject somewhere its photos never showed it.
         validation_prompt=EXAMPLE_PROMPTS[1],
+        score_checkpoints=True,
+        checkpointing_steps=checkpoint_every(config.max_train_steps),
     )
     return values
 

@@ -27,6 +27,7 @@ from trainer.data import MAX_PHOTOS, MIN_PHOTOS, is_caption_file
 MIN_IMAGES, MAX_IMAGES = MIN_PHOTOS, MAX_PHOTOS  # the engine's own range
 DEFAULT_IDENTIFIER = "zwx"  # a made-up word; the popular "sks" is also the name of a rifle
 DEFAULT_CLASS_NOUN = "dog"
+SCORED_CHECKPOINTS = 4  # a scored run's checkpoints: a curve of four points besides the base model's, and a pick
 
 
 class Concept(StrEnum):
@@ -61,6 +62,11 @@ def preset_values(concept: str, num_images: int, method: str, family: str = SD) 
         "train_text_encoder": True,
         "text_encoder_steps_fraction": preset.text_encoder_fraction,
     }
+
+
+def checkpoint_every(steps: int) -> int:
+    """The checkpoint interval of a scored run of `steps` steps: SCORED_CHECKPOINTS checkpoints, each scored."""
+    return max(1, math.ceil(steps / SCORED_CHECKPOINTS))
 
 
 def prompts_for(identifier: str, class_noun: str, concept: str) -> tuple[str, str]:
@@ -202,6 +208,9 @@ FORM: tuple[FormField, ...] = (
     _row("preservation",                gr.Radio,    "prior",        "choice", "preservation", optional=True,
          choices=[("Class images", "class-images"), ("The base model's predictions", "base-prediction")],
          label="Preserve the class with", info=texts.PRESERVATION_HELP, elem_id="preservation"),
+    _row("score_checkpoints",           gr.Checkbox, "outputs",      "flag",  "score_checkpoints", optional=True,
+         label="Score each checkpoint", elem_id="score-checkpoints",
+         info=texts.score_checkpoints_help(TrainConfig.score_samples, SCORED_CHECKPOINTS)),
 )
 # fmt: on
 FIELDS: dict[str, FormField] = {f.key: f for f in FORM}
@@ -216,7 +225,7 @@ def config_to_form(config: TrainConfig) -> dict[str, Any]:
 def initial_values(machine: Mapping[str, Any], family: str = SD) -> dict[str, Any]:
     """The form as a page first shows it: TrainConfig's defaults, then the settings that fit the
     machine (space.presets.safe_defaults), the object preset at the learning rate of the base
-    model's `family`, and the prompts of "zwx dog"."""
+    model's `family`, the prompts of "zwx dog", and scores at every checkpoint."""
     values = config_to_form(TrainConfig())
     instance_prompt, class_prompt = prompts_for(DEFAULT_IDENTIFIER, DEFAULT_CLASS_NOUN, Concept.OBJECT.value)
     values.update(
@@ -230,6 +239,8 @@ def initial_values(machine: Mapping[str, Any], family: str = SD) -> dict[str, An
         **machine,
     )
     values.update(preset_values(Concept.OBJECT.value, 0, values["method"], family))
+    # The app scores by default (the run then says which checkpoint is best), so checkpoints follow the steps.
+    values.update(score_checkpoints=True, checkpointing_steps=checkpoint_every(values["max_train_steps"]))
     # The preset trains the text encoder; where the settings picked for this GPU do not (it would not
     # fit), the machine's choice wins.
     values["train_text_encoder"] = values["train_text_encoder"] and machine.get("train_text_encoder", True)

@@ -1,7 +1,8 @@
 """JobManager: the app's trainings, each in a process of its own, one queue, first in first out.
 
 The event handler that starts a training returns at once; the training belongs to this service,
-so closing the tab does not stop it, and any page polls `snapshot()` / `view()` to show its state.
+so closing the tab does not stop it, and any page polls `snapshot()` / `view()` to show its state
+(its loss, samples and, when scored, the checkpoints' scores and pick: space/run_scores.py).
 Each training runs as `python -m trainer train --events json` (space/job_process.py), so whatever it
 does (out of memory, a crash, kill -9) the app keeps serving, and the GPU's memory is whole again
 when it ends. A Start while every GPU slot is busy is queued (space/job_queue.py); queued jobs start
@@ -32,6 +33,7 @@ from space import texts
 from space.job_process import ChildDied, JobFiles, TrainingProcess
 from space.job_queue import GpuMode, Slot, SlotPool, gpu_slots, start_estimates
 from space.job_runs import check_inputs, discard_uploads, has_checkpoint, keep_uploads, mark_run
+from space.run_scores import RunScores, run_scores
 from trainer.config import ConfigError, TrainConfig, UserError
 from trainer.events import (
     CancelToken,
@@ -42,6 +44,7 @@ from trainer.events import (
     ProgressEvent,
     RunResult,
     SampleEvent,
+    ScoreEvent,
     StepEvent,
     WarningEvent,
 )
@@ -119,6 +122,7 @@ class JobSnapshot:
     gpus: tuple[int, ...] = ()
     pid: int | None = None  # the training process (its process group), while it runs
     log_path: str | None = None
+    scores: RunScores = field(default_factory=RunScores)  # of the base model and each checkpoint, when scored
 
     @property
     def active(self) -> bool:
@@ -152,6 +156,9 @@ class JobSnapshot:
             "warnings": list(self.warnings),
             "samples": list(self.samples),
             "losses": [list(point) for point in self.losses],
+            "scores": [dict(row) for row in self.scores.rows],
+            "pick": self.scores.pick,
+            "pick_reason": self.scores.reason,
         }
 
 
@@ -277,10 +284,11 @@ class JobManager:
                 raise ConfigError(texts.SAME_FOLDER_QUEUED.format(folder=out), field="output_dir")
         created = not out.exists()
         config = keep_uploads(config)  # only now: a refused run leaves nothing behind
+        earlier = run_scores(out)  # a resumed run's scores so far
         with self._lock:
             job = _Job(
                 JobSnapshot(job_id=self._next_id, state="queued", phase="queued", total=config.max_train_steps,
-                            run_dir=config.output_dir),
+                            run_dir=config.output_dir, scores=earlier),
                 config=config, owner=owner, publish=publish, created_dir=created,
             )
             self._next_id += 1
@@ -402,6 +410,7 @@ class JobManager:
     def _run(self, job: _Job) -> None:
         try:
             result = self._train(job)
+            self._read_scores(job)
             if result is not None and job.publish is not None and not result.cancelled:
                 self._publish(job, result.run_dir, job.publish)
         finally:
@@ -470,6 +479,12 @@ class JobManager:
             job.first_signal.set()
             self._release_slot(job)
 
+    def _read_scores(self, job: _Job) -> None:
+        """A finished training's scores as its run folder keeps them: the pick among the checkpoints still there."""
+        scores = run_scores(Path(job.config.output_dir))
+        if scores.rows:
+            self._update(job, scores=scores)
+
     def _died(self, job: _Job, err: ChildDied) -> None:
         """The child ended without a result: killed (by us after a cancel, or by anyone), crashed."""
         stopped = err.forced and job.cancel.cancelled
@@ -537,6 +552,8 @@ class JobManager:
             self._update(job, message=f"Checkpoint saved at step {event.step}.")
         elif isinstance(event, WarningEvent):
             self._update(job, warnings=(*snap.warnings, event.message))
+        elif isinstance(event, ScoreEvent):
+            self._update(job, scores=snap.scores.with_row(event.scores, event.pick, event.pick_reason))
 
     def _update(self, job: _Job, **changes: object) -> None:
         with self._lock:

@@ -149,6 +149,19 @@ LORA_RANK_HELP = "Size of the LoRA: higher learns more detail, in a bigger file.
 CACHE_LATENTS_HELP = "Encode the photos with the VAE once, then free it: less memory and time per step."
 PRESERVATION_HELP = ("Base-model predictions start at once (no class images to make) and follow the base model exactly, but cost an extra forward pass a step (and, for a full fine-tune, a frozen copy of the UNet in memory).")
 SAMPLE_BATCH_HELP = "Class images generated at once: more is faster; decoding large images together takes memory."
+
+
+def score_checkpoints_help(samples: int, checkpoints: int) -> str:
+    """What scoring measures and what it costs: trainer/scores.py samples 2 + 3 prompts, `samples` images each."""
+    return (
+        "Measures the base model once and each checkpoint (likeness to your photos, new prompts followed, class "
+        f"drift, copies of your photos) and picks the best, for (2 + 3) × {samples} = {5 * samples} sampled images "
+        f"each; while it is on, a run makes {checkpoints} checkpoints (the interval follows the training steps). "
+        "The scoring models (DINOv2-small and CLIP ViT-B/32, about 0.7 GB) download from the Hub once; offline, "
+        "the toy model is scored by its judge and other models train without scores."
+    )
+
+
 # The memory line under the base model (space.memory.memory_note): the engine's memory model
 # (trainer/memory.py) on the form's settings, on a CUDA GPU. GB as the hardware line counts them.
 MEMORY_FITS = "**Fits your GPU** (about {need:.1f} of {have:.1f} GB)."
@@ -263,6 +276,47 @@ def eta_text(seconds: float | None) -> str:
     minutes, sec = divmod(seconds, 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m {sec:02d}s"
+
+
+# The scores under the loss plot (space/scores_panel.py) and "Use this checkpoint".
+USE_CHECKPOINT_BUTTON = "Use this checkpoint"
+REPLACE_WEIGHTS_LABEL = "Replace the current weights"
+NO_SCORED_RUN = "There is no scored run to take a checkpoint from."
+NOT_YOUR_RUN = "This run was trained by someone else: only they can change its weights."
+STILL_TRAINING = "The run is still training: use a checkpoint once it has finished or been cancelled."
+NO_PICK = "No checkpoint to use: {reason}"
+ALREADY_THE_WEIGHTS = "Step {step} is already the run's weights."
+EXPORTED = "Step {step} is now the run's weights."
+
+
+def would_lose_weights(now: int | None, step: int) -> str:
+    """The weights the run has now (from step `now`) are in no checkpoint: asks to confirm replacing them."""
+    when = f"step {now}" if now is not None else "an unknown step"
+    return (
+        f"The run's weights now (from {when}) are in no checkpoint: using step {step} would lose them. Tick "
+        f"**{REPLACE_WEIGHTS_LABEL}** and press **{USE_CHECKPOINT_BUTTON}** again to replace them anyway."
+    )
+
+
+def scores_title(pick: int | None) -> str:
+    return f"Scores · picked: step {pick}" if pick is not None else "Scores · no checkpoint picked"
+
+
+def scores_line(pick: int | None, reason: str, memorised: list[tuple[int, float, float]], weights: int | None) -> str:
+    """The pick and why, any checkpoint that copies a photo ((step, similarity, threshold) each), and the step
+    the run's weights are from."""
+    lines = [f"**Picked:** {reason}" if pick is not None else f"**No checkpoint picked:** {reason}"]
+    if memorised:
+        steps = ", ".join(str(step) for step, _, _ in memorised)
+        worst = max(memorised, key=lambda m: m[1])
+        lines.append(
+            f"**Memorisation:** at step{'s' if len(memorised) > 1 else ''} {steps} a sample is nearly a copy of one of your photos (up to "
+            f"{worst[1]:.2f} similar; copies start at {worst[2]:.2f}): an earlier checkpoint, fewer steps or a lower "
+            "learning rate help."
+        )
+    if weights is not None:
+        lines.append(f"The run's weights are from step {weights}.")
+    return "\n\n".join(lines)
 
 
 # --- Generate tab ----------------------------------------------------------------------

@@ -25,12 +25,13 @@ import gradio as gr
 import pandas as pd
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-from space import texts
+from space import scores_panel, texts
 from space.example import EXAMPLE_FOLDER, example_form, example_images
 from space.form import (
     DEFAULT_CLASS_NOUN,
     DEFAULT_IDENTIFIER,
     FORM,
+    checkpoint_every,
     form_to_config,
     initial_values,
     photos_only,
@@ -54,6 +55,7 @@ from space.presets import (
     model_settings,
     safe_defaults,
 )
+from space.scores_panel import ScoresPanel
 from space.tokens import NO_TOKEN, oauth_enabled, pick_token, token_field
 from space.wiring import PRIVATE, bind, by_component
 from trainer.hub import HubError, check_token, suggest_repo_name
@@ -114,10 +116,19 @@ class PollState:
     n_warnings: int = 0
     waiting: int = 0  # trainings in the queue
     resumable: bool = False
+    n_scores: int = 0  # the scores panel's: checkpoints scored, the pick, whether it trains, whose it is
+    pick: int | None = None
+    pending: bool = False
+    mine: bool = False
 
     @classmethod
-    def of(cls, snap: JobSnapshot, waiting: int = 0) -> PollState:
-        return cls(snap.job_id, snap.version, len(snap.samples), len(snap.warnings), waiting, snap.resumable)
+    def of(cls, snap: JobSnapshot, waiting: int = 0, mine: bool = False) -> PollState:
+        return cls(snap.job_id, snap.version, len(snap.samples), len(snap.warnings), waiting, snap.resumable,
+                   len(snap.scores.rows), snap.scores.pick, snap.active or snap.queued, mine)
+
+    def same_scores(self, other: PollState) -> bool:
+        return (self.job_id, self.n_scores, self.pick, self.pending, self.mine) == (
+            other.job_id, other.n_scores, other.pick, other.pending, other.mine)
 
 
 @dataclass(frozen=True)
@@ -163,6 +174,13 @@ def memory_hint(deps: TrainDeps, *values: Any) -> Any:
     """The memory line for MEMORY_FIELDS' values: fits / does not fit this GPU (x of y GB)."""
     note = form_memory_note(deps.hardware, dict(zip(MEMORY_FIELDS, values, strict=True)))
     return gr.update(value=note or "", visible=note is not None)
+
+
+def on_steps(steps: Any, scored: bool) -> Any:
+    """While scoring is on, checkpoints (each one scored) follow the training steps: SCORED_CHECKPOINTS a run."""
+    if not scored or isinstance(steps, bool) or not isinstance(steps, int | float) or steps < 1:
+        return gr.skip()  # off, or a number box being edited
+    return checkpoint_every(int(steps))
 
 
 def try_example(deps: TrainDeps) -> dict[str, Any]:
@@ -274,13 +292,14 @@ def resume_training(deps: TrainDeps, request: gr.Request | None = None) -> str:
 
 
 def poll(deps: TrainDeps, last: PollState, request: gr.Request | None = None) -> tuple[Any, ...]:
-    """(poll state, status, loss plot, samples, warnings, finished run, Resume button), skipping what has
-    not changed."""
-    snap = deps.jobs.view(_owner(deps, request))
+    """(poll state, status, loss plot, samples, warnings, finished run, Resume button, then the scores panel's
+    ScoresPanel.drawn), skipping what has not changed."""
+    who = visitor(deps, request)
+    snap = deps.jobs.view(who.id if who else None)
     waiting = len(deps.jobs.queued())
-    now = PollState.of(snap, waiting)
+    now = PollState.of(snap, waiting, deps.jobs.owns(snap.job_id, who))
     if now == last:
-        return (gr.skip(),) * 7
+        return (gr.skip(),) * (7 + len(ScoresPanel.DRAWN))
     same_job = now.job_id == last.job_id
     done = (snap.state in ("completed", "cancelled") or snap.publishing) and snap.run_dir
     others = texts.others_line(waiting) if not snap.queued else ""
@@ -292,12 +311,21 @@ def poll(deps: TrainDeps, last: PollState, request: gr.Request | None = None) ->
         gr.skip() if same_job and now.n_warnings == last.n_warnings else "\n".join(snap.warnings),
         snap.run_dir if done else gr.skip(),
         gr.update(visible=snap.resumable) if now.resumable != last.resumable else gr.skip(),
+        *((gr.skip(),) * len(ScoresPanel.DRAWN) if now.same_scores(last) else scores_panel.draw(snap, now.mine)),
     )
+
+
+def use_checkpoint(deps: TrainDeps, replace: bool = False, request: gr.Request | None = None) -> tuple[Any, ...]:
+    """Make the picked checkpoint of the visitor's run its weights, once it has stopped training (only its
+    owner may): the line under the scores, the result, and the box that confirms replacing weights that no
+    checkpoint keeps."""
+    return scores_panel.use_pick(deps.jobs, visitor(deps, request), bool(replace))
 
 
 def current_job(deps: TrainDeps, request: gr.Request | None = None) -> dict[str, Any]:
     """The visitor's training job (else the current one) as plain data: job_id, state, phase, step, total,
-    queue_position, starts_in_seconds, resumable, run_dir, error, samples, losses, hub_url and publish_error."""
+    queue_position, starts_in_seconds, resumable, run_dir, error, samples, losses, hub_url, publish_error, and
+    the scores of a scored run (one row of scores.jsonl per step), its pick and pick_reason."""
     return deps.jobs.view(_owner(deps, request)).as_dict()
 
 
@@ -332,6 +360,7 @@ class _Job:
     loss_plot: gr.LinePlot
     samples: gr.Gallery
     warnings: gr.Textbox
+    scores: ScoresPanel
     seen: gr.State  # a PollState
     finished_run: gr.State
     timer: gr.Timer
@@ -402,9 +431,11 @@ def _job_layout() -> _Job:
     with gr.Row():
         loss_plot = gr.LinePlot(_loss_frame(()), x="step", y="loss", title="Loss", height=260, elem_id="loss-plot")
         samples = gr.Gallery(label="Validation samples", columns=4, height=260, elem_id="train-samples")
+    scores = scores_panel.layout()
     warnings = gr.Textbox(label="Warnings", lines=3, max_lines=8, interactive=False)
     return _Job(
-        start, cancel, resume, status, loss_plot, samples, warnings, gr.State(PollState()), gr.State(""), gr.Timer(1.0)
+        start, cancel, resume, status, loss_plot, samples, warnings, scores, gr.State(PollState()), gr.State(""),
+        gr.Timer(1.0),
     )
 
 
@@ -454,6 +485,14 @@ def build_train_tab(deps: TrainDeps) -> TrainTab:
         **PRIVATE,
     ).then(bind(memory_hint, deps), to_note, memory, **PRIVATE)
     gr.on([f[key].input for key in MEMORY_FIELDS[1:]], bind(memory_hint, deps), to_note, memory, **PRIVATE)
+    scored = [f["max_train_steps"], f["score_checkpoints"]]
+    gr.on(
+        [f["max_train_steps"].change, f["score_checkpoints"].input],
+        on_steps,
+        scored,
+        f["checkpointing_steps"],
+        **PRIVATE,
+    )
     shown = {**form, "preview": photos.preview, "count": photos.count, "n_images": n_images}
     photos.example.click(by_component(bind(try_example, deps), shown), None, list(shown.values()), **PRIVATE)
 
@@ -471,10 +510,20 @@ def build_train_tab(deps: TrainDeps) -> TrainTab:
     )
     job.cancel.click(bind(cancel_training, deps), None, job.status, api_name="cancel", concurrency_limit=None)
     job.resume.click(bind(resume_training, deps), None, job.status, api_name="resume", concurrency_id="gpu")
+    panel = job.scores
+    # In the GPU queue with Start, Resume and Generate, so that no generation loads the run's weights while they
+    # are rewritten and no Resume starts meanwhile; trainer.export works on the CPU, so no training holds it up.
+    panel.use.click(
+        bind(use_checkpoint, deps),
+        panel.replace,
+        [panel.line, panel.result, panel.replace],
+        api_name="use_checkpoint",
+        concurrency_id="gpu",
+    )
     job.timer.tick(
         bind(poll, deps),
         job.seen,
-        [job.seen, job.status, job.loss_plot, job.samples, job.warnings, job.finished_run, job.resume],
+        [job.seen, job.status, job.loss_plot, job.samples, job.warnings, job.finished_run, job.resume, *panel.drawn],
         api_visibility="private",
         show_progress="hidden",
         concurrency_limit=None,

@@ -179,6 +179,8 @@ def test_the_example_trains_on_the_toy_model_through_the_api(tmp_path: Path, tin
         client.predict(**{**values, **short}, api_name="/train")
         job = services.jobs.wait(120).as_dict()
         assert job["state"] == "completed" and job["step"] == 4, job
+        # Scored by the toy world's judge, as the example is: the base model, and the last step (~3 s each).
+        assert [row["step"] for row in job["scores"]] == [0, 4] and job["pick_reason"], job
         run_dir = Path(job["run_dir"])
         run = TrainConfig.load(run_dir / "config.json")
         assert Path(run.pretrained_model) == TOY_MODEL_DIR and run.lora_rank == EXAMPLE_SETTINGS["lora_rank"]

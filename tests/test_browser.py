@@ -1,6 +1,6 @@
 """The app in a real headless Chromium (Debian's), as a person uses it: upload four photos, train
 the tiny model a few steps, watch progress and the loss plot move, then generate from the run;
-last, one click on "Try the example" fills the form.
+last, one click on "Try the example" fills the form. A second test draws a scored training's chart.
 
 Screenshots of both tabs are saved under test-artifacts/ (gitignored) for a human to look at.
 """
@@ -8,6 +8,7 @@ Screenshots of both tabs are saved under test-artifacts/ (gitignored) for a huma
 from __future__ import annotations
 
 import re
+import threading
 import time
 from pathlib import Path
 
@@ -129,6 +130,58 @@ def test_picking_sdxl_on_a_16gb_card_sets_its_presets_and_the_memory_note(tmp_pa
         page.get_by_label("LoRA", exact=True).check()
         expect(note).to_contain_text("Fits your GPU")
         browser.close()
+
+
+def test_the_scores_show_under_the_loss_plot_in_a_browser(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """A training that scores its checkpoints (a stand-in: its events only) draws the chart, the pick and
+    "Use this checkpoint", which may be pressed once it has stopped training."""
+    from playwright.sync_api import expect, sync_playwright
+
+    from trainer.config import TrainConfig
+
+    release = threading.Event()
+    ARTIFACTS.mkdir(exist_ok=True)
+    with (
+        serve_app(tmp_path, tiny_model_dir, train_fn=_scoring_train(release)) as (url, services),
+        sync_playwright() as pw,
+    ):
+        services.jobs.private = True  # the page's visitor may act on the job the test starts
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1600})
+        page.set_default_timeout(30_000)
+        page.goto(url)
+        expect(page.locator("#scores-plot")).to_be_hidden()  # no scored run yet
+        services.jobs.start(TrainConfig(output_dir=str(tmp_path / "runs" / "run"), max_train_steps=800,
+                                        instance_prompt="sks"))
+        expect(page.locator("#scores-plot")).to_contain_text("Scores · picked: step 400")
+        expect(page.locator("#scores-line")).to_contain_text("Picked: step 400")
+        expect(page.locator("#scores-line")).to_contain_text("Memorisation: at step 800")
+        expect(page.locator("#use-checkpoint")).to_be_disabled()  # still training
+        page.locator("#scores-plot").screenshot(path=str(ARTIFACTS / "scores.png"))
+        release.set()
+        expect(page.locator("#use-checkpoint")).to_be_enabled()
+        browser.close()
+
+
+def _scoring_train(release: threading.Event):
+    """A train() stand-in that scores the base model and four checkpoints, then waits for `release`."""
+    from trainer.events import PhaseEvent, RunResult, ScoreEvent, StepEvent
+
+    def row(step: int, subject: float, prompt: float, drift: float) -> dict:
+        return {"step": step, "base": step == 0, "subject": subject, "prompt": prompt, "drift": drift,
+                "memorised": step == 800, "memorisation": 0.97, "memorisation_threshold": 0.9}
+
+    def train(config, on_event, cancel) -> RunResult:
+        on_event(PhaseEvent("training"))
+        on_event(ScoreEvent(0, row(0, 0.2, 0.31, 0.0), None, "no checkpoint scored yet"))
+        for step, subject, prompt, drift in ((200, 0.55, 0.3, 0.0), (400, 0.71, 0.29, 0.12), (600, 0.78, 0.24, 0.3),
+                                             (800, 0.8, 0.22, 0.5)):
+            on_event(StepEvent(step, 800, 0.1, 1e-4, 1.0))
+            on_event(ScoreEvent(step, row(step, subject, prompt, drift), 400, "step 400: subject fidelity 0.710"))
+        release.wait(60)
+        return RunResult(Path(config.output_dir), "completed", 800, 800, None, None)
+
+    return train
 
 
 def _set_number(page, selector: str, value: str) -> None:

@@ -118,7 +118,7 @@ def test_form_wants_3_to_20_images(tmp_path: Path, n: int) -> None:
 def test_every_form_row_names_a_trainconfig_field_and_starts_from_its_default() -> None:
     import dataclasses
 
-    from space.form import FORM, initial_values
+    from space.form import FORM, checkpoint_every, initial_values
     from space.presets import safe_defaults
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -126,8 +126,10 @@ def test_every_form_row_names_a_trainconfig_field_and_starts_from_its_default() 
     assert len({f.key for f in FORM}) == len(FORM)
     first = initial_values(safe_defaults(CPU))
     assert set(first) == {f.key for f in FORM}
-    untouched = {"num_class_images", "gradient_accumulation_steps", "seed", "checkpointing_steps", "validation_steps"}
+    untouched = {"num_class_images", "gradient_accumulation_steps", "seed", "validation_steps"}
     assert {key: first[key] for key in untouched} == {key: getattr(TrainConfig(), key) for key in untouched}
+    # The app scores each checkpoint (the engine does not by default), so checkpoints follow the steps.
+    assert first["score_checkpoints"] and first["checkpointing_steps"] == checkpoint_every(first["max_train_steps"])
     assert (first["instance_prompt"], first["base_model"], first["resolution"]) == ("a photo of zwx dog", TOY_MODEL, 32)
 
 
@@ -425,7 +427,9 @@ def test_the_example_fills_the_form_with_what_example_config_trains(tmp_path: Pa
     )
     expected = example_config("/models/toy", tmp_path / "example", config.output_dir).to_dict()
     differ = {field for field, value in config.to_dict().items() if expected[field] != value}
-    assert differ == {"instance_data", "validation_prompts"}  # files rather than their folder; one sample prompt
+    # Files rather than their folder; one sample prompt; scored like the app's runs, at four checkpoints.
+    assert differ == {"instance_data", "validation_prompts", "score_checkpoints", "checkpointing_steps"}
+    assert config.score_checkpoints and config.checkpointing_steps == config.max_train_steps // 4
     assert config.instance_data == tuple(photos) and config.validation_prompts == (EXAMPLE_PROMPTS[1],)
 
 
@@ -523,13 +527,13 @@ def test_the_train_tabs_poll_redraws_only_what_changed(tmp_path: Path) -> None:
     assert cancel_training(deps) == "No training is running."
 
     deps.jobs.start(TrainConfig(output_dir=str(tmp_path / "run"), max_train_steps=50, instance_prompt="sks"))
-    running, status, _, samples, warnings, finished, _ = poll(deps, idle)
+    running, status, _, samples, warnings, finished, _, *_ = poll(deps, idle)
     assert running.job_id == 1 and "step" in status and warnings == "careful"
     assert samples == [] and isinstance(finished, type(gr.skip()))  # a new job: its samples redrawn, empty
     assert cancel_training(deps) == "Cancelling at the next step…"
     release.set()
     deps.jobs.wait(10)
-    done, status, _, samples, warnings, finished, _ = poll(deps, running)
+    done, status, _, samples, warnings, finished, _, *_ = poll(deps, running)
     assert "Cancelled" in status and samples == ["s.png"] and isinstance(warnings, type(gr.skip()))
     assert finished == str(tmp_path / "run")
 

@@ -134,11 +134,23 @@ def test_training_scores_the_base_and_every_checkpoint_and_the_last_step(
     assert [e.step for e in scored] == [0, 2, 4, 5]
     assert all(e.scores["seconds"] > 0 for e in scored)
     assert any(isinstance(e, PhaseEvent) and e.phase == "scoring" and "Scored step 2 in" in e.message for e in events)
-    # checkpoints_total_limit 1 keeps the newest, and the pick besides it
-    kept = sorted(p.name for p in (result.run_dir / "checkpoints").iterdir())
-    pick = scored[-1].pick
-    assert kept == sorted({f"checkpoint-{5:06d}", f"checkpoint-{pick:06d}"})
+    # A random tiny model learns no subject its random embedders can see: the rule says so and picks none.
+    assert scored[-1].pick is None and "the subject was not learned" in scored[-1].pick_reason
     assert json.loads((result.run_dir / "run.json").read_text())["weights_step"] == 5
+
+
+def test_pruning_keeps_the_pick_besides_the_newest_checkpoints(tmp_path):
+    from trainer import checkpoints as ckpt
+
+    layer = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(layer.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    for step in (1, 2, 3, 4):
+        ckpt.save_checkpoint(tmp_path, ckpt.TrainingState(step, True), layer, [], optimizer, scheduler, keep=1,
+                             protect=2)
+    assert ckpt.checkpoint_steps(tmp_path) == {2, 4}
+    ckpt.save_checkpoint(tmp_path, ckpt.TrainingState(5, True), layer, [], optimizer, scheduler, keep=1)
+    assert ckpt.checkpoint_steps(tmp_path) == {5}  # no pick to keep: the newest alone
 
 
 def test_resuming_keeps_the_base_models_scores(tiny_model_dir, subject_images, tmp_path, tiny_scorers):
@@ -172,6 +184,7 @@ def test_export_best_gives_the_weights_of_that_step_and_they_load_in_plain_diffu
     from diffusers import StableDiffusionPipeline
 
     from trainer.export import export_checkpoint
+    from trainer.inference import PipelineCache
     from trainer.pick import pick_from_rows
     from trainer.scores import read_scores
 
@@ -183,8 +196,12 @@ def test_export_best_gives_the_weights_of_that_step_and_they_load_in_plain_diffu
     rows = [{**r, "subject": r["subject"] + (0.5 if r["step"] == 2 else 0.0)} for r in rows]
     (run / "scores.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert pick_from_rows(rows).step == 2
+    cache = PipelineCache()
+    before = cache.get(str(run), "cpu")
+    assert cache.get(str(run), "cpu") is before
     done = export_checkpoint(run, "best")
     assert done.step == 2
+    assert cache.get(str(run), "cpu") is not before  # Generate draws with the new weights, not the cached ones
     # The same training stopped at step 2 saved these very weights.
     short = tmp_path / "short"
     train(scored_config(tiny_model_dir, subject_images, short, tiny_scorers, max_train_steps=2, score_checkpoints=False))
@@ -252,7 +269,7 @@ def test_the_cards_metrics_are_the_scores_of_its_weights_and_parse_back(
 
     card = ModelCard.load(run / "README.md")
     assert card_metrics(card) == expected(rows[4])
-    assert "The pick rule: the highest subject fidelity" in card.text
+    assert "The pick rule: among checkpoints whose class drift is at most 25%" in card.text
     export_checkpoint(run, 2)
     assert card_metrics(ModelCard.load(run / "README.md")) == expected(rows[2])
 
@@ -271,9 +288,11 @@ def test_the_cli_scores_when_asked_and_says_the_best_so_far(tiny_model_dir, subj
     out = capsys.readouterr().out
     assert status == 0
     assert "scores of the base model: subject" in out
-    assert "scores of step 2: subject" in out and "best so far: step" in out
-    assert main(["export", str(run), "--checkpoint", "best", "-q"]) == 0
-    assert "is now the weights of" in capsys.readouterr().out
+    assert "scores of step 2: subject" in out and "no checkpoint passes the pick rule yet" in out
+    assert main(["export", str(run), "--checkpoint", "best", "-q"]) == 2
+    assert "no best checkpoint" in capsys.readouterr().err
+    assert main(["export", str(run), "--checkpoint", "1", "-q"]) == 0
+    assert "Step 1 (asked for) is now the weights of" in capsys.readouterr().out
 
 
 def test_the_memory_model_counts_the_scoring_models_and_the_scoring_phase(tiny_model_dir, subject_images, tmp_path):

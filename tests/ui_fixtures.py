@@ -51,16 +51,17 @@ def toy_stand_in(tmp_path: Path) -> Path:
 @contextmanager
 def serve_app(
     tmp: Path, tiny_model_dir: Path, toy_dir: Path | None = None, hardware: Hardware = CPU, *,
-    confined: bool = False, auth: tuple[str, str] | None = None,
+    confined: bool = False, auth: tuple[str, str] | None = None, train_fn: Any = None,
 ) -> Iterator[tuple[str, Any]]:
     """Serve the whole app on a free port, on `hardware`; the session's tiny model stands in for the
     toy model (it is faster) unless `toy_dir` is given. Yields (url, services). Visitors may name any
     local model folder (the tests' models live in temporary folders) unless `confined`, as an app
-    served beyond this machine is; `auth` asks for a login."""
+    served beyond this machine is; `auth` asks for a login; `train_fn` trains in this process instead."""
     from space import login_page
     from space.layout import Services, build_app
 
-    services = Services.create(runs_dir=tmp / "runs", toy_dir=toy_dir or tiny_model_dir, hardware=hardware)
+    services = Services.create(runs_dir=tmp / "runs", train_fn=train_fn, toy_dir=toy_dir or tiny_model_dir,
+                               hardware=hardware)
     services.paths.confined = confined
     app = build_app(services)
     app.queue(default_concurrency_limit=1)
@@ -95,6 +96,7 @@ def train_form(base_model: str) -> dict[str, Any]:
         "lora_rank": 4,
         "cache_latents": True,
         "sample_batch_size": 4,
+        "score_checkpoints": False,  # the app's default scores with DINOv2 and CLIP from the Hub
     }
 
 

@@ -48,7 +48,7 @@ def scores_section(run_dir: Path, weights_step: int | None, rows: list[dict]) ->
     if not rows:
         return []
     rule = PickRule()
-    pick = pick_from_rows(rows, {ckpt.checkpoint_step(p) for p in ckpt.list_checkpoints(run_dir)}, rule)
+    pick = pick_from_rows(rows, ckpt.checkpoint_steps(run_dir), rule)
     lines = ["## Scores", "",
              f"Scored at every checkpoint on fixed seeds ({rows[0].get('scored_with', 'unknown embedders')}); "
              "the base model is step 0.", "",

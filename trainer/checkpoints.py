@@ -51,6 +51,11 @@ def checkpoint_step(path: Path) -> int:
     return int(_NAME.match(path.name).group(1))
 
 
+def checkpoint_steps(run_dir: Path) -> set[int]:
+    """The steps of the run's complete checkpoints on disk."""
+    return {checkpoint_step(p) for p in list_checkpoints(run_dir)}
+
+
 def checkpoint_for_step(run_dir: Path, step: int) -> Path | None:
     return next((p for p in list_checkpoints(run_dir) if checkpoint_step(p) == step), None)
 

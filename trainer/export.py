@@ -31,7 +31,7 @@ class Exported:
 
 def choose_step(run_dir: Path, which: str | int) -> tuple[int, str]:
     """The step `which` names ("best", "last" or a step number) among the run's checkpoints."""
-    available = {ckpt.checkpoint_step(p) for p in ckpt.list_checkpoints(run_dir)}
+    available = ckpt.checkpoint_steps(run_dir)
     have = ", ".join(str(s) for s in sorted(available)) or "none"
     if which == "best":
         pick = pick_from_rows(read_scores(run_dir), available)
@@ -62,10 +62,8 @@ def export_checkpoint(run_dir: Path, which: str | int, replace_current: bool = F
     if status.get("status") == "running":
         raise ConfigError(f"{run_dir} is still training: export a checkpoint once it has finished or been cancelled")
     step, reason = choose_step(run_dir, which)
-    current = status.get("weights_step")
-    kept = {ckpt.checkpoint_step(p) for p in ckpt.list_checkpoints(run_dir)}
-    if (run_folder.run_kind(run_dir) is not None and current != step and current not in kept
-            and not replace_current):
+    if loses_current_weights(run_dir, step) and not replace_current:
+        current = status.get("weights_step")
         now = f"step {current}" if current is not None else "an unknown step"
         raise ConfigError(f"The run's weights now (from {now}) are in no checkpoint: exporting step {step} would "
                           "lose them. Pass --replace-current (the app: confirm) to replace them anyway.",
@@ -78,6 +76,14 @@ def export_checkpoint(run_dir: Path, which: str | int, replace_current: bool = F
 
     write_model_card(run_dir)
     return Exported(step, weights, reason)
+
+
+def loses_current_weights(run_dir: Path, step: int) -> bool:
+    """Whether making checkpoint `step` the run's weights loses the ones it has now: they are from a step
+    that no checkpoint keeps (or from a step run.json does not know)."""
+    current = run_folder.read_status(run_dir).get("weights_step")
+    return (run_folder.run_kind(run_dir) is not None and current != step
+            and current not in ckpt.checkpoint_steps(run_dir))
 
 
 def _save_from_checkpoint(config: TrainConfig, checkpoint: Path, run_dir: Path) -> Path:

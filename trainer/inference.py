@@ -213,12 +213,22 @@ def load_pipeline(source: ModelSource, device: str, dtype: torch.dtype) -> Diffu
     return pipe.to(device)
 
 
+def weights_stamp(source: str) -> tuple[int, ...]:
+    """When a local folder's weights were last written: a run whose weights were replaced since it was
+    loaded (a checkpoint exported as its result, trainer/export.py) is loaded again. () for a Hub id."""
+    folder = Path(source.strip())
+    if not folder.is_dir():
+        return ()
+    return tuple(path.stat().st_mtime_ns for path in (folder / run_folder.LORA_WEIGHTS, folder / run_folder.PIPELINE_INDEX)
+                 if path.is_file())
+
+
 class PipelineCache:
     """Keeps the last pipeline loaded: switching models costs a load, repeated prompts do not."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._key: tuple[str, str, torch.dtype] | None = None
+        self._key: tuple[str, str, torch.dtype, tuple[int, ...]] | None = None
         self._pipe: DiffusionPipeline | None = None
 
     def get(
@@ -232,7 +242,7 @@ class PipelineCache:
     ) -> DiffusionPipeline:
         device = device or default_device()
         dtype = dtype or default_dtype(device)
-        key = (source.strip(), str(device), dtype)
+        key = (source.strip(), str(device), dtype, weights_stamp(source))
         with self._lock:
             if self._key != key or self._pipe is None:
                 self._pipe = None  # free the old one before loading the new one

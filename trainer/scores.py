@@ -149,8 +149,6 @@ class BaseReference:
     class_looks: tuple[bool, ...]  # sample i looked like the subject under the base model
     class_similarity: float  # the base class samples' mean similarity to the photos
     div: float
-    prompt: float
-    prompt_se: float
 
 
 def generate(pipe, prompt: str, count: int, seed: int, steps: int, guidance: float, size: int,
@@ -207,7 +205,8 @@ class Scorer:
         own = self._generate(pipe, self.subject_prompt, 0, autocast)
         progress(1, jobs)
         own_embeddings = self.embedders.subject(own)
-        subject = float((own_embeddings @ self.photo_embeddings.T).mean())
+        per_sample = (own_embeddings @ self.photo_embeddings.T).mean(dim=1)
+        subject, subject_se = float(per_sample.mean()), _standard_error(per_sample)
         subject_clip = None
         if self.photo_clip is not None:
             subject_clip = float((self.embedders.clip_image(own) @ self.photo_clip.T).mean())
@@ -218,9 +217,7 @@ class Scorer:
             nearest.append(float((self.embedders.subject(images) @ self.photo_embeddings.T).max()))
             progress(2 + k, jobs)
         match = torch.cat(matches) if matches else torch.zeros(1)
-        prompt_fidelity = float(match.mean())
-        # Its sampling noise (the standard error of that mean), which the pick rule allows for.
-        prompt_se = float(match.std() / len(match) ** 0.5) if len(match) > 1 else 0.0
+        prompt_fidelity, prompt_se = float(match.mean()), _standard_error(match)
 
         classes = self._generate(pipe, self.class_prompt, CLASS_SEED, autocast)
         progress(jobs, jobs)
@@ -229,12 +226,12 @@ class Scorer:
         looks, div = self._looks(classes, class_similarity), diversity(class_embeddings)
         row: dict[str, object] = {"step": step}
         if self.base is None:
-            self.base = BaseReference(tuple(looks), float(class_similarity.mean()), div, prompt_fidelity, prompt_se)
+            self.base = BaseReference(tuple(looks), float(class_similarity.mean()), div)
             row.update(base=True, class_looks=list(looks), class_similarity=round(self.base.class_similarity, 4),
                        div=round(div, 4))
         drifted = sum(now and not before for now, before in zip(looks, self.base.class_looks, strict=True))
         memorisation = max(nearest)
-        row.update(subject=round(subject, 4), subject_clip=None if subject_clip is None else round(subject_clip, 4),
+        row.update(subject=round(subject, 4), subject_se=round(subject_se, 4), subject_clip=None if subject_clip is None else round(subject_clip, 4),
                    prompt=round(prompt_fidelity, 4), prompt_se=round(prompt_se, 4), drift=round(drifted / len(looks), 4),
                    div_kept=round(div / self.base.div, 4) if self.base.div else None,
                    memorisation=round(memorisation, 4), memorised=memorisation >= self.threshold,
@@ -243,12 +240,17 @@ class Scorer:
         return row
 
 
+def _standard_error(values: torch.Tensor) -> float:
+    """The sampling noise of a mean over `values` (the pick rule allows for it: trainer/pick.py)."""
+    return float(values.std() / len(values) ** 0.5) if len(values) > 1 else 0.0
+
+
 def base_reference(rows: Sequence[dict]) -> BaseReference | None:
     """The base model's reference from its row of scores.jsonl (None when the base was not scored)."""
     for row in rows:
         if row.get("base"):
             return BaseReference(tuple(bool(x) for x in row["class_looks"]), float(row["class_similarity"]),
-                                 float(row["div"]), float(row["prompt"]), float(row.get("prompt_se", 0.0)))
+                                 float(row["div"]))
     return None
 
 

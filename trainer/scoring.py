@@ -54,7 +54,7 @@ class Scoring:
         return self.scorer.base is None
 
     def available(self) -> set[int]:
-        return {ckpt.checkpoint_step(p) for p in ckpt.list_checkpoints(self.run_dir)}
+        return ckpt.checkpoint_steps(self.run_dir)
 
     def score(self, parts: Components, unet: torch.nn.Module, text_encoders: Sequence[torch.nn.Module],
               step: int) -> dict:
