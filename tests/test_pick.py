@@ -22,6 +22,11 @@ def test_of_the_checkpoints_that_learned_the_subject_and_kept_the_class_the_best
     assert "(best 0.800 at step 300)" in pick.reason
 
 
+def test_when_prompt_fidelity_ties_the_subject_decides_then_the_earlier_step():
+    saturated = table((100, 0.69, 1.0, 0.0), (200, 0.70, 1.0, 0.0), (300, 0.68, 1.0, 0.0))  # all learned
+    assert pick_best(saturated, BASE).step == 200
+
+
 def test_a_tie_goes_to_the_earlier_step_whatever_the_order():
     scores = table((300, 0.70, 0.30, 0.0), (100, 0.70, 0.30, 0.0), (200, 0.65, 0.35, 0.0))
     assert pick_best(scores, BASE).step == 100
@@ -30,7 +35,7 @@ def test_a_tie_goes_to_the_earlier_step_whatever_the_order():
 
 def test_the_margins_are_the_rules():
     scores = table((100, 0.75, 0.35, 0.0), (200, 0.80, 0.25, 0.3))
-    assert pick_best(scores, BASE).step == 100  # 200 drifted past 25%
+    assert pick_best(scores, BASE).step == 100  # 200 drifted past 20%
     wider = PickRule(subject_margin=0.01, max_drift=0.3)
     assert pick_best(scores, BASE, wider).step == 200  # 100 is now 0.05 below the best: not learned
     assert pick_best(scores, BASE, PickRule(subject_margin=0.06, max_drift=0.3)).step == 100
@@ -49,7 +54,7 @@ def test_a_noisy_subject_score_is_allowed_twice_its_noise_and_no_more():
 
 def test_when_none_passes_there_is_no_pick_and_the_reason_says_what_failed():
     drifted = pick_best(table((100, 0.8, 0.30, 0.6), (200, 0.9, 0.30, 0.3)), BASE)
-    assert drifted.step is None and "drifted past 25% at every checkpoint" in drifted.reason
+    assert drifted.step is None and "drifted past 20% at every checkpoint" in drifted.reason
     not_learned = pick_best(table((100, 0.51, 0.30, 0.0), (200, 0.515, 0.30, 0.0)), BASE)
     assert not_learned.step is None and "the subject was not learned" in not_learned.reason
     assert "best 0.515 at step 200" in not_learned.reason

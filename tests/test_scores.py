@@ -269,7 +269,7 @@ def test_the_cards_metrics_are_the_scores_of_its_weights_and_parse_back(
 
     card = ModelCard.load(run / "README.md")
     assert card_metrics(card) == expected(rows[4])
-    assert "The pick rule: among checkpoints whose class drift is at most 25%" in card.text
+    assert "The pick rule: among checkpoints whose class drift is at most 20%" in card.text
     export_checkpoint(run, 2)
     assert card_metrics(ModelCard.load(run / "README.md")) == expected(rows[2])
 

@@ -46,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--learning-rate", type=float, default=None)
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="Any other TrainConfig field, e.g. --set lora_rank=16 (repeatable).")
+    parser.add_argument("--first-seed", type=int, default=0, help="With --seeds: the first training seed.")
     parser.add_argument("--seeds", type=int, default=1,
                         help="Train this many runs (training seeds 0..N-1) and report their mean: one run's "
                              "numbers move by ~0.1 from seed to seed.")
@@ -145,16 +146,18 @@ def main(argv: list[str] | None = None) -> dict:
     run_dirs, seconds = [args.run], [None]
     if args.run is None:
         out = args.output_dir or scratch / "run"
-        run_dirs = [out] if args.seeds == 1 else [out / f"seed-{k}" for k in range(args.seeds)]
+        seeds = range(args.first_seed, args.first_seed + args.seeds)
+        run_dirs = [out] if args.seeds == 1 else [out / f"seed-{k}" for k in seeds]
         seconds = [train_run(args, base, instance_dir, d, seed=None if args.seeds == 1 else k)
-                   for k, d in enumerate(run_dirs)]
+                   for k, d in zip(seeds, run_dirs, strict=True)]
 
     base_pipe = load_pipeline(base, torch.float32)
     settings = {"count": args.samples, "steps": args.inference_steps, "guidance": args.guidance}
     per_run = [score(load_run(d, base_model=base), judge, subject, **settings).as_dict() for d in run_dirs]
     rows = {"base": score(base_pipe, judge, subject, **settings).as_dict(), "trained": _mean(per_run)}
     if len(per_run) > 1:
-        rows.update({f"seed {k}": row for k, row in enumerate(per_run)})
+        rows.update({f"seed {k}": row for k, row in zip(range(args.first_seed, args.first_seed + args.seeds), per_run,
+                                                         strict=True)})
     picks = None
     if args.score_every:
         picks, picked = [], []
@@ -166,7 +169,8 @@ def main(argv: list[str] | None = None) -> dict:
                                                           **settings).as_dict())
         rows["picked"] = _mean(picked)
         if len(picked) > 1:
-            rows.update({f"pick {k}": row for k, row in enumerate(picked)})
+            rows.update({f"pick {k}": row for k, row in zip(range(args.first_seed, args.first_seed + args.seeds), picked,
+                                                             strict=True)})
     results = {"runs": [str(d) for d in run_dirs], "method": args.method, "prior": args.prior,
                "preservation": args.preservation if args.prior else "none",
                "train_seconds": seconds, "picks": picks, "real_similarity": round(real_similarity(judge, subject), 3), **rows}

@@ -11,8 +11,9 @@ prompt says:
 2. the subject is learned: among those, subject fidelity within `subject_margin` of the best one's,
    or within twice the sampling noise of the difference when that is larger (with a few samples per
    prompt, two scores of one model differ by more than a fixed margin);
-3. among them, the highest prompt fidelity; a tie goes to the earlier step (fewer steps, less
-   overfitting, and the same scores always give the same pick);
+3. among them, the highest prompt fidelity; a tie (a saturated score: every new prompt followed)
+   goes to the higher subject fidelity, then to the earlier step (the same scores always give the
+   same pick);
 4. no pick when no checkpoint keeps the class, or when the best subject fidelity is not above the
    base model's by that margin (the subject was not learned): the run's result stays its last
    weights, and the reason says which condition failed and what to change.
@@ -42,12 +43,13 @@ class CheckpointScores:
 @dataclass(frozen=True)
 class PickRule:
     subject_margin: float = 0.02
-    max_drift: float = 0.25
+    max_drift: float = 0.2
 
     def describe(self) -> str:
         return (f"among checkpoints whose class drift is at most {self.max_drift:.0%}, those whose subject fidelity "
                 f"is within {self.subject_margin:g} of the best (or twice the sampling noise, when larger) have "
-                "learned the subject; of them, the highest prompt fidelity; ties go to the earlier step")
+                "learned the subject; of them, the highest prompt fidelity; ties go to the higher subject fidelity, "
+                "then to the earlier step")
 
     def margin(self, a: CheckpointScores, b: CheckpointScores) -> float:
         return max(self.subject_margin, 2 * math.hypot(a.subject_se, b.subject_se))
@@ -77,7 +79,7 @@ def pick_best(checkpoints: Sequence[CheckpointScores], base: CheckpointScores, r
                           "the subject was not learned (more steps or a higher learning rate). The run's last "
                           "weights stay its result.")
     learned = [s for s in kept if s.subject >= top.subject - rule.margin(s, top)]
-    best = max(learned, key=lambda s: (s.prompt, -s.step))
+    best = max(learned, key=lambda s: (s.prompt, s.subject, -s.step))
     return Pick(best.step, f"step {best.step}: prompt fidelity {best.prompt:.3f}, subject fidelity {best.subject:.3f} "
                            f"(best {top.subject:.3f} at step {top.step}), drift {best.drift:.0%}; {len(learned)} of "
                            f"{len(checkpoints)} checkpoints kept the class and learned the subject")
