@@ -97,7 +97,7 @@ def test_a_run_records_its_family_and_its_card_and_output_follow_it(
     config = tiny_config(tiny_model_dir, subject_images, tmp_path / "run", max_train_steps=1)
     result = train(config)
     assert read_status(result.run_dir) == {
-        "status": "completed", "step": 1, "total_steps": 1, "family": "sd", "processes": 1,
+        "status": "completed", "step": 1, "total_steps": 1, "family": "sd", "processes": 1, "weights_step": 1,
         "effective_batch": config.train_batch_size * config.gradient_accumulation_steps}
     card = (result.run_dir / "README.md").read_text()
     assert "- stable-diffusion\n" in card and "from diffusers import StableDiffusionPipeline" in card

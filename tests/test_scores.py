@@ -308,3 +308,15 @@ def test_the_memory_model_counts_the_scoring_models_and_the_scoring_phase(tiny_m
     assert SCORING in scored.phases and SCORING not in plain.phases
     more = estimate(config.replace(score_checkpoints=True, score_samples=16), "cpu", shapes=shapes)
     assert more.phases[SCORING] > scored.phases[SCORING]  # the samples of one prompt are drawn together
+
+
+def test_export_refuses_a_sharded_checkpoint_by_name(tiny_model_dir, subject_images, tmp_path):
+    from trainer.export import export_checkpoint
+    from trainer.sharded import SHARDED
+
+    run = tmp_path / "run"
+    train(tiny_config(tiny_model_dir, subject_images, run, max_train_steps=2, checkpointing_steps=1))
+    state = run / "checkpoints" / "checkpoint-000001" / "state.json"
+    state.write_text(json.dumps({**json.loads(state.read_text()), SHARDED: True}))  # as DeepSpeed/FSDP runs write it
+    with pytest.raises(ConfigError, match="checkpoint-000001 was written under DeepSpeed or FSDP"):
+        export_checkpoint(run, 1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import logging
 import os
 import signal
 import sys
@@ -183,6 +184,8 @@ def _quiet_libraries(warnings: bool = True) -> None:
         library.disable_progress_bar()
         if warnings:
             library.set_verbosity_error()
+    if warnings:  # bitsandbytes logs through plain `logging` (e.g. about optional CPU kernels on AVX-512 bf16)
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 def _token_from_env(var: str | None) -> str | None:

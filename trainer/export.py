@@ -15,7 +15,7 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from . import checkpoints as ckpt
-from . import run_folder
+from . import run_folder, sharded
 from .config import ConfigError, TrainConfig
 from .families import ModelFamily
 from .pick import pick_from_rows
@@ -62,13 +62,18 @@ def export_checkpoint(run_dir: Path, which: str | int, replace_current: bool = F
     if status.get("status") == "running":
         raise ConfigError(f"{run_dir} is still training: export a checkpoint once it has finished or been cancelled")
     step, reason = choose_step(run_dir, which)
+    checkpoint = ckpt.checkpoint_for_step(run_dir, step)
+    if sharded.is_sharded_checkpoint(checkpoint):
+        raise ConfigError(f"`checkpoint`: {checkpoint.name} was written under DeepSpeed or FSDP (accelerate's sharded "
+                          "state), which export does not read yet; resume it in one process and checkpoint again",
+                          field="checkpoint")
     if loses_current_weights(run_dir, step) and not replace_current:
         current = status.get("weights_step")
         now = f"step {current}" if current is not None else "an unknown step"
         raise ConfigError(f"The run's weights now (from {now}) are in no checkpoint: exporting step {step} would "
                           "lose them. Pass --replace-current (the app: confirm) to replace them anyway.",
                           field="checkpoint")
-    weights = _save_from_checkpoint(config, ckpt.checkpoint_for_step(run_dir, step), run_dir)
+    weights = _save_from_checkpoint(config, checkpoint, run_dir)
     run_folder.write_status(run_dir, str(status.get("status", "completed")), int(status.get("step", step)),
                             int(status.get("total_steps", config.max_train_steps)),
                             family=status.get("family"), weights_step=step)
