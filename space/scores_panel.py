@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 SERIES: tuple[tuple[str, str], ...] = (
     ("subject", "subject fidelity"),
     ("prompt", "prompt fidelity"),
+    ("subject_in_context", "subject in new contexts"),
     ("drift", "class drift"),
 )
 

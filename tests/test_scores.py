@@ -264,7 +264,8 @@ def test_the_cards_metrics_are_the_scores_of_its_weights_and_parse_back(
 
     def expected(row: dict) -> dict[str, float]:
         return {"subject-fidelity": row["subject"], "subject-fidelity-clip-i": row["subject_clip"],
-                "prompt-fidelity": row["prompt"], "class-drift": row["drift"],
+                "prompt-fidelity": row["prompt"], "subject-fidelity-in-context": row["subject_in_context"],
+                "class-drift": row["drift"],
                 "class-diversity-kept": row["div_kept"], "memorisation": row["memorisation"]}
 
     card = ModelCard.load(run / "README.md")

@@ -17,6 +17,7 @@ METRICS: tuple[tuple[str, str, str], ...] = (
     ("subject", "subject-fidelity", "Subject fidelity (image-embedding similarity to the photos)"),
     ("subject_clip", "subject-fidelity-clip-i", "Subject fidelity, CLIP-I"),
     ("prompt", "prompt-fidelity", "Prompt fidelity (text-image similarity on new contexts)"),
+    ("subject_in_context", "subject-fidelity-in-context", "Subject fidelity in the new contexts"),
     ("drift", "class-drift", "Class drift (share of class samples now drawn as the subject)"),
     ("div_kept", "class-diversity-kept", "Class diversity kept (fraction of the base model's)"),
     ("memorisation", "memorisation", "Memorisation (highest similarity of a sample to a training photo)"),
@@ -52,15 +53,17 @@ def scores_section(run_dir: Path, weights_step: int | None, rows: list[dict]) ->
     lines = ["## Scores", "",
              f"Scored at every checkpoint on fixed seeds ({rows[0].get('scored_with', 'unknown embedders')}); "
              "the base model is step 0.", "",
-             "| Step | Subject fidelity | Prompt fidelity | Class drift | Class diversity kept | Memorisation |",
-             "|---|---|---|---|---|---|"]
+             "| Step | Subject fidelity | Prompt fidelity | Subject in new contexts | Class drift | Class diversity kept "
+             "| Memorisation |",
+             "|---|---|---|---|---|---|---|"]
     for row in rows:
         marks = [m for m, on in (("base model", row.get("base")), ("these weights", row["step"] == weights_step),
                                  ("picked", row["step"] == pick.step)) if on]
         step = f"{row['step']}" + (f" ({', '.join(marks)})" if marks else "")
         kept = "" if row.get("div_kept") is None else f"{row['div_kept']:.2f}"
+        context = "" if row.get("subject_in_context") is None else f"{row['subject_in_context']:.3f}"
         copy = " (copy?)" if row.get("memorised") and not row.get("base") else ""
-        lines.append(f"| {step} | {row['subject']:.3f} | {row['prompt']:.3f} | {row['drift']:.0%} | {kept} | "
+        lines.append(f"| {step} | {row['subject']:.3f} | {row['prompt']:.3f} | {context} | {row['drift']:.0%} | {kept} | "
                      f"{row['memorisation']:.3f}{copy} |")
     lines += ["", f"The pick rule: {rule.describe()}. "
                   + (f"Picked: {pick.reason}." if pick.step is not None else f"{pick.reason}"), ""]

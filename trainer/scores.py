@@ -210,11 +210,13 @@ class Scorer:
         subject_clip = None
         if self.photo_clip is not None:
             subject_clip = float((self.embedders.clip_image(own) @ self.photo_clip.T).mean())
-        matches, nearest = [], [float((own_embeddings @ self.photo_embeddings.T).max())]
+        matches, in_context, nearest = [], [], [float((own_embeddings @ self.photo_embeddings.T).max())]
         for k, (prompt, text) in enumerate(self.recontext):
             images = self._generate(pipe, prompt, 0, autocast)
             matches.append(self.embedders.prompt_match(images, text).float())
-            nearest.append(float((self.embedders.subject(images) @ self.photo_embeddings.T).max()))
+            similarity = self.embedders.subject(images) @ self.photo_embeddings.T
+            in_context.append(similarity.mean(dim=1))
+            nearest.append(float(similarity.max()))
             progress(2 + k, jobs)
         match = torch.cat(matches) if matches else torch.zeros(1)
         prompt_fidelity, prompt_se = float(match.mean()), _standard_error(match)
@@ -231,7 +233,11 @@ class Scorer:
                        div=round(div, 4))
         drifted = sum(now and not before for now, before in zip(looks, self.base.class_looks, strict=True))
         memorisation = max(nearest)
-        row.update(subject=round(subject, 4), subject_se=round(subject_se, 4), subject_clip=None if subject_clip is None else round(subject_clip, 4),
+        # The subject in the new contexts: prompt fidelity alone is also met by drawing the context without it.
+        context = float(torch.cat(in_context).mean()) if in_context else None
+        row.update(subject=round(subject, 4), subject_se=round(subject_se, 4),
+                   subject_in_context=None if context is None else round(context, 4),
+                   subject_clip=None if subject_clip is None else round(subject_clip, 4),
                    prompt=round(prompt_fidelity, 4), prompt_se=round(prompt_se, 4), drift=round(drifted / len(looks), 4),
                    div_kept=round(div / self.base.div, 4) if self.base.div else None,
                    memorisation=round(memorisation, 4), memorised=memorisation >= self.threshold,
