@@ -51,11 +51,14 @@ class ScoresPanel:
         return [getattr(self, name) for name in self.DRAWN]
 
 
-def scores_frame(rows: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
-    """The chart's long table: one row per step and series (step, value, score)."""
+def scores_frame(rows: Iterable[Mapping[str, Any]], pick: int | None = None) -> pd.DataFrame:
+    """The chart's long table: one row per step and series (step, value, score); the pick, when there is one,
+    is a vertical line from 0 to 1 at its step (a series of its own)."""
     points = [
         (int(row["step"]), float(row[key]), name) for row in rows for key, name in SERIES if row.get(key) is not None
     ]
+    if pick is not None:
+        points += [(pick, 0.0, texts.PICKED_SERIES), (pick, 1.0, texts.PICKED_SERIES)]
     # Typed columns even when empty: the plot reads "quantitative" axes from the dtypes.
     return pd.DataFrame(
         {
@@ -82,7 +85,7 @@ def draw(snap: JobSnapshot, mine: bool) -> tuple[Any, ...]:
     weights = weights_step(Path(snap.run_dir)) if snap.run_dir and not pending else None
     return (
         gr.update(visible=bool(scores.rows)),
-        gr.update(value=scores_frame(scores.rows), title=texts.scores_title(scores.pick)),
+        gr.update(value=scores_frame(scores.rows, scores.pick), title=texts.scores_title(scores.pick)),
         summary(scores, weights),
         gr.update(visible=mine and scores.pick is not None, interactive=not pending),
         gr.update(visible=False, value=False),

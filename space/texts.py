@@ -280,6 +280,7 @@ def eta_text(seconds: float | None) -> str:
 
 # The scores under the loss plot (space/scores_panel.py) and "Use this checkpoint".
 USE_CHECKPOINT_BUTTON = "Use this checkpoint"
+PICKED_SERIES = "picked"  # the chart's vertical line at the picked step
 REPLACE_WEIGHTS_LABEL = "Replace the current weights"
 NO_SCORED_RUN = "There is no scored run to take a checkpoint from."
 NOT_YOUR_RUN = "This run was trained by someone else: only they can change its weights."

@@ -56,6 +56,9 @@ def test_the_scores_frame_and_the_line_under_it() -> None:
     assert set(frame["score"]) == {"subject fidelity", "prompt fidelity", "class drift"}
     drift = frame[frame["score"] == "class drift"]
     assert list(drift["step"]) == [0, 2, 4] and list(drift["value"]) == [0.0, 0.5, 0.0]
+    picked = scores_frame(rows, pick=2)
+    line = picked[picked["score"] == texts.PICKED_SERIES]
+    assert list(line["step"]) == [2, 2] and list(line["value"]) == [0.0, 1.0]  # a vertical line at the pick
     empty = scores_frame(())
     assert empty.empty and (str(empty["step"].dtype), str(empty["value"].dtype)) == ("int64", "float64")
 
@@ -109,7 +112,7 @@ def test_score_events_fill_the_snapshot_and_the_panel_and_a_running_job_is_not_e
         json.dumps(job)  # plain data for API clients
 
         seen, panel = drawn(deps, PollState(), "ann")
-        assert panel["box"]["visible"] and len(panel["plot"]["value"]) == 9
+        assert panel["box"]["visible"] and len(panel["plot"]["value"]) == 9 + 2  # 3 series x 3 steps, the pick
         assert panel["plot"]["title"] == "Scores · picked: step 2"
         assert "**Picked:** step 2: still the best" in panel["line"]
         assert panel["use"]["visible"] and not panel["use"]["interactive"]  # its owner's, but still training
