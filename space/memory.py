@@ -37,7 +37,9 @@ CPU_SETTINGS: dict[str, Any] = {
 TIERS: tuple[tuple[str, bool], ...] = (("full", True), ("full", False), ("lora", True), ("lora", False))
 # The preset picker sizes a DreamBooth run as the form starts one, with prior preservation on (its
 # class images generated) and a validation prompt.
-PICKER_PRIOR = {"with_prior_preservation": True, "class_prompt": "a photo of a dog", "validation_prompts": ("x",)}
+# The app's runs: prior preservation, validation samples, and scores (on by default: their models stay loaded).
+PICKER_PRIOR = {"with_prior_preservation": True, "class_prompt": "a photo of a dog", "validation_prompts": ("x",),
+                "score_checkpoints": True}
 
 
 @functools.lru_cache(maxsize=32)
@@ -79,6 +81,7 @@ def form_config(values: Mapping[str, Any]) -> TrainConfig | None:
         class_prompt="a photo of a dog" if prior else "",
         sample_batch_size=samples,
         validation_prompts=("x",),
+        score_checkpoints=bool(values.get("score_checkpoints")),
     )
 
 

@@ -92,6 +92,7 @@ MEMORY_FIELDS = (
     "cache_latents",
     "gradient_accumulation_steps",
     "sample_batch_size",
+    "score_checkpoints",
 )
 
 

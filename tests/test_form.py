@@ -245,6 +245,8 @@ def test_safe_defaults_for_sdxl_on_a_16gb_card() -> None:
     picked = {key: xl[key] for key in ("method", "resolution", "use_8bit_adam", "gradient_checkpointing",
                                        "mixed_precision", "train_batch_size", "train_text_encoder")}
     assert "Fits your GPU" in form_memory_note(GPU16, _memory_form(SDXL_BASE, **picked))  # the preset fits
+    # with scores on (the app's default) too: the picker sized it with the scoring models loaded
+    assert "Fits your GPU" in form_memory_note(GPU16, _memory_form(SDXL_BASE, **picked, score_checkpoints=True))
     sd = safe_defaults(GPU16)  # SD 1.5: its first known model at 512 px, SD's LoRA rank
     first = next(iter(KNOWN_MODELS))
     assert (sd["base_model"], sd["resolution"], sd["lora_rank"]) == (first, 512, 4)
@@ -327,7 +329,7 @@ def test_the_train_tabs_base_model_and_memory_handlers(tmp_path: Path) -> None:
     assert on_preset(small, None, "object", "lora", SDXL_BASE)[2] is False  # there it does not: frozen
     assert on_preset(deps, None, "object", "full", TOY_MODEL)[2] is True  # the toy model: as the preset says
     line = memory_hint(deps, *(_memory_form(SDXL_BASE, method="full", gradient_checkpointing=False, cache_latents=True,
-                                            gradient_accumulation_steps=1, sample_batch_size=4)[key]
+                                            gradient_accumulation_steps=1, sample_batch_size=4, score_checkpoints=True)[key]
                                for key in MEMORY_FIELDS))
     assert line["visible"] and "Does not fit your GPU" in line["value"]
 
@@ -679,3 +681,15 @@ def test_publish_request_needs_a_name_and_a_token_before_asking_the_hub(monkeypa
         publish_request({"publish_to_hub": True, "hub_repo": "sks-dog", "hub_token": ""}, None)
     assert repo_suggestion("zwx", "dog") == "zwx-dog-dreambooth"
     assert repo_suggestion("zwx", "toy car", "alice") == "alice/zwx-toy-car-dreambooth"
+
+
+def test_scores_take_no_gpu_memory_from_the_training_only_ram() -> None:
+    from space.memory import form_config, model_shapes
+    from trainer.memory import SCORER_BYTES, SCORERS, estimate
+
+    shapes = model_shapes(SDXL_BASE, "sdxl")
+    plain = estimate(form_config(_memory_form(SDXL_BASE)), "cuda", shapes=shapes)
+    scored = estimate(form_config(_memory_form(SDXL_BASE, score_checkpoints=True)), "cuda", shapes=shapes)
+    assert SCORERS not in scored.weights_by_part  # the scorers run on the CPU
+    assert scored.peak_ram - plain.peak_ram == SCORER_BYTES
+    assert scored.peak_accelerator >= plain.peak_accelerator  # the scoring phase draws a prompt's images at once

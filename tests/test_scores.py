@@ -45,10 +45,11 @@ class FixedImages:
     its training photos (or draws the subject for every prompt) would return."""
 
     def __init__(self, images: list[Image.Image]) -> None:
-        self.pictures = images
+        self.pictures, self.drawn = images, 0
 
-    def __call__(self, prompts: list[str], **kwargs) -> _Images:
-        return _Images([self.pictures[i % len(self.pictures)] for i in range(len(prompts))])
+    def __call__(self, prompt: str, **kwargs) -> _Images:
+        self.drawn += 1
+        return _Images([self.pictures[(self.drawn - 1) % len(self.pictures)]])
 
 
 @pytest.fixture
@@ -57,7 +58,7 @@ def scorer(tiny_model_dir, subject_images, tmp_path, tiny_scorers):
     from trainer.scores import HubEmbedders, Scorer
 
     config = scored_config(tiny_model_dir, subject_images, tmp_path / "run", tiny_scorers)
-    embedders = HubEmbedders(str(tiny_scorers[0]), str(tiny_scorers[1]), torch.device("cpu"))
+    embedders = HubEmbedders(str(tiny_scorers[0]), str(tiny_scorers[1]))
     photos = [load_rgb(p) for p in collect_image_paths([subject_images])]
     return Scorer(embedders, photos, config), photos
 
@@ -297,7 +298,7 @@ def test_the_cli_scores_when_asked_and_says_the_best_so_far(tiny_model_dir, subj
 
 
 def test_the_memory_model_counts_the_scoring_models_and_the_scoring_phase(tiny_model_dir, subject_images, tmp_path):
-    from trainer.memory import SCORER_BYTES, SCORERS, SCORING, estimate
+    from trainer.memory import SAMPLES, SCORER_BYTES, SCORERS, SCORING, estimate
     from trainer.memory_shapes import read_shapes
 
     shapes = read_shapes(str(tiny_model_dir), None, None, local_only=True)
@@ -308,7 +309,9 @@ def test_the_memory_model_counts_the_scoring_models_and_the_scoring_phase(tiny_m
     assert scored.weights - plain.weights == SCORER_BYTES
     assert SCORING in scored.phases and SCORING not in plain.phases
     more = estimate(config.replace(score_checkpoints=True, score_samples=16), "cpu", shapes=shapes)
-    assert more.phases[SCORING] > scored.phases[SCORING]  # the samples of one prompt are drawn together
+    assert more.phases[SCORING] == scored.phases[SCORING]  # one image at a time, however many
+    sampled = estimate(config.replace(validation_prompts=("x",)), "cpu", shapes=shapes)
+    assert scored.phases[SCORING] - SCORER_BYTES == sampled.phases[SAMPLES]  # as a validation sample, + scorers
 
 
 def test_export_refuses_a_sharded_checkpoint_by_name(tiny_model_dir, subject_images, tmp_path):

@@ -150,7 +150,7 @@ def estimate(
     by_part = dict(by_part)
     if config.from_base_prediction and config.method == "full":  # the base UNet, frozen, beside the trained one
         by_part[FROZEN_UNET] = frozen_part_bytes(shapes, "unet", config.mixed_precision)
-    if config.score_checkpoints:  # loaded once, kept for the whole run (trainer/scoring.py)
+    if config.score_checkpoints and device_type == "cpu":  # loaded once, kept for the run, on the CPU always
         by_part[SCORERS] = SCORER_BYTES
     held = _Held(
         weights_by_part=by_part,
@@ -176,7 +176,8 @@ def estimate(
         overhead=overhead,
         phases=phases,
         peak_accelerator=peak,
-        peak_ram=CUDA_PROCESS_RAM + loaded if device_type == "cuda" else max(peak, CPU_PROCESS + loaded),
+        peak_ram=(CUDA_PROCESS_RAM + loaded + (SCORER_BYTES if config.score_checkpoints else 0) if device_type == "cuda"
+                  else max(peak, CPU_PROCESS + loaded)),
         notes=(shapes.fallback,) if shapes.fallback else (),
     )
 
@@ -225,17 +226,17 @@ def _phases(
     if config.validation_prompts:
         sample = generation_profile(shapes, config.mixed_precision, device_type, choices.pad_heads, True)
         phases[SAMPLES] = kept + sample.peak(1, pixels)[0]
-    if config.score_checkpoints:  # each prompt's samples are drawn together
-        drawn = generation_profile(shapes, config.mixed_precision, device_type, choices.pad_heads,
-                                   config.score_samples == 1)
-        phases[SCORING] = kept + drawn.peak(config.score_samples, pixels)[0]
+    if config.score_checkpoints:  # one image at a time, as validation samples
+        drawn = generation_profile(shapes, config.mixed_precision, device_type, choices.pad_heads, True)
+        phases[SCORING] = kept + drawn.peak(1, pixels)[0]
     return phases, live - grads_then
 
 
 FROZEN_UNET = "unet (frozen copy)"
 SCORERS = "scoring models"
 # The default scorers in fp32: facebook/dinov2-small (22.1 M parameters) and openai/clip-vit-base-patch32
-# (151.3 M); other scorers are counted as these.
+# (151.3 M); other scorers are counted as these. They run on the CPU (trainer/scores.py): on a GPU they
+# take system RAM, not accelerator memory.
 SCORER_BYTES = 4 * (22_100_000 + 151_300_000)
 
 

@@ -73,16 +73,16 @@ class Embedders(Protocol):
 
 class HubEmbedders:
     """A DINOv2 for subject fidelity and a CLIP for prompt fidelity and CLIP-I, loaded with `from_pretrained`
-    (a Hub id or a folder) with their image processors' PIL backend (no torchvision needed)."""
+    (a Hub id or a folder) with their image processors' PIL backend (no torchvision needed), on the CPU."""
 
-    def __init__(self, image_model: str, clip_model: str, device: torch.device) -> None:
+    def __init__(self, image_model: str, clip_model: str) -> None:
         from transformers import AutoImageProcessor, AutoModel, AutoTokenizer, CLIPModel
 
-        self.device = device
+        self.device = torch.device("cpu")  # on a GPU too: seconds per checkpoint, and no memory taken from training
         self.label = f"{_short(image_model)} + {_short(clip_model)}"
-        self.dino = AutoModel.from_pretrained(image_model, use_safetensors=True).eval().to(device)
+        self.dino = AutoModel.from_pretrained(image_model, use_safetensors=True).eval()
         self.dino_processor = AutoImageProcessor.from_pretrained(image_model, backend="pil")
-        self.clip = CLIPModel.from_pretrained(clip_model, use_safetensors=True).eval().to(device)
+        self.clip = CLIPModel.from_pretrained(clip_model, use_safetensors=True).eval()
         self.clip_processor = AutoImageProcessor.from_pretrained(clip_model, backend="pil")
         self.tokenizer = AutoTokenizer.from_pretrained(clip_model)
 
@@ -153,11 +153,15 @@ class BaseReference:
 
 def generate(pipe, prompt: str, count: int, seed: int, steps: int, guidance: float, size: int,
              autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> list[Image.Image]:
-    """`count` images of `prompt`, image i from seed `seed + i`: every model gets the same noise."""
-    generators = [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(count)]
-    with torch.no_grad(), autocast():
-        return pipe([prompt] * count, num_inference_steps=steps, guidance_scale=guidance, generator=generators,
-                    height=size, width=size).images
+    """`count` images of `prompt`, image i from seed `seed + i`: every model gets the same noise. One at a time,
+    as validation samples are drawn: scoring then needs no more accelerator memory than they do."""
+    images = []
+    for i in range(count):
+        generator = torch.Generator(device="cpu").manual_seed(seed + i)
+        with torch.no_grad(), autocast():
+            images += pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, generator=generator,
+                           height=size, width=size).images
+    return images
 
 
 class Scorer:
@@ -260,8 +264,9 @@ def base_reference(rows: Sequence[dict]) -> BaseReference | None:
     return None
 
 
-def load_embedders(config: TrainConfig, device: torch.device) -> Embedders:
-    """The toy world's judge for the toy model, else the configured Hub models; ScoresUnavailable says why not."""
+def load_embedders(config: TrainConfig) -> Embedders:
+    """The toy world's judge for the toy model, else the configured Hub models (on the CPU: a few seconds per
+    checkpoint for ~20 images, and no accelerator memory taken from the training); ScoresUnavailable says why not."""
     from .toyworld import TOY_MODEL_DIR
 
     if Path(config.pretrained_model).resolve() == TOY_MODEL_DIR.resolve():
@@ -269,7 +274,7 @@ def load_embedders(config: TrainConfig, device: torch.device) -> Embedders:
 
         return JudgeEmbedders()
     try:
-        return HubEmbedders(config.score_image_model, config.score_clip_model, device)
+        return HubEmbedders(config.score_image_model, config.score_clip_model)
     except (OSError, ValueError, KeyError, RuntimeError, ImportError) as err:
         raise ScoresUnavailable(f"could not load {config.score_image_model} and {config.score_clip_model} "
                                 f"({first_line(err)})") from err

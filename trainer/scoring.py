@@ -31,15 +31,14 @@ class Scoring:
     pick: Pick = field(default_factory=lambda: Pick(None, "no checkpoint scored yet"))
 
     @classmethod
-    def start(cls, config: TrainConfig, photos: Sequence[Path], run_dir: Path, device: torch.device,
-              emit: EventHandler, warn: Callable[[str], None],
+    def start(cls, config: TrainConfig, photos: Sequence[Path], run_dir: Path, emit: EventHandler, warn: Callable[[str], None],
               autocast: Callable[[], contextlib.AbstractContextManager]) -> Scoring | None:
         """The scorer of this run, or None (scores off, or the embedders could not be loaded: said as a warning)."""
         if not config.score_checkpoints:
             return None
         emit(PhaseEvent("scoring", "Loading the scoring models"))
         try:
-            embedders = load_embedders(config, device)
+            embedders = load_embedders(config)
         except ScoresUnavailable as err:
             warn(f"Scores unavailable: {err}. Training goes on without scores or a best checkpoint.")
             return None
