@@ -160,7 +160,8 @@ def test_resuming_keeps_the_base_models_scores(tiny_model_dir, subject_images, t
     config = scored_config(tiny_model_dir, subject_images, tmp_path / "run", tiny_scorers, max_train_steps=2)
     train(config)
     events = []
-    train(config.replace(max_train_steps=4, resume_from_checkpoint="latest"), on_event=events.append)
+    # Resumed with more images per prompt: the class samples are paired with the base model's by seed.
+    train(config.replace(max_train_steps=4, resume_from_checkpoint="latest", score_samples=3), on_event=events.append)
     assert [e.step for e in events if isinstance(e, ScoreEvent)] == [4]  # no base model rescored
     assert [r["step"] for r in read_scores(tmp_path / "run")] == [0, 2, 4]
 

@@ -235,14 +235,17 @@ class Scorer:
             self.base = BaseReference(tuple(looks), float(class_similarity.mean()), div)
             row.update(base=True, class_looks=list(looks), class_similarity=round(self.base.class_similarity, 4),
                        div=round(div, 4))
-        drifted = sum(now and not before for now, before in zip(looks, self.base.class_looks, strict=True))
+        # Sample i against the base model's sample i (a resumed run may score more or fewer of them).
+        paired = min(len(looks), len(self.base.class_looks))
+        drifted = sum(now and not before for now, before in zip(looks[:paired], self.base.class_looks[:paired],
+                                                                 strict=True))
         memorisation = max(nearest)
         # The subject in the new contexts: prompt fidelity alone is also met by drawing the context without it.
         context = float(torch.cat(in_context).mean()) if in_context else None
         row.update(subject=round(subject, 4), subject_se=round(subject_se, 4),
                    subject_in_context=None if context is None else round(context, 4),
                    subject_clip=None if subject_clip is None else round(subject_clip, 4),
-                   prompt=round(prompt_fidelity, 4), prompt_se=round(prompt_se, 4), drift=round(drifted / len(looks), 4),
+                   prompt=round(prompt_fidelity, 4), prompt_se=round(prompt_se, 4), drift=round(drifted / max(paired, 1), 4),
                    div_kept=round(div / self.base.div, 4) if self.base.div else None,
                    memorisation=round(memorisation, 4), memorised=memorisation >= self.threshold,
                    memorisation_threshold=round(self.threshold, 4), scored_with=self.embedders.label,
