@@ -47,9 +47,9 @@ class FixedImages:
     def __init__(self, images: list[Image.Image]) -> None:
         self.pictures, self.drawn = images, 0
 
-    def __call__(self, prompt: str, **kwargs) -> _Images:
-        self.drawn += 1
-        return _Images([self.pictures[(self.drawn - 1) % len(self.pictures)]])
+    def __call__(self, prompts: list[str], **kwargs) -> _Images:
+        first, self.drawn = self.drawn, self.drawn + len(prompts)
+        return _Images([self.pictures[i % len(self.pictures)] for i in range(first, self.drawn)])
 
 
 @pytest.fixture
@@ -60,7 +60,7 @@ def scorer(tiny_model_dir, subject_images, tmp_path, tiny_scorers):
     config = scored_config(tiny_model_dir, subject_images, tmp_path / "run", tiny_scorers)
     embedders = HubEmbedders(str(tiny_scorers[0]), str(tiny_scorers[1]))
     photos = [load_rgb(p) for p in collect_image_paths([subject_images])]
-    return Scorer(embedders, photos, config), photos
+    return Scorer(embedders, photos, config, batch=config.score_samples), photos
 
 
 @pytest.fixture
@@ -83,6 +83,16 @@ def test_scores_are_the_same_for_the_same_model_and_seeds(scorer, base_pipe):
     assert first["base"] and "base" not in second  # the first pipeline scored is the reference
     assert {k: first[k] for k in ("subject", "subject_clip", "prompt", "memorisation")} == \
            {k: second[k] for k in ("subject", "subject_clip", "prompt", "memorisation")}
+
+
+def test_drawing_one_image_at_a_time_scores_as_drawing_them_together(scorer, base_pipe):
+    from trainer.scores import Scorer
+
+    scorer, photos = scorer
+    together = scorer.score(base_pipe, 0)
+    one_by_one = Scorer(scorer.embedders, photos, scorer.config, batch=1).score(base_pipe, 0)
+    for key in ("subject", "subject_in_context", "prompt", "memorisation"):
+        assert one_by_one[key] == pytest.approx(together[key], abs=2e-4), key
 
 
 def test_drift_is_zero_and_diversity_kept_whole_when_the_checkpoint_is_the_base_model(scorer, base_pipe):
@@ -310,9 +320,10 @@ def test_the_memory_model_counts_the_scoring_models_and_the_scoring_phase(tiny_m
     assert scored.weights - plain.weights == SCORER_BYTES
     assert SCORING in scored.phases and SCORING not in plain.phases
     more = estimate(config.replace(score_checkpoints=True, score_samples=16), "cpu", shapes=shapes)
-    assert more.phases[SCORING] == scored.phases[SCORING]  # one image at a time, however many
+    assert more.phases[SCORING] > scored.phases[SCORING]  # on the CPU a prompt's images are drawn together
+    one = estimate(config.replace(score_checkpoints=True, score_samples=1), "cpu", shapes=shapes)
     sampled = estimate(config.replace(validation_prompts=("x",)), "cpu", shapes=shapes)
-    assert scored.phases[SCORING] - SCORER_BYTES == sampled.phases[SAMPLES]  # as a validation sample, + scorers
+    assert one.phases[SCORING] - SCORER_BYTES == sampled.phases[SAMPLES]  # one image: a validation sample's
 
 
 def test_export_refuses_a_sharded_checkpoint_by_name(tiny_model_dir, subject_images, tmp_path):

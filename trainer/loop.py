@@ -283,7 +283,8 @@ def setup_training(run: Run, parts: Components) -> Trainables:
 # --- 5b. scores of the base model ---------------------------------------------------------------
 def start_scoring(run: Run, parts: Components, model: Trainables, photos: list[Path]) -> None:
     if run.is_main:
-        run.scoring = Scoring.start(run.config, photos, run.dir, run.emit, run.warn, run.accelerator.autocast)
+        run.scoring = Scoring.start(run.config, photos, run.dir, run.accelerator.device, run.emit, run.warn,
+                                    run.accelerator.autocast)
     score_weights(run, parts, model, 0, when=run.scoring is not None and run.scoring.needs_base)
 
 

@@ -226,9 +226,10 @@ def _phases(
     if config.validation_prompts:
         sample = generation_profile(shapes, config.mixed_precision, device_type, choices.pad_heads, True)
         phases[SAMPLES] = kept + sample.peak(1, pixels)[0]
-    if config.score_checkpoints:  # one image at a time, as validation samples
-        drawn = generation_profile(shapes, config.mixed_precision, device_type, choices.pad_heads, True)
-        phases[SCORING] = kept + drawn.peak(1, pixels)[0]
+    if config.score_checkpoints:  # on a GPU one image at a time, as validation samples; on the CPU all together
+        rows = 1 if device_type == "cuda" else config.score_samples
+        drawn = generation_profile(shapes, config.mixed_precision, device_type, choices.pad_heads, rows == 1)
+        phases[SCORING] = kept + drawn.peak(rows, pixels)[0]
     return phases, live - grads_then
 
 

@@ -152,15 +152,18 @@ class BaseReference:
 
 
 def generate(pipe, prompt: str, count: int, seed: int, steps: int, guidance: float, size: int,
-             autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> list[Image.Image]:
-    """`count` images of `prompt`, image i from seed `seed + i`: every model gets the same noise. One at a time,
-    as validation samples are drawn: scoring then needs no more accelerator memory than they do."""
-    images = []
-    for i in range(count):
-        generator = torch.Generator(device="cpu").manual_seed(seed + i)
+             autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+             batch: int = 1) -> list[Image.Image]:
+    """`count` images of `prompt`, image i from seed `seed + i`: every model gets the same noise. `batch` at a time:
+    1 on a GPU, as validation samples are drawn (scoring then needs no more accelerator memory than they do);
+    all of them on the CPU, where batching halves the time and memory is the system's."""
+    images: list[Image.Image] = []
+    for first in range(0, count, batch):
+        seeds = range(seed + first, seed + min(first + batch, count))
+        generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
         with torch.no_grad(), autocast():
-            images += pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, generator=generator,
-                           height=size, width=size).images
+            images += pipe([prompt] * len(generators), num_inference_steps=steps, guidance_scale=guidance,
+                           generator=generators, height=size, width=size).images
     return images
 
 
@@ -168,10 +171,11 @@ class Scorer:
     """Scores pipelines against one subject; the first one scored (or `base` given) is the base model."""
 
     def __init__(self, embedders: Embedders, photos: Sequence[Image.Image], config: TrainConfig,
-                 base: BaseReference | None = None) -> None:
+                 base: BaseReference | None = None, batch: int = 1) -> None:
         from .hub import class_noun
 
         self.embedders, self.photos, self.config, self.base = embedders, list(photos), config, base
+        self.batch = batch  # images drawn at once (see `generate`)
         self.photo_embeddings = embedders.subject(self.photos)
         self.photo_clip = embedders.clip_image(self.photos)
         self.threshold = memorisation_threshold(self.photo_embeddings)
@@ -190,7 +194,7 @@ class Scorer:
     def _generate(self, pipe, prompt: str, seed: int, autocast) -> list[Image.Image]:
         c = self.config
         return generate(pipe, prompt, c.score_samples, seed, c.score_inference_steps, c.validation_guidance_scale,
-                        c.resolution, autocast)
+                        c.resolution, autocast, self.batch)
 
     def _looks(self, images: list[Image.Image], similarity: torch.Tensor) -> list[bool]:
         decided = self.embedders.looks_like_subject(images, self.photos)

@@ -31,7 +31,8 @@ class Scoring:
     pick: Pick = field(default_factory=lambda: Pick(None, "no checkpoint scored yet"))
 
     @classmethod
-    def start(cls, config: TrainConfig, photos: Sequence[Path], run_dir: Path, emit: EventHandler, warn: Callable[[str], None],
+    def start(cls, config: TrainConfig, photos: Sequence[Path], run_dir: Path, device: torch.device,
+              emit: EventHandler, warn: Callable[[str], None],
               autocast: Callable[[], contextlib.AbstractContextManager]) -> Scoring | None:
         """The scorer of this run, or None (scores off, or the embedders could not be loaded: said as a warning)."""
         if not config.score_checkpoints:
@@ -43,7 +44,8 @@ class Scoring:
             warn(f"Scores unavailable: {err}. Training goes on without scores or a best checkpoint.")
             return None
         rows = read_scores(run_dir)
-        scorer = Scorer(embedders, [load_rgb(p) for p in photos], config, base=base_reference(rows))
+        batch = config.score_samples if device.type == "cpu" else 1  # trainer/scores.py `generate`
+        scorer = Scorer(embedders, [load_rgb(p) for p in photos], config, base=base_reference(rows), batch=batch)
         scoring = cls(scorer, run_dir, emit, warn, autocast)
         scoring.pick = pick_from_rows(rows, scoring.available())
         return scoring
