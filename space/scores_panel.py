@@ -32,6 +32,7 @@ SERIES: tuple[tuple[str, str], ...] = (
     ("subject_in_context", "subject in new contexts"),
     ("drift", "class drift"),
 )
+COLORS = ("#1f77b4", "#ff7f0e", "#9467bd", "#d62728", "#2ca02c")  # the series', then the pick's
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,9 @@ def layout() -> ScoresPanel:
             x="step",
             y="value",
             color="score",
+            # Every series named up front: the legend and colours stay put when the pick appears mid-run.
+            color_map=dict(zip([name for _, name in SERIES] + [texts.PICKED_SERIES], COLORS, strict=True)),
+            y_lim=[0, 1.05],
             title=texts.scores_title(None),
             height=220,
             elem_id="scores-plot",
