@@ -58,8 +58,11 @@ def scores_frame(rows: Iterable[Mapping[str, Any]], pick: int | None = None) -> 
     points = [
         (int(row["step"]), float(row[key]), name) for row in rows for key, name in SERIES if row.get(key) is not None
     ]
-    if pick is not None:
-        points += [(pick, 0.0, texts.PICKED_SERIES), (pick, 1.0, texts.PICKED_SERIES)]
+    if points:
+        # The pick's series is there from the first point on, as a line of no length until there is a pick: the
+        # chart's legend keeps the series of its first drawing, so one that appeared later would not show.
+        at, top = (pick, 1.0) if pick is not None else (points[0][0], 0.0)
+        points += [(at, 0.0, texts.PICKED_SERIES), (at, top, texts.PICKED_SERIES)]
     # Typed columns even when empty: the plot reads "quantitative" axes from the dtypes.
     return pd.DataFrame(
         {

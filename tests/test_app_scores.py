@@ -52,8 +52,10 @@ def visitor(name: str) -> SimpleNamespace:
 def test_the_scores_frame_and_the_line_under_it() -> None:
     rows = [row(0, 0.2), row(2, 0.6, drift=0.5), row(4, 0.8, memorised=True)]
     frame = scores_frame(rows)
-    assert list(frame.columns) == ["step", "value", "score"] and len(frame) == 9  # long: 3 series a step
-    assert set(frame["score"]) == {"subject fidelity", "prompt fidelity", "class drift"}
+    assert list(frame.columns) == ["step", "value", "score"] and len(frame) == 9 + 2  # long: 3 series a step
+    assert set(frame["score"]) == {"subject fidelity", "prompt fidelity", "class drift", texts.PICKED_SERIES}
+    unpicked = frame[frame["score"] == texts.PICKED_SERIES]
+    assert list(unpicked["step"]) == [0, 0] and list(unpicked["value"]) == [0.0, 0.0]  # no length until a pick
     drift = frame[frame["score"] == "class drift"]
     assert list(drift["step"]) == [0, 2, 4] and list(drift["value"]) == [0.0, 0.5, 0.0]
     picked = scores_frame(rows, pick=2)
