@@ -1,6 +1,6 @@
 """A run's checkpoint scores as the app keeps them: the rows of scores.jsonl by step (trainer/scores.py
-writes them), the pick over the checkpoints still on disk (trainer/pick.py), and whether making a
-checkpoint the run's weights would lose the weights it has now (trainer/export.py then asks to confirm).
+writes them), the pick over the checkpoints still on disk (trainer/pick.py), and the step the run's
+weights are from.
 
 A running job gathers its rows from the training's ScoreEvents (space/jobs.py); a finished job, and any
 run folder, reads them from the folder: both give the same RunScores.

@@ -213,10 +213,11 @@ def _push(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from .export import export_checkpoint
+    from .run_folder import CONFIG_NAME
 
     run_dir = Path(args.run_dir)
-    if not (run_dir / "config.json").is_file():
-        raise ConfigError(f"`run_dir`: {run_dir} is not a run folder (no config.json)")
+    if not (run_dir / CONFIG_NAME).is_file():
+        raise ConfigError(f"`run_dir`: {run_dir} is not a run folder (no {CONFIG_NAME})")
     _quiet_libraries(warnings=args.quiet)  # loading bars are noise here; warnings stay unless --quiet
     done = export_checkpoint(run_dir, args.checkpoint, replace_current=args.replace_current)
     print(f"Step {done.step} ({done.reason}) is now the weights of {run_dir}: {done.weights}")

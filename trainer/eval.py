@@ -144,9 +144,9 @@ def main(argv: list[str] | None = None) -> dict:
     judge = Judge()
 
     run_dirs, seconds = [args.run], [None]
+    seeds = range(args.first_seed, args.first_seed + args.seeds)  # one run folder each when more than one
     if args.run is None:
         out = args.output_dir or scratch / "run"
-        seeds = range(args.first_seed, args.first_seed + args.seeds)
         run_dirs = [out] if args.seeds == 1 else [out / f"seed-{k}" for k in seeds]
         seconds = [train_run(args, base, instance_dir, d, seed=None if args.seeds == 1 else k)
                    for k, d in zip(seeds, run_dirs, strict=True)]
@@ -156,8 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
     per_run = [score(load_run(d, base_model=base), judge, subject, **settings).as_dict() for d in run_dirs]
     rows = {"base": score(base_pipe, judge, subject, **settings).as_dict(), "trained": _mean(per_run)}
     if len(per_run) > 1:
-        rows.update({f"seed {k}": row for k, row in zip(range(args.first_seed, args.first_seed + args.seeds), per_run,
-                                                         strict=True)})
+        rows.update({f"seed {k}": row for k, row in zip(seeds, per_run, strict=True)})
     picks = None
     if args.score_every:
         picks, picked = [], []
@@ -169,8 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                           **settings).as_dict())
         rows["picked"] = _mean(picked)
         if len(picked) > 1:
-            rows.update({f"pick {k}": row for k, row in zip(range(args.first_seed, args.first_seed + args.seeds), picked,
-                                                             strict=True)})
+            rows.update({f"pick {k}": row for k, row in zip(seeds, picked, strict=True)})
     results = {"runs": [str(d) for d in run_dirs], "method": args.method, "prior": args.prior,
                "preservation": args.preservation if args.prior else "none",
                "train_seconds": seconds, "picks": picks, "real_similarity": round(real_similarity(judge, subject), 3), **rows}

@@ -32,6 +32,7 @@ from .memory_profiles import (
 )
 from .memory_shapes import ModelShapes, parameter_counts, part_tensors, read_shapes
 from .models import weight_dtype
+from .scores import draw_batch
 from .speed import SpeedChoices
 
 GiB = 2**30
@@ -227,7 +228,7 @@ def _phases(
         sample = generation_profile(shapes, config.mixed_precision, device_type, choices.pad_heads, True)
         phases[SAMPLES] = kept + sample.peak(1, pixels)[0]
     if config.score_checkpoints:  # on a GPU one image at a time, as validation samples; on the CPU all together
-        rows = 1 if device_type == "cuda" else config.score_samples
+        rows = draw_batch(config, device_type)
         drawn = generation_profile(shapes, config.mixed_precision, device_type, choices.pad_heads, rows == 1)
         phases[SCORING] = kept + drawn.peak(rows, pixels)[0]
     return phases, live - grads_then

@@ -78,7 +78,6 @@ class HubEmbedders:
     def __init__(self, image_model: str, clip_model: str) -> None:
         from transformers import AutoImageProcessor, AutoModel, AutoTokenizer, CLIPModel
 
-        self.device = torch.device("cpu")  # on a GPU too: seconds per checkpoint, and no memory taken from training
         self.label = f"{_short(image_model)} + {_short(clip_model)}"
         self.dino = AutoModel.from_pretrained(image_model, use_safetensors=True).eval()
         self.dino_processor = AutoImageProcessor.from_pretrained(image_model, backend="pil")
@@ -86,24 +85,24 @@ class HubEmbedders:
         self.clip_processor = AutoImageProcessor.from_pretrained(clip_model, backend="pil")
         self.tokenizer = AutoTokenizer.from_pretrained(clip_model)
 
-    def _pixels(self, processor, images: Sequence[Image.Image]) -> torch.Tensor:
-        pixels = processor(images=[im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"]
-        return pixels.to(self.device)
+    @staticmethod
+    def _pixels(processor, images: Sequence[Image.Image]) -> torch.Tensor:
+        return processor(images=[im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"]
 
     @torch.no_grad()
     def subject(self, images: Sequence[Image.Image]) -> torch.Tensor:
         out = self.dino(pixel_values=self._pixels(self.dino_processor, images))
-        return F.normalize(out.pooler_output.float(), dim=-1).cpu()  # DINOv2's pooled output: the normed CLS token
+        return F.normalize(out.pooler_output.float(), dim=-1)  # DINOv2's pooled output: the normed CLS token
 
     @torch.no_grad()
     def clip_image(self, images: Sequence[Image.Image]) -> torch.Tensor:
         out = self.clip.get_image_features(pixel_values=self._pixels(self.clip_processor, images))
-        return F.normalize(_features(out).float(), dim=-1).cpu()
+        return F.normalize(_features(out).float(), dim=-1)
 
     @torch.no_grad()
     def prompt_match(self, images: Sequence[Image.Image], text: str) -> torch.Tensor:
-        tokens = self.tokenizer([text], padding=True, truncation=True, return_tensors="pt").to(self.device)
-        text_embedding = F.normalize(_features(self.clip.get_text_features(**tokens)).float(), dim=-1).cpu()
+        tokens = self.tokenizer([text], padding=True, truncation=True, return_tensors="pt")
+        text_embedding = F.normalize(_features(self.clip.get_text_features(**tokens)).float(), dim=-1)
         return (self.clip_image(images) @ text_embedding.T).squeeze(1)
 
     def recontext(self, identifier: str, noun: str, photos: Sequence[Image.Image]) -> list[tuple[str, str]]:
@@ -167,6 +166,12 @@ def generate(pipe, prompt: str, count: int, seed: int, steps: int, guidance: flo
     return images
 
 
+def draw_batch(config: TrainConfig, device_type: str) -> int:
+    """Images `generate` draws at once: 1 on a GPU (no more accelerator memory than a validation sample), a
+    prompt's all on the CPU (twice as fast; the memory is the system's)."""
+    return 1 if device_type == "cuda" else config.score_samples
+
+
 class Scorer:
     """Scores pipelines against one subject; the first one scored (or `base` given) is the base model."""
 
@@ -213,12 +218,13 @@ class Scorer:
         own = self._generate(pipe, self.subject_prompt, 0, autocast)
         progress(1, jobs)
         own_embeddings = self.embedders.subject(own)
-        per_sample = (own_embeddings @ self.photo_embeddings.T).mean(dim=1)
+        own_similarity = own_embeddings @ self.photo_embeddings.T
+        per_sample = own_similarity.mean(dim=1)
         subject, subject_se = float(per_sample.mean()), _standard_error(per_sample)
         subject_clip = None
         if self.photo_clip is not None:
             subject_clip = float((self.embedders.clip_image(own) @ self.photo_clip.T).mean())
-        matches, in_context, nearest = [], [], [float((own_embeddings @ self.photo_embeddings.T).max())]
+        matches, in_context, nearest = [], [], [float(own_similarity.max())]
         for k, (prompt, text) in enumerate(self.recontext):
             images = self._generate(pipe, prompt, 0, autocast)
             matches.append(self.embedders.prompt_match(images, text).float())

@@ -18,7 +18,15 @@ from .events import EventHandler, PhaseEvent, ProgressEvent, ScoreEvent
 from .families import Components
 from .output import evaluating, pipeline_from_parts
 from .pick import Pick, pick_from_rows
-from .scores import Scorer, ScoresUnavailable, append_scores, base_reference, load_embedders, read_scores
+from .scores import (
+    Scorer,
+    ScoresUnavailable,
+    append_scores,
+    base_reference,
+    draw_batch,
+    load_embedders,
+    read_scores,
+)
 
 
 @dataclass
@@ -44,18 +52,15 @@ class Scoring:
             warn(f"Scores unavailable: {err}. Training goes on without scores or a best checkpoint.")
             return None
         rows = read_scores(run_dir)
-        batch = config.score_samples if device.type == "cpu" else 1  # trainer/scores.py `generate`
-        scorer = Scorer(embedders, [load_rgb(p) for p in photos], config, base=base_reference(rows), batch=batch)
+        scorer = Scorer(embedders, [load_rgb(p) for p in photos], config, base=base_reference(rows),
+                        batch=draw_batch(config, device.type))
         scoring = cls(scorer, run_dir, emit, warn, autocast)
-        scoring.pick = pick_from_rows(rows, scoring.available())
+        scoring.pick = pick_from_rows(rows, ckpt.checkpoint_steps(run_dir))
         return scoring
 
     @property
     def needs_base(self) -> bool:
         return self.scorer.base is None
-
-    def available(self) -> set[int]:
-        return ckpt.checkpoint_steps(self.run_dir)
 
     def score(self, parts: Components, unet: torch.nn.Module, text_encoders: Sequence[torch.nn.Module],
               step: int) -> dict:
@@ -70,7 +75,7 @@ class Scoring:
             row = self.scorer.score(pipe, step, self.autocast,
                                     lambda done, total: self.emit(ProgressEvent("scoring", done, total)))
         append_scores(self.run_dir, row)
-        self.pick = pick_from_rows(read_scores(self.run_dir), self.available())
+        self.pick = pick_from_rows(read_scores(self.run_dir), ckpt.checkpoint_steps(self.run_dir))
         self.emit(ScoreEvent(step, row, self.pick.step, self.pick.reason))
         if row["memorised"] and step:
             self.warn(f"Step {step}: a sample is {row['memorisation']:.2f} similar to one of your photos (copies "

@@ -18,8 +18,10 @@ from dataclasses import asdict, dataclass
 import torch
 from PIL import Image
 
+from .. import scores
+from ..scores import diversity
 from .judge import Judge
-from .world import BACKGROUNDS
+from .world import BACKGROUNDS, IMAGE_SIZE
 
 SCORE_NAMES: dict[str, str] = {
     "subject_similarity": "subject sim",
@@ -64,11 +66,9 @@ class Subject:
 
 
 def generate(pipe, prompt: str, count: int, steps: int = 20, guidance: float = 5.0, seed: int = 0) -> list[Image.Image]:
-    """`count` images of one prompt; image i is seeded with seed + i, so every model gets the same noise."""
-    generators = [torch.Generator().manual_seed(seed + i) for i in range(count)]
-    with torch.no_grad():
-        return pipe([prompt] * count, num_inference_steps=steps, guidance_scale=guidance, generator=generators,
-                    height=32, width=32).images
+    """`count` images of one prompt at the world's size, drawn together; image i is seeded with seed + i, so every
+    model gets the same noise (trainer/scores.py `generate`)."""
+    return scores.generate(pipe, prompt, count, seed, steps, guidance, IMAGE_SIZE, batch=count)
 
 
 def recontext_backgrounds(judge: Judge, subject: Subject) -> list[str]:
@@ -80,13 +80,6 @@ def recontext_backgrounds(judge: Judge, subject: Subject) -> list[str]:
 
 def _subject_key(judge: Judge, images: list[Image.Image]) -> tuple[str, str, str | None]:
     return Counter(r.subject_key for r in judge.read(images)).most_common(1)[0][0]
-
-
-def diversity(embeddings: torch.Tensor) -> float:
-    """Mean 1 - cosine similarity over all distinct pairs."""
-    n = embeddings.shape[0]
-    sims = embeddings @ embeddings.T
-    return float((1 - sims).sum() / (n * (n - 1))) if n > 1 else 0.0
 
 
 def score(pipe, judge: Judge, subject: Subject, count: int = 16, steps: int = 20, guidance: float = 5.0) -> Scores:
