@@ -14,79 +14,41 @@ the rounding; the text encoder all within 1% of a step.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import torch
-from train_helpers import safetensors_dir, tiny_config
+from launch_helpers import assert_same_weights, json_events, launch, metrics, square_photos
+from train_helpers import tiny_config
 
 from trainer.run_folder import read_status
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
 LR = 1e-4  # full fine-tuning at this rate moves the tiny model's weights well clear of float noise
-
-
-def launch(processes: int, config: Path, out: Path, *flags: str) -> list[dict]:
-    """Train from `config` into `out` on `processes` processes; the main process's JSON events."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
-    train = ["-m", "trainer", "train", "--config", str(config), "--output-dir", str(out), "--events", "json", *flags]
-    if processes == 1:
-        command = [sys.executable, *train]
-    else:  # how the README tells a CPU-only machine to run several processes
-        env["ACCELERATE_USE_CPU"] = "true"
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-                   str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *train]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-
-
-def assert_same_weights(a: Path, b: Path) -> None:
-    for part in ("unet", "text_encoder"):
-        left, right = safetensors_dir(a / part), safetensors_dir(b / part)
-        diff = torch.cat([(left[k].float() - right[k].float()).abs().flatten() for k in left])
-        beyond = (diff > 0.01 * LR).float().mean().item()
-        assert beyond < 1e-3 and diff.max() < 0.5 * LR, (part, beyond, diff.max().item())
-
-
-def metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_model_dir: Path) -> dict[str, object]:
     """One run on 1 process × batch 2 and one on 2 processes × batch 1, both checkpointing at step 4 of
     6: full fine-tuning of the UNet and the text encoder, prior preservation, checkpointing, 8-bit AdamW."""
-    from PIL import Image, ImageDraw
-
     root = tmp_path_factory.mktemp("multiprocess")
-    photos = root / "photos"
-    photos.mkdir()
-    for i, (dx, dy) in enumerate([(0, 0), (-6, 4), (5, -5), (3, 6)]):
-        image = Image.new("RGB", (64, 64), "white")
-        ImageDraw.Draw(image).rectangle((18 + dx, 18 + dy, 45 + dx, 45 + dy), fill=(220, 20, 20))
-        image.save(photos / f"subject-{i}.png")
-    config = tiny_config(tiny_model_dir, photos, root / "unused", method="full", train_text_encoder=True,
+    config = tiny_config(tiny_model_dir, square_photos(root / "photos"), root / "unused", method="full", train_text_encoder=True,
                          gradient_checkpointing=True, with_prior_preservation=True, num_class_images=4,
                          class_prompt="a photo of a square", class_cache_dir=str(root / "cache-2"),
                          checkpointing_steps=4, learning_rate=LR)
     path = root / "config.json"
     config.save(path)
-    two_events = launch(2, path, root / "two", "--train-batch-size", "1")
-    one_events = launch(1, path, root / "one", "--train-batch-size", "2", "--class-cache-dir", str(root / "cache-1"))
+    two_events = json_events(launch(2, path, root / "two", "--train-batch-size", "1"))
+    one_events = json_events(launch(1, path, root / "one", "--train-batch-size", "2",
+                                    "--class-cache-dir", str(root / "cache-1")))
     return {"root": root, "config": path, "one": root / "one", "two": root / "two",
             "one_events": one_events, "two_events": two_events}
 
 
 def test_two_processes_end_where_one_process_with_the_same_global_batch_ends(runs):
     one, two = runs["one"], runs["two"]
-    assert_same_weights(one, two)
+    assert_same_weights(one, two, LR)
     # Each process took its own row of every step: together, the photos one process took in pairs.
     assert [m["images"] for m in metrics(one)] == [m["images"] for m in metrics(two)]
     assert all(len(set(m["images"])) == 2 for m in metrics(two))
@@ -129,10 +91,10 @@ def test_a_checkpoint_resumes_on_another_number_of_processes(runs, written_by, r
     out = root / f"{written_by}-resumed-on-{resumed_on}"
     shutil.rmtree(out, ignore_errors=True)
     batch = "2" if resumed_on == 1 else "1"
-    events = launch(resumed_on, runs["config"], out, "--train-batch-size", batch,
-                    "--resume-from-checkpoint", str(checkpoint), "--class-cache-dir", str(root / "cache-2"))
+    events = json_events(launch(resumed_on, runs["config"], out, "--train-batch-size", batch,
+                                "--resume-from-checkpoint", str(checkpoint), "--class-cache-dir", str(root / "cache-2")))
     assert any("Resumed from checkpoint-000004 at step 4" in e.get("message", "") for e in events)
     assert [m["step"] for m in metrics(out)] == [5, 6]
     # The data order goes on where the checkpoint left it, and the run ends as the uninterrupted one.
     assert [m["images"] for m in metrics(out)] == [m["images"] for m in metrics(runs["one"])][4:]
-    assert_same_weights(runs["one"], out)
+    assert_same_weights(runs["one"], out, LR)

@@ -105,7 +105,9 @@ def _train(args: argparse.Namespace) -> int:
     if args.quiet or json_events is not None:
         _quiet_libraries(warnings=json_events is None)  # a reader's log keeps the libraries' warnings
     cancel = FileCancelToken(Path(args.cancel_file)) if args.cancel_file else CancelToken()
-    with _stop_on_signals(cancel), CliProgress(quiet=args.quiet) as progress:
+    # Under `accelerate launch` every process sees the same events; the one with RANK 0 prints them.
+    quiet = args.quiet or os.environ.get("RANK", "0") != "0"
+    with _stop_on_signals(cancel), CliProgress(quiet=quiet) as progress:
         result = train(config, on_event=json_events or progress, cancel=cancel)
     if json_events is not None:
         json_events(result)
@@ -186,6 +188,9 @@ def _quiet_libraries(warnings: bool = True) -> None:
             library.set_verbosity_error()
     if warnings:  # bitsandbytes logs through plain `logging` (e.g. about optional CPU kernels on AVX-512 bf16)
         logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+        # DeepSpeed, where installed, is imported by accelerate's unwrap_model even in runs without it and
+        # warns on stdout about its accelerator; it sets its logger's level at import, a filter stays.
+        logging.getLogger("DeepSpeed").addFilter(lambda record: record.levelno >= logging.ERROR)
 
 
 def _token_from_env(var: str | None) -> str | None:

@@ -270,6 +270,8 @@ def setup_training(run: Run, parts: Components) -> Trainables:
     if how == "deepspeed" and text_params:
         raise ConfigError("`train_text_encoder`: under DeepSpeed accelerate trains one model per engine; train the "
                           "UNet alone here, or use the DDP or FSDP configuration (configs/accelerate/)")
+    if how == "deepspeed":
+        sharded.fit_deepspeed_config(accelerator, config)
     optimizer = make_optimizer(unet_params, text_params, config, run.warn, how, offload)
     lr_scheduler = make_lr_scheduler(optimizer, config)
     if text_params:
@@ -419,12 +421,15 @@ class NonFiniteLossError(UserError, RuntimeError):
     """The training diverged: a loss or gradient was inf or NaN, and the run stopped before applying it."""
 
 
-def stop_unless_finite(run: Run, parts: Components, step: int, what: str, value: torch.Tensor | None) -> None:
+def stop_unless_finite(run: Run, parts: Components, step: int, what: str,
+                       value: torch.Tensor | float | None) -> None:
     """Stop the run at once on an inf/NaN loss or gradient norm, before the optimizer step writes it into
-    the weights: the run folder keeps its checkpoints, saves no weights and says "failed"."""
+    the weights: the run folder keeps its checkpoints, saves no weights and says "failed". (Under
+    DeepSpeed the norm is a float: the engine clips inside its own step and reports the last norm.)"""
     if value is None:
         return
-    finite = run.accelerator.gather(torch.isfinite(value.detach()).float().reshape(1))
+    value = torch.as_tensor(value, device=run.accelerator.device).detach()
+    finite = run.accelerator.gather(torch.isfinite(value).float().reshape(1))
     if bool(finite.min() > 0):  # every process agrees, so none waits for another in a collective
         return
     config = run.config

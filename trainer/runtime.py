@@ -27,18 +27,34 @@ def check_runtime(config: TrainConfig) -> None:
         raise ConfigError("`report_to` wandb needs the wandb package: `pip install wandb`, or use 'tensorboard'")
 
 
+def _launched() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def deepspeed_without_gpu() -> bool:
+    """`accelerate launch` started DeepSpeed on a machine without a GPU (how the tests run ZeRO here).
+    accelerate 1.15 finds no process-group backend for DeepSpeed there and gives every process a run of
+    its own on the whole batch; over gloo they train together, as they would over NCCL."""
+    launched = int(os.environ.get("LOCAL_RANK", "-1")) != -1
+    return parse_flag_from_env("ACCELERATE_USE_DEEPSPEED") and launched and not torch.cuda.is_available()
+
+
 def use_cpu() -> bool:
     """Train on the CPU although an accelerator may be there: `accelerate launch --cpu` asked for it, or
     several processes were launched on a machine without a GPU. accelerate 1.15 reads neither from the
-    environment itself, and without it each launched process would train alone on the whole batch."""
+    environment itself, and without it each launched process would train alone on the whole batch.
+    (DeepSpeed is the exception: accelerate drops it from a run it was told is on the CPU.)"""
+    if deepspeed_without_gpu():
+        return False
     if parse_flag_from_env("ACCELERATE_USE_CPU"):
         return True
-    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return launched and not torch.cuda.is_available()
+    return _launched() and not torch.cuda.is_available()
 
 
 def process_state() -> PartialState:
     """This process's place among the launched ones (set up once per process, as the run will use it)."""
+    if deepspeed_without_gpu():
+        return PartialState(backend="gloo")
     return PartialState(cpu=use_cpu())
 
 
@@ -60,6 +76,7 @@ def make_accelerator(config: TrainConfig, run_dir: Path) -> Accelerator:
     # (the app, the tests) must start from a clean one. The distributed PartialState is kept.
     AcceleratorState._reset_state()
     GradientState._reset_state()
+    process_state()  # the process group first, on the backend chosen there
     accelerator = Accelerator(
         cpu=use_cpu(),
         gradient_accumulation_steps=config.gradient_accumulation_steps,

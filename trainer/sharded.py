@@ -7,8 +7,9 @@ writes its part with accelerate's `save_state` (and reads it back with `load_sta
 process adds the LR schedule and state.json, which makes the folder complete. Saving the final
 weights or drawing samples under FSDP gathers the weights whole on the main process first.
 
-Not run on this project's machines: accelerate runs FSDP and DeepSpeed as plain DDP on a CPU, and
-neither has been tried on GPUs here yet (see the README's "More than one GPU").
+DeepSpeed ZeRO-2 runs in the tests on this project's CPU-only machines (over gloo: runtime.py
+`deepspeed_without_gpu`, tests/test_deepspeed.py). FSDP has not run here: accelerate 1.15 sets it up
+only for GPU-like devices (see the README's "More than one GPU").
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
 from .checkpoints import STATE, TrainingState, list_checkpoints
-from .config import ConfigError
+from .config import ConfigError, TrainConfig
 from .run_folder import checkpoints_dir
 
 SHARDED = "sharded"  # the state.json key that marks a checkpoint written by save_state
@@ -32,6 +33,21 @@ SHARDED = "sharded"  # the state.json key that marks a checkpoint written by sav
 
 def is_sharded(accelerator: Accelerator) -> bool:
     return accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+
+
+def fit_deepspeed_config(accelerator: Accelerator, config: TrainConfig) -> None:
+    """Tell DeepSpeed the batch it steps on and the run's gradient clipping (DeepSpeed clips inside its
+    own step). accelerate reads the micro-batch from a dataloader passed to `prepare`, and the run
+    prepares none: its batches are its own (trainer/batches.py)."""
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    theirs = ds.get("gradient_accumulation_steps")
+    if isinstance(theirs, int) and theirs != config.gradient_accumulation_steps:
+        raise ConfigError(f"`gradient_accumulation_steps` is {config.gradient_accumulation_steps} but the accelerate "
+                          f"DeepSpeed config says {theirs}; set both to the same number "
+                          "(configs/accelerate/zero2_offload.yaml)")
+    ds["train_micro_batch_size_per_gpu"] = config.train_batch_size
+    ds["train_batch_size"] = config.train_batch_size * config.gradient_accumulation_steps * accelerator.num_processes
+    ds["gradient_clipping"] = config.max_grad_norm
 
 
 def is_sharded_checkpoint(path: Path) -> bool:
@@ -54,7 +70,8 @@ def save_checkpoint(run_dir: Path, state: TrainingState, accelerator: Accelerato
     if accelerator.is_main_process:
         torch.save(lr_scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / STATE).write_text(json.dumps({"step": state.step, "text_encoder_frozen": state.text_encoder_frozen,
-                                            "samples_seen": state.samples_seen, SHARDED: True}))
+                                            "samples_seen": state.samples_seen, SHARDED: True,
+                                            "processes": accelerator.num_processes}))
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
@@ -78,11 +95,18 @@ def load_checkpoint(path: Path, accelerator: Accelerator, lr_scheduler) -> Train
 
 def check_resumable(path: Path, accelerator: Accelerator) -> None:
     """A checkpoint resumes under the kind of run that wrote it: sharded state cannot be read by a
-    DDP run, nor a whole-model checkpoint loaded into a sharded optimizer."""
+    DDP run, nor a whole-model checkpoint loaded into a sharded optimizer; and DeepSpeed's ZeRO state
+    only on as many processes as wrote it (each holds its own part of the optimizer)."""
     if is_sharded_checkpoint(path) != is_sharded(accelerator):
         wrote = "DeepSpeed/FSDP" if is_sharded_checkpoint(path) else "one process or DDP"
         raise ConfigError(f"`resume_from_checkpoint`: {path.name} was written by a {wrote} run; resume it "
                           "with the same kind of `accelerate launch` configuration")
+    wrote_on = json.loads((path / STATE).read_text()).get("processes")
+    if (accelerator.distributed_type == DistributedType.DEEPSPEED and wrote_on is not None
+            and wrote_on != accelerator.num_processes):
+        raise ConfigError(f"`resume_from_checkpoint`: {path.name} holds DeepSpeed ZeRO state split over {wrote_on} "
+                          f"processes; resume it with `--num_processes {wrote_on}` (this run has "
+                          f"{accelerator.num_processes})")
 
 
 @contextlib.contextmanager
