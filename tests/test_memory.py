@@ -213,6 +213,27 @@ def test_check_fits_refuses_with_what_to_change(tiny_model_dir: Path, monkeypatc
         memory.check_fits(config, torch.device("cpu"))
 
 
+@pytest.mark.parametrize("launch", ["ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP"])
+def test_a_deepspeed_or_fsdp_launch_is_not_refused_by_a_model_of_one_gpu(
+        tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, launch: str) -> None:
+    """ZeRO-Offload exists to train on cards the one-GPU estimate says are too small; the memory model
+    does not model sharding or offload, so under those launches it warns instead of refusing."""
+    from trainer import memory
+    from trainer.events import CancelToken, WarningEvent
+    from trainer.loop import Run, check_memory
+
+    config = _tiny(tiny_model_dir, resolution=256)
+    monkeypatch.setattr(memory, "device_capacity", lambda device: (1, "a tiny GPU"))
+    events: list = []
+    run = Run(config, events.append, CancelToken())
+    with pytest.raises(ConfigError, match="does not fit a tiny GPU"):
+        check_memory(run, torch.device("cuda"))
+    monkeypatch.setenv(launch, "true")
+    check_memory(run, torch.device("cuda"))
+    (warning,) = [e.message for e in events if isinstance(e, WarningEvent)]
+    assert warning.startswith("Memory not estimated before loading: the memory model does not know how DeepSpeed")
+
+
 def test_the_cli_prints_the_estimate_and_the_advice(tiny_model_dir: Path, capsys: pytest.CaptureFixture) -> None:
     from trainer.__main__ import main
 

@@ -45,7 +45,7 @@ from .optim import make_lr_scheduler, make_optimizer
 from .output import make_samples, save_weights
 from .preservation import BasePrediction
 from .prompts import check_prompts
-from .runtime import check_runtime, make_accelerator, process_state, strategy
+from .runtime import check_runtime, make_accelerator, process_state, sharding_launch, strategy
 from .scoring import Scoring
 from .speed import SpeedChoices
 
@@ -193,6 +193,11 @@ def check_memory(run: Run, device: torch.device) -> None:
     than fail with an out-of-memory error an hour in. A base model whose configs cannot be read or
     traced is left to the loader, which names the broken file; the run goes on without the check."""
     if device.type != "cuda":  # on the CPU the system's swap and the OOM killer decide; estimating costs seconds
+        return
+    if sharding_launch():  # ZeRO-Offload on one small card is what configs/accelerate/zero2_offload.yaml is for
+        run.warn("Memory not estimated before loading: the memory model does not know how DeepSpeed or FSDP "
+                 "split the weights, gradients and optimizer state over the GPUs and CPU RAM; training "
+                 "without that check.")
         return
     from .memory import check_fits  # only here: a CPU run never needs the memory model
 

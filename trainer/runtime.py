@@ -39,6 +39,11 @@ def deepspeed_without_gpu() -> bool:
     return parse_flag_from_env("ACCELERATE_USE_DEEPSPEED") and launched and not torch.cuda.is_available()
 
 
+def sharding_launch() -> bool:
+    """`accelerate launch` was told to run DeepSpeed or FSDP (known before the accelerator is made)."""
+    return parse_flag_from_env("ACCELERATE_USE_DEEPSPEED") or parse_flag_from_env("ACCELERATE_USE_FSDP")
+
+
 def use_cpu() -> bool:
     """Train on the CPU although an accelerator may be there: `accelerate launch --cpu` asked for it, or
     several processes were launched on a machine without a GPU. accelerate 1.15 reads neither from the
