@@ -7,7 +7,8 @@ same weights ("the same" as in test_multiprocess: launch_helpers.assert_same_wei
 checkpoint (one optimizer part per process) resumes on 2 processes and ends exactly as the
 uninterrupted run, and is refused on another number of processes with what to do; the shipped
 ZeRO-2 CPU-offload configuration (configs/accelerate/zero2_offload.yaml) trains with DeepSpeed's
-CPU Adam and ends as the one-process run too.
+CPU Adam and ends as the one-process run too; and ZeRO-2 trains in bf16 mixed precision, where
+DeepSpeed holds the UNet in bf16.
 
 That last claim holds at weight decay 0 only. With weight decay, ZeRO-Offload's CPU Adam moved the
 weights here as if the decay were added to the gradient (L2) instead of to the weights (AdamW): after
@@ -111,3 +112,18 @@ def test_the_shipped_zero2_offload_config_trains_with_deepspeeds_cpu_adam(runs):
     assert done.stdout.count("step 6/6 loss") == 1 and done.stdout.count("[done] Finished") == 1
     assert done.stderr.count("warning: Optimizer: DeepSpeed's CPU Adam instead of 8-bit AdamW") == 1
     assert read_status(root / "offload")["status"] == "completed"
+
+
+def test_zero2_trains_in_bf16_mixed_precision(runs):
+    """DeepSpeed holds the UNet in bf16 (its fp32 master weights are the optimizer's) and accelerate's
+    autocast stands aside under it: without the engine's own autocast the first fp32 latent meets bf16
+    weights and the run stops ("mat1 and mat2 must have the same dtype"). fp16, the shipped config's, is
+    the same path on a GPU."""
+    root = runs["root"]
+    out = root / "zero2-bf16"
+    launch(2, runs["config"], out, "--train-batch-size", "1", "--mixed-precision", "bf16", accelerate=ZERO2)
+    assert read_status(out)["status"] == "completed"
+    for fp32, bf16 in zip(metrics(runs["zero2"]), metrics(out), strict=True):
+        assert bf16["loss"] == pytest.approx(fp32["loss"], rel=0.01)
+    moved = weight_differences(out, Path(json.loads(runs["config"].read_text())["pretrained_model"]), "unet")
+    assert moved.max() > 3 * LR

@@ -408,7 +408,8 @@ def train_step(run: Run, parts: Components, model: Trainables, batches: BatchSou
         with accelerator.accumulate(*modules):
             cond: Conditioning = (parts.family.encode(parts, input_ids, model.text_encoders) if train_te
                                   else embeddings.cached(input_ids))
-            model_pred = parts.family.predict(model.unet, noisy, timesteps, cond, image_info)
+            with sharded.half_precision_forward(accelerator):
+                model_pred = parts.family.predict(model.unet, noisy, timesteps, cond, image_info)
             loss = dreambooth_loss(model_pred, target, timesteps, batch.n_instance, parts.noise_scheduler, config)
             stop_unless_finite(run, parts, step, "loss", loss.total)
             accelerator.backward(loss.total)

@@ -50,6 +50,17 @@ def fit_deepspeed_config(accelerator: Accelerator, config: TrainConfig) -> None:
     ds["gradient_clipping"] = config.max_grad_norm
 
 
+def half_precision_forward(accelerator: Accelerator) -> contextlib.AbstractContextManager:
+    """Under DeepSpeed with fp16 or bf16 the engine holds the UNet in that dtype (the fp32 master
+    weights are its optimizer's) and accelerate's autocast stands aside, so the run's fp32 latents would
+    meet half-precision weights in the first layer. torch's autocast casts them there, as accelerate's
+    own wrapper does for DDP."""
+    if accelerator.distributed_type != DistributedType.DEEPSPEED or accelerator.mixed_precision not in ("fp16", "bf16"):
+        return contextlib.nullcontext()
+    dtype = torch.float16 if accelerator.mixed_precision == "fp16" else torch.bfloat16
+    return torch.autocast(accelerator.device.type, dtype=dtype)
+
+
 def is_sharded_checkpoint(path: Path) -> bool:
     return bool(json.loads((path / STATE).read_text()).get(SHARDED))
 
