@@ -19,7 +19,6 @@ import torch
 from PIL import Image
 
 from .. import scores
-from ..scores import diversity
 from .judge import Judge
 from .world import BACKGROUNDS, IMAGE_SIZE
 
@@ -107,7 +106,7 @@ def score(pipe, judge: Judge, subject: Subject, count: int = 16, steps: int = 20
         prompt_fidelity=on_background / max(total, 1),
         recontext_subject=still_subject / max(total, 1),
         pres=sum(r.subject_key == key for r in prior_readings) / count,
-        div=diversity(judge.embed(prior)),
+        div=scores.diversity(judge.embed(prior)),
         class_accuracy=sum(r.shape == subject.class_noun for r in prior_readings) / count,
     )
 
