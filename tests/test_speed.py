@@ -13,7 +13,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from train_helpers import tiny_config
 
 from trainer import train
-from trainer.adamw8bit import AdamW8bitSmallTogether
+from trainer.adamw8bit import BLOCK, AdamW8bitTogether, _quantize_blocks
 from trainer.events import PhaseEvent
 from trainer.speed import PaddedHeadsAttnProcessor, SpeedChoices, choose, enable_checkpointing, head_dims
 
@@ -82,7 +82,7 @@ def test_the_optimised_step_gives_the_loss_and_weights_of_the_plain_one(tiny_mod
     plain checkpointing + bitsandbytes' own 8-bit AdamW, over 3 steps at 32x32 latents."""
     base = _unet(tiny_model_dir)
     plain = _train_steps(copy.deepcopy(base), None, bnb.optim.AdamW8bit, 3, 32)
-    fast = _train_steps(copy.deepcopy(base), SpeedChoices(True, True), AdamW8bitSmallTogether, 3, 32)
+    fast = _train_steps(copy.deepcopy(base), SpeedChoices(True, True), AdamW8bitTogether, 3, 32)
     assert fast[0] == pytest.approx(plain[0], rel=LOSS_RTOL)
     moved = max((plain[1][k] - base.state_dict()[k]).abs().max().item() for k in plain[1])
     assert moved > LR / 2  # the weights did move (by about lr per step): the comparison means something
@@ -110,7 +110,7 @@ def test_small_tensors_stepped_together_resume_from_a_bitsandbytes_checkpoint():
             b.grad = torch.ones_like(b)
         old.step()
         ours.step()
-    resumed = AdamW8bitSmallTogether(ref, lr=1e-2)
+    resumed = AdamW8bitTogether(ref, lr=1e-2)
     resumed.load_state_dict(ours.state_dict())
     for _ in range(2):
         for a, b in zip(params, ref, strict=True):
@@ -121,6 +121,56 @@ def test_small_tensors_stepped_together_resume_from_a_bitsandbytes_checkpoint():
     for a, b in zip(params, ref, strict=True):
         assert (a - b).abs().max().item() < 1e-6
     assert resumed.state[ref[0]]["step"] == 4
+
+
+def _eight_bit_run(optimizer_class, steps: int = 5):
+    torch.manual_seed(0)
+    # 8-bit state: whole blocks, a partial last block, a block that stays zero; fp32 state: two small
+    params = [torch.nn.Parameter(torch.randn(s) * 0.1) for s in ((64, 32, 3, 3), (257, 33), (5000,), (300,), (10, 10))]
+    optimizer = optimizer_class(params, lr=1e-3, weight_decay=1e-2)
+    gen = torch.Generator().manual_seed(1)
+    for step in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen) * (0.01 if step % 2 else 1.0)
+            if p.numel() == 5000:
+                p.grad[:BLOCK] = 0
+        optimizer.step()
+    return params, optimizer
+
+
+def test_eight_bit_tensors_stepped_together_keep_bitsandbytes_state_byte_for_byte():
+    """On the CPU the 8-bit tensors are dequantized, updated in one fused call and quantized back
+    by our code: the same codes as bitsandbytes' kernel, scales and weights within fp32 rounding."""
+    (ours, fast), (theirs, plain) = _eight_bit_run(AdamW8bitTogether), _eight_bit_run(bnb.optim.AdamW8bit)
+    eight_bit = 0
+    for p_fast, p_plain in zip(ours, theirs, strict=True):
+        a, b = fast.state[p_fast], plain.state[p_plain]
+        assert a["step"] == b["step"] == 5 and a["state1"].dtype == b["state1"].dtype
+        if a["state1"].dtype == torch.uint8:
+            eight_bit += 1
+            assert torch.equal(a["state1"], b["state1"]) and torch.equal(a["state2"], b["state2"])
+            assert torch.allclose(a["absmax1"], b["absmax1"], rtol=1e-6, atol=0)
+            assert torch.allclose(a["absmax2"], b["absmax2"], rtol=1e-6, atol=0)
+        assert (p_fast - p_plain).abs().max().item() < 1e-6
+    assert eight_bit == 3
+    zero_block = fast.state[ours[2]]  # its first block never had a gradient: scale 0, codes 0
+    assert zero_block["absmax1"][0] == zero_block["absmax2"][0] == 0 and zero_block["absmax2"][1:].min() > 0
+    assert not zero_block["state1"][:BLOCK].any()
+
+
+def test_the_quantizer_writes_the_bytes_of_bitsandbytes_kernel():
+    """Same fp32 input, same codes and scales: signed (first moment) and unsigned (second) maps."""
+    torch.manual_seed(0)
+    values = torch.randn(40 * BLOCK) * torch.logspace(-8, 0, 40 * BLOCK)  # every decade of the map
+    values[:BLOCK] = 0  # an all-zero block: scale 0, codes 0
+    for signed, x in ((True, values), (False, values.abs())):
+        code = bnb.functional.create_dynamic_map(signed=signed)  # bitsandbytes' qmap1 and qmap2
+        want_codes, want_scales = torch.ops.bitsandbytes.quantize_blockwise(x, code, BLOCK)
+        codes = torch.empty(40, BLOCK, dtype=torch.uint8)
+        scales = torch.empty(40)
+        _quantize_blocks(x.view(40, BLOCK), code, codes, scales)
+        assert torch.equal(codes.view(-1), want_codes) and torch.equal(scales, want_scales)
+        assert len(set(codes.view(-1).tolist())) > 100  # most of the 256 codes were exercised
 
 
 def _meta_unet(tiny_model_dir, **changes) -> UNet2DConditionModel:
@@ -146,6 +196,8 @@ def test_the_choices_follow_device_head_size_and_tokens(tiny_model_dir, device, 
     assert ("padded to 16" in line) == pad and ("selective" in line) == selective
     off, line = choose(unet, torch.device(device), latent, gradient_checkpointing=False)
     assert not off.selective_checkpointing and "checkpointing off" in line
+    eight_bit, line = choose(unet, torch.device(device), latent, gradient_checkpointing=True, eight_bit=True)
+    assert eight_bit.bulk_8bit == (device == "cpu") and ("requantized in bulk" in line) == (device == "cpu")
 
 
 def test_a_run_says_what_it_chose(tiny_model_dir, subject_images, tmp_path):
@@ -154,4 +206,5 @@ def test_a_run_says_what_it_chose(tiny_model_dir, subject_images, tmp_path):
                       gradient_checkpointing=True), on_event=events.append)
     said = [e.message for e in events if isinstance(e, PhaseEvent) and e.message.startswith("Speed choices")]
     assert said == ["Speed choices on cpu: attention heads of 8 channels padded to 16 for the CPU flash kernel; "
-                    "gradient checkpointing plain (256 tokens: too few to gain from keeping attention)"]
+                    "gradient checkpointing plain (256 tokens: too few to gain from keeping attention); "
+                    "8-bit AdamW steps every tensor in one fused call, its 8-bit moments requantized in bulk"]

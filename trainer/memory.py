@@ -65,6 +65,7 @@ CPU_REPACK = 0.17
 BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes' min_8bit_size: smaller tensors keep fp32 state
 BNB_BLOCK = 256  # blockwise quantization: one fp32 absmax per block and state
 BNB_QMAPS = 2 * 256 * 4  # the two quantization maps, shared by every tensor
+CPU_8BIT_CHUNK = 1 << 22  # trainer/adamw8bit.py's CPU_CHUNK (not imported: bitsandbytes may be absent)
 ASSUMED_PHOTOS = 20  # instance photos counted when the folders cannot be read (the most DreamBooth wants)
 
 
@@ -301,12 +302,20 @@ def optimizer_state_bytes(numels: list[int], eight_bit: bool) -> int:
 
 
 def _step_temporaries(numels: list[int], eight_bit: bool, device_type: str) -> int:
-    """What the optimizer step allocates beyond its state. bitsandbytes updates each tensor in place
-    (its small tensors go through torch's fused AdamW, in place too). torch AdamW on CUDA is the
-    multi-tensor one: it takes the square root of every exp_avg_sq at once; on the CPU it steps one
-    tensor at a time, with two temporaries of that tensor's size."""
-    if eight_bit or not numels:
+    """What the optimizer step allocates beyond its state. On CUDA bitsandbytes updates each tensor
+    in place (its small tensors go through torch's fused AdamW, in place too). On the CPU the
+    engine's 8-bit AdamW (trainer/adamw8bit.py) dequantizes a chunk of tensors at a time: both
+    moments in fp32 (8 bytes an element), then, quantizing one moment, its scaled copy, bins and
+    codes (9 bytes). torch AdamW on CUDA is the multi-tensor one: it takes the square root of every
+    exp_avg_sq at once; on the CPU it steps one tensor at a time, with two temporaries of that
+    tensor's size."""
+    if not numels:
         return 0
+    if eight_bit:
+        big = [n for n in numels if n >= BNB_MIN_8BIT_SIZE]
+        if device_type == "cuda" or not big:
+            return 0
+        return 17 * min(sum(big), max(CPU_8BIT_CHUNK, max(big)))
     return 4 * sum(numels) if device_type == "cuda" else 8 * max(numels)
 
 

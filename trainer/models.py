@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
 from .config import TrainConfig
@@ -142,6 +144,7 @@ def choose_speed(parts: Components, config: TrainConfig, device: torch.device) -
     """Set the UNet's attention processor for this device (class images use it too) and return
     the speed choices (trainer/speed.py) with the line that says what they are."""
     latent_size = config.resolution // parts.vae_scale_factor
-    choices, line = choose(parts.unet, device, latent_size, config.gradient_checkpointing)
+    eight_bit = config.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is not None
+    choices, line = choose(parts.unet, device, latent_size, config.gradient_checkpointing, eight_bit)
     parts.unet.set_attn_processor(attention_processor(choices.pad_heads))
     return choices, line

@@ -63,10 +63,10 @@ def make_optimizer(
                 "Install it with `pip install bitsandbytes`."
             )
         else:
-            from .adamw8bit import AdamW8bitSmallTogether
+            from .adamw8bit import AdamW8bitTogether
 
             del bnb  # imported above only to learn whether it imports
-            return AdamW8bitSmallTogether(groups, **kwargs)
+            return AdamW8bitTogether(groups, **kwargs)
     return torch.optim.AdamW(groups, **kwargs)
 
 

@@ -17,7 +17,10 @@ Each one gives the same result as the plain way within floating-point rounding
 - **Optimizer.** bitsandbytes' 8-bit AdamW keeps 32-bit state for tensors under 4,096 elements
   (biases, norms, LoRA matrices) and steps them one call per tensor; here they are stepped
   together by torch's multi-tensor AdamW, the same update on the same state, so an 8-bit run
-  with hundreds of small tensors spends less time outside the model.
+  with hundreds of small tensors spends less time outside the model. On the CPU the 8-bit
+  tensors join that call: their moments are dequantized, updated and quantized back with
+  bitsandbytes' own rule in a few vectorised operations for all of them (its CPU quantizer is a
+  scalar loop at ~18 ns an element); the state keeps the same bytes (trainer/adamw8bit.py).
 """
 
 from __future__ import annotations
@@ -122,6 +125,9 @@ def self_attention_tokens(unet_config, latent_size: int) -> int:
 class SpeedChoices:
     pad_heads: bool
     selective_checkpointing: bool
+    # 8-bit AdamW's moments dequantized, updated and quantized in bulk (trainer/adamw8bit.py);
+    # on CUDA bitsandbytes' fused kernel does it per tensor
+    bulk_8bit: bool = False
 
     def describe(self, device: torch.device, heads: set[int], tokens: int, checkpointing: bool) -> str:
         attention = (
@@ -135,18 +141,24 @@ class SpeedChoices:
             how = f"selective (attention outputs kept; {tokens} tokens)"
         else:
             how = f"plain ({tokens} tokens: too few to gain from keeping attention)"
-        return f"Speed choices on {device.type}: attention {attention}; gradient checkpointing {how}"
+        line = f"Speed choices on {device.type}: attention {attention}; gradient checkpointing {how}"
+        if self.bulk_8bit:
+            line += "; 8-bit AdamW steps every tensor in one fused call, its 8-bit moments requantized in bulk"
+        return line
 
 
 def choose(
-    unet: torch.nn.Module, device: torch.device, latent_size: int, gradient_checkpointing: bool
+    unet: torch.nn.Module, device: torch.device, latent_size: int, gradient_checkpointing: bool,
+    eight_bit: bool = False,
 ) -> tuple[SpeedChoices, str]:
-    """What this device and model get, and the line that says so."""
+    """What this device and model get, and the line that says so (`eight_bit`: the run asks for
+    8-bit AdamW and bitsandbytes is installed)."""
     heads = head_dims(unet) or {CPU_MIN_HEAD_DIM}
     tokens = self_attention_tokens(unet.config, latent_size)
     choices = SpeedChoices(
         pad_heads=device.type == "cpu" and min(heads) < CPU_MIN_HEAD_DIM,
         selective_checkpointing=gradient_checkpointing and tokens >= SELECTIVE_MIN_TOKENS,
+        bulk_8bit=eight_bit and device.type == "cpu",
     )
     return choices, choices.describe(device, heads, tokens, gradient_checkpointing)
 
