@@ -23,6 +23,7 @@ import pytest
 from space.job_process import REPO_ROOT, child_env, train_command
 from space.job_queue import Slot, SlotPool, gpu_slots, start_estimates
 from space.jobs import BusyError, JobManager, NotYourJob, Visitor
+from trainer.allocator import jemalloc_library
 from trainer.config import TrainConfig, UserError
 from trainer.events import (
     CheckpointEvent,
@@ -270,6 +271,9 @@ def test_events_arrive_in_order_and_queued_jobs_run_one_after_the_other(
     assert [e.step for e in events if isinstance(e, StepEvent)] == [1, 2, 3, 4, 5, 6]
     phases = [e.phase for e in events if isinstance(e, PhaseEvent)]
     assert phases[-3:] == ["training", "saving", "done"] and phases.index("training") > phases.index("loading")
+    speed = [e.message for e in events if isinstance(e, PhaseEvent) and e.message.startswith("Speed choices")]
+    allocator = "jemalloc" if jemalloc_library() else "system"  # the child re-executes itself on jemalloc
+    assert len(speed) == 1 and speed[0].endswith(f"; memory allocator {allocator}"), speed
     assert [s for _, s in done[0].losses] and done[0].run_dir == str(tmp_path / "runs" / "a")
     last_of_first = max(t for job_id, t, _ in seen if job_id == 1)
     assert min(t for job_id, t, _ in seen if job_id == 2) > last_of_first  # FIFO, never together

@@ -14,6 +14,7 @@ from train_helpers import tiny_config
 
 from trainer import train
 from trainer.adamw8bit import BLOCK, AdamW8bitTogether, _quantize_blocks
+from trainer.allocator import in_use
 from trainer.events import PhaseEvent
 from trainer.speed import PaddedHeadsAttnProcessor, SpeedChoices, choose, enable_checkpointing, head_dims
 
@@ -207,4 +208,5 @@ def test_a_run_says_what_it_chose(tiny_model_dir, subject_images, tmp_path):
     said = [e.message for e in events if isinstance(e, PhaseEvent) and e.message.startswith("Speed choices")]
     assert said == ["Speed choices on cpu: attention heads of 8 channels padded to 16 for the CPU flash kernel; "
                     "gradient checkpointing plain (256 tokens: too few to gain from keeping attention); "
-                    "8-bit AdamW steps every tensor in one fused call, its 8-bit moments requantized in bulk"]
+                    "8-bit AdamW steps every tensor in one fused call, its 8-bit moments requantized in bulk; "
+                    f"memory allocator {in_use()}"]  # this test process's own (tests/test_allocator.py)

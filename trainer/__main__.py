@@ -342,4 +342,8 @@ def _fail(json_events, message: str, status: int) -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["train"]:  # a training process of its own (not main() called in-process)
+        from .allocator import reexecute_with_jemalloc
+
+        reexecute_with_jemalloc()  # returns at once where jemalloc is absent, already loaded or refused
     sys.exit(main())

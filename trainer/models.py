@@ -6,6 +6,7 @@ import importlib.util
 
 import torch
 
+from . import allocator
 from .config import TrainConfig
 from .families import Components, ModelLoadError, detect_family
 from .families.base import first_line
@@ -147,4 +148,4 @@ def choose_speed(parts: Components, config: TrainConfig, device: torch.device) -
     eight_bit = config.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is not None
     choices, line = choose(parts.unet, device, latent_size, config.gradient_checkpointing, eight_bit)
     parts.unet.set_attn_processor(attention_processor(choices.pad_heads))
-    return choices, line
+    return choices, f"{line}; memory allocator {allocator.in_use()}"
