@@ -124,34 +124,36 @@ class _PackedMoment:
     other is dequantized and quantized on its own."""
 
     def __init__(self, states: list[dict], name: str, scale: str, code: str) -> None:
-        self.states, self.name, self.scale = states, name, scale
+        self.name, self.scale = name, scale
         self.code = states[0][code] if states else None
-        whole = [s for s in states if s[name].numel() % BLOCK == 0]
+        self.whole = [s for s in states if s[name].numel() % BLOCK == 0]
         self.ragged = [s for s in states if s[name].numel() % BLOCK]
-        self.whole = whole
-        self.values: list[torch.Tensor] = []
         views = {}
-        if whole:
-            codes = torch.cat([s[name].view(-1) for s in whole])
-            scales = torch.cat([s[scale] for s in whole])
+        if self.whole:
+            codes = torch.cat([s[name].view(-1) for s in self.whole])
+            scales = torch.cat([s[scale] for s in self.whole])
             self.buffer = _dequantize_blocks(codes.view(-1, BLOCK), scales, self.code)
-            for s, part in zip(whole, self.buffer.view(-1).split([s[name].numel() for s in whole]), strict=True):
+            sizes = [s[name].numel() for s in self.whole]
+            for s, part in zip(self.whole, self.buffer.view(-1).split(sizes), strict=True):
                 views[id(s)] = part.view(s[name].shape)
         for s in self.ragged:
             views[id(s)] = _dequantize(s[name], s[scale], self.code)
-        self.values = [views[id(s)] for s in states]
+        self.views = views
+        self.values = [views[id(s)] for s in states]  # fp32, in the order of `states`, for the update
 
     def store(self) -> None:
+        """Quantize the updated values back into each tensor's state and block scales."""
         if self.whole:
             codes = torch.empty(self.buffer.shape, dtype=torch.uint8, device=self.buffer.device)
             scales = torch.empty(self.buffer.shape[0], dtype=torch.float32, device=self.buffer.device)
             _quantize_blocks(self.buffer, self.code, codes, scales)
             sizes = [s[self.name].numel() for s in self.whole]
-            torch._foreach_copy_([s[self.name].view(-1) for s in self.whole], list(codes.view(-1).split(sizes)))
-            torch._foreach_copy_([s[self.scale] for s in self.whole], list(scales.split([n // BLOCK for n in sizes])))
-        for s, values in zip(self.states, self.values, strict=True):
-            if s[self.name].numel() % BLOCK:
-                _quantize_into(values, self.code, s[self.name], s[self.scale])
+            for s, part, part_scales in zip(self.whole, codes.view(-1).split(sizes),
+                                            scales.split([n // BLOCK for n in sizes]), strict=True):
+                s[self.name].view(-1).copy_(part)
+                s[self.scale].copy_(part_scales)
+        for s in self.ragged:
+            _quantize_into(self.views[id(s)], self.code, s[self.name], s[self.scale])
 
 
 def _steppable_here(p: torch.nn.Parameter, state: dict) -> bool:
