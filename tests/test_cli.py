@@ -174,7 +174,7 @@ def test_the_wheel_carries_the_code_the_toy_model_and_the_pinned_requirements(wh
     requirements = [line for line in (ROOT / "requirements.txt").read_text().splitlines()
                     if line.strip() and not line.startswith("#")]
     assert re.findall(r"^Requires-Dist: (.+)$", metadata, re.MULTILINE) == requirements
-    assert "dreambooth-studio = trainer.__main__:main" in entry_points
+    assert "dreambooth-studio = trainer.__main__:cli" in entry_points
     assert "dreambooth-studio-app = app:main" in entry_points
 
 

@@ -341,9 +341,24 @@ def _fail(json_events, message: str, status: int) -> int:
     return status
 
 
-if __name__ == "__main__":
-    if sys.argv[1:2] == ["train"]:  # a training process of its own (not main() called in-process)
+def cli() -> int:
+    """The command as started from a shell (`python -m trainer`, the `dreambooth-studio` script): a
+    training first moves onto jemalloc where it is installed (trainer/allocator.py). Not when this
+    module is run from another program (runpy) or `main()` is called in-process: re-executing would
+    run that program again."""
+    if sys.argv[1:2] == ["train"] and _started_as_this_command():
         from .allocator import reexecute_with_jemalloc
 
         reexecute_with_jemalloc()  # returns at once where jemalloc is absent, already loaded or refused
-    sys.exit(main())
+    return main()
+
+
+def _started_as_this_command() -> bool:
+    argv = getattr(sys, "orig_argv", [])
+    as_module = any(a == "-m" and b == "trainer" for a, b in zip(argv, argv[1:], strict=False))
+    as_script = len(argv) > 1 and not argv[1].startswith("-") and sys.argv[0] == argv[1]
+    return as_module or as_script
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
