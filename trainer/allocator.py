@@ -3,13 +3,16 @@
 glibc's malloc keeps much of what a training step frees in its heap (fragmented: it cannot hand it
 back or reuse it for the next step's differently sized tensors), so the process's peak resident
 memory grows well past what its tensors need. jemalloc reuses it: on the side-by-side benchmark's
-mid model (18 M-parameter UNet, 64x64 latents, CPU) the peak RSS of a run fell from 1,221 to
-947 MiB at the same seconds per step (bench/allocator.py). On the tiny model, whose peak is the
+mid model (18 M-parameter UNet, 64x64 latents, CPU) the peak RSS of a run fell from 1,269 to
+949 MiB (bench/allocator.py, medians of 3 interleaved runs), at 1.05x the seconds per step with
+jemalloc's default of returning freed pages after 10 s, and at 979 MiB and 0.94x that default's
+seconds with it off (KEEP_FREED_PAGES, what the engine sets). On the tiny model, whose peak is the
 imported libraries, it changes nothing (604 vs 619 MiB).
 
 `python -m trainer train` re-executes itself once with jemalloc preloaded (LD_PRELOAD) when the
 library is installed (Debian/Ubuntu: `apt install libjemalloc2`) and not already loaded, before
-anything large is imported; the same process id, arguments and environment continue. Set
+anything large is imported; the same process id, arguments and environment continue (plus
+MALLOC_CONF=KEEP_FREED_PAGES when MALLOC_CONF is unset). Set
 DREAMBOOTH_ALLOCATOR=system to keep the system's malloc. The run's speed-choices line names the
 allocator in use.
 """
@@ -21,6 +24,10 @@ import os
 import sys
 
 ENV = "DREAMBOOTH_ALLOCATOR"
+# jemalloc's tuning unless the user set MALLOC_CONF: keep freed pages instead of returning them to the
+# system after 10 s. A CPU step of a large model takes longer than that, so by default every step
+# faulted its big tensors' pages in afresh (mid: 16.2 s/step with, 15.2 without; peak 949 / 979 MiB).
+KEEP_FREED_PAGES = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
 _REEXECUTED = "_DREAMBOOTH_ALLOCATOR_REEXECUTED"  # set on the re-executed process: never loop
 _KNOWN = (("libjemalloc", "jemalloc"), ("libtcmalloc", "tcmalloc"), ("libmimalloc", "mimalloc"))
 
@@ -56,6 +63,7 @@ def reexecute_with_jemalloc() -> None:
         return
     preload = " ".join(part for part in (os.environ.get("LD_PRELOAD", ""), library) if part)
     env = {**os.environ, "LD_PRELOAD": preload, _REEXECUTED: "1"}
+    env.setdefault("MALLOC_CONF", KEEP_FREED_PAGES)
     sys.stdout.flush()
     sys.stderr.flush()
     try:
