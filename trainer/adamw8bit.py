@@ -89,7 +89,7 @@ class AdamW8bitTogether(bnb.optim.AdamW8bit):
         dequantized into one buffer per moment, quantized back after the update)."""
         params = small + eight_bit
         states = [self.state[p] for p in params]
-        packed = [self.state[p] for p in eight_bit]
+        packed = states[len(small):]
         first = _PackedMoment(packed, "state1", "absmax1", "qmap1")
         second = _PackedMoment(packed, "state2", "absmax2", "qmap2")
         # torch counts steps in tensors and adds one before using them; bitsandbytes keeps ints.

@@ -15,7 +15,6 @@ slack, on the CPU plus the process itself.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,7 @@ from .memory_profiles import (
     step_profile,
 )
 from .memory_shapes import ModelShapes, parameter_counts, part_tensors, read_shapes
-from .models import weight_dtype
+from .models import eight_bit_adam, weight_dtype
 from .scores import draw_batch
 from .speed import SpeedChoices
 
@@ -148,7 +147,7 @@ def estimate(
     by_part, trainable, loaded = _static(
         shapes, config.method, config.lora_rank, config.lora_alpha, config.train_text_encoder, config.mixed_precision
     )
-    eight_bit = _eight_bit(config)
+    eight_bit = eight_bit_adam(config)
     by_part = dict(by_part)
     if config.from_base_prediction and config.method == "full":  # the base UNet, frozen, beside the trained one
         by_part[FROZEN_UNET] = frozen_part_bytes(shapes, "unet", config.mixed_precision)
@@ -287,11 +286,6 @@ def _generation_weights(shapes: ModelShapes, mixed_precision: str, device_type: 
     return total
 
 
-def _eight_bit(config: TrainConfig) -> bool:
-    """8-bit AdamW when asked for and bitsandbytes is installed (the engine falls back to torch's)."""
-    return config.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is not None
-
-
 def optimizer_state_bytes(numels: list[int], eight_bit: bool) -> int:
     """AdamW's state for trainable tensors of these sizes (fp32 parameters)."""
     if not eight_bit:
@@ -393,7 +387,7 @@ def lower_bound(config: TrainConfig, device_type: str, shapes: ModelShapes) -> i
     """What `needed` is at least: weights, gradients and optimizer state (and the CUDA context), known
     without tracing anything. Enough to rule a setting out cheaply."""
     by_part, trainable = weights_and_trainables(config, shapes)
-    held = sum(by_part.values()) + 4 * sum(trainable) + optimizer_state_bytes(trainable, _eight_bit(config))
+    held = sum(by_part.values()) + 4 * sum(trainable) + optimizer_state_bytes(trainable, eight_bit_adam(config))
     return held + (CUDA_CONTEXT if device_type == "cuda" else 0)
 
 

@@ -141,11 +141,15 @@ def load_trainable_state_dict(module: torch.nn.Module, state: dict[str, torch.Te
             params[name].copy_(value.to(params[name].device, params[name].dtype))
 
 
+def eight_bit_adam(config: TrainConfig) -> bool:
+    """8-bit AdamW when asked for and bitsandbytes is installed (the engine falls back to torch's)."""
+    return config.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is not None
+
+
 def choose_speed(parts: Components, config: TrainConfig, device: torch.device) -> tuple[SpeedChoices, str]:
     """Set the UNet's attention processor for this device (class images use it too) and return
     the speed choices (trainer/speed.py) with the line that says what they are."""
     latent_size = config.resolution // parts.vae_scale_factor
-    eight_bit = config.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is not None
-    choices, line = choose(parts.unet, device, latent_size, config.gradient_checkpointing, eight_bit)
+    choices, line = choose(parts.unet, device, latent_size, config.gradient_checkpointing, eight_bit_adam(config))
     parts.unet.set_attn_processor(attention_processor(choices.pad_heads))
     return choices, f"{line}; memory allocator {allocator.in_use()}"
