@@ -109,4 +109,5 @@ def build_app(services: Services) -> gr.Blocks:
             gen.show_run, train.finished_run, [gen.model, gen.prompt], api_visibility="private", show_progress="hidden"
         )
         app.load(gen.refresh, None, gen.model, api_visibility="private", show_progress="hidden")
+        app.load(**train.poll)  # a page opened during a training shows it now, not a timer tick later
     return app

@@ -135,6 +135,7 @@ class PollState:
 @dataclass(frozen=True)
 class TrainTab:
     finished_run: gr.State  # run folder of the last finished job this page has seen
+    poll: dict[str, Any]  # the timer's poll as event arguments, for the page's load to draw the job at once
 
 
 # --- handlers: the form ---------------------------------------------------------------------
@@ -521,16 +522,19 @@ def build_train_tab(deps: TrainDeps) -> TrainTab:
         api_name="use_checkpoint",
         concurrency_id="gpu",
     )
-    job.timer.tick(
-        bind(poll, deps),
-        job.seen,
-        [job.seen, job.status, job.loss_plot, job.samples, job.warnings, job.finished_run, job.resume, *panel.drawn],
-        api_visibility="private",
-        show_progress="hidden",
-        concurrency_limit=None,
-    )
+    polled = {
+        "fn": bind(poll, deps),
+        "inputs": job.seen,
+        "outputs": [
+            job.seen, job.status, job.loss_plot, job.samples, job.warnings, job.finished_run, job.resume, *panel.drawn
+        ],
+        "api_visibility": "private",
+        "show_progress": "hidden",
+        "concurrency_limit": None,
+    }
+    job.timer.tick(**polled)
     gr.api(bind(current_job, deps), api_name="job_status")
-    return TrainTab(finished_run=job.finished_run)
+    return TrainTab(finished_run=job.finished_run, poll=polled)
 
 
 if __name__ == "__main__":

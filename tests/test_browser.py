@@ -71,7 +71,10 @@ def test_train_then_generate_in_a_browser(tmp_path: Path, tiny_model_dir: Path, 
             if steps_seen - {0} and not visitor_checked:  # a page opened now shows the running job
                 visitor = browser.new_page()
                 visitor.goto(url)
-                expect(visitor.locator("#train-status")).to_contain_text(re.compile(r"(Training|Completed) · phase"))
+                # Drawn by the page's load event; the wait is a guard for a loaded machine (CI failed once at 5 s).
+                expect(visitor.locator("#train-status")).to_contain_text(
+                    re.compile(r"(Training|Completed) · phase"), timeout=30_000
+                )
                 visitor.close()
                 visitor_checked = True
         plots_seen.add(_loss_line(page))  # the final plot, drawn with the "Completed" status
