@@ -3,6 +3,7 @@ training steps on this CPU, and the model's predictions for SD 1.5 on CUDA.
 
     OMP_NUM_THREADS=1 python bench/memory_model.py                    # every cell (~20 min on 2 cores)
     OMP_NUM_THREADS=1 python bench/memory_model.py --model tiny mid   # minutes
+    python bench/memory_model.py --table-from rows.json              # rows saved with --json, predicted anew
     python bench/memory_model.py --cuda-only                          # only the SD 1.5 CUDA predictions
 
 Cells: tiny, mid and the SD 1.5 UNet (random weights) x {full, LoRA} x gradient checkpointing {off,
@@ -41,6 +42,8 @@ sys.path[:0] = [str(REPO), str(REPO / "bench"), str(REPO / "tests")]
 
 from train_step import SD15_UNET, SDXL_UNET, build_step, failure_reason, step_inputs, time_steps  # noqa: E402
 from vs_reference import MID_UNET  # noqa: E402
+
+from trainer.allocator import for_training  # noqa: E402
 
 MODELS = ("tiny", "mid", "sd15", "sdxl")
 STEPS = {"tiny": 2, "mid": 2, "sd15": 1, "sdxl": 1}  # timed steps after the warm-up one
@@ -122,8 +125,11 @@ def run_cell(cell: dict, steps: int) -> dict:
         enable_checkpointing(setup.unet, choices.selective_checkpointing)
     times, failed = time_steps(setup, step_inputs(setup.unet, cell["latents"], device), steps)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    from trainer.allocator import in_use
+
     return {
         **cell,
+        "allocator": in_use(),
         "baseline": baseline,
         "peak_rss": peak,
         "failed": failed,
@@ -132,10 +138,16 @@ def run_cell(cell: dict, steps: int) -> dict:
     }
 
 
-def run_cell_process(cell: dict) -> dict:
+def run_cell_process(cell: dict, allocator: str) -> dict:
+    from trainer import allocator as malloc
+
     steps = STEPS[cell["model"]]
+    env = malloc.with_jemalloc(os.environ) if allocator == "jemalloc" else {**os.environ, malloc.ENV: "system"}
     out = subprocess.run(
-        [sys.executable, __file__, "--cell", json.dumps(cell), "--steps", str(steps)], capture_output=True, text=True
+        [sys.executable, __file__, "--cell", json.dumps(cell), "--steps", str(steps)],
+        capture_output=True,
+        text=True,
+        env=env,
     )
     try:
         row = json.loads(out.stdout.strip().splitlines()[-1])
@@ -160,7 +172,8 @@ def predict(cell: dict, baseline: int) -> tuple[int, str]:
     others = sum(v for k, v in memory.weights_by_part.items() if k != "unet")
     step = memory.phases[TRAINING] - others - memory.caches
     transient = step - memory.weights_by_part["unet"] - memory.optimizer_state
-    overhead = device_overhead("cpu", transient, memory.weights_by_part["unet"]) - CPU_PROCESS
+    unet = memory.weights_by_part["unet"]
+    overhead = device_overhead("cpu", transient, unet, cell.get("allocator", "system")) - CPU_PROCESS
     return baseline + step + overhead, (
         f"unet {memory.weights_by_part['unet'] / 2**30:.2f} + grads {memory.gradients / 2**30:.2f} + "
         f"optimizer {memory.optimizer_state / 2**30:.2f} + activations {memory.activations / 2**30:.2f} GiB"
@@ -207,7 +220,8 @@ def print_table(rows: list[dict]) -> None:
     print(
         f"{datetime.date.today()}; {platform.machine()}, {cores} cores, "
         f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM; "
-        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; fp32, 8-bit AdamW, batch 1, LoRA rank {LORA_RANK}"
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; fp32, 8-bit AdamW, batch 1, LoRA rank {LORA_RANK}; "
+        f"malloc: {', '.join(sorted({r.get('allocator', '?') for r in rows}))}"
     )
     print(
         "| model | method | grad ckpt | latents | baseline GiB | predicted peak RSS GiB | measured GiB "
@@ -232,14 +246,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", nargs="+", choices=MODELS, default=list(MODELS))
     parser.add_argument("--cuda-only", action="store_true", help="only print the SD 1.5 CUDA predictions")
+    parser.add_argument(
+        "--allocator",
+        choices=("jemalloc", "system"),
+        default=for_training(),
+        help="the cells' malloc (default: the one a training here runs on: jemalloc where installed)",
+    )
+    parser.add_argument("--json", type=Path, help="also write the measured rows to this file")
+    parser.add_argument("--table-from", type=Path, help="measure nothing: the table of rows written by --json")
     parser.add_argument("--steps", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--cell", help=argparse.SUPPRESS)  # internal: run one cell (JSON), print JSON
     args = parser.parse_args()
     if args.cell:
         print(json.dumps(run_cell(json.loads(args.cell), args.steps)))
         return
+    if args.table_from:  # the predictions of today's model against rows measured before
+        print_table(json.loads(args.table_from.read_text()))
+        return
     if not args.cuda_only:
-        rows = [run_cell_process(cell) for cell in plan(args.model)]
+        rows = [run_cell_process(cell, args.allocator) for cell in plan(args.model)]
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=1))
         print_table(rows)
         print()
     print("\n".join(cuda_predictions()))

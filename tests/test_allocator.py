@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer.allocator import KEEP_FREED_PAGES, jemalloc_library
+from trainer.allocator import KEEP_FREED_PAGES, for_training, jemalloc_library
 
 REPO = Path(__file__).resolve().parent.parent
 # Stands in for `python -m trainer train`'s first step: re-execute, then say who runs and where.
@@ -32,8 +32,10 @@ def _probe(prefix: str = "", **env: str) -> tuple[str, bool, str]:
 def test_the_process_reexecutes_itself_once_on_jemalloc_and_keeps_its_id() -> None:
     assert _probe() == ("jemalloc", True, KEEP_FREED_PAGES)  # the same process, on jemalloc, printing once
     assert _probe(MALLOC_CONF="narenas:2") == ("jemalloc", True, "narenas:2")  # the user's tuning is kept
+    assert for_training({}) == "jemalloc"  # what the memory model sizes a training's RAM for
 
 
 def test_the_system_allocator_when_asked_or_when_jemalloc_is_absent() -> None:
     assert _probe(DREAMBOOTH_ALLOCATOR="system") == ("system", True, "-")
+    assert for_training({"DREAMBOOTH_ALLOCATOR": "system"}) == "system"
     assert _probe(WITHOUT_JEMALLOC) == ("system", True, "-")

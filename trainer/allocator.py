@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes.util
 import os
 import sys
+from collections.abc import Mapping
 
 ENV = "DREAMBOOTH_ALLOCATOR"
 # jemalloc's tuning unless the user set MALLOC_CONF: keep freed pages instead of returning them to the
@@ -50,6 +51,24 @@ def jemalloc_library() -> str | None:
     return ctypes.util.find_library("jemalloc") if sys.platform.startswith("linux") else None
 
 
+def for_training(env: Mapping[str, str] | None = None) -> str:
+    """The allocator a `python -m trainer train` started with `env` (default: this process's) will run
+    on: "jemalloc" where it is installed and not opted out of, else "system"."""
+    env = os.environ if env is None else env
+    wanted = env.get(ENV, "jemalloc").lower() != "system"
+    return "jemalloc" if wanted and jemalloc_library() is not None else "system"
+
+
+def with_jemalloc(env: Mapping[str, str]) -> dict[str, str]:
+    """`env` with jemalloc preloaded as the engine runs it (freed pages kept unless MALLOC_CONF is set);
+    `env` unchanged where jemalloc is not installed."""
+    library = jemalloc_library()
+    if library is None:
+        return dict(env)
+    preload = " ".join(part for part in (env.get("LD_PRELOAD", ""), library) if part)
+    return {"MALLOC_CONF": KEEP_FREED_PAGES, **env, "LD_PRELOAD": preload}
+
+
 def reexecute_with_jemalloc() -> None:
     """Replace this process by itself with jemalloc preloaded, when that applies (see the module
     docstring); otherwise return and run on as it is."""
@@ -58,12 +77,9 @@ def reexecute_with_jemalloc() -> None:
     argv = getattr(sys, "orig_argv", [])
     if len(argv) < 2 or argv[1] == "-":  # a script read from stdin cannot be read twice
         return
-    library = jemalloc_library()
-    if library is None or in_use() != "system":
+    if jemalloc_library() is None or in_use() != "system":
         return
-    preload = " ".join(part for part in (os.environ.get("LD_PRELOAD", ""), library) if part)
-    env = {**os.environ, "LD_PRELOAD": preload, _REEXECUTED: "1"}
-    env.setdefault("MALLOC_CONF", KEEP_FREED_PAGES)
+    env = {**with_jemalloc(os.environ), _REEXECUTED: "1"}
     sys.stdout.flush()
     sys.stderr.flush()
     try:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from .allocator import for_training
 from .config import ConfigError, TrainConfig
 from .data import IMAGE_SUFFIXES
 from .memory_profiles import (
@@ -59,8 +60,11 @@ CPU_FIRST_STEP = 80 * MiB
 # in buffers torch does not see, from the same heap. Fitted on bench/memory_model.py's fp32 steps of
 # the tiny, mid, SD 1.5 and SDXL UNets (full and LoRA, with and without checkpointing): peak RSS =
 # the tensors + 0.30 x the tensors that come and go + 0.17 x the weights the step computes with.
-CPU_HEAP_SLACK = 0.30
-CPU_REPACK = 0.17
+# jemalloc (trainer/allocator.py: a training runs on it where it is installed) reuses what is freed,
+# the repacking buffers too: fitted on the same 13 cells run on it (2026-12-02, least squares on the
+# relative error), 0.25 x the tensors that come and go and nothing proportional to the weights (0.002).
+CPU_HEAP_SLACK = {"system": 0.30, "jemalloc": 0.25}
+CPU_REPACK = {"system": 0.17, "jemalloc": 0.0}
 BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes' min_8bit_size: smaller tensors keep fp32 state
 BNB_BLOCK = 256  # blockwise quantization: one fp32 absmax per block and state
 BNB_QMAPS = 2 * 256 * 4  # the two quantization maps, shared by every tensor
@@ -136,10 +140,12 @@ def estimate(
     shapes: ModelShapes | None = None,
     local_only: bool = False,
     family: str | None = None,
+    allocator: str | None = None,
 ) -> MemoryEstimate:
     """The peak memory of training `config` on `device_type` ("cuda" or "cpu"). The base model's config
     files are read (`local_only`: from a folder or the Hub cache only); where they cannot be, the known
-    architecture of `family` stands in, and the estimate's notes say so."""
+    architecture of `family` stands in, and the estimate's notes say so. `allocator`: the training
+    process's malloc, by default the one `python -m trainer train` would run on here."""
     shapes = shapes or read_shapes(
         config.pretrained_model, config.revision, config.pretrained_vae, local_only=local_only, family=family
     )
@@ -163,7 +169,7 @@ def estimate(
     phases, activations = _phases(shapes, config, device_type, choices, held)
     computing = by_part["unet"] + sum(by_part[n] for n in shapes.text_encoder_names if config.train_text_encoder)
     transient = max(0, max(phases.values()) - held.weights - held.optimizer - held.caches)
-    overhead = device_overhead(device_type, transient, computing)
+    overhead = device_overhead(device_type, transient, computing, allocator or for_training())
     peak = max(phases.values()) + overhead
     return MemoryEstimate(
         device_type=device_type,
@@ -183,13 +189,15 @@ def estimate(
     )
 
 
-def device_overhead(device_type: str, transient: int, computing: int) -> int:
+def device_overhead(device_type: str, transient: int, computing: int, allocator: str = "system") -> int:
     """Memory beyond the tensors: the CUDA context or the process itself, and the allocator's slack on
     `transient`, the bytes that come and go (everything but weights, optimizer state and caches); on
-    the CPU also the kernels' repacked copies of `computing`, the weights the step computes with."""
+    the CPU also the kernels' repacked copies of `computing`, the weights the step computes with, and
+    both as the process's malloc (`allocator`: "jemalloc", else the system's) keeps them."""
     if device_type == "cuda":
         return CUDA_CONTEXT + round(CUDA_ALLOCATOR_SLACK * transient)
-    return CPU_PROCESS + CPU_FIRST_STEP + round(CPU_HEAP_SLACK * transient + CPU_REPACK * computing)
+    kind = "jemalloc" if allocator == "jemalloc" else "system"
+    return CPU_PROCESS + CPU_FIRST_STEP + round(CPU_HEAP_SLACK[kind] * transient + CPU_REPACK[kind] * computing)
 
 
 TRAINING, CLASS_IMAGES, CACHING, ENCODING, SAMPLES, SCORING = (
