@@ -20,8 +20,9 @@ child reports its RSS after its imports (the baseline) and ru_maxrss at the end 
 The prediction is `trainer.memory.estimate` of the same training on "cpu", keeping what the cell holds:
 its training-step phase without the text encoders' and VAE's weights and the caches (the cell builds
 only the UNet and feeds random text states), plus the measured baseline and the model's CPU
-overhead (the first step's library pages, glibc's heap slack, oneDNN/MKL repacking; its two factors
-were fitted on these cells, see trainer/memory.py). The ratio is predicted / measured; the target is
+overhead (the first step's library pages, the heap's slack, oneDNN/MKL repacking; its two factors
+were fitted on these cells for each allocator, see trainer/memory.py). The cells run on the allocator a
+training would run on here (jemalloc where installed); --allocator system runs them on glibc's. The ratio is predicted / measured; the target is
 within 15% (0.85-1.15).
 """
 

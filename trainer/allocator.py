@@ -4,15 +4,18 @@ glibc's malloc keeps much of what a training step frees in its heap (fragmented:
 back or reuse it for the next step's differently sized tensors), so the process's peak resident
 memory grows well past what its tensors need. jemalloc reuses it: on the side-by-side benchmark's
 mid model (18 M-parameter UNet, 64x64 latents, CPU) the peak RSS of a run fell from 1,269 to
-949 MiB (bench/allocator.py, medians of 3 interleaved runs), at 1.05x the seconds per step with
-jemalloc's default of returning freed pages after 10 s, and at 979 MiB and 0.94x that default's
-seconds with it off (KEEP_FREED_PAGES, what the engine sets). On the tiny model, whose peak is the
-imported libraries, it changes nothing (604 vs 619 MiB).
+949 MiB (bench/allocator.py, medians of 3 interleaved runs), at 1.05x the seconds per step. On the
+tiny model, whose peak is the imported libraries, it changes nothing (604 vs 619 MiB).
+
+jemalloc runs on its own defaults (freed pages go back to the system after about 10 s). Turning that
+off (MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1, which the engine set for a day) made mid's
+steps 8% faster, but then some runs never reused what they freed: a tiny LoRA run grew by ~6 MiB a
+step to 2.8 GiB at step 400 (2 of 2 runs; glibc and jemalloc's defaults stayed at 580 MiB), and
+short ones ended at 710 instead of 585 MiB in 5 of 7. A user's MALLOC_CONF is passed on as it is.
 
 `python -m trainer train` re-executes itself once with jemalloc preloaded (LD_PRELOAD) when the
 library is installed (Debian/Ubuntu: `apt install libjemalloc2`) and not already loaded, before
-anything large is imported; the same process id, arguments and environment continue (plus
-MALLOC_CONF=KEEP_FREED_PAGES when MALLOC_CONF is unset). Set
+anything large is imported; the same process id, arguments and environment continue. Set
 DREAMBOOTH_ALLOCATOR=system to keep the system's malloc. The run's speed-choices line names the
 allocator in use.
 """
@@ -25,10 +28,6 @@ import sys
 from collections.abc import Mapping
 
 ENV = "DREAMBOOTH_ALLOCATOR"
-# jemalloc's tuning unless the user set MALLOC_CONF: keep freed pages instead of returning them to the
-# system after 10 s. A CPU step of a large model takes longer than that, so by default every step
-# faulted its big tensors' pages in afresh (mid: 16.2 s/step with, 15.2 without; peak 949 / 979 MiB).
-KEEP_FREED_PAGES = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
 _REEXECUTED = "_DREAMBOOTH_ALLOCATOR_REEXECUTED"  # set on the re-executed process: never loop
 _KNOWN = (("libjemalloc", "jemalloc"), ("libtcmalloc", "tcmalloc"), ("libmimalloc", "mimalloc"))
 
@@ -60,13 +59,12 @@ def for_training(env: Mapping[str, str] | None = None) -> str:
 
 
 def with_jemalloc(env: Mapping[str, str]) -> dict[str, str]:
-    """`env` with jemalloc preloaded as the engine runs it (freed pages kept unless MALLOC_CONF is set);
-    `env` unchanged where jemalloc is not installed."""
+    """`env` with jemalloc preloaded as the engine runs it; `env` unchanged where jemalloc is not installed."""
     library = jemalloc_library()
     if library is None:
         return dict(env)
     preload = " ".join(part for part in (env.get("LD_PRELOAD", ""), library) if part)
-    return {"MALLOC_CONF": KEEP_FREED_PAGES, **env, "LD_PRELOAD": preload}
+    return {**env, "LD_PRELOAD": preload}
 
 
 def reexecute_with_jemalloc() -> None:

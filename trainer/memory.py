@@ -9,7 +9,8 @@ AdamW 2 bytes a parameter + two fp32 block maxima per 256 for tensors of 4,096 e
 8 bytes a parameter below that. Activations come from tracing each phase of a run on fake tensors
 (trainer/memory_profiles.py): the training step, class-image generation, the VAE encode,
 validation samples. The peak is the largest phase; on CUDA plus the CUDA context and allocator
-slack, on the CPU plus the process itself.
+slack, on the CPU plus the process itself and its malloc's slack (glibc's or jemalloc's, whichever the
+training runs on: trainer/allocator.py).
 """
 
 from __future__ import annotations
