@@ -3,12 +3,16 @@
     python bench/allocator.py                          # mid model, glibc / jemalloc / tcmalloc, 2 rounds
     python bench/allocator.py --model tiny --rounds 3
     python bench/allocator.py --allocators system,jemalloc --steps 6
+    python bench/allocator.py --model tiny --method lora --steps 400 --rounds 1 \
+        --allocators system,jemalloc,jemalloc-nodecay   # the growth that retired dirty_decay_ms:-1
 
-Each run is `python -m trainer train` on bench/vs_reference.py's model and flags (full fine-tune,
+Each run is `python -m trainer train` on bench/vs_reference.py's model and flags (full fine-tune, or LoRA with --method lora;
 prior preservation with 4 ready class images, 8-bit AdamW, checkpointing, fp32, one thread), in its
 own process: "system" with DREAMBOOTH_ALLOCATOR=system (glibc's malloc), "jemalloc" as the CLI
 chooses by itself where libjemalloc is installed, "tcmalloc" preloaded by hand (Debian:
-libtcmalloc-minimal4). Peak RSS is ru_maxrss of the process (os.wait4); s/step is the median of
+libtcmalloc-minimal4), "jemalloc-nodecay" jemalloc never returning freed pages
+(MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1: the engine's setting for a day, see
+trainer/allocator.py). Peak RSS is ru_maxrss of the process (os.wait4); s/step is the median of
 the run's own metrics.jsonl seconds after the first step. Allocators missing here are skipped.
 """
 
@@ -32,6 +36,8 @@ sys.path.insert(0, str(REPO))
 
 import vs_reference  # noqa: E402  (the side-by-side benchmark's models, images and flags)
 
+NO_DECAY = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
+
 
 def allocator_env(name: str) -> dict | None:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1")
@@ -39,6 +45,8 @@ def allocator_env(name: str) -> dict | None:
         return {**env, "DREAMBOOTH_ALLOCATOR": "system"}
     if name == "jemalloc":
         return env if ctypes.util.find_library("jemalloc") else None
+    if name == "jemalloc-nodecay":
+        return {**env, "MALLOC_CONF": NO_DECAY} if ctypes.util.find_library("jemalloc") else None
     library = ctypes.util.find_library(name)
     return {**env, "LD_PRELOAD": library, "DREAMBOOTH_ALLOCATOR": "system"} if library else None
 
@@ -46,7 +54,9 @@ def allocator_env(name: str) -> dict | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=vs_reference.MODELS, default="mid")
-    parser.add_argument("--allocators", default="system,jemalloc,tcmalloc")
+    parser.add_argument("--method", choices=("full", "lora"), default="full")
+    parser.add_argument("--allocators", default="system,jemalloc,tcmalloc",
+                        help="comma-separated: system, jemalloc, jemalloc-nodecay, tcmalloc")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--work-dir", type=Path, default=None)
@@ -65,7 +75,7 @@ def main() -> None:
         for name in results:
             out = work / "run"
             shutil.rmtree(out, ignore_errors=True)
-            cmd = vs_reference.ours_command("full", model_dir, data / "instance-4", data / "class", work / "cache", out,
+            cmd = vs_reference.ours_command(args.method, model_dir, data / "instance-4", data / "class", work / "cache", out,
                                             args.steps, 4, info["resolution"])
             start = time.monotonic()
             child = subprocess.Popen([sys.executable, *cmd, "--quiet"], cwd=REPO, env=envs[name],
@@ -80,7 +90,7 @@ def main() -> None:
             print(f"  {name}: peak {usage.ru_maxrss / 1024:.0f} MiB, {seconds:.3f} s/step, "
                   f"wall {time.monotonic() - start:.1f} s", flush=True)
     base = results.get("system")
-    print(f"\n| {args.model} (median of {args.rounds}) | peak RSS (MiB) | s/step | RSS ÷ system | s/step ÷ system |")
+    print(f"\n| {args.model} {args.method}, {args.steps} steps (median of {args.rounds}) | peak RSS (MiB) | s/step | RSS ÷ system | s/step ÷ system |")
     print("|---|---|---|---|---|")
     for name, runs in results.items():
         if not runs:
