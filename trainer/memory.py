@@ -61,10 +61,11 @@ CPU_FIRST_STEP = 80 * MiB
 # in buffers torch does not see, from the same heap. Fitted on bench/memory_model.py's fp32 steps of
 # the tiny, mid, SD 1.5 and SDXL UNets (full and LoRA, with and without checkpointing): peak RSS =
 # the tensors + 0.30 x the tensors that come and go + 0.17 x the weights the step computes with.
-# jemalloc (trainer/allocator.py: a training runs on it where it is installed) reuses what is freed,
-# the repacking buffers too: fitted on the same 13 cells run on it (2026-12-02, least squares on the
-# relative error), 0.25 x the tensors that come and go and nothing proportional to the weights (0.002).
-CPU_HEAP_SLACK = {"system": 0.30, "jemalloc": 0.25}
+# jemalloc (trainer/allocator.py: a training runs on it where it is installed) on its defaults reuses
+# or returns what is freed, the repacking buffers too: fitted on the same 13 cells run on it
+# (2026-12-03, least squares on the relative error), 0.07 x the tensors that come and go and nothing
+# proportional to the weights (-0.001).
+CPU_HEAP_SLACK = {"system": 0.30, "jemalloc": 0.07}
 CPU_REPACK = {"system": 0.17, "jemalloc": 0.0}
 BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes' min_8bit_size: smaller tensors keep fp32 state
 BNB_BLOCK = 256  # blockwise quantization: one fp32 absmax per block and state
