@@ -12,7 +12,8 @@ own process: "system" with DREAMBOOTH_ALLOCATOR=system (glibc's malloc), "jemall
 chooses by itself where libjemalloc is installed, "tcmalloc" preloaded by hand (Debian:
 libtcmalloc-minimal4), "jemalloc-nodecay" jemalloc never returning freed pages
 (MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1: the engine's setting for a day, see
-trainer/allocator.py). Peak RSS is ru_maxrss of the process (os.wait4); s/step is the median of
+trainer/allocator.py), "jemalloc-nodecay-fit" that with lg_extent_max_active_fit:30 (a kept extent may be
+split for any smaller request). Peak RSS is ru_maxrss of the process (os.wait4); s/step is the median of
 the run's own metrics.jsonl seconds after the first step. Allocators missing here are skipped.
 """
 
@@ -37,6 +38,8 @@ sys.path.insert(0, str(REPO))
 import vs_reference  # noqa: E402  (the side-by-side benchmark's models, images and flags)
 
 NO_DECAY = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
+# the candidate that kept no-decay's speed without its growth on tiny and mid (trainer/allocator.py)
+NO_DECAY_ANY_FIT = NO_DECAY + ",lg_extent_max_active_fit:30"
 
 
 def allocator_env(name: str) -> dict | None:
@@ -45,8 +48,9 @@ def allocator_env(name: str) -> dict | None:
         return {**env, "DREAMBOOTH_ALLOCATOR": "system"}
     if name == "jemalloc":
         return env if ctypes.util.find_library("jemalloc") else None
-    if name == "jemalloc-nodecay":
-        return {**env, "MALLOC_CONF": NO_DECAY} if ctypes.util.find_library("jemalloc") else None
+    if name in ("jemalloc-nodecay", "jemalloc-nodecay-fit"):
+        conf = NO_DECAY if name == "jemalloc-nodecay" else NO_DECAY_ANY_FIT
+        return {**env, "MALLOC_CONF": conf} if ctypes.util.find_library("jemalloc") else None
     library = ctypes.util.find_library(name)
     return {**env, "LD_PRELOAD": library, "DREAMBOOTH_ALLOCATOR": "system"} if library else None
 
@@ -56,7 +60,7 @@ def main() -> None:
     parser.add_argument("--model", choices=vs_reference.MODELS, default="mid")
     parser.add_argument("--method", choices=("full", "lora"), default="full")
     parser.add_argument("--allocators", default="system,jemalloc,tcmalloc",
-                        help="comma-separated: system, jemalloc, jemalloc-nodecay, tcmalloc")
+                        help="comma-separated: system, jemalloc, jemalloc-nodecay, jemalloc-nodecay-fit, tcmalloc")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--work-dir", type=Path, default=None)
