@@ -38,19 +38,21 @@ sys.path.insert(0, str(REPO))
 import vs_reference  # noqa: E402  (the side-by-side benchmark's models, images and flags)
 
 NO_DECAY = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
-# the candidate that kept no-decay's speed without its growth on tiny and mid (trainer/allocator.py)
-NO_DECAY_ANY_FIT = NO_DECAY + ",lg_extent_max_active_fit:30"
+# jemalloc as the CLI runs it, with these MALLOC_CONF tunings (None: its defaults); the last is the
+# candidate that kept no-decay's speed without its growth on tiny and mid (trainer/allocator.py)
+JEMALLOC_TUNINGS = {"jemalloc": None, "jemalloc-nodecay": NO_DECAY,
+                    "jemalloc-nodecay-fit": NO_DECAY + ",lg_extent_max_active_fit:30"}
 
 
 def allocator_env(name: str) -> dict | None:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     if name == "system":
         return {**env, "DREAMBOOTH_ALLOCATOR": "system"}
-    if name == "jemalloc":
-        return env if ctypes.util.find_library("jemalloc") else None
-    if name in ("jemalloc-nodecay", "jemalloc-nodecay-fit"):
-        conf = NO_DECAY if name == "jemalloc-nodecay" else NO_DECAY_ANY_FIT
-        return {**env, "MALLOC_CONF": conf} if ctypes.util.find_library("jemalloc") else None
+    if name in JEMALLOC_TUNINGS:
+        if not ctypes.util.find_library("jemalloc"):
+            return None
+        tuning = JEMALLOC_TUNINGS[name]
+        return {**env, "MALLOC_CONF": tuning} if tuning else env
     library = ctypes.util.find_library(name)
     return {**env, "LD_PRELOAD": library, "DREAMBOOTH_ALLOCATOR": "system"} if library else None
 

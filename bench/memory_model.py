@@ -113,6 +113,7 @@ def run_cell(cell: dict, steps: int) -> dict:
     import peft  # noqa: F401
     import torch
 
+    from trainer.allocator import in_use
     from trainer.optim import make_optimizer  # noqa: F401
     from trainer.speed import attention_processor, choose, enable_checkpointing
 
@@ -126,8 +127,6 @@ def run_cell(cell: dict, steps: int) -> dict:
         enable_checkpointing(setup.unet, choices.selective_checkpointing)
     times, failed = time_steps(setup, step_inputs(setup.unet, cell["latents"], device), steps)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    from trainer.allocator import in_use
-
     return {
         **cell,
         "allocator": in_use(),
@@ -172,11 +171,11 @@ def predict(cell: dict, baseline: int) -> tuple[int, str]:
     memory = estimate(cell_config(cell), "cpu", shapes=shapes)
     others = sum(v for k, v in memory.weights_by_part.items() if k != "unet")
     step = memory.phases[TRAINING] - others - memory.caches
-    transient = step - memory.weights_by_part["unet"] - memory.optimizer_state
     unet = memory.weights_by_part["unet"]
+    transient = step - unet - memory.optimizer_state
     overhead = device_overhead("cpu", transient, unet, cell.get("allocator", "system")) - CPU_PROCESS
     return baseline + step + overhead, (
-        f"unet {memory.weights_by_part['unet'] / 2**30:.2f} + grads {memory.gradients / 2**30:.2f} + "
+        f"unet {unet / 2**30:.2f} + grads {memory.gradients / 2**30:.2f} + "
         f"optimizer {memory.optimizer_state / 2**30:.2f} + activations {memory.activations / 2**30:.2f} GiB"
     )
 

@@ -26,6 +26,7 @@ allocator in use.
 from __future__ import annotations
 
 import ctypes.util
+import functools
 import os
 import sys
 from collections.abc import Mapping
@@ -48,6 +49,7 @@ def in_use() -> str:
     return "system"
 
 
+@functools.cache  # find_library runs ldconfig: once a process, not once an estimate
 def jemalloc_library() -> str | None:
     """jemalloc's library name as the dynamic linker finds it, or None when it is not installed."""
     return ctypes.util.find_library("jemalloc") if sys.platform.startswith("linux") else None
