@@ -124,7 +124,7 @@ def run_cell(cell: dict, steps: int) -> dict:
     choices = choose(setup.unet, device, cell["latents"], cell["checkpointing"])[0]
     setup.unet.set_attn_processor(attention_processor(choices.pad_heads))
     if cell["checkpointing"]:
-        enable_checkpointing(setup.unet, choices.selective_checkpointing)
+        enable_checkpointing(setup.unet, choices)
     times, failed = time_steps(setup, step_inputs(setup.unet, cell["latents"], device), steps)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {

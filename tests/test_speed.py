@@ -65,7 +65,7 @@ def test_padded_heads_give_the_same_attention_and_gradients(tiny_model_dir):
 
 def _train_steps(unet, speed: SpeedChoices | None, optimizer_class, steps: int, latent: int):
     unet.set_attn_processor(PaddedHeadsAttnProcessor() if speed and speed.pad_heads else AttnProcessor2_0())
-    enable_checkpointing(unet, bool(speed and speed.selective_checkpointing))
+    enable_checkpointing(unet, speed or SpeedChoices(False, False))
     optimizer = optimizer_class(unet.parameters(), lr=LR, weight_decay=1e-2)
     losses = []
     for step in range(steps):
@@ -97,6 +97,32 @@ def test_the_optimised_step_gives_the_loss_and_weights_of_the_plain_one(tiny_mod
         a, b = plain_opt.state[p_plain], fast_opt.state[p_fast]
         assert a.keys() == b.keys() and a["step"] == b["step"] == 3
         assert a["state1"].dtype == b["state1"].dtype
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_reentrant_checkpointing_gives_the_loss_and_weights_of_the_default_form(tiny_model_dir, method):
+    """The engine's choice at 256 tokens on the CPU (re-entrant checkpoints) against diffusers'
+    default (non-re-entrant) over 3 steps of torch AdamW. With LoRA the UNet's first layer is
+    frozen: without the hook that marks its output, no LoRA weight would get a gradient."""
+    base = _unet(tiny_model_dir)
+    if method == "lora":
+        from peft import LoraConfig
+
+        base.requires_grad_(False)
+        base.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                    target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    trained = {name for name, p in base.named_parameters() if p.requires_grad}
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    default = _train_steps(copy.deepcopy(base), SpeedChoices(True, False), torch.optim.AdamW, 3, 16)
+    reentrant = _train_steps(copy.deepcopy(base), SpeedChoices(True, False, reentrant_checkpointing=True),
+                             torch.optim.AdamW, 3, 16)
+    assert reentrant[0] == pytest.approx(default[0], rel=LOSS_RTOL)
+    for weights in (default[1], reentrant[1]):  # every trained tensor moved, by about lr a step
+        assert min((weights[k] - before[k]).abs().max().item() for k in trained) > LR / 2
+    diffs = [(reentrant[1][k] - default[1][k]).abs() for k in default[1]]
+    same = sum((d <= CLOSE).sum().item() for d in diffs) / sum(d.numel() for d in diffs)
+    worst = max(d.max().item() for d in diffs)
+    assert same >= CLOSE_SHARE and worst < WEIGHT_ATOL, f"{same:.4%} the same; max difference {worst:.2e}"
 
 
 def test_small_tensors_stepped_together_resume_from_a_bitsandbytes_checkpoint():
@@ -183,7 +209,7 @@ def _meta_unet(tiny_model_dir, **changes) -> UNet2DConditionModel:
 @pytest.mark.parametrize(
     ("device", "changes", "latent", "pad", "selective"),
     [
-        ("cpu", {}, 16, True, False),  # 8-channel heads, 256 tokens: pad, plain checkpointing
+        ("cpu", {}, 16, True, False),  # 8-channel heads, 256 tokens: pad, plain (re-entrant) checkpointing
         ("cpu", {}, 32, True, True),  # 1,024 tokens: attention outputs kept
         ("cuda", {}, 64, False, True),  # CUDA kernels take any head size
         ("cpu", {"attention_head_dim": 2}, 64, False, True),  # 16-channel heads: nothing to pad
@@ -192,11 +218,15 @@ def _meta_unet(tiny_model_dir, **changes) -> UNet2DConditionModel:
 def test_the_choices_follow_device_head_size_and_tokens(tiny_model_dir, device, changes, latent, pad, selective):
     unet = _meta_unet(tiny_model_dir, **changes)
     choices, line = choose(unet, torch.device(device), latent, gradient_checkpointing=True)
-    assert choices == SpeedChoices(pad_heads=pad, selective_checkpointing=selective)
+    reentrant = device == "cpu" and not selective
+    assert choices == SpeedChoices(pad_heads=pad, selective_checkpointing=selective, reentrant_checkpointing=reentrant)
     assert line.startswith(f"Speed choices on {device}")
     assert ("padded to 16" in line) == pad and ("selective" in line) == selective
+    assert ("re-entrant" in line) == reentrant
+    several, line = choose(unet, torch.device(device), latent, gradient_checkpointing=True, one_process=False)
+    assert not several.reentrant_checkpointing and "re-entrant" not in line  # DDP's hooks expect the default
     off, line = choose(unet, torch.device(device), latent, gradient_checkpointing=False)
-    assert not off.selective_checkpointing and "checkpointing off" in line
+    assert not off.selective_checkpointing and not off.reentrant_checkpointing and "checkpointing off" in line
     eight_bit, line = choose(unet, torch.device(device), latent, gradient_checkpointing=True, eight_bit=True)
     assert eight_bit.bulk_8bit == (device == "cpu") and ("requantized in bulk" in line) == (device == "cpu")
 
@@ -207,6 +237,7 @@ def test_a_run_says_what_it_chose(tiny_model_dir, subject_images, tmp_path):
                       gradient_checkpointing=True), on_event=events.append)
     said = [e.message for e in events if isinstance(e, PhaseEvent) and e.message.startswith("Speed choices")]
     assert said == ["Speed choices on cpu: attention heads of 8 channels padded to 16 for the CPU flash kernel; "
-                    "gradient checkpointing plain (256 tokens: too few to gain from keeping attention); "
+                    "gradient checkpointing plain, re-entrant (256 tokens: too few to gain from keeping attention; "
+                    "the first forward without autograd); "
                     "8-bit AdamW steps every tensor in one fused call, its 8-bit moments requantized in bulk; "
                     f"memory allocator {in_use()}"]  # this test process's own (tests/test_allocator.py)

@@ -82,7 +82,7 @@ def prepare_for_training(parts: Components, config: TrainConfig, device: torch.d
                 param.data = param.data.float()
 
     if config.gradient_checkpointing:
-        enable_checkpointing(parts.unet, speed.selective_checkpointing)
+        enable_checkpointing(parts.unet, speed)
     parts.vae.eval()
     parts.unet.train()
     for text_encoder in text_encoders:
@@ -146,10 +146,13 @@ def eight_bit_adam(config: TrainConfig) -> bool:
     return config.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is not None
 
 
-def choose_speed(parts: Components, config: TrainConfig, device: torch.device) -> tuple[SpeedChoices, str]:
+def choose_speed(parts: Components, config: TrainConfig, device: torch.device,
+                 one_process: bool = True) -> tuple[SpeedChoices, str]:
     """Set the UNet's attention processor for this device (class images use it too) and return
-    the speed choices (trainer/speed.py) with the line that says what they are."""
+    the speed choices (trainer/speed.py) with the line that says what they are (`one_process`: no
+    DDP, DeepSpeed or FSDP)."""
     latent_size = config.resolution // parts.vae_scale_factor
-    choices, line = choose(parts.unet, device, latent_size, config.gradient_checkpointing, eight_bit_adam(config))
+    choices, line = choose(parts.unet, device, latent_size, config.gradient_checkpointing, eight_bit_adam(config),
+                           one_process)
     parts.unet.set_attn_processor(attention_processor(choices.pad_heads))
     return choices, f"{line}; memory allocator {allocator.in_use()}"

@@ -14,6 +14,14 @@ Each one gives the same result as the plain way within floating-point rounding
   kept instead of recomputed (torch's selective activation checkpointing), so only the cheap
   projections and MLP run twice. Below ~1,024 tokens the per-op bookkeeping costs more than the
   attention it saves, so small latents keep plain checkpointing.
+- **Re-entrant checkpointing for small latents on the CPU.** torch's default (non-re-entrant)
+  checkpointing runs the first forward with autograd on, building the graph and calling a Python
+  hook for every tensor it would save (~350 a step on the toy UNet), then builds it again when it
+  recomputes. Where the step is hundreds of small operations, that bookkeeping is a tenth of it.
+  The re-entrant form runs the first forward without autograd and recomputes it with autograd in
+  the backward pass: the same arithmetic and gradients. It gives gradients only through inputs
+  that require them, so when the UNet's first layer is frozen (LoRA) its output is marked as
+  requiring them. It runs in one process only (DDP's and DeepSpeed's hooks expect the default form).
 - **Optimizer.** bitsandbytes' 8-bit AdamW keeps 32-bit state for tensors under 4,096 elements
   (biases, norms, LoRA matrices) and steps them one call per tensor; here they are stepped
   together by torch's multi-tensor AdamW, the same update on the same state, so an 8-bit run
@@ -128,6 +136,8 @@ class SpeedChoices:
     # 8-bit AdamW's moments dequantized, updated and quantized in bulk (trainer/adamw8bit.py);
     # on CUDA bitsandbytes' fused kernel does it per tensor
     bulk_8bit: bool = False
+    # plain checkpointing in its re-entrant form (small latents on the CPU, one process)
+    reentrant_checkpointing: bool = False
 
     def describe(self, device: torch.device, heads: set[int], tokens: int, checkpointing: bool) -> str:
         attention = (
@@ -141,6 +151,9 @@ class SpeedChoices:
             how = f"selective (attention outputs kept; {tokens} tokens)"
         else:
             how = f"plain ({tokens} tokens: too few to gain from keeping attention)"
+            if self.reentrant_checkpointing:
+                how = f"plain, re-entrant ({tokens} tokens: too few to gain from keeping attention; " \
+                      "the first forward without autograd)"
         line = f"Speed choices on {device.type}: attention {attention}; gradient checkpointing {how}"
         if self.bulk_8bit:
             line += "; 8-bit AdamW steps every tensor in one fused call, its 8-bit moments requantized in bulk"
@@ -149,16 +162,18 @@ class SpeedChoices:
 
 def choose(
     unet: torch.nn.Module, device: torch.device, latent_size: int, gradient_checkpointing: bool,
-    eight_bit: bool = False,
+    eight_bit: bool = False, one_process: bool = True,
 ) -> tuple[SpeedChoices, str]:
     """What this device and model get, and the line that says so (`eight_bit`: the run asks for
-    8-bit AdamW and bitsandbytes is installed)."""
+    8-bit AdamW and bitsandbytes is installed; `one_process`: no DDP, DeepSpeed or FSDP)."""
     heads = head_dims(unet) or {CPU_MIN_HEAD_DIM}
     tokens = self_attention_tokens(unet.config, latent_size)
+    selective = gradient_checkpointing and tokens >= SELECTIVE_MIN_TOKENS
     choices = SpeedChoices(
         pad_heads=device.type == "cpu" and min(heads) < CPU_MIN_HEAD_DIM,
-        selective_checkpointing=gradient_checkpointing and tokens >= SELECTIVE_MIN_TOKENS,
+        selective_checkpointing=selective,
         bulk_8bit=eight_bit and device.type == "cpu",
+        reentrant_checkpointing=gradient_checkpointing and not selective and device.type == "cpu" and one_process,
     )
     return choices, choices.describe(device, heads, tokens, gradient_checkpointing)
 
@@ -167,5 +182,25 @@ def attention_processor(pad_heads: bool) -> AttnProcessor2_0:
     return PaddedHeadsAttnProcessor() if pad_heads else AttnProcessor2_0()
 
 
-def enable_checkpointing(unet, selective: bool) -> None:
-    unet.enable_gradient_checkpointing(selective_checkpoint if selective else None)
+def reentrant_checkpoint(module: torch.nn.Module, *args):
+    """diffusers' gradient-checkpointing function, re-entrant: the first forward runs without autograd."""
+    return checkpoint(module.__call__, *args, use_reentrant=True)
+
+
+def _inputs_require_grad(module: torch.nn.Module, inputs, output: torch.Tensor) -> None:
+    """A frozen first layer's output, marked as requiring gradients while training, so that re-entrant
+    checkpoints downstream give their trainable parameters (LoRA's) gradients."""
+    if torch.is_grad_enabled() and module.training and not output.requires_grad:
+        output.requires_grad_(True)
+
+
+def enable_checkpointing(unet: torch.nn.Module, choices: SpeedChoices) -> None:
+    if choices.selective_checkpointing:
+        unet.enable_gradient_checkpointing(selective_checkpoint)
+    elif choices.reentrant_checkpointing:
+        unet.enable_gradient_checkpointing(reentrant_checkpoint)
+        if not getattr(unet.conv_in, "_marks_output_trainable", False):
+            unet.conv_in.register_forward_hook(_inputs_require_grad)
+            unet.conv_in._marks_output_trainable = True
+    else:
+        unet.enable_gradient_checkpointing()
