@@ -107,6 +107,26 @@ def test_lora_output_loads_in_plain_diffusers_and_changes_the_image(tiny_base, s
     assert (plain - tuned).abs().mean() > 1e-3
 
 
+def test_lora_with_checkpointing_trains_as_without_it(tiny_model_dir, subject_images, tmp_path):
+    """Checkpointing recomputes, it does not change the arithmetic: on this CPU the engine takes its
+    re-entrant form, whose LoRA gradients flow only because the frozen first layer's output is marked
+    (trainer/speed.py). 6 steps with and without it end with the same adapters: in fp32 to float
+    rounding; in bf16 its backward rounds in another order (the default form matches exactly), which
+    must stay well inside what bf16 itself changes against fp32."""
+    weights = {}
+    for precision in ("no", "bf16"):
+        for checkpointing in (False, True):
+            config = tiny_config(tiny_model_dir, subject_images, tmp_path / f"run-{precision}-{checkpointing}",
+                                 learning_rate=1e-3, gradient_checkpointing=checkpointing, mixed_precision=precision,
+                                 use_8bit_adam=False)
+            weights[precision, checkpointing] = safetensors_dir(train(config).run_dir)
+    moved = max(w.float().abs().max().item() for k, w in weights["no", True].items() if ".lora.up." in k)
+    assert moved > 1e-4, "the LoRA up (B) matrices, zero at the start, did not move"
+    assert max_abs_diff(weights["no", False], weights["no", True]) < 1e-6
+    bf16_itself = max_abs_diff(weights["no", False], weights["bf16", False])
+    assert max_abs_diff(weights["bf16", False], weights["bf16", True]) < 0.5 * bf16_itself
+
+
 def test_text_encoder_stops_training_after_its_fraction(tiny_model_dir, subject_images, tmp_path):
     config = tiny_config(tiny_model_dir, subject_images, tmp_path / "run", method="full", learning_rate=1e-3,
                          train_text_encoder=True, text_encoder_steps_fraction=0.5, checkpointing_steps=3,

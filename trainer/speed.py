@@ -19,7 +19,8 @@ Each one gives the same result as the plain way within floating-point rounding
   hook for every tensor it would save (~350 a step on the toy UNet), then builds it again when it
   recomputes. Where the step is hundreds of small operations, that bookkeeping is a tenth of it.
   The re-entrant form runs the first forward without autograd and recomputes it with autograd in
-  the backward pass: the same arithmetic and gradients. It gives gradients only through inputs
+  the backward pass: the same gradients to float rounding in fp32 (under bf16 autocast its backward
+  rounds in another order, well inside what bf16 itself changes). It gives gradients only through inputs
   that require them, so when the UNet's first layer is frozen (LoRA) its output is marked as
   requiring them. It runs in one process only (DDP's and DeepSpeed's hooks expect the default form).
 - **Optimizer.** bitsandbytes' 8-bit AdamW keeps 32-bit state for tensors under 4,096 elements
