@@ -3,17 +3,25 @@
     OMP_NUM_THREADS=1 python bench/step_candidates.py            # every candidate; profile of eager
     OMP_NUM_THREADS=1 python bench/step_candidates.py --candidates checkpointed engine --latents 32
     OMP_NUM_THREADS=1 python bench/step_candidates.py --candidates eager --profile 25
+    OMP_NUM_THREADS=1 python bench/step_candidates.py --model tiny --lora --steps 40 --repeats 5 \
+        --candidates checkpointed reentrant engine --profile 0   # the toy model's LoRA step
 
 The step is the engine's shape of step on the side-by-side benchmark's mid UNet (bench/vs_reference.py:
-~18 M parameters, 64x64 latents, batch 2 = instance + class row, fp32, plain AdamW so that the
-optimizer does not hide the UNet): forward, MSE, backward, optimizer step. Candidates:
+~18 M parameters, 64x64 latents; --model tiny: the tests' tiny UNet, 16x16 latents unless --latents
+says otherwise), batch 2 = instance + class row, fp32, plain AdamW so that the optimizer does not hide
+the UNet: forward, MSE, backward, optimizer step. --lora freezes the UNet and trains rank-4 adapters
+on to_q/to_k/to_v/to_out.0, as the engine does. Candidates:
   eager          SDPA (AttnProcessor2_0), no checkpointing
   padded         the engine's CPU attention: heads under 16 channels zero-padded to 16 (trainer/speed.py)
   checkpointed   eager with diffusers' gradient checkpointing (what the reference runs)
   selective      checkpointed, keeping attention outputs instead of recomputing them (trainer/speed.py)
-  engine         padded + selective: what the engine chooses on this CPU at 4,096 tokens
+  reentrant      checkpointed in torch's re-entrant form (trainer/speed.py)
+  engine         what the engine chooses on this CPU for these latents (trainer.speed.choose): at
+                 4,096 tokens padded + selective, at 256 padded + re-entrant
   channels-last  eager with channels-last memory format
   compiled       eager under torch.compile
+With --repeats N the candidates' timed runs are interleaved N times (A B C A B C ...) and the median
+s/step is printed.
 Each candidate runs in
 this process after one warm-up step (compilation included there, and reported apart), and its loss
 and weights after the timed steps are compared with eager's, so a speed-up that changes the result
@@ -24,7 +32,7 @@ achieved GFLOP/s (torch's FlopCounterMode) is printed as a fraction of it.
 from __future__ import annotations
 
 import argparse
-import copy
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -45,20 +53,34 @@ def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
     return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
-CANDIDATES = ["eager", "padded", "checkpointed", "selective", "engine", "channels-last", "compiled"]
+CANDIDATES = ["eager", "padded", "checkpointed", "selective", "reentrant", "engine", "channels-last", "compiled"]
 LATENTS = 64  # --latents: the side of the latent grid (64: SD 1.5's grid at 512 px)
+UNET = MID_UNET  # --model
+LORA = False  # --lora
 
 
 def make_unet(name: str = "eager") -> torch.nn.Module:
     from diffusers import UNet2DConditionModel
 
-    from trainer.speed import attention_processor, enable_checkpointing
+    from trainer.speed import SpeedChoices, attention_processor, choose, enable_checkpointing
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**MID_UNET)
-    unet.set_attn_processor(attention_processor(pad_heads=name in ("padded", "engine")))
-    if name in ("checkpointed", "selective", "engine"):
-        enable_checkpointing(unet, selective=name != "checkpointed")
+    unet = UNet2DConditionModel(**UNET)
+    if LORA:
+        from peft import LoraConfig
+
+        unet.requires_grad_(False)
+        unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                    target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    choices = {
+        "checkpointed": SpeedChoices(pad_heads=False, selective_checkpointing=False),
+        "selective": SpeedChoices(pad_heads=False, selective_checkpointing=True),
+        "reentrant": SpeedChoices(pad_heads=False, selective_checkpointing=False, reentrant_checkpointing=True),
+        "engine": choose(unet, torch.device("cpu"), LATENTS, gradient_checkpointing=True)[0],
+    }.get(name)
+    unet.set_attn_processor(attention_processor(pad_heads=name == "padded" or bool(choices and choices.pad_heads)))
+    if choices is not None:
+        enable_checkpointing(unet, choices)
     unet.train()
     if name == "channels-last":
         unet = unet.to(memory_format=torch.channels_last)
@@ -67,11 +89,12 @@ def make_unet(name: str = "eager") -> torch.nn.Module:
 
 def inputs(channels_last: bool) -> tuple[torch.Tensor, ...]:
     gen = torch.Generator().manual_seed(1)
-    latents = torch.randn(2, 4, LATENTS, LATENTS, generator=gen)
+    channels = UNET.get("in_channels", 4)
+    latents = torch.randn(2, channels, LATENTS, LATENTS, generator=gen)
     if channels_last:
         latents = latents.contiguous(memory_format=torch.channels_last)
-    hidden = torch.randn(2, 77, MID_UNET["cross_attention_dim"], generator=gen)
-    return latents, hidden, torch.tensor([500, 20]), torch.randn(2, 4, LATENTS, LATENTS, generator=gen)
+    hidden = torch.randn(2, 77, UNET["cross_attention_dim"], generator=gen)
+    return latents, hidden, torch.tensor([500, 20]), torch.randn(2, channels, LATENTS, LATENTS, generator=gen)
 
 
 def step_fn(unet: torch.nn.Module, forward, opt: torch.optim.Optimizer):
@@ -85,23 +108,27 @@ def step_fn(unet: torch.nn.Module, forward, opt: torch.optim.Optimizer):
     return step
 
 
-def run(name: str, steps: int) -> dict:
+def prepare(name: str) -> dict:
+    """A candidate's UNet, optimizer and inputs, after its first (warm-up) step."""
     channels_last = name == "channels-last"
     unet = make_unet(name)
     forward = lambda x, t, h: unet(x, t, h).sample  # noqa: E731
     if name == "compiled":
         forward = torch.compile(forward)
-    opt = torch.optim.AdamW(unet.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=1e-4)
     step = step_fn(unet, forward, opt)
     args = inputs(channels_last)
     start = time.perf_counter()
     step(*args)
-    first = time.perf_counter() - start
+    return {"name": name, "unet": unet, "step": step, "args": args, "first": time.perf_counter() - start,
+            "times": [], "losses": []}
+
+
+def timed(candidate: dict, steps: int) -> None:
+    """`steps` more steps of a candidate: their mean time and losses are added to it."""
     start = time.perf_counter()
-    losses = [step(*args) for _ in range(steps)]
-    per_step = (time.perf_counter() - start) / steps
-    return {"name": name, "first": first, "per_step": per_step, "losses": losses,
-            "weights": copy.deepcopy({k: v.detach().contiguous() for k, v in unet.state_dict().items()})}
+    candidate["losses"] += [candidate["step"](*candidate["args"]) for _ in range(steps)]
+    candidate["times"].append((time.perf_counter() - start) / steps)
 
 
 def step_flops() -> float:
@@ -119,7 +146,8 @@ def profile(steps: int, rows: int) -> None:
     from torch.profiler import profile as torch_profile
 
     unet = make_unet()
-    step = step_fn(unet, lambda x, t, h: unet(x, t, h).sample, torch.optim.AdamW(unet.parameters(), lr=1e-4))
+    params = [p for p in unet.parameters() if p.requires_grad]
+    step = step_fn(unet, lambda x, t, h: unet(x, t, h).sample, torch.optim.AdamW(params, lr=1e-4))
     args = inputs(False)
     step(*args)
     with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -131,17 +159,32 @@ def profile(steps: int, rows: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--candidates", nargs="+", default=CANDIDATES, choices=CANDIDATES)
-    parser.add_argument("--latents", type=int, default=64, help="latent grid side (default 64)")
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--latents", type=int, help="latent grid side (default 64; tiny: 16)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per candidate and repeat (default 3)")
+    parser.add_argument("--repeats", type=int, default=1, help="interleaved rounds of timed steps (default 1)")
+    parser.add_argument("--model", choices=("mid", "tiny"), default="mid")
+    parser.add_argument("--lora", action="store_true", help="train LoRA adapters, the UNet frozen")
     parser.add_argument("--profile", type=int, default=15, help="rows of the eager step's op profile (0: none)")
     args = parser.parse_args()
-    global LATENTS
-    LATENTS = args.latents
+    global LATENTS, UNET, LORA
+    if args.model == "tiny":
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        from tiny_model import UNET_CONFIG
+
+        UNET = UNET_CONFIG
+    LATENTS = args.latents or (16 if args.model == "tiny" else 64)
+    LORA = args.lora
 
     peak = matmul_gflops()
     flops = step_flops()
     print(f"threads {torch.get_num_threads()}; matmul peak {peak:.1f} GFLOP/s; step {flops / 1e9:.1f} GFLOP")
-    rows = [run(name, args.steps) for name in args.candidates]
+    rows = [prepare(name) for name in args.candidates]
+    for _ in range(args.repeats):  # interleaved: A B C A B C ...
+        for row in rows:
+            timed(row, args.steps)
+    for row in rows:
+        row["per_step"] = statistics.median(row["times"])
+        row["weights"] = {k: v.detach().contiguous() for k, v in row.pop("unet").state_dict().items()}
     base = rows[0]
     print("| candidate | first step s | s/step | GFLOP/s | of peak | max |Δloss| vs first | max |Δweight| |")
     print("|---|---|---|---|---|---|---|")

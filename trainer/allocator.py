@@ -12,9 +12,10 @@ off (MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1, which the engine set for a
 steps 8% faster, but then some runs never reused what they freed: a tiny LoRA run grew by ~6 MiB a
 step to 2.8 GiB at step 400 (2 of 2 runs; glibc and jemalloc's defaults stayed at 580 MiB), and
 short ones ended at 710 instead of 585 MiB in 5 of 7. Adding lg_extent_max_active_fit:30 (a kept extent
-may be split for any smaller request) stopped that growth on tiny and kept mid's speed; not adopted
-before it is measured on more models (bench/allocator.py's jemalloc-nodecay-fit). A user's
-MALLOC_CONF is passed on as it is.
+may be split for any smaller request) stopped that growth on tiny and kept mid's speed, but full
+fine-tuning of the SD 1.5 UNet on the CPU then peaked 8-12% higher (9.87 against 9.14 GiB with
+checkpointing): not adopted (bench/allocator.py's jemalloc-nodecay-fit; README, "How it fits consumer
+GPUs"). A user's MALLOC_CONF is passed on as it is.
 
 `python -m trainer train` re-executes itself once with jemalloc preloaded (LD_PRELOAD) when the
 library is installed (Debian/Ubuntu: `apt install libjemalloc2`) and not already loaded, before
