@@ -16,10 +16,10 @@ What it measures, per run: for each phase the engine announces (class images, ca
 saving) the peak of `torch.cuda.max_memory_allocated` (the tensors) and of `max_memory_reserved` (what
 PyTorch's caching allocator held), and, from a thread polling `torch.cuda.mem_get_info` every 10 ms,
 the peak memory in use on the device (the process's CUDA context included: what nvidia-smi shows; the
-GPU should be otherwise idle); it/s from the run's metrics.jsonl (median step after the first). Beside
+GPU should be otherwise idle; on a CPU the process's peak RSS instead); it/s from the run's metrics.jsonl (median step after the first). Beside
 them, `trainer.memory.estimate` of the same config: its tensor bytes for each phase and its predicted
-peak (the largest phase + the CUDA context + allocator slack), made before the run from the model
-folder's config files alone.
+peak (the largest phase + the CUDA context + allocator slack), made in the training's process before
+anything loads, from the model folder's config files alone (the parent process never touches the GPU).
 
 Targets (issue # 7): full DreamBooth peak <= 10 GB (the best published figure, 9.92 GB on a T4), LoRA
 <= 6 GB, and the memory model within 10% of the measured peak.
@@ -156,10 +156,14 @@ def child(args: argparse.Namespace) -> None:
 
     from trainer import train
     from trainer.events import PhaseEvent
+    from trainer.memory import estimate
 
     work, method = Path(args.work_dir), args.child
     config = make_config(args, method, work, args.precision)
     cuda = torch.cuda.is_available()
+    # made here, before anything loads: the parent never touches the GPU (a CUDA context there would
+    # count in the device's memory in use)
+    predicted = estimate(config, "cuda" if cuda else "cpu", local_only=True)
     phases: dict[str, dict[str, float]] = {}
     current = ["loading"]
 
@@ -182,9 +186,11 @@ def child(args: argparse.Namespace) -> None:
             result = train(config, on_event=on_event)
             close_phase()
         device_peak = device.peak / GIB
-    else:
+    else:  # the CPU's "device memory" is the process's: its peak resident set
+        import resource
+
         result = train(config, on_event=on_event)
-        device_peak = None
+        device_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
     metrics = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines() if line]
     seconds = [m["seconds"] for m in metrics[1:]] or [m["seconds"] for m in metrics]
     print(json.dumps({
@@ -192,6 +198,9 @@ def child(args: argparse.Namespace) -> None:
         "device_peak_gib": device_peak, "it_per_s": 1 / statistics.median(seconds),
         "wall_s": time.monotonic() - started,
         "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "predicted": {"peak_gib": predicted.peak_accelerator / GIB, "peak_phase": predicted.peak_phase,
+                      "phases_gib": {k: v / GIB for k, v in predicted.phases.items()},
+                      "overhead_gib": predicted.overhead / GIB},
     }))
 
 
@@ -215,14 +224,11 @@ def main() -> None:
 
     import torch
 
-    from trainer.memory import estimate
-
-    cuda = torch.cuda.is_available()
+    cuda = torch.cuda.is_available()  # asks NVML: no CUDA context in this process
     precision = "fp16" if cuda else "no"
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="gpu-check-"))
     work.mkdir(parents=True, exist_ok=True)
-    print(f"work folder: {work}; device: {torch.cuda.get_device_name() if cuda else 'cpu (smoke test: fp32)'}",
-          flush=True)
+    print(f"work folder: {work}; {'CUDA' if cuda else 'no GPU: a smoke test in fp32 on the CPU'}", flush=True)
     began = time.monotonic()
     build_model(args.model, work / "model")
     make_images(work / "images", max(args.resolution, 64))
@@ -230,8 +236,6 @@ def main() -> None:
 
     rows = []
     for method in args.methods.split(","):
-        config = make_config(args, method, work, precision)
-        predicted = estimate(config, "cuda" if cuda else "cpu", local_only=True)
         command = [sys.executable, __file__, "--child", method, "--precision", precision, "--model", args.model,
                    "--resolution", str(args.resolution), "--steps", str(args.steps),
                    "--class-images", str(args.class_images), "--class-steps", str(args.class_steps),
@@ -243,9 +247,6 @@ def main() -> None:
             rows.append({"method": method, "failed": out.stderr[-1000:]})
             continue
         row = json.loads(out.stdout.strip().splitlines()[-1])
-        row["predicted"] = {"peak_gib": predicted.peak_accelerator / GIB,
-                            "phases_gib": {k: v / GIB for k, v in predicted.phases.items()},
-                            "peak_phase": predicted.peak_phase, "overhead_gib": predicted.overhead / GIB}
         rows.append(row)
         print(f"{method}: {row['status']} {row['steps']} steps, {row['it_per_s']:.2f} it/s, "
               f"wall {row['wall_s']:.0f} s", flush=True)
@@ -263,8 +264,8 @@ def main() -> None:
         measured = row["device_peak_gib"]
         phases = "; ".join(f"{name} {vals['allocated']:.2f}" for name, vals in row["phases"].items())
         predicted_phases = "; ".join(f"{k} {v:.2f}" for k, v in pred["phases_gib"].items())
-        ratio = f"{pred['peak_gib'] / measured:.3f}" if measured else "-"
-        shown = f"{measured:.2f} ({measured * GIB / 1e9:.2f})" if measured else "- (no GPU)"
+        ratio = f"{pred['peak_gib'] / measured:.3f}"
+        shown = f"{measured:.2f} ({measured * GIB / 1e9:.2f})" + ("" if cuda else " RSS")
         print(f"| {row['method']} | {row['it_per_s']:.2f} | {shown} | {pred['peak_gib']:.2f} | {ratio} | "
               f"{pred['peak_phase']} | measured: {phases or '-'} / predicted: {predicted_phases} |")
     if args.json:
