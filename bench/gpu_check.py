@@ -59,6 +59,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from vs_reference import write_images  # noqa: E402  (bench/ is this script's own folder on sys.path)
+
 GIB = 2**30
 # SD 1.5's scheduler (scheduler/scheduler_config.json of the release)
 SD15_SCHEDULER = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
@@ -93,20 +95,6 @@ def build_model(name: str, out: Path) -> Path:
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipeline.save_pretrained(out, safe_serialization=True)
-    return out
-
-
-def make_images(out: Path, size: int, count: int = 4) -> Path:
-    """`count` distinct photos of one subject (a red square on white, shifted), `size` px."""
-    from PIL import Image, ImageDraw
-
-    out.mkdir(parents=True, exist_ok=True)
-    side = size // 2
-    for i in range(count):
-        image = Image.new("RGB", (size, size), "white")
-        x, y = size // 4 + 7 * i, size // 4 - 5 * i
-        ImageDraw.Draw(image).rectangle([x, y, x + side, y + side], fill="red")
-        image.save(out / f"{i}.png")
     return out
 
 
@@ -231,7 +219,7 @@ def main() -> None:
     print(f"work folder: {work}; {'CUDA' if cuda else 'no GPU: a smoke test in fp32 on the CPU'}", flush=True)
     began = time.monotonic()
     build_model(args.model, work / "model")
-    make_images(work / "images", max(args.resolution, 64))
+    write_images(work / "images", 4, max(args.resolution, 64), "dog", seed=0)  # the side-by-side's photos
     print(f"model and photos ready in {time.monotonic() - began:.0f} s", flush=True)
 
     rows = []

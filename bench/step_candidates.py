@@ -76,8 +76,9 @@ def make_unet(name: str = "eager") -> torch.nn.Module:
         "checkpointed": SpeedChoices(pad_heads=False, selective_checkpointing=False),
         "selective": SpeedChoices(pad_heads=False, selective_checkpointing=True),
         "reentrant": SpeedChoices(pad_heads=False, selective_checkpointing=False, reentrant_checkpointing=True),
-        "engine": choose(unet, torch.device("cpu"), LATENTS, gradient_checkpointing=True)[0],
     }.get(name)
+    if name == "engine":
+        choices = choose(unet, torch.device("cpu"), LATENTS, gradient_checkpointing=True)[0]
     unet.set_attn_processor(attention_processor(pad_heads=name == "padded" or bool(choices and choices.pad_heads)))
     if choices is not None:
         enable_checkpointing(unet, choices)

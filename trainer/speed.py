@@ -151,10 +151,8 @@ class SpeedChoices:
         elif self.selective_checkpointing:
             how = f"selective (attention outputs kept; {tokens} tokens)"
         else:
-            how = f"plain ({tokens} tokens: too few to gain from keeping attention)"
-            if self.reentrant_checkpointing:
-                how = f"plain, re-entrant ({tokens} tokens: too few to gain from keeping attention; " \
-                      "the first forward without autograd)"
+            form, why = (", re-entrant", "; the first forward without autograd") if self.reentrant_checkpointing else ("", "")
+            how = f"plain{form} ({tokens} tokens: too few to gain from keeping attention{why})"
         line = f"Speed choices on {device.type}: attention {attention}; gradient checkpointing {how}"
         if self.bulk_8bit:
             line += "; 8-bit AdamW steps every tensor in one fused call, its 8-bit moments requantized in bulk"
@@ -200,8 +198,6 @@ def enable_checkpointing(unet: torch.nn.Module, choices: SpeedChoices) -> None:
         unet.enable_gradient_checkpointing(selective_checkpoint)
     elif choices.reentrant_checkpointing:
         unet.enable_gradient_checkpointing(reentrant_checkpoint)
-        if not getattr(unet.conv_in, "_marks_output_trainable", False):
-            unet.conv_in.register_forward_hook(_inputs_require_grad)
-            unet.conv_in._marks_output_trainable = True
+        unet.conv_in.register_forward_hook(_inputs_require_grad)  # idempotent: a second one changes nothing
     else:
         unet.enable_gradient_checkpointing()
