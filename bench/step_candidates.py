@@ -12,12 +12,16 @@ says otherwise), batch 2 = instance + class row, fp32, plain AdamW so that the o
 the UNet: forward, MSE, backward, optimizer step. --lora freezes the UNet and trains rank-4 adapters
 on to_q/to_k/to_v/to_out.0, as the engine does. Candidates:
   eager          SDPA (AttnProcessor2_0), no checkpointing
-  padded         the engine's CPU attention: heads under 16 channels zero-padded to 16 (trainer/speed.py)
+  padded         heads under 16 channels zero-padded to 16 for SDPA's flash kernel (trainer/speed.py)
+  kernel         the engine's CPU attention for heads under 16 channels: its own kernel
+                 (trainer/kernels/small_heads.c)
   checkpointed   eager with diffusers' gradient checkpointing (what the reference runs)
   selective      checkpointed, keeping attention outputs instead of recomputing them (trainer/speed.py)
   reentrant      checkpointed in torch's re-entrant form (trainer/speed.py)
   engine         what the engine chooses on this CPU for these latents (trainer.speed.choose): at
-                 4,096 tokens padded + selective, at 256 padded + re-entrant
+                 4,096 tokens kernel + selective, at 256 kernel + re-entrant
+  engine-padded  the same with padded heads instead of the kernel (the engine before the kernel,
+                 and where it cannot be built)
   channels-last  eager with channels-last memory format
   compiled       eager under torch.compile
 With --repeats N the candidates' timed runs are interleaved N times (A B C A B C ...) and the median
@@ -53,7 +57,8 @@ def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
     return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
-CANDIDATES = ["eager", "padded", "checkpointed", "selective", "reentrant", "engine", "channels-last", "compiled"]
+CANDIDATES = ["eager", "padded", "kernel", "checkpointed", "selective", "reentrant", "engine", "engine-padded",
+              "channels-last", "compiled"]
 LATENTS = 64  # --latents: the side of the latent grid (64: SD 1.5's grid at 512 px)
 UNET = MID_UNET  # --model
 LORA = False  # --lora
@@ -77,9 +82,10 @@ def make_unet(name: str = "eager") -> torch.nn.Module:
         "selective": SpeedChoices(pad_heads=False, selective_checkpointing=True),
         "reentrant": SpeedChoices(pad_heads=False, selective_checkpointing=False, reentrant_checkpointing=True),
     }.get(name)
-    if name == "engine":
+    if name in ("engine", "engine-padded"):
         choices = choose(unet, torch.device("cpu"), LATENTS, gradient_checkpointing=True)[0]
-    unet.set_attn_processor(attention_processor(pad_heads=name == "padded" or bool(choices and choices.pad_heads)))
+    small = name in ("padded", "kernel") or bool(choices and choices.pad_heads)
+    unet.set_attn_processor(attention_processor(pad_heads=small, kernel=name not in ("padded", "engine-padded")))
     if choices is not None:
         enable_checkpointing(unet, choices)
     unet.train()

@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 
 import bitsandbytes as bnb
 import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
-from diffusers.models.attention_processor import AttnProcessor2_0
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from train_helpers import tiny_config
 
-from trainer import train
+from trainer import small_heads, train
 from trainer.adamw8bit import BLOCK, AdamW8bitTogether, _quantize_blocks
 from trainer.allocator import in_use
 from trainer.events import PhaseEvent
-from trainer.speed import PaddedHeadsAttnProcessor, SpeedChoices, choose, enable_checkpointing, head_dims
+from trainer.speed import SmallHeadsAttnProcessor, SpeedChoices, choose, enable_checkpointing, head_dims
 
 # Stated tolerances. Padding adds exact zeros, but the kernel's blocking changes the order of the
 # float sums: outputs and gradients agree to ~1e-6. Adam then divides each gradient by its own
@@ -45,26 +48,93 @@ def _inputs(unet: UNet2DConditionModel, latent: int, seed: int = 1) -> tuple[tor
     return latents, torch.tensor([500, 20]), hidden, target
 
 
-def test_padded_heads_give_the_same_attention_and_gradients(tiny_model_dir):
-    plain, padded = _unet(tiny_model_dir), _unet(tiny_model_dir)
-    assert min(head_dims(plain)) == 8  # under the CPU kernel's 16: the padded path is what runs
+@pytest.mark.parametrize("kernel", [True, False], ids=["engine-kernel", "padded-sdpa"])
+def test_small_heads_give_the_same_attention_and_gradients(tiny_model_dir, kernel, monkeypatch):
+    """The UNet with its 8-channel heads on the engine's kernel, or padded for SDPA's, against SDPA."""
+    plain, small = _unet(tiny_model_dir), _unet(tiny_model_dir)
+    assert min(head_dims(plain)) == 8 and _small_attentions(plain) > 0  # the small-heads path runs
+    calls = []
+    original = small_heads.attention
+    monkeypatch.setattr(small_heads, "attention", lambda *args: calls.append(1) or original(*args))
     plain.set_attn_processor(AttnProcessor2_0())
-    padded.set_attn_processor(PaddedHeadsAttnProcessor())
+    small.set_attn_processor(SmallHeadsAttnProcessor(kernel=kernel))
     latents, timesteps, hidden, target = _inputs(plain, 16)
     outputs = []
-    for unet in (plain, padded):
+    for unet in (plain, small):
         out = unet(latents, timesteps, hidden).sample
         F.mse_loss(out, target).backward()
         outputs.append(out.detach())
+    assert len(calls) == (_small_attentions(small) if kernel else 0)
     assert (outputs[0] - outputs[1]).abs().max().item() < 1e-5
     assert outputs[0].abs().max().item() > 0.1  # a real output, not zeros compared with zeros
     grads = {name: p.grad for name, p in plain.named_parameters()}
-    worst = max((p.grad - grads[name]).abs().max().item() for name, p in padded.named_parameters())
+    worst = max((p.grad - grads[name]).abs().max().item() for name, p in small.named_parameters())
     assert worst < 1e-5
 
 
+def _small_attentions(unet) -> int:
+    """Attention layers whose heads have under 16 channels: those the kernel runs."""
+    return sum(1 for m in unet.modules() if isinstance(m, Attention) and m.inner_dim // m.heads < 16)
+
+
+@pytest.mark.parametrize(
+    ("batch", "heads", "queries", "keys", "channels"),
+    [(2, 8, 256, 256, 8), (1, 3, 37, 21, 5), (2, 2, 300, 77, 8), (1, 1, 9, 4096, 1)],
+)
+def test_the_small_heads_kernel_matches_attention_in_double_precision(batch, heads, queries, keys, channels):
+    """Forward and gradients of q, k and v, against SDPA in fp64, for shapes the kernel's blocking
+    does not divide (queries not a multiple of its 8, keys not of its SIMD width, odd channels)."""
+    assert small_heads.load() is not None, small_heads.unavailable_reason()
+    gen = torch.Generator().manual_seed(queries + keys)
+    q, k, v = (3 * torch.randn(batch, heads, n, channels, generator=gen) for n in (queries, keys, keys))
+    grad_out = torch.randn(batch, heads, queries, channels, generator=gen)
+    scale = channels**-0.5
+    ours = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = small_heads.attention(*ours, scale)
+    out.backward(grad_out)
+    ref = [t.double().requires_grad_() for t in (q, k, v)]
+    expected = F.scaled_dot_product_attention(*ref, scale=scale)
+    expected.backward(grad_out.double())
+    for got, want in [(out, expected)] + [(a.grad, b.grad) for a, b in zip(ours, ref, strict=True)]:
+        assert want.abs().max() > 1e-3  # a real value, not zeros compared with zeros
+        error = ((got.double() - want).abs().max() / want.abs().max()).item()
+        assert error < 2e-5, error
+
+
+def test_selective_checkpointing_keeps_the_small_heads_kernels_output(tiny_model_dir, monkeypatch):
+    """At 1,024 tokens the engine keeps attention outputs: its kernel's forward runs once per
+    attention layer in a checkpointed step, not again in the backward pass."""
+    unet = _unet(tiny_model_dir)
+    unet.set_attn_processor(SmallHeadsAttnProcessor())
+    enable_checkpointing(unet, SpeedChoices(True, True))
+    calls = []
+    original = small_heads.attention
+    monkeypatch.setattr(small_heads, "attention", lambda *args: calls.append(1) or original(*args))
+    latents, timesteps, hidden, target = _inputs(unet, 32)
+    loss = F.mse_loss(unet(latents, timesteps, hidden).sample, target)
+    forward_calls = len(calls)
+    loss.backward()
+    assert forward_calls == _small_attentions(unet) > 0
+    # the recomputation calls the processor again, but the kernel's result comes from what was kept
+    ops = []
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.dreambooth.small_head_attention.default:
+                ops.append(func)
+            return func(*args, **(kwargs or {}))
+
+    unet.zero_grad()
+    loss = F.mse_loss(unet(latents, timesteps, hidden).sample, target)
+    with Count():
+        loss.backward()
+    assert ops == []
+    assert all(p.grad is not None for p in unet.parameters() if p.requires_grad)
+
+
 def _train_steps(unet, speed: SpeedChoices | None, optimizer_class, steps: int, latent: int):
-    unet.set_attn_processor(PaddedHeadsAttnProcessor() if speed and speed.pad_heads else AttnProcessor2_0())
+    unet.set_attn_processor(SmallHeadsAttnProcessor() if speed and speed.pad_heads else AttnProcessor2_0())
     enable_checkpointing(unet, speed or SpeedChoices(False, False))
     optimizer = optimizer_class(unet.parameters(), lr=LR, weight_decay=1e-2)
     losses = []
@@ -219,9 +289,10 @@ def test_the_choices_follow_device_head_size_and_tokens(tiny_model_dir, device, 
     unet = _meta_unet(tiny_model_dir, **changes)
     choices, line = choose(unet, torch.device(device), latent, gradient_checkpointing=True)
     reentrant = device == "cpu" and not selective
-    assert choices == SpeedChoices(pad_heads=pad, selective_checkpointing=selective, reentrant_checkpointing=reentrant)
+    assert choices == SpeedChoices(pad_heads=pad, selective_checkpointing=selective, reentrant_checkpointing=reentrant,
+                                   small_head_kernel=pad)  # built on this machine (gcc is installed)
     assert line.startswith(f"Speed choices on {device}")
-    assert ("padded to 16" in line) == pad and ("selective" in line) == selective
+    assert ("engine's CPU kernel for small heads" in line) == pad and ("selective" in line) == selective
     assert ("re-entrant" in line) == reentrant
     several, line = choose(unet, torch.device(device), latent, gradient_checkpointing=True, one_process=False)
     assert not several.reentrant_checkpointing and "re-entrant" not in line  # DDP's hooks expect the default
@@ -236,8 +307,37 @@ def test_a_run_says_what_it_chose(tiny_model_dir, subject_images, tmp_path):
     train(tiny_config(tiny_model_dir, subject_images, tmp_path / "run", max_train_steps=1,
                       gradient_checkpointing=True), on_event=events.append)
     said = [e.message for e in events if isinstance(e, PhaseEvent) and e.message.startswith("Speed choices")]
-    assert said == ["Speed choices on cpu: attention heads of 8 channels padded to 16 for the CPU flash kernel; "
+    assert said == ["Speed choices on cpu: attention heads of 8 channels on the engine's CPU kernel for small heads "
+                    "(fp32; else padded); "
                     "gradient checkpointing plain, re-entrant (256 tokens: too few to gain from keeping attention; "
                     "the first forward without autograd); "
                     "8-bit AdamW steps every tensor in one fused call, its 8-bit moments requantized in bulk; "
                     f"memory allocator {in_use()}"]  # this test process's own (tests/test_allocator.py)
+
+
+def test_without_a_compiler_the_engine_pads_heads_and_says_why(tiny_model_dir, tmp_path):
+    """A compiler that fails (here `false`), an empty kernel cache: the choice line names the reason
+    and attention falls back to padded SDPA with the same output."""
+    script = f"""
+import torch
+from diffusers import UNet2DConditionModel
+from diffusers.models.attention_processor import AttnProcessor2_0
+from trainer import small_heads
+from trainer.speed import attention_processor, choose
+unet = UNet2DConditionModel.from_pretrained({str(tiny_model_dir)!r}, subfolder="unet")
+choices, line = choose(unet, torch.device("cpu"), 16, gradient_checkpointing=True)
+print(line)
+assert choices.pad_heads and not choices.small_head_kernel and small_heads.load() is None
+x = torch.randn(1, unet.config.in_channels, 16, 16); h = torch.randn(1, 77, unet.config.cross_attention_dim)
+with torch.no_grad():
+    unet.set_attn_processor(attention_processor(True)); ours = unet(x, 10, h).sample
+    unet.set_attn_processor(AttnProcessor2_0()); plain = unet(x, 10, h).sample
+print("difference", (ours - plain).abs().max().item())
+"""
+    env = {**os.environ, "CC": "false", "XDG_CACHE_HOME": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "padded to 16 for the CPU flash kernel (the engine's kernel for small heads is not built: " \
+           "false could not build small_heads.c" in done.stdout
+    assert float(done.stdout.split("difference")[-1]) < 1e-5
+    assert not list(tmp_path.rglob("*.so"))

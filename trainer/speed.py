@@ -3,11 +3,15 @@
 Each one gives the same result as the plain way within floating-point rounding
 (tests/test_speed.py holds them to it); bench/step_candidates.py measures them.
 
-- **Attention kernel.** PyTorch's scaled_dot_product_attention everywhere. On the CPU its flash
-  kernel is slow for heads of under 16 channels (the toy and small test models have 8): the
-  heads are zero-padded to 16 channels, which leaves q·k and the output unchanged (the softmax
-  scale stays 1/sqrt(true channels)) and runs the kernel 1.6-1.7x faster forward and backward.
-  CUDA kernels take any head size; nothing changes there.
+- **Attention kernel.** PyTorch's scaled_dot_product_attention everywhere but for heads of under
+  16 channels on the CPU (the toy and small test models have 8), where torch's flash kernel spends
+  its time on matrix products of 8-wide operands. There the engine's own kernel runs
+  (trainer/kernels/small_heads.c, built at first use by trainer/small_heads.py): keys along SIMD
+  lanes, the exponential a polynomial on the same vectors; forward and backward 1.9x faster than
+  the padded flash kernel at 4,096 tokens (bench/step_candidates.py). fp32 only; under bf16, or
+  with no C compiler, the heads are zero-padded to 16 channels for the flash kernel instead,
+  which leaves q·k and the output unchanged (the softmax scale stays 1/sqrt(true channels)) and
+  runs it 1.6-1.7x faster than unpadded. CUDA kernels take any head size; nothing changes there.
 - **Selective gradient checkpointing.** Checkpointing recomputes a transformer block's forward
   during the backward pass. Its attention is the expensive part at thousands of tokens, and its
   output is small (the size of the block's input, plus one float per token and head): it is
@@ -43,6 +47,8 @@ from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
+from . import small_heads
+
 # The CPU flash kernel's smallest fast head size (bench/step_candidates.py: 8 -> 16 channels runs
 # 1.6x faster; 40 -> 48 gains nothing).
 CPU_MIN_HEAD_DIM = 16
@@ -51,17 +57,21 @@ CPU_MIN_HEAD_DIM = 16
 SELECTIVE_MIN_TOKENS = 1024
 
 
-class PaddedHeadsAttnProcessor(AttnProcessor2_0):
-    """AttnProcessor2_0 with heads zero-padded to `min_head_dim` channels for the kernel call.
+class SmallHeadsAttnProcessor(AttnProcessor2_0):
+    """AttnProcessor2_0 for heads of under `min_head_dim` channels on the CPU: the engine's kernel
+    (trainer/small_heads.py) where it takes the inputs (fp32, built), else heads zero-padded to
+    `min_head_dim` channels for SDPA's.
 
     Padding q and k with zeros adds nothing to q·k; padding v adds zero output channels, which
     are cut off. Only the plain self/cross-attention of UNet transformer blocks is handled here;
     anything else (masks, group or spatial norms, 4-D inputs) goes to AttnProcessor2_0 unchanged.
+    `kernel=False` pads always (bench/step_candidates.py compares the two).
     """
 
-    def __init__(self, min_head_dim: int = CPU_MIN_HEAD_DIM) -> None:
+    def __init__(self, min_head_dim: int = CPU_MIN_HEAD_DIM, kernel: bool = True) -> None:
         super().__init__()
         self.min_head_dim = min_head_dim
+        self.kernel = kernel
 
     def __call__(
         self,
@@ -90,23 +100,28 @@ class PaddedHeadsAttnProcessor(AttnProcessor2_0):
         head_dim = key.shape[-1] // attn.heads
         query, key, value = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
         pad = self.min_head_dim - head_dim
-        if pad > 0:
-            query, key, value = (F.pad(t, (0, pad)) for t in (query, key, value))
-        out = F.scaled_dot_product_attention(query, key, value, scale=attn.scale)[..., :head_dim]
+        if pad > 0 and self.kernel and small_heads.usable(query, key):
+            out = small_heads.attention(query, key, value, attn.scale)
+        else:
+            if pad > 0:
+                query, key, value = (F.pad(t, (0, pad)) for t in (query, key, value))
+            out = F.scaled_dot_product_attention(query, key, value, scale=attn.scale)[..., :head_dim]
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
         return out / attn.rescale_output_factor
 
 
 def _attention_ops_to_keep() -> list:
-    """The SDPA kernels whose outputs selective checkpointing keeps (those this torch build has)."""
+    """The attention kernels whose outputs selective checkpointing keeps: SDPA's (those this torch
+    build has) and the engine's for small heads."""
     names = (
         "_scaled_dot_product_flash_attention_for_cpu",
         "_scaled_dot_product_flash_attention",
         "_scaled_dot_product_efficient_attention",
         "_scaled_dot_product_cudnn_attention",
     )
-    return [getattr(torch.ops.aten, name).default for name in names if hasattr(torch.ops.aten, name)]
+    kept = [getattr(torch.ops.aten, name).default for name in names if hasattr(torch.ops.aten, name)]
+    return kept + [torch.ops.dreambooth.small_head_attention.default]
 
 
 def selective_checkpoint(module: torch.nn.Module, *args):
@@ -139,13 +154,18 @@ class SpeedChoices:
     bulk_8bit: bool = False
     # plain checkpointing in its re-entrant form (small latents on the CPU, one process)
     reentrant_checkpointing: bool = False
+    # small heads (pad_heads) on the engine's kernel, built here (trainer/small_heads.py)
+    small_head_kernel: bool = False
 
     def describe(self, device: torch.device, heads: set[int], tokens: int, checkpointing: bool) -> str:
-        attention = (
-            f"heads of {min(heads)} channels padded to {CPU_MIN_HEAD_DIM} for the CPU flash kernel"
-            if self.pad_heads
-            else "PyTorch SDPA"
-        )
+        if self.small_head_kernel:
+            attention = f"heads of {min(heads)} channels on the engine's CPU kernel for small heads (fp32; else padded)"
+        elif self.pad_heads:
+            attention = f"heads of {min(heads)} channels padded to {CPU_MIN_HEAD_DIM} for the CPU flash kernel"
+            if small_heads.unavailable_reason():
+                attention += f" (the engine's kernel for small heads is not built: {small_heads.unavailable_reason()})"
+        else:
+            attention = "PyTorch SDPA"
         if not checkpointing:
             how = "off"
         elif self.selective_checkpointing:
@@ -168,17 +188,19 @@ def choose(
     heads = head_dims(unet) or {CPU_MIN_HEAD_DIM}
     tokens = self_attention_tokens(unet.config, latent_size)
     selective = gradient_checkpointing and tokens >= SELECTIVE_MIN_TOKENS
+    pad_heads = device.type == "cpu" and min(heads) < CPU_MIN_HEAD_DIM
     choices = SpeedChoices(
-        pad_heads=device.type == "cpu" and min(heads) < CPU_MIN_HEAD_DIM,
+        pad_heads=pad_heads,
         selective_checkpointing=selective,
         bulk_8bit=eight_bit and device.type == "cpu",
         reentrant_checkpointing=gradient_checkpointing and not selective and device.type == "cpu" and one_process,
+        small_head_kernel=pad_heads and small_heads.load() is not None,
     )
     return choices, choices.describe(device, heads, tokens, gradient_checkpointing)
 
 
-def attention_processor(pad_heads: bool) -> AttnProcessor2_0:
-    return PaddedHeadsAttnProcessor() if pad_heads else AttnProcessor2_0()
+def attention_processor(pad_heads: bool, kernel: bool = True) -> AttnProcessor2_0:
+    return SmallHeadsAttnProcessor(kernel=kernel) if pad_heads else AttnProcessor2_0()
 
 
 def reentrant_checkpoint(module: torch.nn.Module, *args):

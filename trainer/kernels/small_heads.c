@@ -1,0 +1,191 @@
+/* Scaled dot-product attention for heads of few channels on the CPU: forward and backward, fp32.
+
+   torch's CPU flash kernel spends its time on small matrix products when a head has 8 channels
+   (the toy and mid models; trainer/speed.py). Here the keys run along SIMD lanes instead: a
+   score is `channels` multiply-adds on a vector of keys, its exponential a polynomial on the
+   same vector, so nothing is a matrix product of 8-wide operands. Queries go QB at a time so each
+   key vector loaded serves QB of them. Built at first use by trainer/small_heads.py with the
+   machine's compiler (-O3 -march=native); gcc's vector extensions pick the SIMD width.
+
+   Layout (contiguous): q, o, go, gq [bh][n][d]; kt, vt, gkt, gvt [bh][d][mp], keys along the
+   last axis, mp a multiple of W with keys from m on as padding (excluded from the softmax);
+   lse [bh][n] the log-sum-exp of each query's scaled scores, saved for the backward pass. */
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__AVX512F__)
+#define W 16
+#else
+#define W 8
+#endif
+#define QB 8
+#define DMAX 16  /* the most channels a head may have here (trainer/small_heads.py: MAX_CHANNELS) */
+typedef float vf __attribute__((vector_size(W * sizeof(float))));
+typedef int vi __attribute__((vector_size(W * sizeof(int))));
+
+static inline vf splat(float x) { return (vf){0} + x; }
+static inline vf load(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
+static inline void store(float *p, vf v) { memcpy(p, &v, sizeof v); }
+static inline float hsum(vf v) { float s = 0.f; for (int i = 0; i < W; i++) s += v[i]; return s; }
+static inline float hmax(vf v) { float s = v[0]; for (int i = 1; i < W; i++) s = v[i] > s ? v[i] : s; return s; }
+static inline vf vsel(vi mask, vf a, vf b) { return (vf)((mask & (vi)a) | (~mask & (vi)b)); }
+static inline vf vmax(vf a, vf b) { return vsel(a > b, a, b); }
+static inline vf vmin(vf a, vf b) { return vsel(a < b, a, b); }
+
+/* exp(x), Cephes' single-precision polynomial (about 1 ulp); x below -87.3 gives ~1e-38 */
+static inline vf vexp(vf x) {
+    x = vmax(x, splat(-87.3f));
+    x = vmin(x, splat(88.3f));
+    vf fx = x * 1.44269504088896341f + 0.5f;
+    vi t = __builtin_convertvector(fx, vi);
+    vf tf = __builtin_convertvector(t, vf);
+    t += (vi)(tf > fx);            /* floor: truncation rounded toward zero, one less where it overshot */
+    tf = __builtin_convertvector(t, vf);
+    x = x - tf * 0.693359375f - tf * -2.12194440e-4f;
+    vf y = splat(1.9875691500E-4f);
+    y = y * x + 1.3981999507E-3f;
+    y = y * x + 8.3334519073E-3f;
+    y = y * x + 4.1665795894E-2f;
+    y = y * x + 1.6666665459E-1f;
+    y = y * x + 5.0000001201E-1f;
+    y = y * x * x + x + 1.f;
+    vi e = (t + 127) << 23;
+    return y * (vf)e;
+}
+
+static inline vf tail_mask(long j, long m) {
+    vf r;
+    for (int i = 0; i < W; i++) r[i] = j + i < m ? 0.f : -1e30f;
+    return r;
+}
+
+static inline __attribute__((always_inline)) void forward_head(
+    const float *q, const float *kt, const float *vt, float *o, float *lse, float *s,
+    long n, long m, long mp, int d, float scale) {
+    for (long i0 = 0; i0 < n; i0 += QB) {
+        int nq = n - i0 < QB ? (int)(n - i0) : QB;
+        float qs[QB][DMAX];
+        for (int r = 0; r < QB; r++)
+            for (int c = 0; c < d; c++) qs[r][c] = r < nq ? q[(i0 + r) * d + c] * scale : 0.f;
+        vf mx[QB];
+        for (int r = 0; r < QB; r++) mx[r] = splat(-1e30f);
+        for (long j = 0; j < mp; j += W) {
+            vf acc[QB] = {0};
+            for (int c = 0; c < d; c++) {
+                vf k = load(kt + c * mp + j);
+                for (int r = 0; r < QB; r++) acc[r] += qs[r][c] * k;
+            }
+            if (j + W > m) for (int r = 0; r < QB; r++) acc[r] += tail_mask(j, m);
+            for (int r = 0; r < QB; r++) { store(s + r * mp + j, acc[r]); mx[r] = vmax(mx[r], acc[r]); }
+        }
+        for (int r = 0; r < nq; r++) {
+            float top = hmax(mx[r]);
+            vf sum = {0}, oacc[DMAX];
+            for (int c = 0; c < d; c++) oacc[c] = (vf){0};
+            const float *sr = s + r * mp;
+            for (long j = 0; j < mp; j += W) {
+                vf p = vexp(load(sr + j) - top);
+                sum += p;
+                for (int c = 0; c < d; c++) oacc[c] += p * load(vt + c * mp + j);
+            }
+            float l = hsum(sum);
+            for (int c = 0; c < d; c++) o[(i0 + r) * d + c] = hsum(oacc[c]) / l;
+            lse[i0 + r] = top + __builtin_logf(l);
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) void backward_head(
+    const float *q, const float *kt, const float *vt, const float *o, const float *go, const float *lse,
+    float *gq, float *gkt, float *gvt, float *dsbuf, long n, long m, long mp, int d, float scale) {
+    memset(gkt, 0, sizeof(float) * d * mp);
+    memset(gvt, 0, sizeof(float) * d * mp);
+    for (long i0 = 0; i0 < n; i0 += QB) {
+        int nq = n - i0 < QB ? (int)(n - i0) : QB;
+        float qs[QB][DMAX], gs[QB][DMAX], dd[QB], l[QB];
+        for (int r = 0; r < QB; r++) {
+            float acc = 0.f;
+            for (int c = 0; c < d; c++) {
+                qs[r][c] = r < nq ? q[(i0 + r) * d + c] * scale : 0.f;
+                gs[r][c] = r < nq ? go[(i0 + r) * d + c] : 0.f;
+                acc += r < nq ? gs[r][c] * o[(i0 + r) * d + c] : 0.f;
+            }
+            dd[r] = acc;
+            l[r] = r < nq ? lse[i0 + r] : 1e30f;   /* rows past n: p = 0 */
+        }
+        for (long j = 0; j < mp; j += W) {
+            vf sacc[QB] = {0}, dacc[QB] = {0};
+            for (int c = 0; c < d; c++) {
+                vf k = load(kt + c * mp + j), v = load(vt + c * mp + j);
+                for (int r = 0; r < QB; r++) { sacc[r] += qs[r][c] * k; dacc[r] += gs[r][c] * v; }
+            }
+            vf p[QB], ds[QB];
+            vf mask = j + W > m ? tail_mask(j, m) : (vf){0};
+            for (int r = 0; r < QB; r++) {
+                p[r] = vexp(sacc[r] + mask - l[r]);
+                ds[r] = p[r] * (dacc[r] - dd[r]);
+                store(dsbuf + r * mp + j, ds[r]);
+            }
+            for (int c = 0; c < d; c++) {
+                vf gk = load(gkt + c * mp + j), gv = load(gvt + c * mp + j);
+                for (int r = 0; r < QB; r++) {
+                    gk += ds[r] * qs[r][c];
+                    gv += p[r] * gs[r][c];
+                }
+                store(gkt + c * mp + j, gk);
+                store(gvt + c * mp + j, gv);
+            }
+        }
+        for (int r = 0; r < nq; r++) {
+            vf gqacc[DMAX];
+            for (int c = 0; c < d; c++) gqacc[c] = (vf){0};
+            const float *dr = dsbuf + r * mp;
+            for (long j = 0; j < mp; j += W) {
+                vf x = load(dr + j);
+                for (int c = 0; c < d; c++) gqacc[c] += x * load(kt + c * mp + j);
+            }
+            for (int c = 0; c < d; c++) gq[(i0 + r) * d + c] = hsum(gqacc[c]) * scale;
+        }
+    }
+}
+
+/* the SIMD width: kt and vt have a multiple of it as keys */
+int sha_lanes(void) { return W; }
+
+void sha_forward(const float *q, const float *kt, const float *vt, float *o, float *lse,
+                 long bh, long n, long m, long mp, int d, float scale, int threads) {
+#pragma omp parallel num_threads(threads)
+    {
+        float *s = malloc(sizeof(float) * QB * mp);
+#pragma omp for schedule(static)
+        for (long h = 0; h < bh; h++) {
+            const float *qh = q + h * n * d, *kh = kt + h * d * mp, *vh = vt + h * d * mp;
+            float *oh = o + h * n * d, *lh = lse + h * n;
+            switch (d) {
+            case 8: forward_head(qh, kh, vh, oh, lh, s, n, m, mp, 8, scale); break;
+            default: forward_head(qh, kh, vh, oh, lh, s, n, m, mp, d, scale);
+            }
+        }
+        free(s);
+    }
+}
+
+void sha_backward(const float *q, const float *kt, const float *vt, const float *o, const float *go,
+                  const float *lse, float *gq, float *gkt, float *gvt,
+                  long bh, long n, long m, long mp, int d, float scale, int threads) {
+#pragma omp parallel num_threads(threads)
+    {
+        float *dsbuf = malloc(sizeof(float) * QB * mp);
+#pragma omp for schedule(static)
+        for (long h = 0; h < bh; h++) {
+            const float *qh = q + h * n * d, *kh = kt + h * d * mp, *vh = vt + h * d * mp;
+            const float *oh = o + h * n * d, *gh = go + h * n * d, *lh = lse + h * n;
+            float *gqh = gq + h * n * d, *gkh = gkt + h * d * mp, *gvh = gvt + h * d * mp;
+            switch (d) {  /* 8 channels compiled on its own: its loops unrolled, accumulators in registers */
+            case 8: backward_head(qh, kh, vh, oh, gh, lh, gqh, gkh, gvh, dsbuf, n, m, mp, 8, scale); break;
+            default: backward_head(qh, kh, vh, oh, gh, lh, gqh, gkh, gvh, dsbuf, n, m, mp, d, scale);
+            }
+        }
+        free(dsbuf);
+    }
+}

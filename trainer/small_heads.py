@@ -1,0 +1,185 @@
+"""The engine's CPU attention kernel for heads of few channels (trainer/kernels/small_heads.c).
+
+Built at first use with the machine's C compiler into the user's cache folder (the library's name
+carries a hash of the source, the compiler and this CPU's flags, so a shared home folder never
+runs code built for another CPU), loaded with ctypes and registered as the torch operator
+`dreambooth::small_head_attention` with its backward, so autograd, gradient checkpointing and
+selective checkpointing (which keeps its output) treat it like SDPA. No compiler, or a build that
+fails: `load()` returns None, says why in `unavailable_reason()`, and the engine keeps PyTorch's
+SDPA (trainer/speed.py prints which one runs).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+SOURCE = Path(__file__).parent / "kernels" / "small_heads.c"
+MAX_CHANNELS = 16  # DMAX in the C source
+_reason: list[str] = []
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "dreambooth-studio" / "kernels"
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _build(compiler: str) -> Path:
+    source = SOURCE.read_bytes()
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256(b"\0".join([source, version.encode(), _cpu_flags().encode(), platform.machine().encode()]))
+    target = _cache_dir() / f"small_heads-{key.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    flags = ["-O3", "-march=native", "-fPIC", "-shared", "-Wno-psabi"]
+    last = ""
+    for openmp in (["-fopenmp"], []):  # without OpenMP (clang on macOS): one thread, same results
+        with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+            built = Path(scratch) / target.name
+            done = subprocess.run(
+                [compiler, *flags, *openmp, str(SOURCE), "-o", str(built)], capture_output=True, text=True, timeout=300
+            )
+            if done.returncode == 0:
+                os.replace(built, target)  # atomic: processes building at once each install a whole file
+                return target
+            last = (done.stderr or done.stdout).strip().splitlines()[-1:] or [f"exit status {done.returncode}"]
+            last = last[0]
+    raise RuntimeError(f"{compiler} could not build {SOURCE.name}: {last}")
+
+
+@functools.cache
+def load() -> ctypes.CDLL | None:
+    """The built library, or None (then `unavailable_reason()` says why)."""
+    if os.environ.get("DREAMBOOTH_SMALL_HEAD_KERNEL", "1") == "0":
+        _reason.append("DREAMBOOTH_SMALL_HEAD_KERNEL=0")
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if not compiler:
+        _reason.append("no C compiler found (set CC, or install gcc)")
+        return None
+    try:
+        library = ctypes.CDLL(str(_build(compiler)))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+        _reason.append(str(error))
+        return None
+    pointer, size = ctypes.c_void_p, ctypes.c_long
+    library.sha_forward.argtypes = [pointer] * 5 + [size] * 4 + [ctypes.c_int, ctypes.c_float, ctypes.c_int]
+    library.sha_backward.argtypes = [pointer] * 9 + [size] * 4 + [ctypes.c_int, ctypes.c_float, ctypes.c_int]
+    library.sha_forward.restype = library.sha_backward.restype = None
+    return library
+
+
+def unavailable_reason() -> str:
+    return _reason[-1] if _reason else ""
+
+
+def usable(query: torch.Tensor, key: torch.Tensor) -> bool:
+    """Whether the kernel takes these (B, heads, tokens, channels) inputs: fp32 on the CPU, few channels."""
+    return (
+        query.device.type == "cpu"
+        and query.dtype == key.dtype == torch.float32
+        and query.shape[-1] <= MAX_CHANNELS
+        and load() is not None
+    )
+
+
+def _keys_last(t: torch.Tensor, lanes: int) -> torch.Tensor:
+    """(B, H, M, d) -> (B*H, d, M') contiguous, M' the next multiple of `lanes` (zero keys after M)."""
+    b, h, m, d = t.shape
+    return F.pad(t.reshape(b * h, m, d).transpose(1, 2), (0, -m % lanes)).contiguous()
+
+
+@torch.library.custom_op("dreambooth::small_head_attention", mutates_args=())
+def small_head_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(scale · q kᵀ) v for (B, heads, tokens, channels) fp32 CPU tensors, and each query's
+    log-sum-exp (kept for the backward pass)."""
+    library = load()
+    b, h, n, d = query.shape
+    m = key.shape[2]
+    lanes = library.sha_lanes()
+    q = query.reshape(b * h, n, d).contiguous()
+    kt, vt = _keys_last(key, lanes), _keys_last(value, lanes)
+    out = torch.empty_like(q)
+    lse = torch.empty(b * h, n, dtype=torch.float32)
+    library.sha_forward(
+        q.data_ptr(), kt.data_ptr(), vt.data_ptr(), out.data_ptr(), lse.data_ptr(),
+        b * h, n, m, kt.shape[2], d, scale, torch.get_num_threads(),
+    )
+    return out.view(b, h, n, d), lse.view(b, h, n)
+
+
+@small_head_attention.register_fake
+def _(query, key, value, scale):
+    return torch.empty_like(query), query.new_empty(query.shape[:-1])
+
+
+@torch.library.custom_op("dreambooth::small_head_attention_backward", mutates_args=())
+def small_head_attention_backward(
+    grad_out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+    out: torch.Tensor, lse: torch.Tensor, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    library = load()
+    b, h, n, d = query.shape
+    m = key.shape[2]
+    lanes = library.sha_lanes()
+    q = query.reshape(b * h, n, d).contiguous()
+    kt, vt = _keys_last(key, lanes), _keys_last(value, lanes)
+    o, go, lse = (t.reshape(b * h, n, *t.shape[3:]).contiguous() for t in (out, grad_out, lse))
+    gq, gkt, gvt = torch.empty_like(q), torch.empty_like(kt), torch.empty_like(vt)
+    library.sha_backward(
+        q.data_ptr(), kt.data_ptr(), vt.data_ptr(), o.data_ptr(), go.data_ptr(), lse.data_ptr(),
+        gq.data_ptr(), gkt.data_ptr(), gvt.data_ptr(), b * h, n, m, kt.shape[2], d, scale, torch.get_num_threads(),
+    )
+
+    def back(t: torch.Tensor) -> torch.Tensor:
+        return t[..., :m].transpose(1, 2).reshape(b, h, m, d)
+
+    return gq.view(b, h, n, d), back(gkt), back(gvt)
+
+
+@small_head_attention_backward.register_fake
+def _(grad_out, query, key, value, out, lse, scale):
+    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    query, key, value, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(query, key, value, out, lse)
+    ctx.scale = scale
+
+
+def _backward(ctx, grad_out, grad_lse):
+    query, key, value, out, lse = ctx.saved_tensors
+    grads = small_head_attention_backward(grad_out.contiguous(), query, key, value, out, lse, ctx.scale)
+    return (*grads, None)
+
+
+small_head_attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
+    return small_head_attention(query, key, value, scale)[0]
