@@ -13,7 +13,7 @@ latents), sd15 bench/train_step.py's SD15_UNET (859.5 M, 64x64 latents = 512 px)
 (2.6 B, 64x64 latents = 512 px). All fp32 with the engine's 8-bit AdamW, LoRA rank 4.
 
 Each cell is its own process, running bench/train_step.py's step (UNet forward and backward, clipping,
-the engine's optimizer, zero_grad) with the engine's speed choices (trainer/speed.py: padded heads on
+the engine's optimizer, zero_grad) with the engine's speed choices (trainer/speed.py: small heads on its own kernel on
 the CPU, selective checkpointing at 1,024 tokens or more), one warm-up step then --steps more. The
 child reports its RSS after its imports (the baseline) and ru_maxrss at the end (the peak).
 
