@@ -341,3 +341,25 @@ print("difference", (ours - plain).abs().max().item())
            "false could not build small_heads.c" in done.stdout
     assert float(done.stdout.split("difference")[-1]) < 1e-5
     assert not list(tmp_path.rglob("*.so"))
+
+
+def test_the_kernel_is_built_into_an_empty_cache_and_used_from_it(tmp_path):
+    """What a fresh machine does: the first process builds the library into the user's cache, the
+    next loads the same file without building."""
+    script = (
+        "import time; from trainer import small_heads; start = time.perf_counter(); "
+        "library = small_heads.load(); print(library._name, round(time.perf_counter() - start, 2), "
+        "small_heads.unavailable_reason() or 'built')"
+    )
+    env = {key: value for key, value in os.environ.items() if key != "CC"}
+    env["XDG_CACHE_HOME"] = str(tmp_path)
+    runs, stamps = [], []
+    for _ in range(2):
+        runs.append(subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300))
+        assert runs[-1].returncode == 0, runs[-1].stderr[-2000:]
+        built = list((tmp_path / "dreambooth-studio" / "kernels").glob("small_heads-*.so"))
+        assert len(built) == 1
+        stamps.append(built[0].stat().st_mtime_ns)
+    assert stamps[0] == stamps[1]  # the second process did not build it again
+    assert [run.stdout.split()[0] for run in runs] == [str(built[0])] * 2
+    assert list((tmp_path / "dreambooth-studio" / "kernels").iterdir()) == built  # no scratch left behind
