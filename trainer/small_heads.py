@@ -53,7 +53,7 @@ def _build(compiler: str) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     flags = ["-O3", "-march=native", "-fPIC", "-shared", "-Wno-psabi"]
-    last = ""
+    said = ""
     for openmp in (["-fopenmp"], []):  # without OpenMP (clang on macOS): one thread, same results
         with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
             built = Path(scratch) / target.name
@@ -63,9 +63,9 @@ def _build(compiler: str) -> Path:
             if done.returncode == 0:
                 os.replace(built, target)  # atomic: processes building at once each install a whole file
                 return target
-            last = (done.stderr or done.stdout).strip().splitlines()[-1:] or [f"exit status {done.returncode}"]
-            last = last[0]
-    raise RuntimeError(f"{compiler} could not build {SOURCE.name}: {last}")
+            lines = (done.stderr or done.stdout).strip().splitlines()
+            said = lines[-1] if lines else f"exit status {done.returncode}"
+    raise RuntimeError(f"{compiler} could not build {SOURCE.name}: {said}")
 
 
 @functools.cache
@@ -119,6 +119,9 @@ def small_head_attention(
     library = load()
     b, h, n, d = query.shape
     m = key.shape[2]
+    if d > MAX_CHANNELS or library is None:
+        raise ValueError(f"small_head_attention takes heads of up to {MAX_CHANNELS} channels on a built kernel "
+                         f"(got {d}; {unavailable_reason() or 'built'}): check small_heads.usable first")
     lanes = library.sha_lanes()
     q = query.reshape(b * h, n, d).contiguous()
     kt, vt = _keys_last(key, lanes), _keys_last(value, lanes)
@@ -173,6 +176,7 @@ def _setup_context(ctx, inputs, output) -> None:
 
 
 def _backward(ctx, grad_out, grad_lse):
+    # the log-sum-exp is the kernel's own bookkeeping: nothing downstream uses it, so grad_lse is None
     query, key, value, out, lse = ctx.saved_tensors
     grads = small_head_attention_backward(grad_out.contiguous(), query, key, value, out, lse, ctx.scale)
     return (*grads, None)
