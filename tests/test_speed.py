@@ -78,13 +78,17 @@ def _small_attentions(unet) -> int:
 
 
 @pytest.mark.parametrize(
-    ("batch", "heads", "queries", "keys", "channels"),
-    [(2, 8, 256, 256, 8), (1, 3, 37, 21, 5), (2, 2, 300, 77, 8), (1, 1, 9, 4096, 1)],
+    ("batch", "heads", "queries", "keys", "channels", "threads"),
+    [(2, 8, 256, 256, 8, 1), (1, 3, 37, 21, 5, 1), (2, 2, 300, 77, 8, 1), (1, 1, 9, 4096, 1, 1), (2, 3, 70, 1100, 8, 2)],
 )
-def test_the_small_heads_kernel_matches_attention_in_double_precision(batch, heads, queries, keys, channels):
+def test_the_small_heads_kernel_matches_attention_in_double_precision(
+    batch, heads, queries, keys, channels, threads, monkeypatch
+):
     """Forward and gradients of q, k and v, against SDPA in fp64, for shapes the kernel's blocking
-    does not divide (queries not a multiple of its 8, keys not of its SIMD width, odd channels)."""
+    does not divide (queries not a multiple of its 8, keys not of its SIMD width nor of its key
+    block, odd channels), on one thread and on two (each with its own scratch)."""
     assert small_heads.load() is not None, small_heads.unavailable_reason()
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)  # what the kernel call asks OpenMP for
     gen = torch.Generator().manual_seed(queries + keys)
     q, k, v = (3 * torch.randn(batch, heads, n, channels, generator=gen) for n in (queries, keys, keys))
     grad_out = torch.randn(batch, heads, queries, channels, generator=gen)

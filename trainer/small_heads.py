@@ -84,9 +84,11 @@ def load() -> ctypes.CDLL | None:
         _reason.append(str(error))
         return None
     pointer, size = ctypes.c_void_p, ctypes.c_long
-    library.sha_forward.argtypes = [pointer] * 5 + [size] * 4 + [ctypes.c_int, ctypes.c_float, ctypes.c_int]
-    library.sha_backward.argtypes = [pointer] * 9 + [size] * 4 + [ctypes.c_int, ctypes.c_float, ctypes.c_int]
+    tail = [ctypes.c_int, ctypes.c_float, ctypes.c_int, pointer]  # channels, scale, threads, scratch
+    library.sha_forward.argtypes = [pointer] * 5 + [size] * 4 + tail
+    library.sha_backward.argtypes = [pointer] * 9 + [size] * 4 + tail
     library.sha_forward.restype = library.sha_backward.restype = None
+    library.sha_scratch.argtypes, library.sha_scratch.restype = [size], size
     return library
 
 
@@ -102,6 +104,13 @@ def usable(query: torch.Tensor, key: torch.Tensor) -> bool:
         and query.shape[-1] <= MAX_CHANNELS
         and load() is not None
     )
+
+
+def _scratch(library: ctypes.CDLL, keys: int) -> tuple[int, torch.Tensor]:
+    """The thread count of a kernel call and the scratch its threads write (allocated here, so
+    that an allocation that fails is torch's MemoryError, not a crash in C)."""
+    threads = torch.get_num_threads()
+    return threads, torch.empty(threads * library.sha_scratch(keys), dtype=torch.float32)
 
 
 def _keys_last(t: torch.Tensor, lanes: int) -> torch.Tensor:
@@ -127,9 +136,10 @@ def small_head_attention(
     kt, vt = _keys_last(key, lanes), _keys_last(value, lanes)
     out = torch.empty_like(q)
     lse = torch.empty(b * h, n, dtype=torch.float32)
+    threads, scratch = _scratch(library, kt.shape[2])
     library.sha_forward(
         q.data_ptr(), kt.data_ptr(), vt.data_ptr(), out.data_ptr(), lse.data_ptr(),
-        b * h, n, m, kt.shape[2], d, scale, torch.get_num_threads(),
+        b * h, n, m, kt.shape[2], d, scale, threads, scratch.data_ptr(),
     )
     return out.view(b, h, n, d), lse.view(b, h, n)
 
@@ -152,9 +162,11 @@ def small_head_attention_backward(
     kt, vt = _keys_last(key, lanes), _keys_last(value, lanes)
     o, go, lse = (t.reshape(b * h, n, *t.shape[3:]).contiguous() for t in (out, grad_out, lse))
     gq, gkt, gvt = torch.empty_like(q), torch.empty_like(kt), torch.empty_like(vt)
+    threads, scratch = _scratch(library, kt.shape[2])
     library.sha_backward(
         q.data_ptr(), kt.data_ptr(), vt.data_ptr(), o.data_ptr(), go.data_ptr(), lse.data_ptr(),
-        gq.data_ptr(), gkt.data_ptr(), gvt.data_ptr(), b * h, n, m, kt.shape[2], d, scale, torch.get_num_threads(),
+        gq.data_ptr(), gkt.data_ptr(), gvt.data_ptr(), b * h, n, m, kt.shape[2], d, scale, threads,
+        scratch.data_ptr(),
     )
 
     def back(t: torch.Tensor) -> torch.Tensor:
