@@ -119,21 +119,26 @@ def _keys_last(t: torch.Tensor, lanes: int) -> torch.Tensor:
     return F.pad(t.reshape(b * h, m, d).transpose(1, 2), (0, -m % lanes)).contiguous()
 
 
+def _layout(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
+    """The library and the kernel's layout of its inputs: q (B*H, N, d); kᵀ and vᵀ (B*H, d, M')."""
+    library = load()
+    b, h, n, d = query.shape
+    if d > MAX_CHANNELS or library is None:
+        raise ValueError(f"small_head_attention takes heads of up to {MAX_CHANNELS} channels on a built kernel "
+                         f"(got {d}; {unavailable_reason() or 'built'}): check small_heads.usable first")
+    lanes = library.sha_lanes()
+    return library, query.reshape(b * h, n, d).contiguous(), _keys_last(key, lanes), _keys_last(value, lanes)
+
+
 @torch.library.custom_op("dreambooth::small_head_attention", mutates_args=())
 def small_head_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """softmax(scale · q kᵀ) v for (B, heads, tokens, channels) fp32 CPU tensors, and each query's
     log-sum-exp (kept for the backward pass)."""
-    library = load()
+    library, q, kt, vt = _layout(query, key, value)
     b, h, n, d = query.shape
     m = key.shape[2]
-    if d > MAX_CHANNELS or library is None:
-        raise ValueError(f"small_head_attention takes heads of up to {MAX_CHANNELS} channels on a built kernel "
-                         f"(got {d}; {unavailable_reason() or 'built'}): check small_heads.usable first")
-    lanes = library.sha_lanes()
-    q = query.reshape(b * h, n, d).contiguous()
-    kt, vt = _keys_last(key, lanes), _keys_last(value, lanes)
     out = torch.empty_like(q)
     lse = torch.empty(b * h, n, dtype=torch.float32)
     threads, scratch = _scratch(library, kt.shape[2])
@@ -154,12 +159,9 @@ def small_head_attention_backward(
     grad_out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     out: torch.Tensor, lse: torch.Tensor, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    library = load()
+    library, q, kt, vt = _layout(query, key, value)
     b, h, n, d = query.shape
     m = key.shape[2]
-    lanes = library.sha_lanes()
-    q = query.reshape(b * h, n, d).contiguous()
-    kt, vt = _keys_last(key, lanes), _keys_last(value, lanes)
     o, go, lse = (t.reshape(b * h, n, *t.shape[3:]).contiguous() for t in (out, grad_out, lse))
     gq, gkt, gvt = torch.empty_like(q), torch.empty_like(kt), torch.empty_like(vt)
     threads, scratch = _scratch(library, kt.shape[2])
