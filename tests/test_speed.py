@@ -105,6 +105,57 @@ def test_the_small_heads_kernel_matches_attention_in_double_precision(
         assert error < 2e-5, error
 
 
+_SIMD_CHECK = """
+import torch, torch.nn.functional as F
+from trainer import small_heads
+assert small_heads.load() is not None, small_heads.unavailable_reason()
+print("lanes", small_heads.load().sha_lanes())
+torch.set_num_threads(2)
+for batch, heads, queries, keys, channels in [(1, 3, 37, 77, 8), (2, 2, 70, 1100, 8), (1, 2, 19, 21, 5)]:
+    gen = torch.Generator().manual_seed(queries + keys)
+    q, k, v = (3 * torch.randn(batch, heads, n, channels, generator=gen) for n in (queries, keys, keys))
+    grad_out = torch.randn(batch, heads, queries, channels, generator=gen)
+    ours = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = small_heads.attention(*ours, channels**-0.5)
+    out.backward(grad_out)
+    ref = [t.double().requires_grad_() for t in (q, k, v)]
+    expected = F.scaled_dot_product_attention(*ref, scale=channels**-0.5)
+    expected.backward(grad_out.double())
+    for got, want in [(out, expected)] + [(a.grad, b.grad) for a, b in zip(ours, ref, strict=True)]:
+        print("error", ((got.double() - want).abs().max() / want.abs().max()).item())
+"""
+
+
+@pytest.mark.parametrize("flags", ["-mno-avx512f", "-mno-avx512f -mno-avx2 -mno-fma"], ids=["avx2", "portable"])
+def test_the_kernels_other_simd_paths_match_attention(flags, tmp_path):
+    """The kernel has an AVX-512 path, an AVX2 one and a portable one (gcc's vector extensions alone);
+    a machine builds one. The others are built here by a compiler that turns instruction sets off,
+    each checked against SDPA in fp64 (tail keys, two threads, odd channels)."""
+    compiler = os.environ.get("CC") or "gcc"
+    wrapper = tmp_path / "cc"
+    wrapper.write_text(f'#!/bin/sh\nexec {compiler} "$@" {flags}\n')
+    wrapper.chmod(0o755)
+    env = {**os.environ, "CC": str(wrapper), "XDG_CACHE_HOME": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", _SIMD_CHECK], env=env, capture_output=True, text=True, timeout=300)
+    if "could not build" in done.stderr:  # not an x86 machine: these flags do not exist
+        pytest.skip(done.stderr.strip().splitlines()[-1])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "lanes 8" in done.stdout  # 8 floats a vector: not the AVX-512 build
+    errors = [float(line.split()[1]) for line in done.stdout.splitlines() if line.startswith("error")]
+    assert len(errors) == 12 and max(errors) < 2e-5, errors
+
+
+def test_the_kernel_leaves_denormal_floats_on_for_the_caller():
+    """The kernel flushes denormals to zero while it runs (x86 is slow on them); torch's own
+    arithmetic afterwards keeps them."""
+    assert small_heads.load() is not None, small_heads.unavailable_reason()
+    tiny = torch.tensor([1e-38])
+    assert (tiny * 1e-3).item() > 0  # denormal, not flushed, before
+    q = torch.randn(1, 1, 9, 8)
+    small_heads.attention(q, q, q, 0.35)
+    assert (tiny * 1e-3).item() > 0
+
+
 def test_selective_checkpointing_keeps_the_small_heads_kernels_output(tiny_model_dir, monkeypatch):
     """At 1,024 tokens the engine keeps attention outputs: its kernel's forward runs once per
     attention layer in a checkpointed step, not again in the backward pass."""

@@ -33,32 +33,79 @@ typedef int vi __attribute__((vector_size(W * sizeof(int))));
 static inline vf splat(float x) { return (vf){0} + x; }
 static inline vf load(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
 static inline void store(float *p, vf v) { memcpy(p, &v, sizeof v); }
-static inline float hsum(vf v) { float s = 0.f; for (int i = 0; i < W; i++) s += v[i]; return s; }
-static inline float hmax(vf v) { float s = v[0]; for (int i = 1; i < W; i++) s = v[i] > s ? v[i] : s; return s; }
-static inline vf vsel(vi mask, vf a, vf b) { return (vf)((mask & (vi)a) | (~mask & (vi)b)); }
-static inline vf vmax(vf a, vf b) { return vsel(a > b, a, b); }
-static inline vf vmin(vf a, vf b) { return vsel(a < b, a, b); }
+/* horizontal sum and max as a tree (log2(W) dependent steps, not W - 1) */
+static inline float hsum(vf v) {
+    float a[W];
+    memcpy(a, &v, sizeof v);
+    for (int w = W / 2; w > 0; w /= 2) for (int i = 0; i < w; i++) a[i] += a[i + w];
+    return a[0];
+}
+static inline float hmax(vf v) {
+    float a[W];
+    memcpy(a, &v, sizeof v);
+    for (int w = W / 2; w > 0; w /= 2) for (int i = 0; i < w; i++) a[i] = a[i + w] > a[i] ? a[i + w] : a[i];
+    return a[0];
+}
 
-/* exp(x), Cephes' single-precision polynomial (about 1 ulp); x below -87.3 gives ~1e-38 */
-static inline vf vexp(vf x) {
-    x = vmax(x, splat(-87.3f));
-    x = vmin(x, splat(88.3f));
-    vf fx = x * 1.44269504088896341f + 0.5f;
-    vi t = __builtin_convertvector(fx, vi);
-    vf tf = __builtin_convertvector(t, vf);
-    t += (vi)(tf > fx);            /* floor: truncation rounded toward zero, one less where it overshot */
-    tf = __builtin_convertvector(t, vf);
-    x = x - tf * 0.693359375f - tf * -2.12194440e-4f;
+/* Cephes' single-precision exp polynomial (about 1 ulp) on r = x - n ln2, |r| <= ln2 / 2; then 2^n */
+static inline vf exp_poly(vf x, vf n) {
+    x = x - n * 0.693359375f - n * -2.12194440e-4f;
     vf y = splat(1.9875691500E-4f);
     y = y * x + 1.3981999507E-3f;
     y = y * x + 8.3334519073E-3f;
     y = y * x + 4.1665795894E-2f;
     y = y * x + 1.6666665459E-1f;
     y = y * x + 5.0000001201E-1f;
-    y = y * x * x + x + 1.f;
-    vi e = (t + 127) << 23;
-    return y * (vf)e;
+    return y * x * x + x + 1.f;
 }
+
+/* exp(x) with x clamped to [-87.3, 88.3] (below: ~1e-38). On x86 the clamp, the rounding and 2^n
+   are single instructions (AVX-512's scalef does 2^n); elsewhere gcc's vector extensions. */
+#if defined(__AVX512F__)
+#include <immintrin.h>
+static inline vf vmax(vf a, vf b) { return (vf)_mm512_max_ps((__m512)a, (__m512)b); }
+static inline vf vmin(vf a, vf b) { return (vf)_mm512_min_ps((__m512)a, (__m512)b); }
+static inline vf vexp(vf x) {
+    x = vmin(vmax(x, splat(-87.3f)), splat(88.3f));
+    vf n = (vf)_mm512_roundscale_ps((__m512)(x * 1.44269504088896341f), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    return (vf)_mm512_scalef_ps((__m512)exp_poly(x, n), (__m512)n);
+}
+#else
+#if defined(__AVX2__)
+#include <immintrin.h>
+static inline vf vmax(vf a, vf b) { return (vf)_mm256_max_ps((__m256)a, (__m256)b); }
+static inline vf vmin(vf a, vf b) { return (vf)_mm256_min_ps((__m256)a, (__m256)b); }
+static inline vf vround(vf x) { return (vf)_mm256_round_ps((__m256)x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+#else
+static inline vf vsel(vi mask, vf a, vf b) { return (vf)((mask & (vi)a) | (~mask & (vi)b)); }
+static inline vf vmax(vf a, vf b) { return vsel(a > b, a, b); }
+static inline vf vmin(vf a, vf b) { return vsel(a < b, a, b); }
+static inline vf vround(vf x) {  /* floor(x + 0.5): truncation, one less where it overshot */
+    x = x + 0.5f;
+    vi t = __builtin_convertvector(x, vi);
+    vf tf = __builtin_convertvector(t, vf);
+    return __builtin_convertvector(t + (vi)(tf > x), vf);
+}
+#endif
+static inline vf vexp(vf x) {
+    x = vmin(vmax(x, splat(-87.3f)), splat(88.3f));
+    vf n = vround(x * 1.44269504088896341f);
+    vi e = (__builtin_convertvector(n, vi) + 127) << 23;
+    return exp_poly(x, n) * (vf)e;
+}
+#endif
+
+/* Denormal floats flushed to zero while a thread runs the kernel, its MXCSR restored after. Padded
+   keys and far-off scores give probabilities near 1e-38, whose products are denormal: x86 takes a
+   microcode assist for each (measured: 77 keys padded to 80, backward 2x slower than without). */
+#if defined(__SSE__)
+#include <xmmintrin.h>
+static inline unsigned flush_denormals(void) { unsigned old = _mm_getcsr(); _mm_setcsr(old | 0x8040); return old; }
+static inline void restore_denormals(unsigned old) { _mm_setcsr(old); }
+#else
+static inline unsigned flush_denormals(void) { return 0; }
+static inline void restore_denormals(unsigned old) { (void)old; }
+#endif
 
 static inline vf tail_mask(long j, long m) {
     vf r;
@@ -85,19 +132,28 @@ static inline __attribute__((always_inline)) void forward_head(
             if (j + W > m) for (int r = 0; r < QB; r++) acc[r] += tail_mask(j, m);
             for (int r = 0; r < QB; r++) { store(s + r * mp + j, acc[r]); mx[r] = vmax(mx[r], acc[r]); }
         }
-        for (int r = 0; r < nq; r++) {
-            float top = hmax(mx[r]);
-            vf sum = {0}, oacc[DMAX];
-            for (int c = 0; c < d; c++) oacc[c] = (vf){0};
-            const float *sr = s + r * mp;
+        /* two queries a pass: twice the independent exponentials in flight, each value vector loaded once */
+        for (int r = 0; r < nq; r += 2) {
+            int two = r + 1 < nq;
+            float top[2] = {hmax(mx[r]), two ? hmax(mx[r + 1]) : 0.f};
+            const float *s0 = s + r * mp, *s1 = s + (r + two) * mp;   /* one query left: done twice */
+            vf sum[2] = {{0}, {0}}, oacc[2][DMAX];
+            for (int c = 0; c < d; c++) oacc[0][c] = oacc[1][c] = (vf){0};
             for (long j = 0; j < mp; j += W) {
-                vf p = vexp(load(sr + j) - top);
-                sum += p;
-                for (int c = 0; c < d; c++) oacc[c] += p * load(vt + c * mp + j);
+                vf p0 = vexp(load(s0 + j) - top[0]), p1 = vexp(load(s1 + j) - top[two]);
+                sum[0] += p0;
+                sum[1] += p1;
+                for (int c = 0; c < d; c++) {
+                    vf v = load(vt + c * mp + j);
+                    oacc[0][c] += p0 * v;
+                    oacc[1][c] += p1 * v;
+                }
             }
-            float l = hsum(sum);
-            for (int c = 0; c < d; c++) o[(i0 + r) * d + c] = hsum(oacc[c]) / l;
-            lse[i0 + r] = top + __builtin_logf(l);
+            for (int t = 0; t <= two; t++) {
+                float l = hsum(sum[t]);
+                for (int c = 0; c < d; c++) o[(i0 + r + t) * d + c] = hsum(oacc[t][c]) / l;
+                lse[i0 + r + t] = top[t] + __builtin_logf(l);
+            }
         }
     }
 }
@@ -170,6 +226,7 @@ void sha_forward(const float *q, const float *kt, const float *vt, float *o, flo
 #pragma omp parallel num_threads(threads)
     {
         float *s = scratch + omp_get_thread_num() * sha_scratch(mp);
+        unsigned csr = flush_denormals();
 #pragma omp for schedule(static)
         for (long h = 0; h < bh; h++) {
             const float *qh = q + h * n * d, *kh = kt + h * d * mp, *vh = vt + h * d * mp;
@@ -179,6 +236,7 @@ void sha_forward(const float *q, const float *kt, const float *vt, float *o, flo
             default: forward_head(qh, kh, vh, oh, lh, s, n, m, mp, d, scale);
             }
         }
+        restore_denormals(csr);
     }
 }
 
@@ -188,6 +246,7 @@ void sha_backward(const float *q, const float *kt, const float *vt, const float 
 #pragma omp parallel num_threads(threads)
     {
         float *dsbuf = scratch + omp_get_thread_num() * sha_scratch(mp);  /* a key block of dS per query */
+        unsigned csr = flush_denormals();
 #pragma omp for schedule(static)
         for (long h = 0; h < bh; h++) {
             const float *qh = q + h * n * d, *kh = kt + h * d * mp, *vh = vt + h * d * mp;
@@ -198,5 +257,6 @@ void sha_backward(const float *q, const float *kt, const float *vt, const float 
             default: backward_head(qh, kh, vh, oh, gh, lh, gqh, gkh, gvh, dsbuf, n, m, mp, d, scale);
             }
         }
+        restore_denormals(csr);
     }
 }
