@@ -15,7 +15,7 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from train_helpers import tiny_config
 
-from trainer import small_heads, train
+from trainer import cbuild, small_heads, train
 from trainer.adamw8bit import BLOCK, AdamW8bitTogether, _quantize_blocks
 from trainer.allocator import in_use
 from trainer.events import PhaseEvent
@@ -290,9 +290,16 @@ def _eight_bit_run(optimizer_class, steps: int = 5):
     return params, optimizer
 
 
-def test_eight_bit_tensors_stepped_together_keep_bitsandbytes_state_byte_for_byte():
-    """On the CPU the 8-bit tensors are dequantized, updated in one fused call and quantized back
-    by our code: the same codes as bitsandbytes' kernel, scales and weights within fp32 rounding."""
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("kernel", [True, False], ids=["engine-kernel", "torch-ops"])
+def test_eight_bit_tensors_stepped_together_keep_bitsandbytes_state_byte_for_byte(kernel, threads, monkeypatch):
+    """On the CPU the 8-bit tensors are dequantized, updated and quantized back by our code, on the
+    engine's kernel (a block of 256 a pass, blocks spread over threads) or in torch operations
+    (where it cannot be built): the same codes as bitsandbytes, scales and weights within fp32 rounding."""
+    assert cbuild.adamw8bit()[0] is not None, cbuild.adamw8bit()[1]
+    if not kernel:
+        monkeypatch.setattr(cbuild, "adamw8bit", lambda: (None, "off in this test"))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)  # what the kernel call asks OpenMP for
     (ours, fast), (theirs, plain) = _eight_bit_run(AdamW8bitTogether), _eight_bit_run(bnb.optim.AdamW8bit)
     eight_bit = 0
     for p_fast, p_plain in zip(ours, theirs, strict=True):
@@ -354,7 +361,8 @@ def test_the_choices_follow_device_head_size_and_tokens(tiny_model_dir, device, 
     off, line = choose(unet, torch.device(device), latent, gradient_checkpointing=False)
     assert not off.selective_checkpointing and not off.reentrant_checkpointing and "checkpointing off" in line
     eight_bit, line = choose(unet, torch.device(device), latent, gradient_checkpointing=True, eight_bit=True)
-    assert eight_bit.bulk_8bit == (device == "cpu") and ("requantized in bulk" in line) == (device == "cpu")
+    assert eight_bit.bulk_8bit == eight_bit.adamw8bit_kernel == (device == "cpu")  # built here (gcc)
+    assert ("8-bit one on the engine's CPU kernel" in line) == (device == "cpu")
 
 
 def test_a_run_says_what_it_chose(tiny_model_dir, subject_images, tmp_path):
@@ -366,13 +374,14 @@ def test_a_run_says_what_it_chose(tiny_model_dir, subject_images, tmp_path):
                     "(fp32; else padded); "
                     "gradient checkpointing plain, re-entrant (256 tokens: too few to gain from keeping attention; "
                     "the first forward without autograd); "
-                    "8-bit AdamW steps every tensor in one fused call, its 8-bit moments requantized in bulk; "
+                    "8-bit AdamW steps its small tensors in one fused call and each 8-bit one on the engine's CPU "
+                    "kernel (a block of 256 dequantized, updated and requantized in one pass); "
                     f"memory allocator {in_use()}"]  # this test process's own (tests/test_allocator.py)
 
 
 def test_without_a_compiler_the_engine_pads_heads_and_says_why(tiny_model_dir, tmp_path):
-    """A compiler that fails (here `false`), an empty kernel cache: the choice line names the reason
-    and attention falls back to padded SDPA with the same output."""
+    """A compiler that fails (here `false`), an empty kernel cache: the choice line names the reasons,
+    attention falls back to padded SDPA with the same output, 8-bit AdamW to torch operations."""
     script = f"""
 import torch
 from diffusers import UNet2DConditionModel
@@ -380,9 +389,10 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from trainer import small_heads
 from trainer.speed import attention_processor, choose
 unet = UNet2DConditionModel.from_pretrained({str(tiny_model_dir)!r}, subfolder="unet")
-choices, line = choose(unet, torch.device("cpu"), 16, gradient_checkpointing=True)
+choices, line = choose(unet, torch.device("cpu"), 16, gradient_checkpointing=True, eight_bit=True)
 print(line)
 assert choices.pad_heads and not choices.small_head_kernel and small_heads.load() is None
+assert choices.bulk_8bit and not choices.adamw8bit_kernel
 x = torch.randn(1, unet.config.in_channels, 16, 16); h = torch.randn(1, 77, unet.config.cross_attention_dim)
 with torch.no_grad():
     unet.set_attn_processor(attention_processor(True)); ours = unet(x, 10, h).sample
@@ -394,6 +404,8 @@ print("difference", (ours - plain).abs().max().item())
     assert done.returncode == 0, done.stderr[-2000:]
     assert "padded to 16 for the CPU flash kernel (the engine's kernel for small heads is not built: " \
            "false could not build small_heads.c" in done.stdout
+    assert "requantized in bulk (the engine's 8-bit AdamW kernel is not built: false could not build adamw8bit.c" \
+           in done.stdout
     assert float(done.stdout.split("difference")[-1]) < 1e-5
     assert not list(tmp_path.rglob("*.so"))
 

@@ -5,9 +5,13 @@ Imported only when bitsandbytes is: `import bitsandbytes` fails on some machines
 
 from __future__ import annotations
 
+import math
+
 import bitsandbytes as bnb
 import torch
 from torch.optim.adamw import adamw
+
+from . import cbuild
 
 # bitsandbytes' block size for 8-bit blockwise state (fixed in its CPU kernel and its init_state).
 BLOCK = 256
@@ -74,6 +78,13 @@ class AdamW8bitTogether(bnb.optim.AdamW8bit):
         return (gindex, pindex) in self.mng.index2config
 
     def _step_chunks(self, group: dict, small: list, eight_bit: list) -> None:
+        kernel = cbuild.adamw8bit()[0] if eight_bit else None
+        if kernel is not None:  # the engine's kernel: one pass over each block of an 8-bit tensor
+            if small:
+                self._step_together(group, small, [])
+            for p in eight_bit:
+                self._step_kernel(kernel, group, p)
+            return
         chunk, size = [], 0
         for p in eight_bit:
             if chunk and size + p.numel() > CPU_CHUNK:
@@ -83,6 +94,23 @@ class AdamW8bitTogether(bnb.optim.AdamW8bit):
             size += p.numel()
         if small or chunk:
             self._step_together(group, small, chunk)
+
+    def _step_kernel(self, kernel, group: dict, p: torch.nn.Parameter) -> None:
+        """One 8-bit tensor stepped by trainer/kernels/adamw8bit.c: its moments dequantized, updated
+        as torch's fused AdamW updates them and quantized back, a block of 256 at a time."""
+        state = self.state[p]
+        state["step"] += 1
+        step, (beta1, beta2), lr = state["step"], group["betas"][:2], group["lr"]
+        for name in ("absmax1", "absmax2", "qmap1", "qmap2"):
+            assert state[name].is_contiguous() and state[name].dtype == torch.float32, name
+        tables = [_lookup_table(state["qmap1"]), _lookup_table(state["qmap2"])]
+        kernel.adamw8bit_step(
+            p.data.data_ptr(), p.grad.data_ptr(), state["state1"].data_ptr(), state["state2"].data_ptr(),
+            state["absmax1"].data_ptr(), state["absmax2"].data_ptr(), state["qmap1"].data_ptr(),
+            state["qmap2"].data_ptr(), tables[0].data_ptr(), tables[1].data_ptr(), p.numel(),
+            beta2, 1.0 - beta1, 1.0 - beta2, group["eps"], 1.0 - lr * group["weight_decay"], lr / (1.0 - beta1**step),
+            math.sqrt(1.0 - beta2**step), torch.get_num_threads(),
+        )
 
     def _step_together(self, group: dict, small: list, eight_bit: list) -> None:
         """One fused AdamW over `small` (fp32 state, updated in place) and `eight_bit` (moments

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from . import cbuild
 from .allocator import for_training
 from .config import ConfigError, TrainConfig
 from .data import IMAGE_SUFFIXES
@@ -308,7 +309,8 @@ def optimizer_state_bytes(numels: list[int], eight_bit: bool) -> int:
 def _step_temporaries(numels: list[int], eight_bit: bool, device_type: str) -> int:
     """What the optimizer step allocates beyond its state. On CUDA bitsandbytes updates each tensor
     in place (its small tensors go through torch's fused AdamW, in place too). On the CPU the
-    engine's 8-bit AdamW (trainer/adamw8bit.py) dequantizes a chunk of tensors at a time: both
+    engine's 8-bit AdamW (trainer/adamw8bit.py) steps each 8-bit tensor with its kernel, a block at a
+    time, nothing allocated; without the kernel it dequantizes a chunk of tensors at a time: both
     moments in fp32 (8 bytes an element), then, quantizing one moment, its scaled copy, bins and
     codes (9 bytes). torch AdamW on CUDA is the multi-tensor one: it takes the square root of every
     exp_avg_sq at once; on the CPU it steps one tensor at a time, with two temporaries of that
@@ -317,8 +319,8 @@ def _step_temporaries(numels: list[int], eight_bit: bool, device_type: str) -> i
         return 0
     if eight_bit:
         big = [n for n in numels if n >= BNB_MIN_8BIT_SIZE]
-        if device_type == "cuda" or not big:
-            return 0
+        if device_type == "cuda" or not big or cbuild.adamw8bit()[0] is not None:
+            return 0  # the engine's CPU kernel works on one block of 256 on the stack
         return 17 * min(sum(big), max(CPU_8BIT_CHUNK, max(big)))
     return 4 * sum(numels) if device_type == "cuda" else 8 * max(numels)
 

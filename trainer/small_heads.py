@@ -1,8 +1,7 @@
 """The engine's CPU attention kernel for heads of few channels (trainer/kernels/small_heads.c).
 
-Built at first use with the machine's C compiler into the user's cache folder (the library's name
-carries a hash of the source, the compiler and this CPU's flags, so a shared home folder never
-runs code built for another CPU), loaded with ctypes and registered as the torch operator
+Built at first use with the machine's C compiler into the user's cache folder (trainer/cbuild.py),
+loaded with ctypes and registered as the torch operator
 `dreambooth::small_head_attention` with its backward, so autograd, gradient checkpointing and
 selective checkpointing (which keeps its output) treat it like SDPA. No compiler, or a build that
 fails: `load()` returns None, says why in `unavailable_reason()`, and the engine keeps PyTorch's
@@ -13,59 +12,15 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-SOURCE = Path(__file__).parent / "kernels" / "small_heads.c"
+from . import cbuild
+
 MAX_CHANNELS = 16  # DMAX in the C source
 _reason: list[str] = []
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(root) / "dreambooth-studio" / "kernels"
-
-
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def _build(compiler: str) -> Path:
-    source = SOURCE.read_bytes()
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256(b"\0".join([source, version.encode(), _cpu_flags().encode(), platform.machine().encode()]))
-    target = _cache_dir() / f"small_heads-{key.hexdigest()[:16]}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    flags = ["-O3", "-march=native", "-fPIC", "-shared", "-Wno-psabi"]
-    said = ""
-    for openmp in (["-fopenmp"], []):  # without OpenMP (clang on macOS): one thread, same results
-        with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
-            built = Path(scratch) / target.name
-            done = subprocess.run(
-                [compiler, *flags, *openmp, str(SOURCE), "-o", str(built)], capture_output=True, text=True, timeout=300
-            )
-            if done.returncode == 0:
-                os.replace(built, target)  # atomic: processes building at once each install a whole file
-                return target
-            lines = (done.stderr or done.stdout).strip().splitlines()
-            said = lines[-1] if lines else f"exit status {done.returncode}"
-    raise RuntimeError(f"{compiler} could not build {SOURCE.name}: {said}")
 
 
 @functools.cache
@@ -74,13 +29,9 @@ def load() -> ctypes.CDLL | None:
     if os.environ.get("DREAMBOOTH_SMALL_HEAD_KERNEL", "1") == "0":
         _reason.append("DREAMBOOTH_SMALL_HEAD_KERNEL=0")
         return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if not compiler:
-        _reason.append("no C compiler found (set CC, or install gcc)")
-        return None
     try:
-        library = ctypes.CDLL(str(_build(compiler)))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+        library = cbuild.load("small_heads")
+    except cbuild.BuildError as error:
         _reason.append(str(error))
         return None
     pointer, size = ctypes.c_void_p, ctypes.c_long
