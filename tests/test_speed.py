@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import subprocess
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from torch.utils._python_dispatch import TorchDispatchMode
 from train_helpers import tiny_config
 
 from trainer import cbuild, small_heads, train
@@ -77,16 +79,31 @@ def _small_attentions(unet) -> int:
     return sum(1 for m in unet.modules() if isinstance(m, Attention) and m.inner_dim // m.heads < 16)
 
 
+class _Watching(TorchDispatchMode):
+    """A dispatch mode that only notes the operators it sees."""
+
+    def __init__(self, seen: list) -> None:
+        super().__init__()
+        self.seen = seen
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
 @pytest.mark.parametrize(
     ("batch", "heads", "queries", "keys", "channels", "threads"),
     [(2, 8, 256, 256, 8, 1), (1, 3, 37, 21, 5, 1), (2, 2, 300, 77, 8, 1), (1, 1, 9, 4096, 1, 1), (2, 3, 70, 1100, 8, 2)],
 )
+@pytest.mark.parametrize("route", ["autograd-function", "operator"])
 def test_the_small_heads_kernel_matches_attention_in_double_precision(
-    batch, heads, queries, keys, channels, threads, monkeypatch
+    batch, heads, queries, keys, channels, threads, route, monkeypatch
 ):
     """Forward and gradients of q, k and v, against SDPA in fp64, for shapes the kernel's blocking
     does not divide (queries not a multiple of its 8, keys not of its SIMD width nor of its key
-    block, odd channels), on one thread and on two (each with its own scratch)."""
+    block, odd channels), on one thread and on two (each with its own scratch); called plainly (a
+    torch.autograd.Function) and under a dispatch mode (the registered operator, as selective
+    checkpointing calls it)."""
     assert small_heads.load() is not None, small_heads.unavailable_reason()
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)  # what the kernel call asks OpenMP for
     gen = torch.Generator().manual_seed(queries + keys)
@@ -94,8 +111,11 @@ def test_the_small_heads_kernel_matches_attention_in_double_precision(
     grad_out = torch.randn(batch, heads, queries, channels, generator=gen)
     scale = channels**-0.5
     ours = [t.clone().requires_grad_() for t in (q, k, v)]
-    out = small_heads.attention(*ours, scale)
-    out.backward(grad_out)
+    seen = []
+    with _Watching(seen) if route == "operator" else contextlib.nullcontext():
+        out = small_heads.attention(*ours, scale)
+        out.backward(grad_out)
+    assert ("dreambooth.small_head_attention_backward.default" in seen) == (route == "operator")
     ref = [t.double().requires_grad_() for t in (q, k, v)]
     expected = F.scaled_dot_product_attention(*ref, scale=scale)
     expected.backward(grad_out.double())
@@ -172,7 +192,6 @@ def test_selective_checkpointing_keeps_the_small_heads_kernels_output(tiny_model
     assert forward_calls == _small_attentions(unet) > 0
     # the recomputation calls the processor again, but the kernel's result comes from what was kept
     ops = []
-    from torch.utils._python_dispatch import TorchDispatchMode
 
     class Count(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
