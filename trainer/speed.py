@@ -9,7 +9,7 @@ Each one gives the same result as the plain way within floating-point rounding
   (trainer/kernels/small_heads.c, built at first use by trainer/small_heads.py): keys along SIMD
   lanes, the exponential a polynomial on the same vectors, denormals flushed while it runs; at
   4,096 tokens forward and backward 1.9x faster than the padded flash kernel on an AVX2 machine,
-  1.7x than the unpadded one on an AVX-512 machine (bench/step_candidates.py). fp32 only; under bf16, or
+  1.6x than the unpadded one on an AVX-512 machine (bench/step_candidates.py). fp32 only; under bf16, or
   with no C compiler, the heads are zero-padded to 16 channels for the flash kernel instead,
   which leaves q·k and the output unchanged (the softmax scale stays 1/sqrt(true channels)) and
   runs it 1.6-1.7x faster than unpadded. CUDA kernels take any head size; nothing changes there.
