@@ -101,8 +101,6 @@ class AdamW8bitTogether(bnb.optim.AdamW8bit):
         state = self.state[p]
         state["step"] += 1
         step, (beta1, beta2), lr = state["step"], group["betas"][:2], group["lr"]
-        for name in ("absmax1", "absmax2", "qmap1", "qmap2"):
-            assert state[name].is_contiguous() and state[name].dtype == torch.float32, name
         tables = [_lookup_table(state["qmap1"]), _lookup_table(state["qmap2"])]
         kernel.adamw8bit_step(
             p.data.data_ptr(), p.grad.data_ptr(), state["state1"].data_ptr(), state["state2"].data_ptr(),
@@ -185,7 +183,7 @@ class _PackedMoment:
 
 
 def _steppable_here(p: torch.nn.Parameter, state: dict) -> bool:
-    """8-bit state this module steps itself: on the CPU, fp32 weights and gradients, row-major."""
+    """8-bit state this module steps itself: on the CPU, fp32 weights, gradients, scales and codes, row-major."""
     return (
         p.device.type == "cpu"
         and p.dtype == p.grad.dtype == torch.float32
@@ -193,6 +191,7 @@ def _steppable_here(p: torch.nn.Parameter, state: dict) -> bool:
         and p.grad.is_contiguous()
         and state["state1"].is_contiguous()
         and state["state2"].is_contiguous()
+        and all(state[k].dtype == torch.float32 and state[k].is_contiguous() for k in ("absmax1", "absmax2", "qmap1", "qmap2"))
     )
 
 
