@@ -36,7 +36,7 @@ def runs(tmp_path_factory, tiny_model_dir: Path) -> dict[str, object]:
     config = tiny_config(tiny_model_dir, square_photos(root / "photos"), root / "unused", method="full", train_text_encoder=True,
                          gradient_checkpointing=True, with_prior_preservation=True, num_class_images=4,
                          class_prompt="a photo of a square", class_cache_dir=str(root / "cache-2"),
-                         checkpointing_steps=4, learning_rate=LR)
+                         sample_batch_size=2, checkpointing_steps=4, learning_rate=LR)
     path = root / "config.json"
     config.save(path)
     two_events = json_events(launch(2, path, root / "two", "--train-batch-size", "1"))
@@ -78,7 +78,8 @@ def test_class_images_are_made_once_split_between_the_processes(runs):
     # The main process made its half (the other process the rest: the cache is complete) ...
     made = [e for e in runs["two_events"] if e["type"] == "progress" and e["phase"] == "class-images"]
     assert made[-1]["done"] == made[-1]["total"] == 2
-    # ... and image i is seeded by i whichever process makes it: the same images as one process makes.
+    # ... and image i is seeded by i, each process makes whole batches (here of 2) of what is missing:
+    # every image comes out of the same batch as when one process makes them all, the same bytes.
     for name in names:
         assert np.array_equal(np.asarray(Image.open(two_cache / name)), np.asarray(Image.open(one_cache / name)))
 

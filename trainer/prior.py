@@ -63,7 +63,10 @@ def class_images(
     `autocast` is the run's mixed-precision context: the UNet and text encoders may be in half
     precision while the VAE stays in fp32, and autocast lets their tensors meet.
     With several processes, `share` is (this process, how many) and `wait` their barrier: every
-    process lists what is missing, then generates every n-th missing image, so none is made twice.
+    process lists what is missing, cuts it into the batches one process would generate and makes
+    every n-th batch, so none is made twice and each image comes out of the same batch as in a
+    one-process run: the same bytes (a UNet's output for one image depends, at float rounding, on
+    what else is in its batch; a split by image flipped a pixel of the toy model's class images).
     """
     own = _images_in(Path(config.class_data_dir)) if config.class_data_dir else []
     if len(own) >= config.num_class_images:
@@ -73,8 +76,11 @@ def class_images(
     missing = [i for i in range(needed) if not class_image_path(cache, i).is_file()]
     wait()  # all processes have listed the cache before any writes to it
     rank, world = share
-    if missing[rank::world]:
-        _generate(config, parts, device, cache, missing[rank::world], on_progress=on_progress,
+    size = config.sample_batch_size
+    batches = [missing[i : i + size] for i in range(0, len(missing), size)]
+    mine = [index for batch in batches[rank::world] for index in batch]  # only the last batch may be short
+    if mine:
+        _generate(config, parts, device, cache, mine, on_progress=on_progress,
                   should_stop=should_stop, autocast=autocast)
     wait()  # every share is in the cache
     if missing and rank == 0:
@@ -96,8 +102,8 @@ def _generate(
     should_stop: Callable[[], bool],
     autocast: Callable[[], contextlib.AbstractContextManager],
 ) -> None:
-    """Generate the images numbered `indices`; image i is seeded with i, so the cache is reproducible
-    and the same whichever process makes which image."""
+    """Generate the images numbered `indices`, `sample_batch_size` at a time; image i is seeded with
+    i, so the cache is reproducible and the same whichever process makes which batch."""
     from .output import pipeline_from_parts
 
     cache.mkdir(parents=True, exist_ok=True)
