@@ -25,7 +25,8 @@ on to_q/to_k/to_v/to_out.0, as the engine does. Candidates:
   channels-last  eager with channels-last memory format
   compiled       eager under torch.compile
 With --repeats N the candidates' timed runs are interleaved N times (A B C A B C ...) and the median
-s/step is printed.
+s/step is printed. The script re-executes itself onto jemalloc as the trainer does (where it is
+installed; DREAMBOOTH_ALLOCATOR=system keeps glibc's malloc) and prints the allocator in use.
 Each candidate runs in
 this process after one warm-up step (compilation included there, and reported apart), and its loss
 and weights after the timed steps are compared with eager's, so a speed-up that changes the result
@@ -43,6 +44,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
+
+if __name__ == "__main__":
+    # On the trainer's allocator (`python -m trainer train` re-executes itself onto jemalloc where it
+    # is installed): under glibc the step's large fresh tensors page-fault, and element-wise operations
+    # and concatenations profile 5-10x slower than in a training run.
+    from trainer.allocator import reexecute_with_jemalloc
+
+    reexecute_with_jemalloc()
 
 import torch  # noqa: E402
 from vs_reference import MID_UNET  # noqa: E402
@@ -184,7 +193,10 @@ def main() -> None:
 
     peak = matmul_gflops()
     flops = step_flops()
-    print(f"threads {torch.get_num_threads()}; matmul peak {peak:.1f} GFLOP/s; step {flops / 1e9:.1f} GFLOP")
+    from trainer.allocator import in_use
+
+    print(f"threads {torch.get_num_threads()}; allocator {in_use()}; matmul peak {peak:.1f} GFLOP/s; "
+          f"step {flops / 1e9:.1f} GFLOP")
     rows = [prepare(name) for name in args.candidates]
     for _ in range(args.repeats):  # interleaved: A B C A B C ...
         for row in rows:
