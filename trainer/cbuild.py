@@ -81,11 +81,15 @@ def load(name: str, flags: tuple[str, ...] = ()) -> ctypes.CDLL:
 
 
 @functools.cache
-def _cached(name: str, flags: tuple[str, ...]) -> tuple[ctypes.CDLL | None, str]:
+def _adamw8bit_library() -> tuple[ctypes.CDLL | None, str]:
     try:
-        return load(name, flags), ""
+        library = load("adamw8bit", ("-ffp-contract=off",))
     except BuildError as error:
         return None, str(error)
+    pointer = ctypes.c_void_p
+    library.adamw8bit_step.argtypes = [pointer] * 10 + [ctypes.c_long] + [ctypes.c_float] * 7 + [ctypes.c_int]
+    library.adamw8bit_step.restype = None
+    return library, ""
 
 
 def adamw8bit() -> tuple[ctypes.CDLL | None, str]:
@@ -94,9 +98,4 @@ def adamw8bit() -> tuple[ctypes.CDLL | None, str]:
     the separate torch operations it replaces. DREAMBOOTH_ADAMW8BIT_KERNEL=0 turns it off."""
     if os.environ.get("DREAMBOOTH_ADAMW8BIT_KERNEL", "1") == "0":
         return None, "DREAMBOOTH_ADAMW8BIT_KERNEL=0"
-    library, reason = _cached("adamw8bit", ("-ffp-contract=off",))
-    if library is not None:
-        pointer = ctypes.c_void_p
-        library.adamw8bit_step.argtypes = [pointer] * 10 + [ctypes.c_long] + [ctypes.c_float] * 7 + [ctypes.c_int]
-        library.adamw8bit_step.restype = None
-    return library, reason
+    return _adamw8bit_library()

@@ -156,8 +156,8 @@ small_head_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
 class _Direct(torch.autograd.Function):
-    """The same kernels without the dispatcher's Python layers of a custom op (~45 µs a call: a few
-    percent of the toy model's step, whose attention layers are small)."""
+    """The same kernels without the dispatcher's Python layers of a custom op (~70 µs a forward and
+    backward: about 1% of the toy model's step, whose attention layers are small)."""
 
     @staticmethod
     def forward(ctx, query, key, value, scale):

@@ -185,8 +185,9 @@ class SpeedChoices:
                      "CPU kernel (a block of 256 dequantized, updated and requantized in one pass)")
         elif self.bulk_8bit:
             line += "; 8-bit AdamW steps every tensor in one fused call, its 8-bit moments requantized in bulk"
-            if cbuild.adamw8bit()[1]:
-                line += f" (the engine's 8-bit AdamW kernel is not built: {cbuild.adamw8bit()[1]})"
+            reason = cbuild.adamw8bit()[1]
+            if reason:
+                line += f" (the engine's 8-bit AdamW kernel is not built: {reason})"
         return line
 
 
