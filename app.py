@@ -12,11 +12,16 @@ import os
 import sys
 from pathlib import Path
 
-import gradio as gr
+if __name__ == "__main__":  # served as a program: the libraries' extras it never uses are not imported
+    from trainer.startup import trim_imports  # (trainer/startup.py; DREAMBOOTH_LAZY_IMPORTS=0 keeps them)
 
-from space import login_page
-from space.hardware import SpaceInfo
-from space.layout import CSS, GPU_MODE_ENV, MAX_SESSIONS, MAX_UPLOAD, Services, build_app
+    trim_imports()
+
+import gradio as gr  # noqa: E402
+
+from space import login_page  # noqa: E402
+from space.hardware import SpaceInfo  # noqa: E402
+from space.layout import CSS, GPU_MODE_ENV, MAX_SESSIONS, MAX_UPLOAD, Services, build_app  # noqa: E402
 
 AUTH_ENV = "DREAMBOOTH_AUTH"  # "user:password", an alternative to --auth that stays out of argv
 

@@ -4,11 +4,15 @@ app's cold start (process start to the first HTTP 200).
     python bench/generate_latency.py                    # the shipped toy model, 5 + 5 interleaved requests
     python bench/generate_latency.py --model PATH --size 512 --steps 25 --repeats 5
     python bench/generate_latency.py --skip-cold-start
+    python bench/generate_latency.py --skip-latency --cold-starts 3   # cold start alone, with and
+                                                                      # without the trimmed imports
 
 Both sides use the same loaded pipeline, scheduler (DPM++ 2M), prompt, negative prompt, guidance,
 steps, size and per-image seeded CPU generators; ours goes through trainer.inference.generate (its
 request check, scheduler swap and pipeline rebuild included), the other calls the pipeline itself.
-Runs alternate A B A B after one warm-up each, and the medians are compared.
+Runs alternate A B A B after one warm-up each, and the medians are compared. The cold starts
+alternate too: `python app.py` as served (its imports trimmed, trainer/startup.py) and with
+DREAMBOOTH_LAZY_IMPORTS=0 (every library imports all it imports by itself).
 """
 
 from __future__ import annotations
@@ -67,10 +71,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def cold_start(timeout: float = 120.0) -> float:
+def cold_start(timeout: float = 120.0, trimmed: bool = True) -> float:
     """Seconds from starting `python app.py` to the first HTTP 200 on its page."""
     port = free_port()
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
+    env["DREAMBOOTH_LAZY_IMPORTS"] = "1" if trimmed else "0"
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, str(REPO / "app.py"), "--port", str(port)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
@@ -96,7 +101,23 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--cold-starts", type=int, default=3)
     parser.add_argument("--skip-cold-start", action="store_true")
+    parser.add_argument("--skip-latency", action="store_true")
     args = parser.parse_args()
+    if not args.skip_latency:
+        request_latency(args)
+    if not args.skip_cold_start:
+        runs = {True: [], False: []}
+        for _ in range(args.cold_starts):
+            for trimmed in (True, False):
+                runs[trimmed].append(cold_start(trimmed=trimmed))
+        for trimmed, label in ((True, "as served (imports trimmed)"), (False, "DREAMBOOTH_LAZY_IMPORTS=0")):
+            starts = runs[trimmed]
+            print(f"app cold start, {label} (python app.py to first HTTP 200): median "
+                  f"{statistics.median(starts):.1f} s over {len(starts)} ({', '.join(f'{s:.1f}' for s in starts)})")
+        print(f"trimmed / untrimmed: {statistics.median(runs[True]) / statistics.median(runs[False]):.2f}")
+
+
+def request_latency(args: argparse.Namespace) -> None:
     from trainer.toyworld import TOY_MODEL_DIR
 
     model = args.model or str(TOY_MODEL_DIR)
@@ -108,10 +129,6 @@ def main() -> None:
     print(f"| trainer.inference.generate (cached pipeline) | {mo:.3f} | {min(ours):.3f} | {max(ours):.3f} |")
     print(f"| diffusers pipeline called directly | {mp:.3f} | {min(plain):.3f} | {max(plain):.3f} |")
     print(f"ours / direct: {mo / mp:.3f}")
-    if not args.skip_cold_start:
-        starts = [cold_start() for _ in range(args.cold_starts)]
-        print(f"app cold start (python app.py to first HTTP 200): median {statistics.median(starts):.1f} s "
-              f"over {len(starts)} ({', '.join(f'{s:.1f}' for s in starts)})")
 
 
 if __name__ == "__main__":

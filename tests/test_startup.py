@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -124,3 +127,41 @@ def test_a_training_process_skips_the_compiler_and_defers_scipy_stats(tmp_path):
     # torch.compile stays on for everything else
     assert not trimmed["dynamo_disabled"]
     assert trimmed["beta_sigmas"] == plain["beta_sigmas"] and trimmed["scipy_stats_loaded"]
+
+
+@pytest.mark.slow
+def test_the_app_served_as_a_program_generates_with_its_imports_trimmed(tmp_path):
+    """`python app.py` (what a Space runs) trims its imports; its Generate endpoint still draws, through
+    diffusers' scheduler modules whose scipy.stats is deferred."""
+    from gradio_client import Client
+
+    from space.presets import TOY_MODEL
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1",
+           "DREAMBOOTH_RUNS_DIR": str(tmp_path / "runs")}
+    log = tmp_path / "app.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port)], cwd=tmp_path, env=env,
+                                stdout=out, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "the app did not answer in 180 s"
+            try:
+                with urllib.request.urlopen(url, timeout=1) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.2)
+        client = Client(url, verbose=False)
+        gallery = client.predict(TOY_MODEL, "a photo of a dog", "", 5.0, 2, "DPM++ 2M", 0, 32, 32, 1, 1.0,
+                                 api_name="/generate")
+        assert len(gallery) == 1 and os.path.isfile(gallery[0]["image"])
+    finally:
+        proc.terminate()
+        proc.wait(30)
