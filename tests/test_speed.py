@@ -17,7 +17,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch.utils._python_dispatch import TorchDispatchMode
 from train_helpers import tiny_config
 
-from trainer import cbuild, small_heads, train
+from trainer import cbuild, geglu, small_heads, train
 from trainer.adamw8bit import BLOCK, AdamW8bitTogether, _quantize_blocks
 from trainer.allocator import in_use
 from trainer.events import PhaseEvent
@@ -165,6 +165,88 @@ def test_the_kernels_other_simd_paths_match_attention(flags, tmp_path):
     assert len(errors) == 12 and max(errors) < 2e-5, errors
 
 
+_GEGLU_CHECK = """
+import copy, torch
+from diffusers.models.activations import GEGLU
+from trainer import geglu
+assert geglu.load() is not None, geglu.unavailable_reason()
+print("lanes", geglu.load().geglu_lanes())
+torch.set_num_threads(THREADS)
+torch.manual_seed(0)
+for dim, inner, rows, bias, frozen in ((64, 256, 512, True, False), (7, 13, 37, False, False), (16, 40, 33, True, True)):
+    plain = GEGLU(dim, inner, bias=bias)
+    plain.proj.weight.requires_grad_(not frozen)
+    fused = copy.deepcopy(plain)
+    assert geglu.fuse(fused) == 1
+    x = torch.randn(2, rows, dim) * 4  # gates out to about +-12: erfc's tails
+    grad = torch.randn(2, rows, inner)
+    ours = x.clone().requires_grad_()
+    out = fused(ours)
+    out.backward(grad)
+    wide = copy.deepcopy(plain).double()
+    ref = x.double().requires_grad_()
+    expected = wide(ref)
+    expected.backward(grad.double())
+    pairs = [(out, expected), (ours.grad, ref.grad)]
+    pairs += [] if frozen else [(fused.proj.weight.grad, wide.proj.weight.grad)]
+    pairs += [(fused.proj.bias.grad, wide.proj.bias.grad)] if bias else []
+    assert frozen == (fused.proj.weight.grad is None)
+    for got, want in pairs:
+        print("error", ((got.double() - want).abs().max() / want.abs().max()).item())
+"""
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_geglu_kernel_matches_geglu_in_double_precision(threads):
+    """The kernel's GEGLU (forward; gradients of the input, weight and bias; a frozen projection as
+    under LoRA; inner sizes its vectors do not divide) against diffusers' GEGLU in fp64. torch's own
+    fp32 GEGLU is within 6e-7 of it on these shapes."""
+    done = subprocess.run([sys.executable, "-c", _GEGLU_CHECK.replace("THREADS", str(threads))],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    errors = [float(line.split()[1]) for line in done.stdout.splitlines() if line.startswith("error")]
+    assert len(errors) == 10 and max(errors) < 2e-6, errors
+
+
+@pytest.mark.parametrize(("flags", "lanes"), [("-mno-avx512f", 8), ("-mno-avx512f -mno-avx2 -mno-fma -mno-avx", 4)],
+                         ids=["avx", "sse"])
+def test_the_geglu_kernels_other_simd_widths_match_geglu(flags, lanes, tmp_path):
+    compiler = os.environ.get("CC") or "gcc"
+    wrapper = tmp_path / "cc"
+    wrapper.write_text(f'#!/bin/sh\nexec {compiler} "$@" {flags}\n')
+    wrapper.chmod(0o755)
+    env = {**os.environ, "CC": str(wrapper), "XDG_CACHE_HOME": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", _GEGLU_CHECK.replace("THREADS", "2")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    if "could not build" in done.stderr:  # not an x86 machine: these flags do not exist
+        pytest.skip(done.stderr.strip().splitlines()[-1])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"lanes {lanes}" in done.stdout
+    errors = [float(line.split()[1]) for line in done.stdout.splitlines() if line.startswith("error")]
+    assert len(errors) == 10 and max(errors) < 2e-6, errors
+
+
+def test_fused_geglu_leaves_autocast_and_adapted_projections_to_diffusers():
+    """Under bf16 autocast, or with a LoRA-wrapped projection, FusedGEGLU is diffusers' GEGLU: the same
+    output to the bit, and the kernel is not called."""
+    from diffusers.models.activations import GEGLU
+    from peft import LoraConfig, inject_adapter_in_model
+
+    torch.manual_seed(0)
+    plain = GEGLU(16, 32)
+    fused = copy.deepcopy(plain)
+    assert geglu.fuse(fused) == 1
+    x = torch.randn(2, 5, 16)
+    assert geglu.usable(fused, x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not geglu.usable(fused, x)
+        assert torch.equal(fused(x), plain(x))
+    inject_adapter_in_model(LoraConfig(r=2, target_modules=["proj"], init_lora_weights=False), plain)
+    adapted = copy.deepcopy(plain)
+    assert geglu.fuse(adapted) == 1
+    assert not geglu.usable(adapted, x) and torch.equal(adapted(x), plain(x))
+
+
 def test_the_kernel_leaves_denormal_floats_on_for_the_caller():
     """The kernel flushes denormals to zero while it runs (x86 is slow on them); torch's own
     arithmetic afterwards keeps them."""
@@ -209,6 +291,8 @@ def test_selective_checkpointing_keeps_the_small_heads_kernels_output(tiny_model
 
 def _train_steps(unet, speed: SpeedChoices | None, optimizer_class, steps: int, latent: int):
     unet.set_attn_processor(SmallHeadsAttnProcessor() if speed and speed.pad_heads else AttnProcessor2_0())
+    if speed and speed.fused_geglu:
+        assert geglu.fuse(unet) > 0
     enable_checkpointing(unet, speed or SpeedChoices(False, False))
     optimizer = optimizer_class(unet.parameters(), lr=LR, weight_decay=1e-2)
     losses = []
@@ -223,11 +307,12 @@ def _train_steps(unet, speed: SpeedChoices | None, optimizer_class, steps: int, 
 
 
 def test_the_optimised_step_gives_the_loss_and_weights_of_the_plain_one(tiny_model_dir):
-    """Padded heads + selective checkpointing + small tensors stepped together, against SDPA +
-    plain checkpointing + bitsandbytes' own 8-bit AdamW, over 3 steps at 32x32 latents."""
+    """Padded heads + selective checkpointing + GEGLU's kernel + small tensors stepped together, against
+    SDPA + plain checkpointing + diffusers' GEGLU + bitsandbytes' own 8-bit AdamW, over 3 steps at 32x32
+    latents."""
     base = _unet(tiny_model_dir)
     plain = _train_steps(copy.deepcopy(base), None, bnb.optim.AdamW8bit, 3, 32)
-    fast = _train_steps(copy.deepcopy(base), SpeedChoices(True, True), AdamW8bitTogether, 3, 32)
+    fast = _train_steps(copy.deepcopy(base), SpeedChoices(True, True, fused_geglu=True), AdamW8bitTogether, 3, 32)
     assert fast[0] == pytest.approx(plain[0], rel=LOSS_RTOL)
     moved = max((plain[1][k] - base.state_dict()[k]).abs().max().item() for k in plain[1])
     assert moved > LR / 2  # the weights did move (by about lr per step): the comparison means something
@@ -258,7 +343,7 @@ def test_reentrant_checkpointing_gives_the_loss_and_weights_of_the_default_form(
     trained = {name for name, p in base.named_parameters() if p.requires_grad}
     before = {k: v.clone() for k, v in base.state_dict().items()}
     default = _train_steps(copy.deepcopy(base), SpeedChoices(True, False), torch.optim.AdamW, 3, 16)
-    reentrant = _train_steps(copy.deepcopy(base), SpeedChoices(True, False, reentrant_checkpointing=True),
+    reentrant = _train_steps(copy.deepcopy(base), SpeedChoices(True, False, reentrant_checkpointing=True, fused_geglu=True),
                              torch.optim.AdamW, 3, 16)
     assert reentrant[0] == pytest.approx(default[0], rel=LOSS_RTOL)
     for weights in (default[1], reentrant[1]):  # every trained tensor moved, by about lr a step
@@ -371,7 +456,8 @@ def test_the_choices_follow_device_head_size_and_tokens(tiny_model_dir, device, 
     choices, line = choose(unet, torch.device(device), latent, gradient_checkpointing=True)
     reentrant = device == "cpu" and not selective
     assert choices == SpeedChoices(pad_heads=pad, selective_checkpointing=selective, reentrant_checkpointing=reentrant,
-                                   small_head_kernel=pad)  # built on this machine (gcc is installed)
+                                   small_head_kernel=pad, fused_geglu=device == "cpu")  # built here (gcc is installed)
+    assert ("GEGLU's gelu and product on the engine's CPU kernel" in line) == (device == "cpu")
     assert line.startswith(f"Speed choices on {device}")
     assert ("engine's CPU kernel for small heads" in line) == pad and ("selective" in line) == selective
     assert ("re-entrant" in line) == reentrant
@@ -395,6 +481,7 @@ def test_a_run_says_what_it_chose(tiny_model_dir, subject_images, tmp_path):
                     "the first forward without autograd); "
                     "8-bit AdamW steps its small tensors in one fused call and each 8-bit one on the engine's CPU "
                     "kernel (a block of 256 dequantized, updated and requantized in one pass); "
+                    "GEGLU's gelu and product on the engine's CPU kernel (one pass forward, one backward); "
                     f"memory allocator {in_use()}"]  # this test process's own (tests/test_allocator.py)
 
 
@@ -405,13 +492,14 @@ def test_without_a_compiler_the_engine_pads_heads_and_says_why(tiny_model_dir, t
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor2_0
-from trainer import small_heads
+from trainer import geglu, small_heads
 from trainer.speed import attention_processor, choose
 unet = UNet2DConditionModel.from_pretrained({str(tiny_model_dir)!r}, subfolder="unet")
 choices, line = choose(unet, torch.device("cpu"), 16, gradient_checkpointing=True, eight_bit=True)
 print(line)
 assert choices.pad_heads and not choices.small_head_kernel and small_heads.load() is None
 assert choices.bulk_8bit and not choices.adamw8bit_kernel
+assert choices.fused_geglu is False and geglu.fuse(unet) == 0
 x = torch.randn(1, unet.config.in_channels, 16, 16); h = torch.randn(1, 77, unet.config.cross_attention_dim)
 with torch.no_grad():
     unet.set_attn_processor(attention_processor(True)); ours = unet(x, 10, h).sample
@@ -424,6 +512,8 @@ print("difference", (ours - plain).abs().max().item())
     assert "padded to 16 for the CPU flash kernel (the engine's kernel for small heads is not built: " \
            "false could not build small_heads.c" in done.stdout
     assert "requantized in bulk (the engine's 8-bit AdamW kernel is not built: false could not build adamw8bit.c" \
+           in done.stdout
+    assert "GEGLU in PyTorch's operations (the engine's GEGLU kernel is not built: false could not build geglu.c" \
            in done.stdout
     assert float(done.stdout.split("difference")[-1]) < 1e-5
     assert not list(tmp_path.rglob("*.so"))

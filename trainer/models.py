@@ -6,7 +6,7 @@ import importlib.util
 
 import torch
 
-from . import allocator
+from . import allocator, geglu
 from .config import TrainConfig
 from .families import Components, ModelLoadError, detect_family
 from .families.base import first_line
@@ -155,4 +155,6 @@ def choose_speed(parts: Components, config: TrainConfig, device: torch.device,
     choices, line = choose(parts.unet, device, latent_size, config.gradient_checkpointing, eight_bit_adam(config),
                            one_process)
     parts.unet.set_attn_processor(attention_processor(choices.pad_heads))
+    if choices.fused_geglu:
+        geglu.fuse(parts.unet)
     return choices, f"{line}; memory allocator {allocator.in_use()}"
