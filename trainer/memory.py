@@ -47,9 +47,10 @@ CUDA_CONTEXT = 512 * MiB
 # reserves runs ~5-15% above what is allocated, on the tensors that come and go (not the weights).
 CUDA_ALLOCATOR_SLACK = 0.10
 # A training process before its first tensor: Python, torch, diffusers, transformers, accelerate,
-# peft, bitsandbytes (ru_maxrss after `import trainer.loop` on the CPU: 485 MiB). With CUDA
+# peft, bitsandbytes (ru_maxrss after `import trainer.loop` on the CPU: 413 MiB as `python -m trainer
+# train` imports them, trainer/startup.py; 485 MiB with DREAMBOOTH_LAZY_IMPORTS=0). With CUDA
 # initialised, its libraries add about 1 GiB of host memory.
-CPU_PROCESS = 490 * MiB
+CPU_PROCESS = 420 * MiB
 CUDA_PROCESS_RAM = 1536 * MiB
 # What the first training step adds on the CPU beyond its tensors: library code paged in, oneDNN's
 # compiled kernels, the modules' Python objects (the tiny model's process grows 75-80 MiB for ~10 MiB
