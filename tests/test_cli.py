@@ -170,6 +170,8 @@ def test_the_wheel_carries_the_code_the_toy_model_and_the_pinned_requirements(wh
         assert ASSETS and all(archive.read(a) == (ROOT / a).read_bytes() for a in ASSETS)
     sources = {p.relative_to(ROOT).as_posix() for d in ("trainer", "space") for p in (ROOT / d).rglob("*.py")}
     assert sources | {"app.py"} <= names  # every subpackage, the ones added later too
+    kernels = {p.relative_to(ROOT).as_posix() for p in (ROOT / "trainer" / "kernels").glob("*.c")}
+    assert kernels and kernels <= names  # the engine's C kernels, built where the package is installed
     assert not any(n.startswith(("tests/", "tools/", "bench/")) for n in names)
     requirements = [line for line in (ROOT / "requirements.txt").read_text().splitlines()
                     if line.strip() and not line.startswith("#")]
@@ -199,3 +201,11 @@ def test_the_installed_script_runs_from_any_folder_with_the_toy_model(wheel: Pat
     module, toy_dir, listing = found.stdout.splitlines()
     assert Path(module).is_relative_to(venv) and Path(toy_dir).is_relative_to(venv)  # not this checkout
     assert listing == str(sorted(p.name for p in (ROOT / "trainer/assets/toy-sd").iterdir()))
+    # the installed package builds its kernels (into an empty cache) from the sources it carries
+    build = ("from trainer import cbuild; "
+             "print([cbuild.load(name)._name.startswith(str(cbuild._cache_dir())) for name in "
+             "sorted(p.stem for p in cbuild.KERNELS.glob('*.c'))], cbuild.KERNELS)")
+    built = subprocess.run([python, "-c", build], cwd=away, env={**env, "XDG_CACHE_HOME": str(tmp_path / "cache")},
+                           capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr[-2000:]
+    assert built.stdout.startswith("[True, True, True] ") and Path(built.stdout.split()[-1]).is_relative_to(venv)

@@ -84,7 +84,7 @@ def _layout(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
 
 def _forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """softmax(scale · q kᵀ) v for (B, heads, tokens, channels) fp32 CPU tensors, and each query's
-    log-sum-exp (kept for the backward pass)."""
+    log-sum-exp in base 2 (the kernel's scores carry log2 e; kept for the backward pass only)."""
     library, q, kt, vt = _layout(query, key, value)
     b, h, n, d = query.shape
     m = key.shape[2]

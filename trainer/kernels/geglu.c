@@ -29,13 +29,8 @@ static inline vf splat(float x) { return (vf){0} + x; }
 static inline vf load(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
 static inline void store(float *p, vf v) { memcpy(p, &v, sizeof v); }
 static inline vf vsel(vi mask, vf a, vf b) { return (vf)((mask & (vi)a) | (~mask & (vi)b)); }
-
-/* exp(x) for x <= ~0, clamped below at -87.3 (~1e-38): Cephes' polynomial on x - n ln2, times 2^n */
-static inline vf vexp(vf x) {
-    x = vsel(x < -87.3f, splat(-87.3f), x);
-    vf t = x * 1.44269504088896341f + 0.5f;  /* n = floor(t): truncation, one less where it overshot */
-    vi ti = __builtin_convertvector(t, vi);
-    vf n = __builtin_convertvector(ti + (vi)(__builtin_convertvector(ti, vf) > t), vf);  /* true is -1 */
+/* Cephes' single-precision exp polynomial (about 1 ulp) on r = x - n ln2, |r| <= ln2 / 2 */
+static inline vf exp_poly(vf x, vf n) {
     x = x - n * 0.693359375f - n * -2.12194440e-4f;
     vf y = splat(1.9875691500E-4f);
     y = y * x + 1.3981999507E-3f;
@@ -43,9 +38,17 @@ static inline vf vexp(vf x) {
     y = y * x + 4.1665795894E-2f;
     y = y * x + 1.6666665459E-1f;
     y = y * x + 5.0000001201E-1f;
-    y = y * x * x + x + 1.f;
+    return y * x * x + x + 1.f;
+}
+
+/* exp(x) for x <= ~0, clamped below at -87.3 (~1e-38): Cephes' polynomial times 2^n */
+static inline vf vexp(vf x) {
+    x = vsel(x < -87.3f, splat(-87.3f), x);
+    vf t = x * 1.44269504088896341f + 0.5f;  /* n = floor(t): truncation, one less where it overshot */
+    vi ti = __builtin_convertvector(t, vi);
+    vf n = __builtin_convertvector(ti + (vi)(__builtin_convertvector(ti, vf) > t), vf);  /* true is -1 */
     vi e = (__builtin_convertvector(n, vi) + 127) << 23;
-    return y * (vf)e;
+    return exp_poly(x, n) * (vf)e;
 }
 
 /* Phi(g), the normal distribution function, and phi(g), its density */

@@ -9,7 +9,8 @@
 
    Layout (contiguous): q, o, go, gq [bh][n][d]; kt, vt, gkt, gvt [bh][d][mp], keys along the
    last axis, mp a multiple of W with keys from m on as padding (excluded from the softmax);
-   lse [bh][n] the log-sum-exp of each query's scaled scores, saved for the backward pass. */
+   lse [bh][n] the log-sum-exp of each query's scaled scores in base 2 (log2 of the sum of 2^(s log2 e)),
+   saved for the backward pass. */
 #include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
@@ -49,28 +50,27 @@ static inline float hmax(vf v) {
     return a[0];
 }
 
-/* Cephes' single-precision exp polynomial (about 1 ulp) on r = x - n ln2, |r| <= ln2 / 2; then 2^n */
-static inline vf exp_poly(vf x, vf n) {
-    x = x - n * 0.693359375f - n * -2.12194440e-4f;
-    vf y = splat(1.9875691500E-4f);
-    y = y * x + 1.3981999507E-3f;
-    y = y * x + 8.3334519073E-3f;
-    y = y * x + 4.1665795894E-2f;
-    y = y * x + 1.6666665459E-1f;
-    y = y * x + 5.0000001201E-1f;
-    return y * x * x + x + 1.f;
+/* 2^x for x <= 0 (a score minus its row's max or log-sum-exp, both in base 2: the scores carry the
+   factor log2(e), folded into the query), x clamped below at -126 (~1.2e-38). Cephes' exp2f
+   polynomial (about 1 ulp) on f = x - n, n the rounded x, |f| <= 1/2: six multiply-adds, against
+   the eight and a multiply of e^x's range reduction and polynomial. On x86 the clamp, the rounding
+   and 2^n are single instructions (AVX-512's scalef does 2^n); elsewhere gcc's vector extensions. */
+static inline vf exp2_poly(vf f) {
+    vf y = splat(1.535336188319500E-4f);
+    y = y * f + 1.339887440266574E-3f;
+    y = y * f + 9.618437357674640E-3f;
+    y = y * f + 5.550332471162809E-2f;
+    y = y * f + 2.402264791363012E-1f;
+    y = y * f + 6.931472028550421E-1f;
+    return y * f + 1.f;
 }
-
-/* exp(x) for x <= 0 (a score minus its row's max or log-sum-exp, up to rounding), x clamped below at
-   -87.3 (~1e-38). On x86 the clamp, the rounding and 2^n are single instructions (AVX-512's scalef
-   does 2^n); elsewhere gcc's vector extensions. */
 #if defined(__AVX512F__)
 #include <immintrin.h>
 static inline vf vmax(vf a, vf b) { return (vf)_mm512_max_ps((__m512)a, (__m512)b); }
-static inline vf vexp(vf x) {
-    x = vmax(x, splat(-87.3f));
-    vf n = (vf)_mm512_roundscale_ps((__m512)(x * 1.44269504088896341f), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    return (vf)_mm512_scalef_ps((__m512)exp_poly(x, n), (__m512)n);
+static inline vf vexp2(vf x) {
+    x = vmax(x, splat(-126.f));
+    vf n = (vf)_mm512_roundscale_ps((__m512)x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    return (vf)_mm512_scalef_ps((__m512)exp2_poly(x - n), (__m512)n);
 }
 #else
 #if defined(__AVX2__)
@@ -87,13 +87,14 @@ static inline vf vround(vf x) {  /* floor(x + 0.5): truncation, one less where i
     return __builtin_convertvector(t + (vi)(tf > x), vf);
 }
 #endif
-static inline vf vexp(vf x) {
-    x = vmax(x, splat(-87.3f));
-    vf n = vround(x * 1.44269504088896341f);
+static inline vf vexp2(vf x) {
+    x = vmax(x, splat(-126.f));
+    vf n = vround(x);
     vi e = (__builtin_convertvector(n, vi) + 127) << 23;
-    return exp_poly(x, n) * (vf)e;
+    return exp2_poly(x - n) * (vf)e;
 }
 #endif
+#define LOG2E 1.44269504088896341f
 
 /* Denormal floats flushed to zero while a thread runs the kernel, its MXCSR restored after. Padded
    keys and far-off scores give probabilities near 1e-38, whose products are denormal: x86 takes a
@@ -118,9 +119,9 @@ static inline __attribute__((always_inline)) void forward_head(
     long n, long m, long mp, int d, float scale) {
     for (long i0 = 0; i0 < n; i0 += QB) {
         int nq = n - i0 < QB ? (int)(n - i0) : QB;
-        float qs[QB][DMAX];
+        float qs[QB][DMAX];  /* scale * log2(e): the scores come out in base 2 */
         for (int r = 0; r < QB; r++)
-            for (int c = 0; c < d; c++) qs[r][c] = r < nq ? q[(i0 + r) * d + c] * scale : 0.f;
+            for (int c = 0; c < d; c++) qs[r][c] = r < nq ? q[(i0 + r) * d + c] * (scale * LOG2E) : 0.f;
         vf mx[QB];
         for (int r = 0; r < QB; r++) mx[r] = splat(-1e30f);
         for (long j = 0; j < mp; j += W) {
@@ -140,7 +141,7 @@ static inline __attribute__((always_inline)) void forward_head(
             vf sum[2] = {{0}, {0}}, oacc[2][DMAX];
             for (int c = 0; c < d; c++) oacc[0][c] = oacc[1][c] = (vf){0};
             for (long j = 0; j < mp; j += W) {
-                vf p0 = vexp(load(s0 + j) - top[0]), p1 = vexp(load(s1 + j) - top[two]);
+                vf p0 = vexp2(load(s0 + j) - top[0]), p1 = vexp2(load(s1 + j) - top[two]);
                 sum[0] += p0;
                 sum[1] += p1;
                 for (int c = 0; c < d; c++) {
@@ -152,7 +153,7 @@ static inline __attribute__((always_inline)) void forward_head(
             for (int t = 0; t <= two; t++) {
                 float l = hsum(sum[t]);
                 for (int c = 0; c < d; c++) o[(i0 + r + t) * d + c] = hsum(oacc[t][c]) / l;
-                lse[i0 + r + t] = top[t] + __builtin_logf(l);
+                lse[i0 + r + t] = top[t] + __builtin_log2f(l);  /* base 2, as the scores */
             }
         }
     }
@@ -168,11 +169,13 @@ static inline __attribute__((always_inline)) void backward_head(
       long k1 = k0 + KB < mp ? k0 + KB : mp;
       for (long i0 = 0; i0 < n; i0 += QB) {
         int nq = n - i0 < QB ? (int)(n - i0) : QB;
-        float qs[QB][DMAX], gs[QB][DMAX], dd[QB], l[QB];
+        /* qs: the forward's base-2 scaling, so that P is its P to the bit; qn: dK's, natural */
+        float qs[QB][DMAX], qn[QB][DMAX], gs[QB][DMAX], dd[QB], l[QB];
         for (int r = 0; r < QB; r++) {
             float acc = 0.f;
             for (int c = 0; c < d; c++) {
-                qs[r][c] = r < nq ? q[(i0 + r) * d + c] * scale : 0.f;
+                qs[r][c] = r < nq ? q[(i0 + r) * d + c] * (scale * LOG2E) : 0.f;
+                qn[r][c] = r < nq ? q[(i0 + r) * d + c] * scale : 0.f;
                 gs[r][c] = r < nq ? go[(i0 + r) * d + c] : 0.f;
                 acc += r < nq ? gs[r][c] * o[(i0 + r) * d + c] : 0.f;
             }
@@ -193,14 +196,14 @@ static inline __attribute__((always_inline)) void backward_head(
             vf p[QB], ds[QB];
 #pragma GCC unroll 8  /* p and dS stay in registers (10% faster: gcc did not unroll this body) */
             for (int r = 0; r < QB; r++) {
-                p[r] = vexp(sacc[r] - l[r]);
+                p[r] = vexp2(sacc[r] - l[r]);
                 ds[r] = p[r] * dacc[r];
                 store(dsbuf + r * KB + (j - k0), ds[r]);
             }
             for (int c = 0; c < d; c++) {
                 vf gk = load(gkt + c * mp + j), gv = load(gvt + c * mp + j);
                 for (int r = 0; r < QB; r++) {
-                    gk += ds[r] * qs[r][c];
+                    gk += ds[r] * qn[r][c];
                     gv += p[r] * gs[r][c];
                 }
                 store(gkt + c * mp + j, gk);
