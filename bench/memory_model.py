@@ -13,7 +13,7 @@ latents), sd15 bench/train_step.py's SD15_UNET (859.5 M, 64x64 latents = 512 px)
 (2.6 B, 64x64 latents = 512 px). All fp32 with the engine's 8-bit AdamW, LoRA rank 4.
 
 Each cell is its own process, running bench/train_step.py's step (UNet forward and backward, clipping,
-the engine's optimizer, zero_grad) with the engine's speed choices (trainer/speed.py: small heads on its own kernel on
+the engine's optimizer, zero_grad) with the engine's speed choices (trainer/speed.py: GEGLU on its kernel, small heads on its own kernel on
 the CPU, selective checkpointing at 1,024 tokens or more), one warm-up step then --steps more. The
 child reports its RSS after its imports (the baseline) and ru_maxrss at the end (the peak).
 
@@ -113,6 +113,7 @@ def run_cell(cell: dict, steps: int) -> dict:
     import peft  # noqa: F401
     import torch
 
+    from trainer import geglu
     from trainer.allocator import in_use
     from trainer.optim import make_optimizer  # noqa: F401
     from trainer.speed import attention_processor, choose, enable_checkpointing
@@ -123,6 +124,8 @@ def run_cell(cell: dict, steps: int) -> dict:
     setup = build_step(cell, unet_config, device)
     choices = choose(setup.unet, device, cell["latents"], cell["checkpointing"])[0]
     setup.unet.set_attn_processor(attention_processor(choices.pad_heads))
+    if choices.fused_geglu:
+        geglu.fuse(setup.unet)
     if cell["checkpointing"]:
         enable_checkpointing(setup.unet, choices)
     times, failed = time_steps(setup, step_inputs(setup.unet, cell["latents"], device), steps)

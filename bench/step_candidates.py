@@ -19,7 +19,7 @@ on to_q/to_k/to_v/to_out.0, as the engine does. Candidates:
   selective      checkpointed, keeping attention outputs instead of recomputing them (trainer/speed.py)
   reentrant      checkpointed in torch's re-entrant form (trainer/speed.py)
   engine         what the engine chooses on this CPU for these latents (trainer.speed.choose): at
-                 4,096 tokens kernel + selective, at 256 kernel + re-entrant
+                 4,096 tokens kernel + selective, at 256 kernel + re-entrant; GEGLU on its kernel
   engine-padded  the same with padded heads instead of the kernel (the engine before the kernel,
                  and where it cannot be built)
   channels-last  eager with channels-last memory format
@@ -95,6 +95,10 @@ def make_unet(name: str = "eager") -> torch.nn.Module:
         choices = choose(unet, torch.device("cpu"), LATENTS, gradient_checkpointing=True)[0]
     small = name in ("padded", "kernel") or bool(choices and choices.pad_heads)
     unet.set_attn_processor(attention_processor(pad_heads=small, kernel=name not in ("padded", "engine-padded")))
+    if choices is not None and choices.fused_geglu:
+        from trainer.geglu import fuse
+
+        fuse(unet)
     if choices is not None:
         enable_checkpointing(unet, choices)
     unet.train()
