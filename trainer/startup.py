@@ -64,26 +64,19 @@ class DeferredModule(types.ModuleType):
         return getattr(self, name)
 
 
-_RUNNING: set[int] = set()
-
-
 def _run(module: DeferredModule) -> None:
-    """Run the module's code in its own namespace, as the import would have; while it runs, a name it
-    has not defined yet reads as on any partly imported module (AttributeError)."""
-    if id(module) in _RUNNING:  # its own code (or a submodule it imports) asked for a name it lacks
-        raise AttributeError(f"partially initialized module {module.__name__!r} has no such attribute yet")
+    """Run the module's code in its own namespace, as the import would have. While it runs its spec
+    holds the real loader, and a name it has not defined yet reads as on any partly imported module."""
     spec = module.__spec__
-    loader = spec.loader
-    real = loader.real if isinstance(loader, _DeferringLoader) else loader
-    spec.loader = module.__loader__ = real
-    _RUNNING.add(id(module))
+    deferring = spec.loader
+    if not isinstance(deferring, _DeferringLoader):  # its own code (or a submodule it imports) is asking
+        raise AttributeError(f"partially initialized module {module.__name__!r} has no such attribute yet")
+    spec.loader = module.__loader__ = deferring.real
     try:
-        real.exec_module(module)
+        deferring.real.exec_module(module)
     except BaseException:
-        spec.loader = module.__loader__ = loader  # still deferred: the next use tries again and fails the same way
+        spec.loader = module.__loader__ = deferring  # still deferred: the next use tries again and fails the same way
         raise
-    finally:
-        _RUNNING.discard(id(module))
     module.__class__ = types.ModuleType
 
 
@@ -149,9 +142,9 @@ def import_bitsandbytes_uncompiled() -> None:
             os.environ["TORCHDYNAMO_DISABLE"] = before
 
 
-def trim_imports(env: dict[str, str] | None = None) -> bool:
+def trim_imports() -> bool:
     """Before a training imports its libraries: defer what it never uses. False when turned off."""
-    if (os.environ if env is None else env).get(ENV, "1") == "0":
+    if os.environ.get(ENV, "1") == "0":
         return False
     defer()
     import_bitsandbytes_uncompiled()
