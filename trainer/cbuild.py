@@ -3,7 +3,7 @@
 A kernel is built at first use into the user's cache folder; the library's name carries a hash of
 the source, the flags, the compiler and this CPU's flags, so a shared home folder never runs code
 built for another CPU. No compiler, or a build that fails: `BuildError` says why, and the caller
-keeps its PyTorch path (trainer/small_heads.py, trainer/adamw8bit.py).
+keeps its PyTorch path (trainer/small_heads.py, trainer/geglu.py, trainer/adamw8bit.py).
 """
 
 from __future__ import annotations
@@ -80,22 +80,34 @@ def load(name: str, flags: tuple[str, ...] = ()) -> ctypes.CDLL:
         raise BuildError(str(error)) from error
 
 
+def kernel(name: str, switch: str, flags: tuple[str, ...] = (), declare=None) -> tuple[ctypes.CDLL | None, str]:
+    """Kernel `name` built and loaded once a process, `declare(library)` having set its functions'
+    argument types, and "" ; or None and why not: a build that failed, or the environment variable
+    `switch` set to 0 (read at every call, so that it can be turned off in a running process)."""
+    if os.environ.get(switch, "1") == "0":
+        return None, f"{switch}=0"
+    return _built(name, flags, declare)
+
+
 @functools.cache
-def _adamw8bit_library() -> tuple[ctypes.CDLL | None, str]:
+def _built(name: str, flags: tuple[str, ...], declare) -> tuple[ctypes.CDLL | None, str]:
     try:
-        library = load("adamw8bit", ("-ffp-contract=off",))
+        library = load(name, flags)
     except BuildError as error:
         return None, str(error)
+    if declare is not None:
+        declare(library)
+    return library, ""
+
+
+def _declare_adamw8bit(library: ctypes.CDLL) -> None:
     pointer = ctypes.c_void_p
     library.adamw8bit_step.argtypes = [pointer] * 10 + [ctypes.c_long] + [ctypes.c_float] * 7 + [ctypes.c_int]
     library.adamw8bit_step.restype = None
-    return library, ""
 
 
 def adamw8bit() -> tuple[ctypes.CDLL | None, str]:
     """The 8-bit AdamW step kernel (trainer/kernels/adamw8bit.c) and "", or None and why not.
     Built without contracting products and sums into fused multiply-adds: its rounding is that of
     the separate torch operations it replaces. DREAMBOOTH_ADAMW8BIT_KERNEL=0 turns it off."""
-    if os.environ.get("DREAMBOOTH_ADAMW8BIT_KERNEL", "1") == "0":
-        return None, "DREAMBOOTH_ADAMW8BIT_KERNEL=0"
-    return _adamw8bit_library()
+    return kernel("adamw8bit", "DREAMBOOTH_ADAMW8BIT_KERNEL", ("-ffp-contract=off",), _declare_adamw8bit)

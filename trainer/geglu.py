@@ -17,8 +17,6 @@ swapped and `unavailable_reason()` says why (trainer/speed.py prints it).
 from __future__ import annotations
 
 import ctypes
-import functools
-import os
 
 import torch
 import torch.nn.functional as F
@@ -26,29 +24,22 @@ from diffusers.models.activations import GEGLU
 
 from . import cbuild
 
-_reason: list[str] = []
 
-
-@functools.cache
-def load() -> ctypes.CDLL | None:
-    if os.environ.get("DREAMBOOTH_GEGLU_KERNEL", "1") == "0":
-        _reason.append("DREAMBOOTH_GEGLU_KERNEL=0")
-        return None
-    try:
-        library = cbuild.load("geglu")
-    except cbuild.BuildError as error:
-        _reason.append(str(error))
-        return None
+def _declare(library: ctypes.CDLL) -> None:
     pointer, size = ctypes.c_void_p, ctypes.c_long
     library.geglu_forward.argtypes = [pointer, pointer, size, size, ctypes.c_int]
     library.geglu_backward.argtypes = [pointer, pointer, pointer, size, size, ctypes.c_int]
     library.geglu_forward.restype = library.geglu_backward.restype = None
     library.geglu_lanes.argtypes, library.geglu_lanes.restype = [], ctypes.c_int
-    return library
+
+
+def load() -> ctypes.CDLL | None:
+    """The built library, or None (then `unavailable_reason()` says why; DREAMBOOTH_GEGLU_KERNEL=0 turns it off)."""
+    return cbuild.kernel("geglu", "DREAMBOOTH_GEGLU_KERNEL", declare=_declare)[0]
 
 
 def unavailable_reason() -> str:
-    return _reason[-1] if _reason else ""
+    return cbuild.kernel("geglu", "DREAMBOOTH_GEGLU_KERNEL", declare=_declare)[1]
 
 
 class _Fused(torch.autograd.Function):

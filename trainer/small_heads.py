@@ -11,8 +11,6 @@ SDPA (trainer/speed.py prints which one runs).
 from __future__ import annotations
 
 import ctypes
-import functools
-import os
 
 import torch
 import torch.nn.functional as F
@@ -21,31 +19,24 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 from . import cbuild
 
 MAX_CHANNELS = 16  # DMAX in the C source
-_reason: list[str] = []
 
 
-@functools.cache
-def load() -> ctypes.CDLL | None:
-    """The built library, or None (then `unavailable_reason()` says why)."""
-    if os.environ.get("DREAMBOOTH_SMALL_HEAD_KERNEL", "1") == "0":
-        _reason.append("DREAMBOOTH_SMALL_HEAD_KERNEL=0")
-        return None
-    try:
-        library = cbuild.load("small_heads")
-    except cbuild.BuildError as error:
-        _reason.append(str(error))
-        return None
+def _declare(library: ctypes.CDLL) -> None:
     pointer, size = ctypes.c_void_p, ctypes.c_long
     tail = [ctypes.c_int, ctypes.c_float, ctypes.c_int, pointer]  # channels, scale, threads, scratch
     library.sha_forward.argtypes = [pointer] * 5 + [size] * 4 + tail
     library.sha_backward.argtypes = [pointer] * 9 + [size] * 4 + tail
     library.sha_forward.restype = library.sha_backward.restype = None
     library.sha_scratch.argtypes, library.sha_scratch.restype = [size], size
-    return library
+
+
+def load() -> ctypes.CDLL | None:
+    """The built library, or None (then `unavailable_reason()` says why)."""
+    return cbuild.kernel("small_heads", "DREAMBOOTH_SMALL_HEAD_KERNEL", declare=_declare)[0]
 
 
 def unavailable_reason() -> str:
-    return _reason[-1] if _reason else ""
+    return cbuild.kernel("small_heads", "DREAMBOOTH_SMALL_HEAD_KERNEL", declare=_declare)[1]
 
 
 def usable(query: torch.Tensor, key: torch.Tensor) -> bool:
