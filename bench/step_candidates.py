@@ -31,7 +31,8 @@ Each candidate runs in
 this process after one warm-up step (compilation included there, and reported apart), and its loss
 and weights after the timed steps are compared with eager's, so a speed-up that changes the result
 shows. The one-thread 2048² fp32 matmul peak is measured in the same minute, and each candidate's
-achieved GFLOP/s (torch's FlopCounterMode) is printed as a fraction of it.
+achieved GFLOP/s (torch's FlopCounterMode, given torch's SDPA formulas for the CPU attention kernel
+as bench/vs_reference.py does) is printed as a fraction of it, with and without the attention's matmuls.
 """
 
 from __future__ import annotations
@@ -151,14 +152,17 @@ def timed(candidate: dict, steps: int) -> None:
     candidate["times"].append((time.perf_counter() - start) / steps)
 
 
-def step_flops() -> float:
+def step_flops() -> tuple[float, float]:
+    """The eager step's FLOPs: all of them, and the attention kernels' share (see vs_reference's)."""
     from torch.utils.flop_counter import FlopCounterMode
+    from vs_reference import attention_flops, count_cpu_attention
 
+    count_cpu_attention()
     unet = make_unet()
     latents, hidden, timesteps, target = inputs(False)
     with FlopCounterMode(display=False) as counter:
         torch.nn.functional.mse_loss(unet(latents, timesteps, hidden).sample, target).backward()
-    return counter.get_total_flops()
+    return counter.get_total_flops(), attention_flops(counter)
 
 
 def profile(steps: int, rows: int) -> None:
@@ -196,11 +200,12 @@ def main() -> None:
     LORA = args.lora
 
     peak = matmul_gflops()
-    flops = step_flops()
+    flops, attention = step_flops()
     from trainer.allocator import in_use
 
     print(f"threads {torch.get_num_threads()}; allocator {in_use()}; matmul peak {peak:.1f} GFLOP/s; "
-          f"step {flops / 1e9:.1f} GFLOP")
+          f"step {flops / 1e9:.1f} GFLOP ({attention / 1e9:.1f} of them attention's matmuls; the GFLOP/s and "
+          f"fraction of peak below count all, the last column convolutions and linears only)")
     rows = [prepare(name) for name in args.candidates]
     for _ in range(args.repeats):  # interleaved: A B C A B C ...
         for row in rows:
@@ -209,13 +214,15 @@ def main() -> None:
         row["per_step"] = statistics.median(row["times"])
         row["weights"] = {k: v.detach().contiguous() for k, v in row.pop("unet").state_dict().items()}
     base = rows[0]
-    print("| candidate | first step s | s/step | GFLOP/s | of peak | max |Δloss| vs first | max |Δweight| |")
-    print("|---|---|---|---|---|---|---|")
+    print("| candidate | first step s | s/step | GFLOP/s | of peak | max |Δloss| vs first | max |Δweight| "
+          "| of peak without attention |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         dloss = max(abs(a - b) for a, b in zip(r["losses"], base["losses"], strict=True))
         dweight = max((r["weights"][k] - base["weights"][k]).abs().max().item() for k in base["weights"])
         print(f"| {r['name']} | {r['first']:.2f} | {r['per_step']:.3f} | {flops / r['per_step'] / 1e9:.1f} | "
-              f"{flops / r['per_step'] / 1e9 / peak:.0%} | {dloss:.2e} | {dweight:.2e} |")
+              f"{flops / r['per_step'] / 1e9 / peak:.0%} | {dloss:.2e} | {dweight:.2e} | "
+              f"{(flops - attention) / r['per_step'] / 1e9 / peak:.0%} |")
     if args.profile:
         profile(min(args.steps, 2), args.profile)
 
