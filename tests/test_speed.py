@@ -110,24 +110,31 @@ def test_the_small_heads_kernel_matches_attention_in_double_precision(
     q, k, v = (3 * torch.randn(batch, heads, n, channels, generator=gen) for n in (queries, keys, keys))
     grad_out = torch.randn(batch, heads, queries, channels, generator=gen)
     scale = channels**-0.5
-    ours = [t.clone().requires_grad_() for t in (q, k, v)]
+    ours = [_rows(t).requires_grad_() for t in (q, k, v)]  # the projections' layout, which the kernel takes
     seen = []
     with _Watching(seen) if route == "operator" else contextlib.nullcontext():
-        out = small_heads.attention(*ours, scale)
-        out.backward(grad_out)
+        out = small_heads.attention(*ours, heads, scale)
+        out.backward(_rows(grad_out))
     assert ("dreambooth.small_head_attention_backward.default" in seen) == (route == "operator")
     ref = [t.double().requires_grad_() for t in (q, k, v)]
     expected = F.scaled_dot_product_attention(*ref, scale=scale)
     expected.backward(grad_out.double())
-    for got, want in [(out, expected)] + [(a.grad, b.grad) for a, b in zip(ours, ref, strict=True)]:
+    pairs = [(out, expected)] + [(a.grad, b.grad) for a, b in zip(ours, ref, strict=True)]
+    for got, want in ((got, _rows(want)) for got, want in pairs):
         assert want.abs().max() > 1e-3  # a real value, not zeros compared with zeros
         error = ((got.double() - want).abs().max() / want.abs().max()).item()
         assert error < 2e-5, error
 
 
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """(B, heads, tokens, channels) -> (B, tokens, heads x channels), a new contiguous tensor."""
+    return t.transpose(1, 2).flatten(2).contiguous()
+
+
 _SIMD_CHECK = """
 import torch, torch.nn.functional as F
 from trainer import small_heads
+rows = lambda t: t.transpose(1, 2).flatten(2).contiguous()
 assert small_heads.load() is not None, small_heads.unavailable_reason()
 print("lanes", small_heads.load().sha_lanes())
 torch.set_num_threads(2)
@@ -135,14 +142,14 @@ for batch, heads, queries, keys, channels in [(1, 3, 37, 77, 8), (2, 2, 70, 1100
     gen = torch.Generator().manual_seed(queries + keys)
     q, k, v = (3 * torch.randn(batch, heads, n, channels, generator=gen) for n in (queries, keys, keys))
     grad_out = torch.randn(batch, heads, queries, channels, generator=gen)
-    ours = [t.clone().requires_grad_() for t in (q, k, v)]
-    out = small_heads.attention(*ours, channels**-0.5)
-    out.backward(grad_out)
+    ours = [rows(t).requires_grad_() for t in (q, k, v)]
+    out = small_heads.attention(*ours, heads, channels**-0.5)
+    out.backward(rows(grad_out))
     ref = [t.double().requires_grad_() for t in (q, k, v)]
     expected = F.scaled_dot_product_attention(*ref, scale=channels**-0.5)
     expected.backward(grad_out.double())
     for got, want in [(out, expected)] + [(a.grad, b.grad) for a, b in zip(ours, ref, strict=True)]:
-        print("error", ((got.double() - want).abs().max() / want.abs().max()).item())
+        print("error", ((got.double() - rows(want)).abs().max() / want.abs().max()).item())
 """
 
 
@@ -253,8 +260,8 @@ def test_the_kernel_leaves_denormal_floats_on_for_the_caller():
     assert small_heads.load() is not None, small_heads.unavailable_reason()
     tiny = torch.tensor([1e-38])
     assert (tiny * 1e-3).item() > 0  # denormal, not flushed, before
-    q = torch.randn(1, 1, 9, 8)
-    small_heads.attention(q, q, q, 0.35)
+    q = torch.randn(1, 9, 8)
+    small_heads.attention(q, q, q, 1, 0.35)
     assert (tiny * 1e-3).item() > 0
 
 

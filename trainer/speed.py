@@ -109,15 +109,16 @@ class SmallHeadsAttnProcessor(AttnProcessor2_0):
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
         head_dim = key.shape[-1] // attn.heads
-        query, key, value = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
         pad = self.min_head_dim - head_dim
-        if pad > 0 and self.kernel and small_heads.usable(query, key):
-            out = small_heads.attention(query, key, value, attn.scale)
+        if pad > 0 and self.kernel and small_heads.usable(query, key, attn.heads):
+            # the kernel reads and writes the projections' (B, tokens, heads x channels) rows as they are
+            out = small_heads.attention(query, key, value, attn.heads, attn.scale)
         else:
+            query, key, value = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
             if pad > 0:
                 query, key, value = (F.pad(t, (0, pad)) for t in (query, key, value))
             out = F.scaled_dot_product_attention(query, key, value, scale=attn.scale)[..., :head_dim]
-        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+            out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
         return out / attn.rescale_output_factor
 

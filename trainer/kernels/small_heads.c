@@ -7,10 +7,13 @@
    key vector loaded serves QB of them. Built at first use by trainer/small_heads.py with the
    machine's compiler (-O3 -march=native); gcc's vector extensions pick the SIMD width.
 
-   Layout (contiguous): q, o, go, gq [bh][n][d]; kt, vt, gkt, gvt [bh][d][mp], keys along the
-   last axis, mp a multiple of W with keys from m on as padding (excluded from the softmax);
-   lse [bh][n] the log-sum-exp of each query's scaled scores in base 2 (log2 of the sum of 2^(s log2 e)),
-   saved for the backward pass. */
+   Layout (contiguous): q, o, go, gq [b][n][h d] and k, v, gk, gv [b][m][h d], as the UNet's
+   projections give and take them (head `hi` of a row is its channels hi d .. hi d + d - 1), so no
+   copy is made on either side of a call; lse [b h][n] the log-sum-exp of each query's scaled scores
+   in base 2 (log2 of the sum of 2^(s log2 e)), saved for the backward pass. Inside, each head's keys
+   and values are copied into the thread's scratch channel-major, keys along the last axis (kt, vt,
+   and their gradients gkt, gvt: [d][mp], mp = m rounded up to a multiple of W, keys from m on zero
+   and excluded from the softmax). */
 #include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
@@ -36,7 +39,27 @@ typedef int vi __attribute__((vector_size(W * sizeof(int))));
 static inline vf splat(float x) { return (vf){0} + x; }
 static inline vf load(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
 static inline void store(float *p, vf v) { memcpy(p, &v, sizeof v); }
-/* horizontal sum and max as a tree (log2(W) dependent steps, not W - 1) */
+/* horizontal sum and max as a tree (log2(W) dependent steps, not W - 1): lane i with lane i + W/2,
+   then i + W/4, ..., in registers on x86 (gcc's AVX-512 reductions add in this order); elsewhere
+   through memory, which costs the toy model's short rows (77 keys: 5 vectors a query) 40% of the
+   forward pass. */
+#if defined(__AVX512F__)
+#include <immintrin.h>
+static inline float hsum(vf v) { return _mm512_reduce_add_ps((__m512)v); }
+static inline float hmax(vf v) { return _mm512_reduce_max_ps((__m512)v); }
+#elif defined(__AVX2__)
+#include <immintrin.h>
+static inline float hsum(vf v) {
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128((__m256)v), _mm256_extractf128_ps((__m256)v, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
+}
+static inline float hmax(vf v) {
+    __m128 x = _mm_max_ps(_mm256_castps256_ps128((__m256)v), _mm256_extractf128_ps((__m256)v, 1));
+    x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+    return _mm_cvtss_f32(_mm_max_ss(x, _mm_movehdup_ps(x)));
+}
+#else
 static inline float hsum(vf v) {
     float a[W];
     memcpy(a, &v, sizeof v);
@@ -49,6 +72,7 @@ static inline float hmax(vf v) {
     for (int w = W / 2; w > 0; w /= 2) for (int i = 0; i < w; i++) a[i] = a[i + w] > a[i] ? a[i + w] : a[i];
     return a[0];
 }
+#endif
 
 /* 2^x for x <= 0 (a score minus its row's max or log-sum-exp, both in base 2: the scores carry the
    factor log2(e), folded into the query), x clamped below at -126 (~1.2e-38). Cephes' exp2f
@@ -116,12 +140,12 @@ static inline vf tail_mask(long j, long m) {
 
 static inline __attribute__((always_inline)) void forward_head(
     const float *q, const float *kt, const float *vt, float *o, float *lse, float *s,
-    long n, long m, long mp, int d, float scale) {
+    long n, long m, long mp, int d, long ld, float scale) {  /* ld: floats from one row of q, o to the next */
     for (long i0 = 0; i0 < n; i0 += QB) {
         int nq = n - i0 < QB ? (int)(n - i0) : QB;
         float qs[QB][DMAX];  /* scale * log2(e): the scores come out in base 2 */
         for (int r = 0; r < QB; r++)
-            for (int c = 0; c < d; c++) qs[r][c] = r < nq ? q[(i0 + r) * d + c] * (scale * LOG2E) : 0.f;
+            for (int c = 0; c < d; c++) qs[r][c] = r < nq ? q[(i0 + r) * ld + c] * (scale * LOG2E) : 0.f;
         vf mx[QB];
         for (int r = 0; r < QB; r++) mx[r] = splat(-1e30f);
         for (long j = 0; j < mp; j += W) {
@@ -152,7 +176,7 @@ static inline __attribute__((always_inline)) void forward_head(
             }
             for (int t = 0; t <= two; t++) {
                 float l = hsum(sum[t]);
-                for (int c = 0; c < d; c++) o[(i0 + r + t) * d + c] = hsum(oacc[t][c]) / l;
+                for (int c = 0; c < d; c++) o[(i0 + r + t) * ld + c] = hsum(oacc[t][c]) / l;
                 lse[i0 + r + t] = top[t] + __builtin_log2f(l);  /* base 2, as the scores */
             }
         }
@@ -161,10 +185,10 @@ static inline __attribute__((always_inline)) void forward_head(
 
 static inline __attribute__((always_inline)) void backward_head(
     const float *q, const float *kt, const float *vt, const float *o, const float *go, const float *lse,
-    float *gq, float *gkt, float *gvt, float *dsbuf, long n, long m, long mp, int d, float scale) {
+    float *gq, float *gkt, float *gvt, float *dsbuf, long n, long m, long mp, int d, long ld, float scale) {
     memset(gkt, 0, sizeof(float) * d * mp);
     memset(gvt, 0, sizeof(float) * d * mp);
-    memset(gq, 0, sizeof(float) * n * d);
+    for (long i = 0; i < n; i++) memset(gq + i * ld, 0, sizeof(float) * d);
     for (long k0 = 0; k0 < mp; k0 += KB) {  /* KB is a multiple of W: blocks start on a vector */
       long k1 = k0 + KB < mp ? k0 + KB : mp;
       for (long i0 = 0; i0 < n; i0 += QB) {
@@ -174,10 +198,10 @@ static inline __attribute__((always_inline)) void backward_head(
         for (int r = 0; r < QB; r++) {
             float acc = 0.f;
             for (int c = 0; c < d; c++) {
-                qs[r][c] = r < nq ? q[(i0 + r) * d + c] * (scale * LOG2E) : 0.f;
-                qn[r][c] = r < nq ? q[(i0 + r) * d + c] * scale : 0.f;
-                gs[r][c] = r < nq ? go[(i0 + r) * d + c] : 0.f;
-                acc += r < nq ? gs[r][c] * o[(i0 + r) * d + c] : 0.f;
+                qs[r][c] = r < nq ? q[(i0 + r) * ld + c] * (scale * LOG2E) : 0.f;
+                qn[r][c] = r < nq ? q[(i0 + r) * ld + c] * scale : 0.f;
+                gs[r][c] = r < nq ? go[(i0 + r) * ld + c] : 0.f;
+                acc += r < nq ? gs[r][c] * o[(i0 + r) * ld + c] : 0.f;
             }
             dd[r] = acc;
             l[r] = r < nq ? lse[i0 + r] : 1e30f;   /* rows past n: p = 0 */
@@ -218,7 +242,7 @@ static inline __attribute__((always_inline)) void backward_head(
                 vf x = load(dr + j);
                 for (int c = 0; c < d; c++) gqacc[c] += x * load(kt + c * mp + j);
             }
-            for (int c = 0; c < d; c++) gq[(i0 + r) * d + c] += hsum(gqacc[c]) * scale;
+            for (int c = 0; c < d; c++) gq[(i0 + r) * ld + c] += hsum(gqacc[c]) * scale;
         }
       }
     }
@@ -226,44 +250,68 @@ static inline __attribute__((always_inline)) void backward_head(
 
 /* the SIMD width: kt and vt have a multiple of it as keys */
 int sha_lanes(void) { return W; }
-/* floats of scratch each thread needs (the caller allocates threads x this): a block of score rows */
-long sha_scratch(long mp) { return QB * (mp > KB ? mp : KB); }
+/* floats of scratch each thread needs for mp keys (m rounded up to a multiple of W) of d channels
+   (the caller allocates threads x this): a block of score rows, then kt, vt, gkt and gvt */
+long sha_scratch(long mp, int d) { return QB * (mp > KB ? mp : KB) + 4 * d * mp; }
 
-void sha_forward(const float *q, const float *kt, const float *vt, float *o, float *lse,
-                 long bh, long n, long m, long mp, int d, float scale, int threads, float *scratch) {
+/* one head's keys (or values) from their rows into t [d][mp], zeros from key m on */
+static void keys_last(const float *k, float *t, long m, long mp, int d, long ld) {
+    for (int c = 0; c < d; c++) memset(t + c * mp + m, 0, sizeof(float) * (mp - m));
+    for (long j = 0; j < m; j++)
+        for (int c = 0; c < d; c++) t[c * mp + j] = k[j * ld + c];
+}
+/* and back: t's first m keys into rows */
+static void keys_to_rows(const float *t, float *k, long m, long mp, int d, long ld) {
+    for (long j = 0; j < m; j++)
+        for (int c = 0; c < d; c++) k[j * ld + c] = t[c * mp + j];
+}
+
+void sha_forward(const float *q, const float *k, const float *v, float *o, float *lse,
+                 long b, long h, long n, long m, int d, float scale, int threads, float *scratch) {
+    long mp = (m + W - 1) / W * W, ld = h * d;
 #pragma omp parallel num_threads(threads)
     {
-        float *s = scratch + omp_get_thread_num() * sha_scratch(mp);
+        float *s = scratch + omp_get_thread_num() * sha_scratch(mp, d);
+        float *kt = s + QB * (mp > KB ? mp : KB), *vt = kt + d * mp;
         unsigned csr = flush_denormals();
 #pragma omp for schedule(static)
-        for (long h = 0; h < bh; h++) {
-            const float *qh = q + h * n * d, *kh = kt + h * d * mp, *vh = vt + h * d * mp;
-            float *oh = o + h * n * d, *lh = lse + h * n;
+        for (long bh = 0; bh < b * h; bh++) {
+            long bi = bh / h, hi = bh % h;
+            const float *qh = q + bi * n * ld + hi * d;
+            float *oh = o + bi * n * ld + hi * d, *lh = lse + bh * n;
+            keys_last(k + bi * m * ld + hi * d, kt, m, mp, d, ld);
+            keys_last(v + bi * m * ld + hi * d, vt, m, mp, d, ld);
             switch (d) {
-            case 8: forward_head(qh, kh, vh, oh, lh, s, n, m, mp, 8, scale); break;
-            default: forward_head(qh, kh, vh, oh, lh, s, n, m, mp, d, scale);
+            case 8: forward_head(qh, kt, vt, oh, lh, s, n, m, mp, 8, ld, scale); break;
+            default: forward_head(qh, kt, vt, oh, lh, s, n, m, mp, d, ld, scale);
             }
         }
         restore_denormals(csr);
     }
 }
 
-void sha_backward(const float *q, const float *kt, const float *vt, const float *o, const float *go,
-                  const float *lse, float *gq, float *gkt, float *gvt,
-                  long bh, long n, long m, long mp, int d, float scale, int threads, float *scratch) {
+void sha_backward(const float *q, const float *k, const float *v, const float *o, const float *go,
+                  const float *lse, float *gq, float *gk, float *gv,
+                  long b, long h, long n, long m, int d, float scale, int threads, float *scratch) {
+    long mp = (m + W - 1) / W * W, ld = h * d;
 #pragma omp parallel num_threads(threads)
     {
-        float *dsbuf = scratch + omp_get_thread_num() * sha_scratch(mp);  /* a key block of dS per query */
+        float *dsbuf = scratch + omp_get_thread_num() * sha_scratch(mp, d);  /* a key block of dS per query */
+        float *kt = dsbuf + QB * (mp > KB ? mp : KB), *vt = kt + d * mp, *gkt = vt + d * mp, *gvt = gkt + d * mp;
         unsigned csr = flush_denormals();
 #pragma omp for schedule(static)
-        for (long h = 0; h < bh; h++) {
-            const float *qh = q + h * n * d, *kh = kt + h * d * mp, *vh = vt + h * d * mp;
-            const float *oh = o + h * n * d, *gh = go + h * n * d, *lh = lse + h * n;
-            float *gqh = gq + h * n * d, *gkh = gkt + h * d * mp, *gvh = gvt + h * d * mp;
+        for (long bh = 0; bh < b * h; bh++) {
+            long bi = bh / h, hi = bh % h, qrow = bi * n * ld + hi * d, krow = bi * m * ld + hi * d;
+            keys_last(k + krow, kt, m, mp, d, ld);
+            keys_last(v + krow, vt, m, mp, d, ld);
             switch (d) {  /* 8 channels compiled on its own: its loops unrolled, accumulators in registers */
-            case 8: backward_head(qh, kh, vh, oh, gh, lh, gqh, gkh, gvh, dsbuf, n, m, mp, 8, scale); break;
-            default: backward_head(qh, kh, vh, oh, gh, lh, gqh, gkh, gvh, dsbuf, n, m, mp, d, scale);
+            case 8: backward_head(q + qrow, kt, vt, o + qrow, go + qrow, lse + bh * n, gq + qrow, gkt, gvt, dsbuf,
+                                  n, m, mp, 8, ld, scale); break;
+            default: backward_head(q + qrow, kt, vt, o + qrow, go + qrow, lse + bh * n, gq + qrow, gkt, gvt, dsbuf,
+                                   n, m, mp, d, ld, scale);
             }
+            keys_to_rows(gkt, gk + krow, m, mp, d, ld);
+            keys_to_rows(gvt, gv + krow, m, mp, d, ld);
         }
         restore_denormals(csr);
     }
