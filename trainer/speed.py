@@ -7,7 +7,8 @@ Each one gives the same result as the plain way within floating-point rounding
   16 channels on the CPU (the toy and small test models have 8), where torch's flash kernel spends
   its time on matrix products of 8-wide operands. There the engine's own kernel runs
   (trainer/kernels/small_heads.c, built at first use by trainer/small_heads.py): keys along SIMD
-  lanes, the exponential a polynomial on the same vectors, denormals flushed while it runs; at
+  lanes, the exponential a polynomial on the same vectors, denormals flushed while it runs, the
+  projections' (batch, tokens, heads x channels) rows read and written as they lie; at
   4,096 tokens forward and backward 1.9x faster than the padded flash kernel on an AVX2 machine,
   1.6x than the unpadded one on an AVX-512 machine (bench/step_candidates.py). fp32 only; under bf16, or
   with no C compiler, the heads are zero-padded to 16 channels for the flash kernel instead,
