@@ -13,7 +13,8 @@ chooses by itself where libjemalloc is installed, "tcmalloc" preloaded by hand (
 libtcmalloc-minimal4), "jemalloc-nodecay" jemalloc never returning freed pages
 (MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1: the engine's setting for a day, see
 trainer/allocator.py), "jemalloc-nodecay-fit" that with lg_extent_max_active_fit:30 (a kept extent may be
-split for any smaller request). Peak RSS is ru_maxrss of the process (os.wait4); s/step is the median of
+split for any smaller request), "jemalloc-thp" jemalloc's defaults with transparent huge pages
+(thp:always: a tenth of the page faults on mid, but +51 MiB and no faster; not adopted). Peak RSS is ru_maxrss of the process (os.wait4); s/step is the median of
 the run's own metrics.jsonl seconds after the first step. Allocators missing here are skipped.
 """
 
@@ -41,7 +42,8 @@ NO_DECAY = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
 # jemalloc as the CLI runs it, with these MALLOC_CONF tunings (None: its defaults); the last is the
 # candidate that kept no-decay's speed without its growth on tiny and mid (trainer/allocator.py)
 JEMALLOC_TUNINGS = {"jemalloc": None, "jemalloc-nodecay": NO_DECAY,
-                    "jemalloc-nodecay-fit": NO_DECAY + ",lg_extent_max_active_fit:30"}
+                    "jemalloc-nodecay-fit": NO_DECAY + ",lg_extent_max_active_fit:30",
+                    "jemalloc-thp": "thp:always"}
 
 
 def allocator_env(name: str) -> dict | None:
@@ -62,7 +64,8 @@ def main() -> None:
     parser.add_argument("--model", choices=vs_reference.MODELS, default="mid")
     parser.add_argument("--method", choices=("full", "lora"), default="full")
     parser.add_argument("--allocators", default="system,jemalloc,tcmalloc",
-                        help="comma-separated: system, jemalloc, jemalloc-nodecay, jemalloc-nodecay-fit, tcmalloc")
+                        help="comma-separated: system, jemalloc, jemalloc-nodecay, jemalloc-nodecay-fit, jemalloc-thp, "
+                             "tcmalloc")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--work-dir", type=Path, default=None)
