@@ -7,15 +7,17 @@ mid model (18 M-parameter UNet, 64x64 latents, CPU) the peak RSS of a run fell f
 949 MiB (bench/allocator.py, medians of 3 interleaved runs), at 1.05x the seconds per step. On the
 tiny model, whose peak is the imported libraries, it changes nothing (604 vs 619 MiB).
 
-jemalloc runs on its own defaults (freed pages go back to the system after about 10 s). Turning that
-off (MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1, which the engine set for a day) made mid's
-steps 8% faster, but then some runs never reused what they freed: a tiny LoRA run grew by ~6 MiB a
-step to 2.8 GiB at step 400 (2 of 2 runs; glibc and jemalloc's defaults stayed at 580 MiB), and
-short ones ended at 710 instead of 585 MiB in 5 of 7. Adding lg_extent_max_active_fit:30 (a kept extent
-may be split for any smaller request) stopped that growth on tiny and kept mid's speed, but full
-fine-tuning of the SD 1.5 UNet on the CPU then peaked 8-12% higher (9.87 against 9.14 GiB with
-checkpointing): not adopted (bench/allocator.py's jemalloc-nodecay-fit; README, "How it fits consumer
-GPUs"). A user's MALLOC_CONF is passed on as it is.
+jemalloc keeps the pages a step frees for the next step (MALLOC_CONF=dirty_decay_ms:-1,
+muzzy_decay_ms:-1, `KEEP_FREED`). On its defaults, and under any finite decay (10 s to 1,000 s
+alike), it handed ~700 MiB of a mid step's freed memory back to the system each step and took
+~180,000 page faults to get it back: 6-9% of the step (3.84 against 3.60 s/step, peak 836 against
+849 MiB, bench/allocator.py). Kept pages cannot grow a process without bound here: the training
+loop's `FreedMemoryGuard` hands them back whenever the process's resident memory passes what its
+first steps held by 10% (+16 MiB). That is what retired this setting on 2026-12-02, when the engine
+set it for a day without a guard: a tiny LoRA run grew by ~6 MiB a step to 2.8 GiB at step 400
+(2 of 2 runs). With the engine of 2026-12-03 that growth did not come back (tiny LoRA and full, 400
+steps, and 4 runs of 10: 550-551 MiB on both settings); the guard stays for run patterns not
+measured. A user's MALLOC_CONF is passed on as it is (and then no guard runs).
 
 `python -m trainer train` re-executes itself once with jemalloc preloaded (LD_PRELOAD) when the
 library is installed (Debian/Ubuntu: `apt install libjemalloc2`) and not already loaded, before
@@ -33,6 +35,7 @@ import sys
 from collections.abc import Mapping
 
 ENV = "DREAMBOOTH_ALLOCATOR"
+KEEP_FREED = "dirty_decay_ms:-1,muzzy_decay_ms:-1"  # jemalloc's MALLOC_CONF for a training (docstring)
 _REEXECUTED = "_DREAMBOOTH_ALLOCATOR_REEXECUTED"  # set on the re-executed process: never loop
 _KNOWN = (("libjemalloc", "jemalloc"), ("libtcmalloc", "tcmalloc"), ("libmimalloc", "mimalloc"))
 
@@ -65,12 +68,13 @@ def for_training(env: Mapping[str, str] | None = None) -> str:
 
 
 def with_jemalloc(env: Mapping[str, str]) -> dict[str, str]:
-    """`env` with jemalloc preloaded as the engine runs it; `env` unchanged where jemalloc is not installed."""
+    """`env` with jemalloc preloaded as the engine runs it (keeping freed pages, unless `env` has a
+    MALLOC_CONF of its own); `env` unchanged where jemalloc is not installed."""
     library = jemalloc_library()
     if library is None:
         return dict(env)
     preload = " ".join(part for part in (env.get("LD_PRELOAD", ""), library) if part)
-    return {**env, "LD_PRELOAD": preload}
+    return {"MALLOC_CONF": KEEP_FREED, **env, "LD_PRELOAD": preload}
 
 
 def reexecute_with_jemalloc() -> None:
@@ -90,3 +94,68 @@ def reexecute_with_jemalloc() -> None:
         os.execve(sys.executable, [sys.executable, *argv[1:]], env)
     except OSError:  # could not exec (a sandbox, a vanished interpreter): run on with malloc
         return
+
+
+class FreedMemoryGuard:
+    """Hands the pages jemalloc keeps (`KEEP_FREED`) back to the system whenever the process holds
+    more than its first `warmup` steps did by `slack` (+16 MiB): kept pages serve the next step's
+    tensors without page faults, and this bounds them where a run's pattern of sizes stops reusing
+    them. Does nothing unless the process runs on jemalloc with freed pages kept (opt.dirty_decay_ms
+    -1): on the system's malloc, or a user's own MALLOC_CONF, `active` is False."""
+
+    FLOOR = 16 << 20
+
+    def __init__(self, warmup: int = 3, slack: float = 0.10) -> None:
+        self.warmup, self.slack = warmup, slack
+        self.steps = self.purges = 0
+        self.baseline = 0
+        self._mallctl = _jemalloc_mallctl()
+        self.active = self._mallctl is not None and _read(self._mallctl, "opt.dirty_decay_ms", ctypes.c_ssize_t) == -1
+
+    def resident(self) -> int:
+        """Bytes of memory jemalloc has resident (its own and its kept pages), fresh; 0 when inactive."""
+        if not self.active:
+            return 0
+        self._mallctl(b"epoch", None, None, ctypes.byref(ctypes.c_uint64(1)), ctypes.sizeof(ctypes.c_uint64))
+        return _read(self._mallctl, "stats.resident", ctypes.c_size_t) or 0
+
+    def purge(self) -> None:
+        """Every arena's kept pages back to the system (MALLCTL_ARENAS_ALL = 4096)."""
+        if self.active:
+            self._mallctl(b"arena.4096.purge", None, None, None, 0)
+
+    def after_step(self) -> bool:
+        """Call after each optimizer step: whether it handed kept pages back."""
+        if not self.active:
+            return False
+        self.steps += 1
+        resident = self.resident()
+        if self.steps <= self.warmup:
+            self.baseline = max(self.baseline, resident)
+            return False
+        if resident <= self.baseline * (1 + self.slack) + self.FLOOR:
+            return False
+        self.purge()
+        self.purges += 1
+        return True
+
+
+def _jemalloc_mallctl():
+    """jemalloc's mallctl as this process has it loaded, or None (not on jemalloc, or no such symbol)."""
+    if in_use() != "jemalloc":
+        return None
+    try:
+        function = ctypes.CDLL(None).mallctl
+    except (AttributeError, OSError):
+        return None
+    size_p = ctypes.POINTER(ctypes.c_size_t)
+    function.argtypes = [ctypes.c_char_p, ctypes.c_void_p, size_p, ctypes.c_void_p, ctypes.c_size_t]
+    function.restype = ctypes.c_int
+    return function
+
+
+def _read(mallctl, name: str, kind):
+    value, size = kind(), ctypes.c_size_t(ctypes.sizeof(kind))
+    if mallctl(name.encode(), ctypes.byref(value), ctypes.byref(size), None, 0) != 0:
+        return None
+    return value.value

@@ -23,6 +23,7 @@ from accelerate.utils import DistributedType, set_seed
 
 from . import checkpoints as ckpt
 from . import run_folder, sharded
+from .allocator import FreedMemoryGuard
 from .batches import BatchSource, PromptEmbeddings
 from .config import ConfigError, TrainConfig, UserError, check_locations
 from .data import ImageSet, check_images, collect_image_paths, photo_count_note, read_captions, split_caption_files
@@ -353,6 +354,8 @@ def train_loop(run: Run, parts: Components, model: Trainables, batches: BatchSou
     te_stop = round(config.text_encoder_steps_fraction * config.max_train_steps)
     step, te_frozen = state.step, state.text_encoder_frozen
     outcome = Outcome(step, last_checkpoint, [])
+    memory = FreedMemoryGuard()  # jemalloc keeps freed pages for the next step; this bounds them
+    memory.purge()  # what loading and class images freed: the steps' baseline is the steps' own
     with StepLog(run, first_step=step) as log:
         while step < config.max_train_steps:
             if model.text_params and not te_frozen and step >= te_stop:
@@ -366,6 +369,7 @@ def train_loop(run: Run, parts: Components, model: Trainables, batches: BatchSou
             model.lr_scheduler.step()
             step = outcome.step = step + 1
             log.record(step, loss, images, model.lr_scheduler.get_last_lr()[0], time.monotonic() - started)
+            memory.after_step()
             outcome.cancelled = run.agreed_cancel()
             # With scores on, the last step is a checkpoint too: every scored step can be exported.
             last_scored = config.score_checkpoints and step == config.max_train_steps
