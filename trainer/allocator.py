@@ -7,17 +7,20 @@ mid model (18 M-parameter UNet, 64x64 latents, CPU) the peak RSS of a run fell f
 949 MiB (bench/allocator.py, medians of 3 interleaved runs), at 1.05x the seconds per step. On the
 tiny model, whose peak is the imported libraries, it changes nothing (604 vs 619 MiB).
 
-jemalloc keeps the pages a step frees for the next step (MALLOC_CONF=dirty_decay_ms:-1,
-muzzy_decay_ms:-1, `KEEP_FREED`). On its defaults, and under any finite decay (10 s to 1,000 s
-alike), it handed ~700 MiB of a mid step's freed memory back to the system each step and took
-~180,000 page faults to get it back: 6-9% of the step (3.84 against 3.60 s/step, peak 836 against
-849 MiB, bench/allocator.py). Kept pages cannot grow a process without bound here: the training
-loop's `FreedMemoryGuard` hands them back whenever the process's resident memory passes what its
-first steps held by 10% (+16 MiB). That is what retired this setting on 2026-12-02, when the engine
-set it for a day without a guard: a tiny LoRA run grew by ~6 MiB a step to 2.8 GiB at step 400
-(2 of 2 runs). With the engine of 2026-12-03 that growth did not come back (tiny LoRA and full, 400
-steps, and 4 runs of 10: 550-551 MiB on both settings); the guard stays for run patterns not
-measured. A user's MALLOC_CONF is passed on as it is (and then no guard runs).
+From its first training step on, jemalloc keeps the pages a step frees for the next step: the
+training loop's `FreedMemoryGuard` sets every arena's dirty_decay_ms to -1 (never decay) when the
+loop starts. On jemalloc's defaults, and under any finite decay (10 s to 1,000 s alike, set in
+MALLOC_CONF), a mid step handed ~700 MiB of freed memory back to the system and took ~180,000 page
+faults to get it back: 6-9% of the step (3.84 against 3.60 s/step, bench/allocator.py). Imports,
+loading and class images run before that on the defaults, so their freed memory is still handed
+back (the guard also purges it when the loop starts). Kept pages cannot grow a process without
+bound: the guard hands them back whenever the process's resident memory passes what its first
+steps held by 10% (+16 MiB). Never decaying is what the engine set for a day on 2026-12-02, for
+the whole process and without a guard, and retired: a tiny LoRA run grew by ~6 MiB a step to
+2.8 GiB at step 400 (2 of 2 runs). With the engine of 2026-12-03 that growth did not come back
+(tiny LoRA and full, 400 steps, and 4 runs of 10: 550-551 MiB either way); the guard stays for run
+patterns not measured. A user's MALLOC_CONF is passed on as it is, and then the guard changes
+nothing.
 
 `python -m trainer train` re-executes itself once with jemalloc preloaded (LD_PRELOAD) when the
 library is installed (Debian/Ubuntu: `apt install libjemalloc2`) and not already loaded, before
@@ -35,7 +38,6 @@ import sys
 from collections.abc import Mapping
 
 ENV = "DREAMBOOTH_ALLOCATOR"
-KEEP_FREED = "dirty_decay_ms:-1,muzzy_decay_ms:-1"  # jemalloc's MALLOC_CONF for a training (docstring)
 _REEXECUTED = "_DREAMBOOTH_ALLOCATOR_REEXECUTED"  # set on the re-executed process: never loop
 _KNOWN = (("libjemalloc", "jemalloc"), ("libtcmalloc", "tcmalloc"), ("libmimalloc", "mimalloc"))
 
@@ -68,13 +70,12 @@ def for_training(env: Mapping[str, str] | None = None) -> str:
 
 
 def with_jemalloc(env: Mapping[str, str]) -> dict[str, str]:
-    """`env` with jemalloc preloaded as the engine runs it (keeping freed pages, unless `env` has a
-    MALLOC_CONF of its own); `env` unchanged where jemalloc is not installed."""
+    """`env` with jemalloc preloaded as the engine runs it; `env` unchanged where jemalloc is not installed."""
     library = jemalloc_library()
     if library is None:
         return dict(env)
     preload = " ".join(part for part in (env.get("LD_PRELOAD", ""), library) if part)
-    return {"MALLOC_CONF": KEEP_FREED, **env, "LD_PRELOAD": preload}
+    return {**env, "LD_PRELOAD": preload}
 
 
 def reexecute_with_jemalloc() -> None:
@@ -97,11 +98,11 @@ def reexecute_with_jemalloc() -> None:
 
 
 class FreedMemoryGuard:
-    """Hands the pages jemalloc keeps (`KEEP_FREED`) back to the system whenever the process holds
-    more than its first `warmup` steps did by `slack` (+16 MiB): kept pages serve the next step's
-    tensors without page faults, and this bounds them where a run's pattern of sizes stops reusing
-    them. Does nothing unless the process runs on jemalloc with freed pages kept (opt.dirty_decay_ms
-    -1): on the system's malloc, or a user's own MALLOC_CONF, `active` is False."""
+    """From `start()` on, jemalloc keeps the pages a step frees for the next step's tensors (no page
+    faults to get them back), and `after_step()` hands them back to the system whenever the process
+    holds more than its first `warmup` steps did by `slack` (+16 MiB), bounding them where a run's
+    pattern of sizes stops reusing them. `active` is False, and nothing changes, unless the process
+    runs on jemalloc without a MALLOC_CONF of the user's."""
 
     FLOOR = 16 << 20
 
@@ -109,8 +110,20 @@ class FreedMemoryGuard:
         self.warmup, self.slack = warmup, slack
         self.steps = self.purges = 0
         self.baseline = 0
-        self._mallctl = _jemalloc_mallctl()
-        self.active = self._mallctl is not None and _read(self._mallctl, "opt.dirty_decay_ms", ctypes.c_ssize_t) == -1
+        self._mallctl = None if "MALLOC_CONF" in os.environ else _jemalloc_mallctl()
+        self.active = self._mallctl is not None
+
+    def start(self) -> None:
+        """Hand back what was freed so far, then keep freed pages: every arena's dirty pages stop
+        decaying (and new arenas start so)."""
+        if not self.active:
+            return
+        self.purge()
+        never = ctypes.c_ssize_t(-1)
+        size = ctypes.sizeof(never)
+        self._mallctl(b"arenas.dirty_decay_ms", None, None, ctypes.byref(never), size)
+        for arena in range(_read(self._mallctl, "arenas.narenas", ctypes.c_uint) or 0):
+            self._mallctl(f"arena.{arena}.dirty_decay_ms".encode(), None, None, ctypes.byref(never), size)
 
     def resident(self) -> int:
         """Bytes of memory jemalloc has resident (its own and its kept pages), fresh; 0 when inactive."""

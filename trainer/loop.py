@@ -354,8 +354,8 @@ def train_loop(run: Run, parts: Components, model: Trainables, batches: BatchSou
     te_stop = round(config.text_encoder_steps_fraction * config.max_train_steps)
     step, te_frozen = state.step, state.text_encoder_frozen
     outcome = Outcome(step, last_checkpoint, [])
-    memory = FreedMemoryGuard()  # jemalloc keeps freed pages for the next step; this bounds them
-    memory.purge()  # what loading and class images freed: the steps' baseline is the steps' own
+    memory = FreedMemoryGuard()  # from here jemalloc keeps freed pages for the next step; this bounds them
+    memory.start()
     with StepLog(run, first_step=step) as log:
         while step < config.max_train_steps:
             if model.text_params and not te_frozen and step >= te_stop:
