@@ -42,62 +42,73 @@ def test_the_system_allocator_when_asked_or_when_jemalloc_is_absent() -> None:
     assert _probe(WITHOUT_JEMALLOC) == ("system", True, "-")
 
 
-# A run's steps as the guard sees them: each allocates and frees 64 MiB in 0.5 MiB tensors (jemalloc's
-# ordinary arenas, not its dedicated one for huge requests); then one frees 256 MiB more.
+# A run's steps as the guard sees them: each writes and frees `size` MiB in 32 MiB tensors (jemalloc
+# hands such freed pages back at once on its defaults), then one frees 256 MiB more.
 GUARD_PROBE = """
-import json, torch
+import json, resource, sys, torch
 from trainer.allocator import FreedMemoryGuard, reexecute_with_jemalloc
 reexecute_with_jemalloc()
-guard = FreedMemoryGuard(warmup=2)
+guard = FreedMemoryGuard(warmup=3)
 MiB = 1 << 20
-imported = guard.resident()
-parts = [torch.ones(MiB // 8) for _ in range(512)]
-del parts
-loading = guard.resident()  # 256 MiB freed before the loop: handed back at its start
-guard.start()
-started = guard.resident()
 def free(total):
-    parts = [torch.ones(MiB // 8) for _ in range(total * 2)]
+    parts = [torch.ones(8 * MiB) for _ in range(total // 32)]
     del parts
-def step():
-    free(64)
-    return guard.after_step()
-steady = [step() for _ in range(5)]
+def step(size):
+    start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    free(size)
+    line = guard.after_step()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start, line
+size = int(sys.argv[1])
+steps = [step(size) for _ in range(7)]
 before = guard.resident()
 free(256)
 kept = guard.resident()
-purged = guard.after_step()
-after = guard.resident()
-print(json.dumps({"active": guard.active, "imported": imported, "loading": loading, "started": started, "steady": steady, "before": before, "kept": kept, "purged": purged,
-                  "after": after, "later": [step() for _ in range(3)]}))
+purged = guard.purges
+step(size)
+print(json.dumps({"active": guard.active, "keeping": guard.keeping, "faults": [f for f, _ in steps],
+                  "lines": [line for _, line in steps], "before": before, "kept": kept,
+                  "purged": guard.purges - purged, "after": guard.resident(), "later": [step(size) for _ in range(3)]}))
 """
 
 
-def _guard(**env: str) -> dict:
-    done = subprocess.run([sys.executable, "-c", GUARD_PROBE], cwd=REPO, capture_output=True, text=True, timeout=120,
-                          env={**{k: v for k, v in os.environ.items() if k != "MALLOC_CONF"},
-                               "PYTHONPATH": str(REPO), **env})
+def _guard(size: int, **env: str) -> dict:
+    done = subprocess.run([sys.executable, "-c", GUARD_PROBE, str(size)], cwd=REPO, capture_output=True, text=True,
+                          timeout=120, env={**{k: v for k, v in os.environ.items() if k != "MALLOC_CONF"},
+                                            "PYTHONPATH": str(REPO), **env})
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.skipif(jemalloc_library() is None, reason="libjemalloc is not installed (apt install libjemalloc2)")
-def test_freed_pages_are_kept_for_the_next_step_and_handed_back_when_the_process_grows() -> None:
-    """Once the loop starts (having handed back what loading freed) jemalloc keeps what a step frees
-    (no page faults to get it back); steps that reuse it leave it alone, and when a step leaves the
-    process 256 MiB larger the guard hands the kept pages back."""
-    probe = _guard()
+def test_steps_that_fault_much_keep_their_freed_pages_and_growth_is_handed_back() -> None:
+    """Steps that bring 96 MiB back in from the system by page faults each (jemalloc's defaults hand
+    freed memory back) make the guard keep freed pages after its 3 counted steps, saying so once: then
+    the steps fault almost nothing. When a step leaves the process 256 MiB larger, the kept pages go
+    back; steps of the usual size leave them alone."""
+    probe = _guard(96)
+    pages = 96 * (1 << 20) // os.sysconf("SC_PAGE_SIZE")
+    assert probe["active"] and probe["keeping"]
+    assert all(f > pages // 2 for f in probe["faults"][:4])  # counted on the defaults (the 4th freed before)
+    assert all(f < pages // 100 for f in probe["faults"][4:])  # kept
+    assert [i for i, line in enumerate(probe["lines"]) if line] == [2] and "96 MiB" in probe["lines"][2]
     MiB = 1 << 20
-    assert probe["active"] and probe["started"] <= probe["loading"]
-    assert probe["loading"] < probe["imported"] + 150 * MiB  # before the loop, most of 256 MiB freed went back
-    assert probe["steady"] == [False] * 5
-    assert probe["kept"] > probe["before"] + 150 * MiB  # freed, yet resident (64 MiB of it reused): kept
-    assert probe["purged"] and probe["after"] < probe["kept"] - 150 * MiB
-    assert probe["later"] == [False] * 3  # back to the steps' own size: nothing more to hand back
+    assert probe["kept"] > probe["before"] + 150 * MiB  # freed, yet resident (96 MiB of it reused): kept
+    assert probe["purged"] == 1 and probe["after"] < probe["kept"] - 150 * MiB
+    assert [purge for purge in probe["later"] if purge[1]] == []
+
+
+@pytest.mark.skipif(jemalloc_library() is None, reason="libjemalloc is not installed (apt install libjemalloc2)")
+def test_steps_that_fault_little_keep_jemallocs_defaults() -> None:
+    """32 MiB a step (under the guard's 64): nothing changes, and nothing is kept or handed back."""
+    probe = _guard(32)
+    pages = 32 * (1 << 20) // os.sysconf("SC_PAGE_SIZE")
+    assert not probe["active"] and not probe["keeping"] and probe["lines"] == [None] * 7
+    assert all(f > pages // 2 for f in probe["faults"])  # the defaults: each step faults its memory back in
+    assert probe["purged"] == 0
 
 
 def test_the_guard_leaves_other_allocators_and_a_users_tuning_alone() -> None:
-    assert _guard(DREAMBOOTH_ALLOCATOR="system")["active"] is False
+    assert _guard(96, DREAMBOOTH_ALLOCATOR="system")["active"] is False
     if jemalloc_library() is not None:
-        users = _guard(MALLOC_CONF="narenas:2")  # decay as the user left it: nothing of ours to bound
-        assert users["active"] is False and users["purged"] is False
+        users = _guard(96, MALLOC_CONF="narenas:2")  # decay as the user left it: nothing of ours to change
+        assert users["active"] is False and users["keeping"] is False and users["purged"] == 0

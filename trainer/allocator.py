@@ -7,16 +7,17 @@ mid model (18 M-parameter UNet, 64x64 latents, CPU) the peak RSS of a run fell f
 949 MiB (bench/allocator.py, medians of 3 interleaved runs), at 1.05x the seconds per step. On the
 tiny model, whose peak is the imported libraries, it changes nothing (604 vs 619 MiB).
 
-From its first training step on, jemalloc keeps the pages a step frees for the next step: the
-training loop's `FreedMemoryGuard` sets every arena's dirty_decay_ms to -1 (never decay) when the
-loop starts. On jemalloc's defaults, and under any finite decay (10 s to 1,000 s alike, set in
-MALLOC_CONF), a mid step handed ~700 MiB of freed memory back to the system and took ~180,000 page
-faults to get it back: 6-9% of the step (3.84 against 3.60 s/step, bench/allocator.py). Imports,
-loading and class images run before that on the defaults, so their freed memory is still handed
-back (the guard also purges it when the loop starts). Kept pages cannot grow a process without
-bound: the guard hands them back whenever the process's resident memory passes what its first
-steps held by 10% (+16 MiB). Never decaying is what the engine set for a day on 2026-12-02, for
-the whole process and without a guard, and retired: a tiny LoRA run grew by ~6 MiB a step to
+Where a training's steps fault much memory back in, jemalloc keeps the pages a step frees for the
+next step: the training loop's `FreedMemoryGuard` counts the page faults of its first steps on
+jemalloc's defaults and, at 64 MiB or more a step, sets every arena's dirty_decay_ms to -1 (never
+decay) for the rest of the run, saying so. On the defaults, and under any finite decay (10 s to
+1,000 s alike, set in MALLOC_CONF), a mid step handed ~700 MiB of freed memory back to the system
+and took ~180,000 page faults to get it back: 6-9% of the step (3.84 against 3.60 s/step,
+bench/allocator.py). The toy model faults ~1,000 pages a step and keeps the defaults (kept pages
+raised its peak by 15 MiB and gained nothing). Kept pages cannot grow a process without bound: the
+guard hands them back whenever the process's resident memory passes what its first steps after
+the switch held by 10% (+16 MiB). Never decaying is what the engine set for a day on 2026-12-02,
+for every process and without a guard, and retired: a tiny LoRA run grew by ~6 MiB a step to
 2.8 GiB at step 400 (2 of 2 runs). With the engine of 2026-12-03 that growth did not come back
 (tiny LoRA and full, 400 steps, and 4 runs of 10: 550-551 MiB either way); the guard stays for run
 patterns not measured. A user's MALLOC_CONF is passed on as it is, and then the guard changes
@@ -98,32 +99,36 @@ def reexecute_with_jemalloc() -> None:
 
 
 class FreedMemoryGuard:
-    """From `start()` on, jemalloc keeps the pages a step frees for the next step's tensors (no page
-    faults to get them back), and `after_step()` hands them back to the system whenever the process
-    holds more than its first `warmup` steps did by `slack` (+16 MiB), bounding them where a run's
-    pattern of sizes stops reusing them. `active` is False, and nothing changes, unless the process
-    runs on jemalloc without a MALLOC_CONF of the user's."""
+    """Counts the page faults of a run's first `warmup` steps; where they bring back `FAULTED` bytes or
+    more a step, jemalloc keeps the pages a step frees for the next step's tensors from then on (no
+    page faults to get them back), and `after_step()` hands them back to the system whenever the
+    process holds more than its next `warmup` steps did by `slack` (+16 MiB), bounding them where a
+    run's pattern of sizes stops reusing them. `active` is False, and nothing changes, unless the
+    process runs on jemalloc without a MALLOC_CONF of the user's."""
 
     FLOOR = 16 << 20
+    FAULTED = 64 << 20
 
     def __init__(self, warmup: int = 3, slack: float = 0.10) -> None:
         self.warmup, self.slack = warmup, slack
         self.steps = self.purges = 0
         self.baseline = 0
+        self.keeping = False
+        self.faults: list[int] = []
         self._mallctl = None if "MALLOC_CONF" in os.environ else _jemalloc_mallctl()
         self.active = self._mallctl is not None
+        self._last_faults = _page_faults() if self.active else 0
 
-    def start(self) -> None:
-        """Hand back what was freed so far, then keep freed pages: every arena's dirty pages stop
-        decaying (and new arenas start so)."""
+    def keep_freed_pages(self) -> None:
+        """From now on every arena keeps its freed (dirty) pages (and new arenas start so)."""
         if not self.active:
             return
-        self.purge()
         never = ctypes.c_ssize_t(-1)
         size = ctypes.sizeof(never)
         self._mallctl(b"arenas.dirty_decay_ms", None, None, ctypes.byref(never), size)
         for arena in range(_read(self._mallctl, "arenas.narenas", ctypes.c_uint) or 0):
             self._mallctl(f"arena.{arena}.dirty_decay_ms".encode(), None, None, ctypes.byref(never), size)
+        self.keeping = True
 
     def resident(self) -> int:
         """Bytes of memory jemalloc has resident (its own and its kept pages), fresh; 0 when inactive."""
@@ -137,20 +142,41 @@ class FreedMemoryGuard:
         if self.active:
             self._mallctl(b"arena.4096.purge", None, None, None, 0)
 
-    def after_step(self) -> bool:
-        """Call after each optimizer step: whether it handed kept pages back."""
+    def after_step(self) -> str | None:
+        """Call after each optimizer step. Returns a line to show when it starts keeping freed pages."""
         if not self.active:
-            return False
+            return None
         self.steps += 1
+        if not self.keeping:
+            faults = _page_faults()
+            self.faults.append(faults - self._last_faults)
+            self._last_faults = faults
+            if self.steps < self.warmup:
+                return None
+            self.active = False  # unless the steps fault enough to keep their pages
+            typical = min(self.faults[1:] or self.faults) * os.sysconf("SC_PAGE_SIZE")  # the first step's are fresh
+            if typical < self.FAULTED:
+                return None
+            self.active = True
+            self.keep_freed_pages()
+            self.warmup += self.steps  # the baseline: the steps after the switch
+            return (f"Memory: each step faulted ~{typical >> 20} MiB back in from the system on jemalloc's "
+                    "defaults; freed pages are now kept for the next step (handed back if the process "
+                    "grows by 10%)")
         resident = self.resident()
         if self.steps <= self.warmup:
             self.baseline = max(self.baseline, resident)
-            return False
-        if resident <= self.baseline * (1 + self.slack) + self.FLOOR:
-            return False
-        self.purge()
-        self.purges += 1
-        return True
+            return None
+        if resident > self.baseline * (1 + self.slack) + self.FLOOR:
+            self.purge()
+            self.purges += 1
+        return None
+
+
+def _page_faults() -> int:
+    import resource  # Unix only; the guard is active on Linux only (jemalloc)
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def _jemalloc_mallctl():

@@ -354,8 +354,7 @@ def train_loop(run: Run, parts: Components, model: Trainables, batches: BatchSou
     te_stop = round(config.text_encoder_steps_fraction * config.max_train_steps)
     step, te_frozen = state.step, state.text_encoder_frozen
     outcome = Outcome(step, last_checkpoint, [])
-    memory = FreedMemoryGuard()  # from here jemalloc keeps freed pages for the next step; this bounds them
-    memory.start()
+    memory = FreedMemoryGuard()  # whether jemalloc keeps what a step frees for the next (trainer/allocator.py)
     with StepLog(run, first_step=step) as log:
         while step < config.max_train_steps:
             if model.text_params and not te_frozen and step >= te_stop:
@@ -369,7 +368,9 @@ def train_loop(run: Run, parts: Components, model: Trainables, batches: BatchSou
             model.lr_scheduler.step()
             step = outcome.step = step + 1
             log.record(step, loss, images, model.lr_scheduler.get_last_lr()[0], time.monotonic() - started)
-            memory.after_step()
+            memory_line = memory.after_step()
+            if memory_line:
+                run.emit(PhaseEvent("training", memory_line))
             outcome.cancelled = run.agreed_cancel()
             # With scores on, the last step is a checkpoint too: every scored step can be exported.
             last_scored = config.score_checkpoints and step == config.max_train_steps
