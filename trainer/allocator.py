@@ -109,7 +109,7 @@ class FreedMemoryGuard:
     FLOOR = 16 << 20
     FAULTED = 64 << 20
 
-    def __init__(self, warmup: int = 3, slack: float = 0.10) -> None:
+    def __init__(self, warmup: int = 2, slack: float = 0.10) -> None:
         self.warmup, self.slack = warmup, slack
         self.steps = self.purges = 0
         self.baseline = 0
