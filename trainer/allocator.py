@@ -109,13 +109,13 @@ class FreedMemoryGuard:
     FLOOR = 16 << 20
     FAULTED = 64 << 20
 
-    def __init__(self, warmup: int = 2, slack: float = 0.10) -> None:
+    def __init__(self, warmup: int = 2, slack: float = 0.10, enabled: bool = True) -> None:
         self.warmup, self.slack = warmup, slack
         self.steps = self.purges = 0
         self.baseline = 0
         self.keeping = False
         self.faults: list[int] = []
-        self._mallctl = None if "MALLOC_CONF" in os.environ else _jemalloc_mallctl()
+        self._mallctl = None if "MALLOC_CONF" in os.environ or not enabled else _jemalloc_mallctl()
         self.active = self._mallctl is not None
         self._last_faults = _page_faults() if self.active else 0
 

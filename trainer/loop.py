@@ -354,7 +354,9 @@ def train_loop(run: Run, parts: Components, model: Trainables, batches: BatchSou
     te_stop = round(config.text_encoder_steps_fraction * config.max_train_steps)
     step, te_frozen = state.step, state.text_encoder_frozen
     outcome = Outcome(step, last_checkpoint, [])
-    memory = FreedMemoryGuard()  # whether jemalloc keeps what a step frees for the next (trainer/allocator.py)
+    # whether jemalloc keeps what a step frees for the next (trainer/allocator.py); one process only, measured
+    # there (a CPU run of several processes is the tests' DDP, and a GPU run's steps do not fault CPU memory)
+    memory = FreedMemoryGuard(enabled=run.processes == 1)
     with StepLog(run, first_step=step) as log:
         while step < config.max_train_steps:
             if model.text_params and not te_frozen and step >= te_stop:
