@@ -153,11 +153,10 @@ class FreedMemoryGuard:
             self._last_faults = faults
             if self.steps < self.warmup:
                 return None
-            self.active = False  # unless the steps fault enough to keep their pages
             typical = min(self.faults[1:] or self.faults) * os.sysconf("SC_PAGE_SIZE")  # the first step's are fresh
             if typical < self.FAULTED:
+                self.active = False  # jemalloc's defaults for the rest of the run
                 return None
-            self.active = True
             self.keep_freed_pages()
             self.warmup += self.steps  # the baseline: the steps after the switch
             return (f"Memory: each step faulted ~{typical >> 20} MiB back in from the system on jemalloc's "

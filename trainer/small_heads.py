@@ -60,9 +60,7 @@ def _scratch(library: ctypes.CDLL, keys: int, channels: int) -> tuple[int, torch
     """The thread count of a kernel call and the scratch its threads write (allocated here, so
     that an allocation that fails is torch's MemoryError, not a crash in C)."""
     threads = torch.get_num_threads()
-    lanes = library.sha_lanes()
-    padded = -(-keys // lanes) * lanes
-    return threads, torch.empty(threads * library.sha_scratch(padded, channels), dtype=torch.float32)
+    return threads, torch.empty(threads * library.sha_scratch(keys, channels), dtype=torch.float32)
 
 
 def _forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, heads: int,

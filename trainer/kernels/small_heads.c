@@ -250,9 +250,12 @@ static inline __attribute__((always_inline)) void backward_head(
 
 /* the SIMD width: kt and vt have a multiple of it as keys */
 int sha_lanes(void) { return W; }
-/* floats of scratch each thread needs for mp keys (m rounded up to a multiple of W) of d channels
-   (the caller allocates threads x this): a block of score rows, then kt, vt, gkt and gvt */
-long sha_scratch(long mp, int d) { return QB * (mp > KB ? mp : KB) + 4 * d * mp; }
+/* floats of scratch each thread needs for m keys of d channels (the caller allocates threads x
+   this): a block of score rows, then kt, vt, gkt and gvt, each over m rounded up to a multiple of W */
+long sha_scratch(long m, int d) {
+    long mp = (m + W - 1) / W * W;
+    return QB * (mp > KB ? mp : KB) + 4 * d * mp;
+}
 
 /* one head's keys (or values) from their rows into t [d][mp], zeros from key m on */
 static void keys_last(const float *k, float *t, long m, long mp, int d, long ld) {
@@ -271,7 +274,7 @@ void sha_forward(const float *q, const float *k, const float *v, float *o, float
     long mp = (m + W - 1) / W * W, ld = h * d;
 #pragma omp parallel num_threads(threads)
     {
-        float *s = scratch + omp_get_thread_num() * sha_scratch(mp, d);
+        float *s = scratch + omp_get_thread_num() * sha_scratch(m, d);
         float *kt = s + QB * (mp > KB ? mp : KB), *vt = kt + d * mp;
         unsigned csr = flush_denormals();
 #pragma omp for schedule(static)
@@ -296,7 +299,7 @@ void sha_backward(const float *q, const float *k, const float *v, const float *o
     long mp = (m + W - 1) / W * W, ld = h * d;
 #pragma omp parallel num_threads(threads)
     {
-        float *dsbuf = scratch + omp_get_thread_num() * sha_scratch(mp, d);  /* a key block of dS per query */
+        float *dsbuf = scratch + omp_get_thread_num() * sha_scratch(m, d);  /* a key block of dS per query */
         float *kt = dsbuf + QB * (mp > KB ? mp : KB), *vt = kt + d * mp, *gkt = vt + d * mp, *gvt = gkt + d * mp;
         unsigned csr = flush_denormals();
 #pragma omp for schedule(static)
