@@ -142,6 +142,37 @@ def test_the_estimate_moves_the_right_way(tiny_model_dir: Path) -> None:
     )  # instance and class rows
 
 
+def test_parts_off_the_gpu_during_the_steps_are_what_the_engine_parks(
+    tiny_model_dir: Path, tiny_sdxl_model_dir: Path, monkeypatch
+) -> None:
+    """On CUDA the training step's phase leaves out the VAE and frozen text encoders (trainer/parking.py):
+    the model's parked bytes are the bytes of the modules the engine's Parking moves, set up as the
+    engine sets them up, and the phase is lower by exactly those."""
+    import trainer.memory as memory
+    from trainer.memory_profiles import speed_choices, training_parts
+    from trainer.parking import Parking
+
+    for folder in (tiny_model_dir, tiny_sdxl_model_dir):
+        shapes = read_shapes(str(folder))
+        for changes in ({}, {"train_text_encoder": True}, {"cache_latents": False}):
+            config = _tiny(folder, mixed_precision="fp16", **({"cache_latents": True} | changes))
+            parts = training_parts(shapes, config, speed_choices(shapes, config, "cuda"))
+            parking = Parking.for_run(config, parts, torch.device("cuda"))  # decides; moves nothing yet
+            names = ["text_encoder", "text_encoder_2"]
+            engine = {name: sum(t.numel() * t.element_size() for t in [*m.parameters(), *m.buffers()])
+                      for name, m in (parking.modules.items() if parking else ())}
+            predicted = estimate(config, "cuda", shapes=shapes)
+            assert predicted.parked == engine and engine, (folder.name, changes)
+            assert set(engine) == ({"vae"} if config.cache_latents else set()) | (
+                set() if config.train_text_encoder else set(names[: len(shapes.text_encoder_names)]))
+            if not changes:
+                with monkeypatch.context() as patched:
+                    patched.setattr(memory, "parked_parts", lambda *args: [])
+                    kept = estimate(config, "cuda", shapes=shapes)
+                assert kept.phases[TRAINING] - predicted.phases[TRAINING] == sum(engine.values())
+                assert estimate(config, "cpu", shapes=shapes).parked == {}  # on the CPU nothing moves
+
+
 def test_lora_is_far_below_full_fine_tuning_on_sd15() -> None:
     shapes = known_shapes("sd", "test")
     full = TrainConfig(method="full", mixed_precision="fp16", resolution=512)

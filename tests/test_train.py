@@ -215,3 +215,69 @@ def test_the_lora_is_also_saved_for_a1111_comfyui_and_kohya(tiny_base, subject_i
 
     assert torch.allclose(image("pytorch_lora_weights.safetensors"), image("pytorch_lora_weights_kohya.safetensors"),
                           atol=1e-5)
+
+
+@pytest.mark.parametrize("preservation", ["class-images", "base-prediction"])
+def test_parked_parts_are_not_used_by_any_step_and_change_nothing(tiny_base, subject_images, tmp_path,
+                                                                  monkeypatch, preservation):
+    """On a GPU the VAE and the frozen text encoders wait in CPU RAM during the steps (trainer/parking.py).
+    Forced here on the CPU (where they would not move): no step may call them while parked, samples
+    bring them back, and the run trains to the same weights as one that keeps them."""
+    import trainer.parking as parking
+
+    common = dict(method="full", learning_rate=1e-3, max_train_steps=4, with_prior_preservation=True,
+                  preservation=preservation, class_prompt="a photo of a square", num_class_images=2,
+                  class_cache_dir=str(tmp_path / "cache"), validation_prompts=("a photo of sks square",),
+                  validation_steps=2)
+    kept = train(tiny_config(tiny_base.path, subject_images, tmp_path / "kept", **common))
+
+    made: list[parking.Parking] = []
+    original_init = parking.Parking.__init__
+
+    def recording_init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(parking.Parking, "__init__", recording_init)
+    monkeypatch.setattr(parking, "away_from", lambda device: torch.device("cpu"))
+    calls: list[tuple[str, bool]] = []  # (part, parked at the time)
+    import trainer.models as models
+
+    original_load = models.load_components
+
+    def load_and_watch(config):
+        parts = original_load(config)
+        for name, module in [("vae", parts.vae), *(("text_encoder", te) for te in parts.text_encoders)]:
+            for sub in module.modules():
+                sub.register_forward_pre_hook(
+                    lambda *_, name=name: calls.append((name, bool(made) and made[0].parked)))
+        return parts
+
+    monkeypatch.setattr("trainer.loop.load_components", load_and_watch)
+    events: list = []
+    parked = train(tiny_config(tiny_base.path, subject_images, tmp_path / "parked", **common), on_event=events.append)
+
+    assert len(made) == 1 and set(made[0].modules) == {"vae", *tiny_base.text_encoders}
+    lines = [e.message for e in events if isinstance(e, PhaseEvent) and e.message.startswith("Memory: the VAE")]
+    assert len(lines) == 1 and "wait in CPU RAM during the steps" in lines[0]
+    assert not [c for c in calls if c[1]], "a parked part was used"
+    assert {name for name, _ in calls} == {"vae", "text_encoder"}  # before parking, and for the samples
+    assert [e.step for e in events if isinstance(e, SampleEvent)] == [2, 4] and not made[0].parked
+    for name in ("unet", "vae", *tiny_base.text_encoders):
+        assert max_abs_diff(safetensors_dir(kept.run_dir / name), safetensors_dir(parked.run_dir / name)) == 0.0, name
+
+
+def test_nothing_parks_when_the_steps_need_the_part(tiny_model_dir, subject_images, tmp_path, monkeypatch):
+    """A trained text encoder stays, and so does the VAE when augmented photos are encoded every step."""
+    import trainer.parking as parking
+    from trainer.families import detect_family
+
+    parts = detect_family(str(tiny_model_dir)).load_components(str(tiny_model_dir), None, None)
+    config = tiny_config(tiny_model_dir, subject_images, tmp_path / "run")
+    cuda = torch.device("cuda")  # nothing moves here: for_run only decides
+    assert set(parking.Parking.for_run(config, parts, cuda).modules) == {"vae", "text_encoder"}
+    assert set(parking.Parking.for_run(config.replace(train_text_encoder=True), parts, cuda).modules) == {"vae"}
+    augmented = config.replace(random_flip=True, center_crop=False)
+    assert augmented.augments and set(parking.Parking.for_run(augmented, parts, cuda).modules) == {"text_encoder"}
+    assert parking.Parking.for_run(augmented.replace(train_text_encoder=True), parts, cuda) is None
+    assert parking.Parking.for_run(config, parts, torch.device("cpu")) is None

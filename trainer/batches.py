@@ -88,6 +88,10 @@ class BatchSource:
     def _tokenize(self, prompt: str) -> torch.Tensor:
         return self.parts.family.tokenize(self.parts, prompt)
 
+    def prompt_ids(self) -> list[torch.Tensor]:
+        """The token ids of every prompt a batch can hold: each photo's, and the class prompt's."""
+        return self.instance_ids + ([self.class_ids] if self.class_ids is not None else [])
+
     # --- latents ----------------------------------------------------------------------
     @torch.no_grad()
     def _encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,6 +195,11 @@ class PromptEmbeddings:
     def __init__(self, parts: Components) -> None:
         self.parts = parts
         self._cache: dict[bytes, Conditioning] = {}
+
+    def fill(self, input_ids: Sequence[torch.Tensor], device: torch.device) -> None:
+        """Cache every prompt a step can draw now, so that the text encoders can leave the device
+        (trainer/parking.py)."""
+        self.cached(torch.stack(list(input_ids)).to(device))
 
     @torch.no_grad()
     def cached(self, input_ids: torch.Tensor) -> Conditioning:

@@ -44,6 +44,7 @@ from .loss import LossParts, dreambooth_loss, noise_and_timesteps, target_for
 from .models import choose_speed, load_components, prepare_for_training, trainable_parameters, weight_dtype
 from .optim import make_lr_scheduler, make_optimizer
 from .output import make_samples, save_weights
+from .parking import Parking
 from .preservation import BasePrediction
 from .prompts import check_prompts
 from .runtime import check_runtime, make_accelerator, process_state, sharding_launch, strategy
@@ -84,9 +85,11 @@ def train(config: TrainConfig, on_event: EventHandler | None = None, cancel: Can
     model = setup_training(run, parts)
     # 5b. Scores: the scoring models, and the base model's scores before any step (or a resume) changes a weight.
     start_scoring(run, parts, model, inputs.images)
-    # 6. Caches: latents once (no augmentation), prompt embeddings while the text encoder is frozen.
+    # 6. Caches: latents once (no augmentation), prompt embeddings while the text encoder is frozen;
+    #    on a GPU the parts the steps then no longer use leave it.
     batches = make_batches(run, parts, inputs, classes)
     embeddings = PromptEmbeddings(parts)
+    park_frozen_parts(run, parts, model, batches, embeddings)
     # 7. Resume.
     state = resume_state(run, model, resume)
     continue_batches(run, batches, state)
@@ -109,6 +112,11 @@ class Run:
     accelerator: Accelerator | None = None
     speed: SpeedChoices | None = None  # chosen once the device is known (trainer/speed.py)
     scoring: Scoring | None = None  # the main process's, when scores are on and could be loaded (trainer/scoring.py)
+    parking: Parking | None = None  # frozen parts off the GPU during the steps (trainer/parking.py)
+
+    def parts_home(self) -> contextlib.AbstractContextManager:
+        """The frozen parts on the device for the block (samples, scores) when they are parked."""
+        return self.parking.back_home() if self.parking is not None else contextlib.nullcontext()
 
     @property
     def dir(self) -> Path:
@@ -321,6 +329,19 @@ def make_batches(run: Run, parts: Components, inputs: Inputs, classes: ImageSet 
     return batches
 
 
+def park_frozen_parts(run: Run, parts: Components, model: Trainables, batches: BatchSource,
+                      embeddings: PromptEmbeddings) -> None:
+    """On a GPU, the VAE (latents cached) and frozen text encoders (every prompt's embedding cached
+    now) leave the card for the steps: trainer/parking.py."""
+    run.parking = Parking.for_run(run.config, parts, run.accelerator.device)
+    if run.parking is None:
+        return
+    ids = batches.prompt_ids() + ([model.base.class_ids] if model.base is not None else [])
+    embeddings.fill(ids, run.accelerator.device)
+    run.parking.park()
+    run.emit(PhaseEvent("training", run.parking.describe()))
+
+
 # --- 7. resume ------------------------------------------------------------------------------
 def resume_state(run: Run, model: Trainables, resume: Path | None) -> ckpt.TrainingState:
     if resume is None:
@@ -380,11 +401,12 @@ def train_loop(run: Run, parts: Components, model: Trainables, batches: BatchSou
                 state = ckpt.TrainingState(step, te_frozen, samples_seen=batches.samples_seen(step))
                 outcome.checkpoint = save_checkpoint(run, model, state) or outcome.checkpoint
                 if not outcome.cancelled:
-                    score_weights(run, parts, model, step, when=True)
+                    with run.parts_home():
+                        score_weights(run, parts, model, step, when=True)
             if outcome.cancelled:
                 break
             if config.validation_prompts and step % config.validation_steps == 0:
-                with sharded.whole_weights(run.accelerator, model.modules()):
+                with sharded.whole_weights(run.accelerator, model.modules()), run.parts_home():
                     if run.is_main:
                         outcome.samples += sample(run, parts, model, step, log)
     return outcome
@@ -589,6 +611,8 @@ def finish(run: Run, parts: Components, model: Trainables | None, outcome: Outco
     weights = None
     if model is not None:
         run.emit(PhaseEvent("saving", "Saving the model"))
+        if run.parking is not None:  # the saved pipeline, and whatever uses `parts` after, has them back
+            run.parking.unpark()
         accelerator.wait_for_everyone()
     with sharded.whole_weights(accelerator, model.modules() if model is not None else []):
         if run.is_main and model is not None:

@@ -34,6 +34,7 @@ from .memory_profiles import (
 )
 from .memory_shapes import ModelShapes, parameter_counts, part_tensors, read_shapes
 from .models import eight_bit_adam, weight_dtype
+from .parking import parked_parts
 from .scores import draw_batch
 from .speed import SpeedChoices
 
@@ -94,6 +95,9 @@ class MemoryEstimate:
     phases: dict[str, int]
     peak_accelerator: int
     peak_ram: int
+    # parts off the device during the training step (trainer/parking.py: on a GPU, the VAE once latents
+    # are cached, frozen text encoders once every prompt's embedding is); their bytes are in `weights`
+    parked: dict[str, int] = field(default_factory=dict)
     notes: tuple[str, ...] = field(default=())
 
     @property
@@ -104,6 +108,8 @@ class MemoryEstimate:
         """A table for people, in GiB."""
         rows = [
             ("weights (as trained)", self.weights),
+            *([(f"of which in CPU RAM during the steps ({', '.join(self.parked)})", sum(self.parked.values()))]
+              if self.parked else []),
             ("gradients", self.gradients),
             ("optimizer state", self.optimizer_state),
             ("activations (training step)", self.activations),
@@ -131,6 +137,7 @@ class _Held:
     optimizer: int
     caches: int
     step_temporaries: int
+    parked: int = 0  # weights off the device during the steps
 
     @property
     def weights(self) -> int:
@@ -163,16 +170,19 @@ def estimate(
         by_part[FROZEN_UNET] = frozen_part_bytes(shapes, "unet", config.mixed_precision)
     if config.score_checkpoints and device_type == "cpu":  # loaded once, kept for the run, on the CPU always
         by_part[SCORERS] = SCORER_BYTES
+    parked = {name: by_part[name] for name in parked_parts(config, shapes.text_encoder_names, device_type)}
     held = _Held(
         weights_by_part=by_part,
         gradients=4 * sum(trainable),  # trainable weights are fp32, so are their gradients
         optimizer=optimizer_state_bytes(trainable, eight_bit),
         caches=cache_bytes(shapes, config),
         step_temporaries=_step_temporaries(trainable, eight_bit, device_type),
+        parked=sum(parked.values()),
     )
     phases, activations = _phases(shapes, config, device_type, choices, held)
     computing = by_part["unet"] + sum(by_part[n] for n in shapes.text_encoder_names if config.train_text_encoder)
-    transient = max(0, max(phases.values()) - held.weights - held.optimizer - held.caches)
+    on_device = held.weights - (held.parked if max(phases, key=phases.get) == TRAINING else 0)
+    transient = max(0, max(phases.values()) - on_device - held.optimizer - held.caches)
     overhead = device_overhead(device_type, transient, computing, allocator or for_training())
     peak = max(phases.values()) + overhead
     return MemoryEstimate(
@@ -187,6 +197,7 @@ def estimate(
         overhead=overhead,
         phases=phases,
         peak_accelerator=peak,
+        parked=parked,
         peak_ram=(CUDA_PROCESS_RAM + loaded + (SCORER_BYTES if config.score_checkpoints else 0) if device_type == "cuda"
                   else max(peak, CPU_PROCESS + loaded)),
         notes=(shapes.fallback,) if shapes.fallback else (),
@@ -225,7 +236,7 @@ def _phases(
     accumulating = held.gradients if config.gradient_accumulation_steps > 1 else None  # micro-batches add up
     live, grads_then = step.peak(rows, pixels, accumulating)
     kept = held.weights + held.optimizer + held.caches
-    phases = {TRAINING: kept + max(live, held.gradients + held.step_temporaries)}
+    phases = {TRAINING: kept - held.parked + max(live, held.gradients + held.step_temporaries)}
     if class_images_to_make(config):
         batch = min(config.sample_batch_size, config.num_class_images)
         made = generation_profile(shapes, config.mixed_precision, device_type, choices.pad_heads, batch == 1)

@@ -54,7 +54,7 @@ class BasePrediction:
 
     def rows(self, n: int, device: torch.device) -> torch.Tensor:
         """The class prompt's ids for `n` rows, to append to a batch's."""
-        return self.class_ids.to(device).expand(n, -1)
+        return self.class_ids.to(device)[None].expand(n, *self.class_ids.shape)  # SDXL's ids are [2, tokens]
 
     @torch.no_grad()
     def targets(self, parts: Components, unet: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor,
