@@ -6,9 +6,11 @@ photo's caption or the instance prompt, the class prompt) is cached. On a GPU th
 for the steps and come back for samples, scores and the saved pipeline: for SD 1.5 under fp16 that
 is 0.54 GiB (the fp32 VAE and the half-precision text encoder) more for gradients and activations,
 which is what takes full fine-tuning at 512 px under 10 GB (`trainer.memory` counts it the same
-way: `parked_parts`). diffusers' SDXL LoRA script deletes the VAE and text encoders for the same
-reason when it caches; here they stay loaded so that samples need no reload. On the CPU nothing
-moves: the parts are already where they would wait.
+way: `parked_parts`). diffusers' scripts delete them for the same reason, and only when nothing
+needs them again: the text encoders once the prompts are embedded (train_dreambooth_lora_sdxl.py;
+`--pre_compute_text_embeddings`), the VAE once latents are cached and no validation prompt is given
+(train_dreambooth_lora_sdxl_advanced.py). Here they stay loaded, so samples and scores still run.
+On the CPU nothing moves: the parts are already where they would wait.
 """
 
 from __future__ import annotations
