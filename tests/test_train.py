@@ -281,3 +281,20 @@ def test_nothing_parks_when_the_steps_need_the_part(tiny_model_dir, subject_imag
     assert augmented.augments and set(parking.Parking.for_run(augmented, parts, cuda).modules) == {"text_encoder"}
     assert parking.Parking.for_run(augmented.replace(train_text_encoder=True), parts, cuda) is None
     assert parking.Parking.for_run(config, parts, torch.device("cpu")) is None
+
+
+def test_parking_the_vae_alone_keeps_a_trained_text_encoders_embeddings_fresh(tiny_model_dir, subject_images,
+                                                                             tmp_path, monkeypatch):
+    """With the text encoder trained for half the run only the VAE parks: no prompt may be cached before
+    the encoder freezes, or the second half would train on the untrained encoder's embeddings."""
+    import trainer.parking as parking
+
+    common = dict(method="full", learning_rate=1e-3, max_train_steps=4, train_text_encoder=True,
+                  text_encoder_steps_fraction=0.5)
+    kept = train(tiny_config(tiny_model_dir, subject_images, tmp_path / "kept", **common))
+    monkeypatch.setattr(parking, "away_from", lambda device: torch.device("cpu"))
+    events: list = []
+    parked = train(tiny_config(tiny_model_dir, subject_images, tmp_path / "parked", **common), on_event=events.append)
+    assert any(isinstance(e, PhaseEvent) and e.message.startswith("Memory: the VAE waits in CPU RAM") for e in events)
+    for name in ("unet", "text_encoder"):
+        assert max_abs_diff(safetensors_dir(kept.run_dir / name), safetensors_dir(parked.run_dir / name)) == 0.0, name

@@ -336,8 +336,9 @@ def park_frozen_parts(run: Run, parts: Components, model: Trainables, batches: B
     run.parking = Parking.for_run(run.config, parts, run.accelerator.device)
     if run.parking is None:
         return
-    ids = batches.prompt_ids() + ([model.base.class_ids] if model.base is not None else [])
-    embeddings.fill(ids, run.accelerator.device)
+    if run.parking.text_encoders:  # (a trained encoder's embeddings are cached only once it is frozen)
+        ids = batches.prompt_ids() + ([model.base.class_ids] if model.base is not None else [])
+        embeddings.fill(ids, run.accelerator.device)
     run.parking.park()
     run.emit(PhaseEvent("training", run.parking.describe()))
 

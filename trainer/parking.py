@@ -26,9 +26,12 @@ from .families import Components
 
 def parked_parts(config: TrainConfig, text_encoder_names: Sequence[str], device_type: str) -> list[str]:
     """The parts (by their names in the base model's folder) that wait in CPU RAM during the steps of
-    `config` on `device_type`: the VAE when latents are cached, the text encoders when not trained."""
-    if device_type != "cuda":
-        return []
+    `config` on `device_type`: on a GPU, those the steps do not use."""
+    return unused_by_steps(config, text_encoder_names) if device_type == "cuda" else []
+
+
+def unused_by_steps(config: TrainConfig, text_encoder_names: Sequence[str]) -> list[str]:
+    """The VAE when latents are cached, the text encoders when not trained."""
     names = ["vae"] if config.cache_latents and not config.augments else []
     return names + ([] if config.train_text_encoder else list(text_encoder_names))
 
@@ -52,9 +55,13 @@ class Parking:
             return None
         names = ["text_encoder", "text_encoder_2"][: len(parts.text_encoders)]
         by_name = dict(zip(names, parts.text_encoders, strict=True)) | {"vae": parts.vae}
-        # the device type decided already (away_from): the config alone says which parts the steps need
-        chosen = parked_parts(config, names, "cuda")
+        chosen = unused_by_steps(config, names)
         return cls({name: by_name[name] for name in chosen}, device, away) if chosen else None
+
+    @property
+    def text_encoders(self) -> bool:
+        """Whether text encoders park (then every prompt's embedding must be cached first)."""
+        return any(name.startswith("text_encoder") for name in self.modules)
 
     def bytes(self) -> int:
         return sum(t.numel() * t.element_size() for m in self.modules.values()
@@ -63,7 +70,8 @@ class Parking:
     def describe(self) -> str:
         names = {"vae": "the VAE", "text_encoder": "the text encoder", "text_encoder_2": "the second text encoder"}
         which = " and ".join(names[n] for n in self.modules)
-        return (f"Memory: {which} wait in CPU RAM during the steps ({self.bytes() / 2**30:.2f} GiB more for "
+        verb = "wait" if len(self.modules) > 1 else "waits"
+        return (f"Memory: {which} {verb} in CPU RAM during the steps ({self.bytes() / 2**30:.2f} GiB more for "
                 "training on the GPU) and come back for samples, scores and saving")
 
     def park(self) -> None:
