@@ -4,7 +4,7 @@ the memory model's prediction, it/s.
     python bench/gpu_check.py --json $OUT/gpu_check.json          # on a GPU: SD 1.5, 512 px, fp16 (~5 min on an H200)
     python bench/gpu_check.py --model tiny --steps 4 --class-steps 2  # smoke test anywhere (CPU: fp32)
 
-What it runs: the SD 1.5 architecture with random weights (trainer/memory_shapes.py's KNOWN_CONFIGS["sd"]:
+What it runs: the SD 1.5 architecture with random weights (trainer/memory/shapes.py's KNOWN_CONFIGS["sd"]:
 UNet 860 M, CLIP ViT-L/14 text encoder, VAE; SD 1.5's PNDM scheduler; the repository's CLIP tokenizer),
 built once and saved as safetensors into the work folder, so nothing is downloaded. Then, for full
 DreamBooth and for LoRA (rank 4), one `trainer.train` in its own process (one accelerate state each):
@@ -17,7 +17,7 @@ saving) the peak of `torch.cuda.max_memory_allocated` (the tensors) and of `max_
 PyTorch's caching allocator held), and, from a thread polling `torch.cuda.mem_get_info` every 10 ms,
 the peak memory in use on the device (the process's CUDA context included: what nvidia-smi shows; the
 GPU should be otherwise idle; on a CPU the process's peak RSS instead); it/s from the run's metrics.jsonl (median step after the first). Beside
-them, `trainer.memory.estimate` of the same config: its tensor bytes for each phase and its predicted
+them, `trainer.memory.estimate.estimate` of the same config: its tensor bytes for each phase and its predicted
 peak (the largest phase + the CUDA context + allocator slack), made in the training's process before
 anything loads, from the model folder's config files alone (the parent process never touches the GPU).
 
@@ -81,7 +81,7 @@ def build_model(name: str, out: Path) -> Path:
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from trainer.memory_shapes import KNOWN_CONFIGS
+    from trainer.memory.shapes import KNOWN_CONFIGS
     from trainer.toyworld import CLIP_TOKENIZER_DIR
 
     configs = KNOWN_CONFIGS["sd"]
@@ -144,7 +144,7 @@ def child(args: argparse.Namespace) -> None:
 
     from trainer import train
     from trainer.events import PhaseEvent
-    from trainer.memory import estimate
+    from trainer.memory.estimate import estimate
 
     work, method = Path(args.work_dir), args.child
     config = make_config(args, method, work, args.precision)

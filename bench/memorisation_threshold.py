@@ -1,4 +1,4 @@
-"""Where the memorisation warning's threshold sits (trainer/scores.py, memorisation_threshold), measured on
+"""Where the memorisation warning's threshold sits (trainer/scores/measure.py, memorisation_threshold), measured on
 the toy world's example subject with the judge's embeddings (DINO's stand-in):
 
 - copies: each training photo as a generation would return it (32 px, lightly blurred and noised);
@@ -19,7 +19,7 @@ import statistics
 import numpy as np
 from PIL import Image, ImageFilter
 
-from trainer.scores import COPY_FRACTION, memorisation_threshold
+from trainer.scores.measure import COPY_FRACTION, memorisation_threshold
 from trainer.toyworld.example import EXAMPLE_IMAGE_SIZE, EXAMPLE_SCENES
 from trainer.toyworld.judge import Judge
 from trainer.toyworld.world import BACKGROUNDS, IMAGE_SIZE, Scene, render

@@ -1,4 +1,4 @@
-"""The memory model (trainer/memory.py) against measured peaks: predicted vs measured peak RSS of real
+"""The memory model (trainer/memory/estimate.py) against measured peaks: predicted vs measured peak RSS of real
 training steps on this CPU, and the model's predictions for SD 1.5 on CUDA.
 
     OMP_NUM_THREADS=1 python bench/memory_model.py                    # every cell (~20 min on 2 cores)
@@ -17,11 +17,11 @@ the engine's optimizer, zero_grad) with the engine's speed choices (trainer/spee
 the CPU, selective checkpointing at 1,024 tokens or more), one warm-up step then --steps more. The
 child reports its RSS after its imports (the baseline) and ru_maxrss at the end (the peak).
 
-The prediction is `trainer.memory.estimate` of the same training on "cpu", keeping what the cell holds:
+The prediction is `trainer.memory.estimate.estimate` of the same training on "cpu", keeping what the cell holds:
 its training-step phase without the text encoders' and VAE's weights and the caches (the cell builds
 only the UNet and feeds random text states), plus the measured baseline and the model's CPU
 overhead (the first step's library pages, the heap's slack, oneDNN/MKL repacking; its two factors
-were fitted on these cells for each allocator, see trainer/memory.py). The cells run on the allocator a
+were fitted on these cells for each allocator, see trainer/memory/estimate.py). The cells run on the allocator a
 training would run on here (jemalloc where installed); --allocator system runs them on glibc's. The ratio is predicted / measured; the target is
 within 15% (0.85-1.15).
 """
@@ -58,7 +58,7 @@ def shapes_of(model: str):
     import tiny_model
 
     from trainer.families import family_by_name
-    from trainer.memory_shapes import KNOWN_CONFIGS, ModelShapes
+    from trainer.memory.shapes import KNOWN_CONFIGS, ModelShapes
 
     if model in ("sd15", "sdxl"):
         family = "sd" if model == "sd15" else "sdxl"
@@ -168,7 +168,7 @@ def run_cell_process(cell: dict, allocator: str) -> dict:
 # --- the prediction -------------------------------------------------------------------------------
 def predict(cell: dict, baseline: int) -> tuple[int, str]:
     """Predicted peak RSS of the cell's process, and the training-step line of the estimate."""
-    from trainer.memory import CPU_PROCESS, TRAINING, device_overhead, estimate
+    from trainer.memory.estimate import CPU_PROCESS, TRAINING, device_overhead, estimate
 
     shapes = shapes_of(cell["model"])
     memory = estimate(cell_config(cell), "cpu", shapes=shapes)
@@ -187,8 +187,8 @@ def cuda_predictions() -> list[str]:
     """The model's SD 1.5 predictions on CUDA: 512 px, fp16, 8-bit AdamW, checkpointing, batch 1 with
     prior preservation (4 class images a batch), full and LoRA; no GPU measured them here."""
     from trainer.config import TrainConfig
-    from trainer.memory import GiB, estimate
-    from trainer.memory_shapes import read_shapes
+    from trainer.memory.estimate import GiB, estimate
+    from trainer.memory.shapes import read_shapes
 
     shapes = read_shapes(SD15_ID, local_only=True, family="sd")
     lines = [

@@ -105,7 +105,7 @@ MID_UNET = {
     "cross_attention_dim": 32, "attention_head_dim": 8, "norm_num_groups": 32,
 }
 RESOLUTION = {"tiny": 32, "mid": 128}  # px; the tiny VAE halves it: 16x16 and 64x64 latents
-MIN_SIDE = 64  # our engine refuses smaller instance and class images (trainer.data.MIN_SIDE)
+MIN_SIDE = 64  # our engine refuses smaller instance and class images (trainer.data.photos.MIN_SIDE)
 INSTANCE_PROMPT, CLASS_PROMPT = "a photo of sks dog", "a photo of a dog"
 LR = {"full": 5e-6, "lora": 1e-4}
 LORA_RANK = 4

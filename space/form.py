@@ -22,7 +22,7 @@ import gradio as gr
 from space import texts
 from space.presets import FAMILY_PRESETS, SD
 from trainer.config import PRECISIONS, ConfigError, TrainConfig, check_locations
-from trainer.data import MAX_PHOTOS, MIN_PHOTOS, is_caption_file
+from trainer.data.photos import MAX_PHOTOS, MIN_PHOTOS, is_caption_file
 
 MIN_IMAGES, MAX_IMAGES = MIN_PHOTOS, MAX_PHOTOS  # the engine's own range
 DEFAULT_IDENTIFIER = "zwx"  # a made-up word; the popular "sks" is also the name of a rifle

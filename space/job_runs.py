@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 from trainer.config import ConfigError, TrainConfig, check_locations
-from trainer.data import check_images, collect_image_paths, is_caption_file, read_captions, split_caption_files
+from trainer.data.photos import check_images, collect_image_paths, is_caption_file, read_captions, split_caption_files
 from trainer.run_folder import instance_images_dir, is_run, read_status, write_status
 
 

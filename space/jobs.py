@@ -51,7 +51,7 @@ from trainer.events import (
 from trainer.run_folder import is_run, read_config
 
 if TYPE_CHECKING:
-    from trainer.hub import PublishResult
+    from trainer.publish.hub import PublishResult
 
 log = logging.getLogger(__name__)
 __all__ = ["BusyError", "JobManager", "JobSnapshot", "NotYourJob", "PublishRequest", "Visitor", "keep_uploads"]
@@ -163,7 +163,7 @@ class JobSnapshot:
 
 
 def default_publish(run_dir: Path, request: PublishRequest) -> PublishResult:
-    from trainer.hub import publish
+    from trainer.publish.hub import publish
 
     return publish(run_dir, request.repo_id, private=request.private, token=request.token)
 

@@ -1,4 +1,4 @@
-"""Will a training fit this GPU? The engine's memory model (trainer/memory.py) on the Train form's
+"""Will a training fit this GPU? The engine's memory model (trainer/memory/estimate.py) on the Train form's
 settings: the line the form shows before Start, and the best settings that fit a GPU (which
 space.presets.memory_settings hands to the form).
 
@@ -19,9 +19,9 @@ from space import texts
 from space.hardware import Hardware
 from space.presets import TOY_MODEL, model_family, model_resolution
 from trainer.config import TrainConfig, UserError
-from trainer.memory import GiB, MemoryEstimate, estimate, lower_bound, needed
-from trainer.memory_advice import all_changes, fitting_changes
-from trainer.memory_shapes import KNOWN_LABELS, ModelShapes, read_shapes
+from trainer.memory.advice import all_changes, fitting_changes
+from trainer.memory.estimate import GiB, MemoryEstimate, estimate, lower_bound, needed
+from trainer.memory.shapes import KNOWN_LABELS, ModelShapes, read_shapes
 
 # What a CPU (or Apple GPU) trains: the toy model, LoRA in fp32; no 8-bit Adam (bitsandbytes' CPU
 # kernels are slow) and no checkpointing (the toy model's activations are tiny).

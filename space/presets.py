@@ -189,7 +189,7 @@ def first_model(family: str) -> str:
 def memory_pick(hw: Hardware, family: str = SD, base_model: str | None = None) -> Any:
     """The best settings that fit this machine for `base_model` (default: the family's first known
     model), with the sentence that says what was picked and why: space.memory.pick, which weighs
-    them with the engine's memory model (trainer/memory.py)."""
+    them with the engine's memory model (trainer/memory/estimate.py)."""
     from space.memory import pick  # imported here: space.memory reads this module's model table
 
     model = base_model or first_model(family)

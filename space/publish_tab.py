@@ -1,7 +1,7 @@
 """The Publish tab: send a local run to the Hugging Face Hub.
 
 The token comes from the Space's OAuth login (when the Space enables it), else the HF_TOKEN
-secret, else a password field, in that order. It only ever travels to trainer.hub.publish.
+secret, else a password field, in that order. It only ever travels to trainer.publish.hub.publish.
 Launch alone: `python -m space.publish_tab [RUNS_DIR]`.
 """
 
@@ -17,7 +17,7 @@ from space.local_paths import LocalPaths
 from space.tokens import NO_TOKEN, oauth_enabled, pick_token, token_field
 from space.wiring import bind
 from trainer.config import ConfigError
-from trainer.hub import HubError, class_noun, publish, suggest_repo_name
+from trainer.publish.hub import HubError, class_noun, publish, suggest_repo_name
 from trainer.run_folder import list_runs, try_read_config
 
 _QUIET = {"api_visibility": "private", "show_progress": "hidden"}  # no API endpoint, no spinner

@@ -1,5 +1,5 @@
-"""A run's checkpoint scores as the app keeps them: the rows of scores.jsonl by step (trainer/scores.py
-writes them), the pick over the checkpoints still on disk (trainer/pick.py), and the step the run's
+"""A run's checkpoint scores as the app keeps them: the rows of scores.jsonl by step (trainer/scores/measure.py
+writes them), the pick over the checkpoints still on disk (trainer/scores/pick.py), and the step the run's
 weights are from.
 
 A running job gathers its rows from the training's ScoreEvents (space/jobs.py); a finished job, and any
@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from trainer import checkpoints as ckpt
-from trainer.pick import pick_from_rows
 from trainer.run_folder import read_status
-from trainer.scores import read_scores
+from trainer.scores.measure import read_scores
+from trainer.scores.pick import pick_from_rows
 
 
 @dataclass(frozen=True)

@@ -152,7 +152,7 @@ SAMPLE_BATCH_HELP = "Class images generated at once: more is faster; decoding la
 
 
 def score_checkpoints_help(samples: int, checkpoints: int) -> str:
-    """What scoring measures and what it costs: trainer/scores.py samples 2 + 3 prompts, `samples` images each."""
+    """What scoring measures and what it costs: trainer/scores/measure.py samples 2 + 3 prompts, `samples` images each."""
     return (
         "Measures the base model once and each checkpoint (likeness to your photos, new prompts followed, class "
         f"drift, copies of your photos) and picks the best, for (2 + 3) × {samples} = {5 * samples} sampled images "
@@ -163,10 +163,10 @@ def score_checkpoints_help(samples: int, checkpoints: int) -> str:
 
 
 # The memory line under the base model (space.memory.memory_note): the engine's memory model
-# (trainer/memory.py) on the form's settings, on a CUDA GPU. GB as the hardware line counts them.
+# (trainer/memory/estimate.py) on the form's settings, on a CUDA GPU. GB as the hardware line counts them.
 MEMORY_FITS = "**Fits your GPU** (about {need:.1f} of {have:.1f} GB)."
 MEMORY_DOES_NOT_FIT = "**Does not fit your GPU** (about {need:.1f} of {have:.1f} GB). {advice}"
-# What to do in the form for each change trainer.memory_advice weighs (the rest are not in the form).
+# What to do in the form for each change trainer.memory.advice weighs (the rest are not in the form).
 MEMORY_CHANGES: dict[str, str] = {
     "gradient_checkpointing": "Turn on gradient checkpointing (under Advanced)",
     "use_8bit_adam": "Turn on 8-bit Adam (under Advanced)",

@@ -1,7 +1,7 @@
 """Where a Hugging Face token comes from, for every tab that publishes.
 
 The Space's OAuth login first (when the Space enables it), then the HF_TOKEN secret, then a
-password field, in that order. A token is only passed on to trainer.hub: never stored, logged,
+password field, in that order. A token is only passed on to trainer.publish.hub: never stored, logged,
 or put in a config, event or status.
 """
 
@@ -11,7 +11,7 @@ import os
 
 import gradio as gr
 
-from trainer.hub import TOKEN_ENV
+from trainer.publish.hub import TOKEN_ENV
 
 NO_TOKEN = (
     "No Hugging Face token found: paste a token with the **write** role "

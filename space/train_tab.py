@@ -7,7 +7,7 @@ visitor sees the running job and their own place in the queue. A visitor is the 
 else the browser session: they cancel, withdraw and resume only their own trainings (the local
 user of an app running privately on this machine: any). With "publish when training finishes", Start first asks the Hub whose token it
 is (seconds), and the job publishes the run when the training completes; the token only ever
-travels in memory to trainer.hub. Launch alone with `python -m space.train_tab`.
+travels in memory to trainer.publish.hub. Launch alone with `python -m space.train_tab`.
 
 The handlers are module-level functions over a TrainDeps (tests call them directly); the form's
 fields come from space.form.FORM; build_train_tab only lays out and wires.
@@ -58,7 +58,7 @@ from space.presets import (
 from space.scores_panel import ScoresPanel
 from space.tokens import NO_TOKEN, oauth_enabled, pick_token, token_field
 from space.wiring import PRIVATE, bind, by_component
-from trainer.hub import HubError, check_token, suggest_repo_name
+from trainer.publish.hub import HubError, check_token, suggest_repo_name
 
 log = logging.getLogger(__name__)
 MAX_PLOT_POINTS = 500

@@ -38,7 +38,7 @@ SKIP = type(gr.skip())
 
 
 def row(step: int, subject: float, prompt: float = 0.3, drift: float = 0.0, memorised: bool = False) -> dict:
-    """One row of scores.jsonl as trainer/scores.py writes it (the base model's at step 0)."""
+    """One row of scores.jsonl as trainer/scores/measure.py writes it (the base model's at step 0)."""
     return {"step": step, **({"base": True} if step == 0 else {}), "subject": subject, "subject_clip": None,
             "prompt": prompt, "drift": drift, "div_kept": 1.0, "memorisation": 0.97 if memorised else 0.5,
             "memorised": memorised, "memorisation_threshold": 0.9, "scored_with": "judge", "seconds": 0.1}

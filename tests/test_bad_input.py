@@ -12,7 +12,7 @@ from PIL import Image
 from train_helpers import tiny_config
 
 from trainer import ConfigError, TrainConfig, train
-from trainer.data import ImageDataError
+from trainer.data.photos import ImageDataError
 from trainer.events import WarningEvent
 from trainer.models import ModelLoadError
 

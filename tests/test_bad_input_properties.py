@@ -22,7 +22,7 @@ from train_helpers import tiny_config
 
 from space.form import form_to_config
 from trainer.config import ConfigError, TrainConfig
-from trainer.data import ImageDataError, check_images, load_rgb
+from trainer.data.photos import ImageDataError, check_images, load_rgb
 from trainer.inference import GenerateRequest
 
 # The same examples on every run (no flaky CI, no .hypothesis/ folder in the checkout); raise

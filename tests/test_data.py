@@ -1,4 +1,4 @@
-"""trainer.data on real files written to tmp_path: every broken case is a file Pillow really reads."""
+"""trainer.data.photos on real files written to tmp_path: every broken case is a file Pillow really reads."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from trainer.data import (
+from trainer.data.photos import (
     MIN_SIDE,
     ImageDataError,
     ImageSet,

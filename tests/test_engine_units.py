@@ -132,8 +132,8 @@ def test_cancel_during_class_images_keeps_what_was_generated(tiny_model_dir, sub
 
 
 def test_each_image_trains_with_its_own_caption(tiny_model_dir, subject_images, tmp_path):
-    from trainer.batches import BatchSource
-    from trainer.data import ImageSet, collect_image_paths, read_captions, split_caption_files
+    from trainer.data.batches import BatchSource
+    from trainer.data.photos import ImageSet, collect_image_paths, read_captions, split_caption_files
 
     uploaded = tmp_path / "upload" / "subject_3.txt"  # named explicitly, as an upload is
     uploaded.parent.mkdir()
@@ -170,8 +170,8 @@ def test_sdxl_time_ids_are_the_original_size_and_the_crop_actually_taken(tiny_sd
     import numpy as np
     from PIL import Image
 
-    from trainer.batches import BatchSource
-    from trainer.data import ImageSet, _resize_short_side, load_rgb
+    from trainer.data.batches import BatchSource
+    from trainer.data.photos import ImageSet, _resize_short_side, load_rgb
 
     folder = tmp_path / "photos"
     folder.mkdir()

@@ -24,7 +24,7 @@ from space.presets import (
 )
 from trainer.config import ConfigError, TrainConfig
 from trainer.events import CancelToken, PhaseEvent, RunResult, SampleEvent, StepEvent, WarningEvent
-from trainer.hub import HubError
+from trainer.publish.hub import HubError
 from trainer.toyworld import (
     EXAMPLE_INSTANCE_PROMPT,
     EXAMPLE_PROMPTS,
@@ -685,7 +685,7 @@ def test_publish_request_needs_a_name_and_a_token_before_asking_the_hub(monkeypa
 
 def test_scores_take_no_gpu_memory_from_the_training_only_ram() -> None:
     from space.memory import form_config, model_shapes
-    from trainer.memory import SCORER_BYTES, SCORERS, estimate
+    from trainer.memory.estimate import SCORER_BYTES, SCORERS, estimate
 
     shapes = model_shapes(SDXL_BASE, "sdxl")
     plain = estimate(form_config(_memory_form(SDXL_BASE)), "cuda", shapes=shapes)

@@ -31,10 +31,10 @@ from train_helpers import tiny_config
 
 from trainer import ConfigError, TrainConfig, train
 from trainer.config import UserError
-from trainer.data import ImageDataError, check_images, load_rgb
-from trainer.hub import HubError, HubInputError, check_repo_id, check_token, publish
+from trainer.data.photos import ImageDataError, check_images, load_rgb
 from trainer.inference import GenerateRequest, generate
 from trainer.loop import NonFiniteLossError, last_finite_checkpoint
+from trainer.publish.hub import HubError, HubInputError, check_repo_id, check_token, publish
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -369,7 +369,7 @@ def test_every_bad_image_file_is_named_with_its_problem(tmp_path, kind, refusal,
 def test_image_paths_with_traversal_are_resolved_not_trusted(tiny_model_dir, subject_images, tmp_path):
     """`..` in a path is followed like any path: a file given twice that way trains once, and a path
     climbing to where nothing is gets the path named."""
-    from trainer.data import collect_image_paths
+    from trainer.data.photos import collect_image_paths
 
     twice = collect_image_paths([subject_images, subject_images / ".." / subject_images.name / "subject_0.png"])
     assert len(twice) == 4

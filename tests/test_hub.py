@@ -21,10 +21,10 @@ from hub_fixtures import CANARY, make_run
 from hub_server import READ_TOKEN, USER, WRITE_TOKEN, Account, Blob, FakeHub, Repo
 from huggingface_hub import HfApi, ModelCard, constants
 
-from trainer import hub as hub_module
-from trainer.card import build_model_card, write_model_card
 from trainer.config import TrainConfig
-from trainer.hub import (
+from trainer.publish import hub as hub_module
+from trainer.publish.card import build_model_card, write_model_card
+from trainer.publish.hub import (
     HubError,
     check_token,
     class_noun,
@@ -247,7 +247,7 @@ def test_a_fresh_process_publishing_prints_no_token(hub: FakeHub, lora_run: Path
         "PYTHONPATH": str(ROOT),
     }
     code = (
-        "import sys; from pathlib import Path; from trainer.hub import publish; "
+        "import sys; from pathlib import Path; from trainer.publish.hub import publish; "
         "print(publish(Path(sys.argv[1]), 'sks-dog', private=True))"
     )
     proc = subprocess.run(

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.card import write_model_card
 from trainer.config import TrainConfig
 from trainer.inference import (
     SCHEDULERS,
@@ -19,6 +18,7 @@ from trainer.inference import (
     generate,
     resolve_model,
 )
+from trainer.publish.card import write_model_card
 from trainer.run_folder import lora_base_model
 
 SMALL = {"width": 32, "height": 32, "steps": 2}

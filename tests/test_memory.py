@@ -1,4 +1,4 @@
-"""The memory model (trainer/memory.py): parameter counts from configs, the optimizer's bytes, the
+"""The memory model (trainer/memory/estimate.py): parameter counts from configs, the optimizer's bytes, the
 order of the estimates, a real step measured against the prediction, the check that refuses a
 training that will not fit, and the app's preset picker and memory line."""
 
@@ -12,8 +12,8 @@ from ui_fixtures import GPU16
 
 from space.hardware import Hardware
 from trainer.config import ConfigError, TrainConfig
-from trainer.memory import TRAINING, GiB, estimate, needed, optimizer_state_bytes, weights_and_trainables
-from trainer.memory_shapes import KNOWN_CONFIGS, known_shapes, parameter_counts, read_shapes
+from trainer.memory.estimate import TRAINING, GiB, estimate, needed, optimizer_state_bytes, weights_and_trainables
+from trainer.memory.shapes import KNOWN_CONFIGS, known_shapes, parameter_counts, read_shapes
 
 SD15, SDXL = "stable-diffusion-v1-5/stable-diffusion-v1-5", "stabilityai/stable-diffusion-xl-base-1.0"
 
@@ -83,7 +83,7 @@ def test_weights_and_gradients_are_those_of_the_engines_setup(
 ) -> None:
     """The model counts bytes from the configs; the engine's prepare_for_training, run on the meta
     device, says what they are: every part's bytes and every trainable tensor must agree."""
-    from trainer.memory_profiles import speed_choices, training_parts
+    from trainer.memory.profiles import speed_choices, training_parts
 
     for folder in (tiny_model_dir, tiny_sdxl_model_dir):
         for text_encoder in (False, True):
@@ -145,12 +145,12 @@ def test_the_estimate_moves_the_right_way(tiny_model_dir: Path) -> None:
 def test_parts_off_the_gpu_during_the_steps_are_what_the_engine_parks(
     tiny_model_dir: Path, tiny_sdxl_model_dir: Path, monkeypatch
 ) -> None:
-    """On CUDA the training step's phase leaves out the VAE and frozen text encoders (trainer/parking.py):
+    """On CUDA the training step's phase leaves out the VAE and frozen text encoders (trainer/memory/parking.py):
     the model's parked bytes are the bytes of the modules the engine's Parking moves, set up as the
     engine sets them up, and the phase is lower by exactly those."""
-    import trainer.memory as memory
-    from trainer.memory_profiles import speed_choices, training_parts
-    from trainer.parking import Parking
+    import trainer.memory.estimate as memory
+    from trainer.memory.parking import Parking
+    from trainer.memory.profiles import speed_choices, training_parts
 
     for folder in (tiny_model_dir, tiny_sdxl_model_dir):
         shapes = read_shapes(str(folder))
@@ -225,7 +225,7 @@ def test_the_prediction_matches_a_real_steps_tensors(tiny_model_dir: Path) -> No
 
 
 def test_check_fits_refuses_with_what_to_change(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from trainer import memory
+    from trainer.memory.estimate import estimate as memory
 
     config = _tiny(tiny_model_dir, resolution=256)
     need = needed(estimate(config, "cpu"))
@@ -249,9 +249,9 @@ def test_a_deepspeed_or_fsdp_launch_is_not_refused_by_a_model_of_one_gpu(
         tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, launch: str) -> None:
     """ZeRO-Offload exists to train on cards the one-GPU estimate says are too small; the memory model
     does not model sharding or offload, so under those launches it warns instead of refusing."""
-    from trainer import memory
     from trainer.events import CancelToken, WarningEvent
     from trainer.loop import Run, check_memory
+    from trainer.memory.estimate import estimate as memory
 
     config = _tiny(tiny_model_dir, resolution=256)
     monkeypatch.setattr(memory, "device_capacity", lambda device: (1, "a tiny GPU"))
@@ -375,9 +375,9 @@ def test_the_app_says_whether_the_form_fits_the_gpu() -> None:
 @pytest.mark.slow
 def test_the_shipped_profiles_are_the_engines_of_today() -> None:
     """The app's SD 1.5 profiles ship (trainer/assets/memory-profiles.json); a change to the engine's
-    setup or step must remake them (`python -m trainer.memory_profiles --fresh`). One, traced afresh."""
-    from trainer import memory_profiles
-    from trainer.memory_profiles import speed_choices, step_profile
+    setup or step must remake them (`python -m trainer.memory.profiles --fresh`). One, traced afresh."""
+    from trainer.memory.estimate import profiles as memory_profiles
+    from trainer.memory.profiles import speed_choices, step_profile
 
     shapes = known_shapes("sd", "test")
     config = TrainConfig(

@@ -1,6 +1,6 @@
 """Training on several processes through `accelerate launch` (DDP over gloo on this CPU).
 
-Each process takes its own rows of every global batch (trainer/batches.py), gradients are averaged,
+Each process takes its own rows of every global batch (trainer/data/batches.py), gradients are averaged,
 and only the main process writes. The claims, each against a plain one-process run of the same
 global batch: the weights end the same, the class images are made once between the processes, and a
 checkpoint moves between 2 and 1 processes both ways. "The same" is stated in Adam steps (each

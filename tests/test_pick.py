@@ -1,8 +1,8 @@
-"""The rule that picks the checkpoint to keep (trainer/pick.py), on synthetic score tables."""
+"""The rule that picks the checkpoint to keep (trainer/scores/pick.py), on synthetic score tables."""
 
 from __future__ import annotations
 
-from trainer.pick import CheckpointScores, PickRule, pick_best, pick_from_rows
+from trainer.scores.pick import CheckpointScores, PickRule, pick_best, pick_from_rows
 
 BASE = CheckpointScores(0, 0.50, 0.30, 0.0)
 

@@ -1,4 +1,4 @@
-"""Prior preservation from the base model's own predictions (trainer/preservation.py), on the tiny models."""
+"""Prior preservation from the base model's own predictions (trainer/preservation/base_prediction.py), on the tiny models."""
 
 from __future__ import annotations
 
@@ -60,8 +60,8 @@ def test_full_fine_tuning_trains_against_a_frozen_copy_that_the_memory_model_cou
         tiny_model_dir, subject_images, tmp_path):
     from train_helpers import safetensors_dir
 
-    from trainer.memory import FROZEN_UNET, estimate, frozen_part_bytes
-    from trainer.memory_shapes import read_shapes
+    from trainer.memory.estimate import FROZEN_UNET, estimate, frozen_part_bytes
+    from trainer.memory.shapes import read_shapes
 
     config = tiny_config(tiny_model_dir, subject_images, tmp_path / "run", method="full", max_train_steps=3,
                          with_prior_preservation=True, preservation="base-prediction", class_prompt=CLASS_PROMPT,

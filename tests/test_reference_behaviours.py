@@ -74,7 +74,7 @@ import pytest
 import torch
 from cli_helpers import run_cli
 
-from trainer.batches import BatchSource
+from trainer.data.batches import BatchSource
 from trainer.run_folder import LORA_WEIGHTS, read_status
 
 PROMPT = "a photo of sks square"

@@ -1,4 +1,4 @@
-"""Scores of checkpoints (trainer/scores.py, scoring.py), the export of a checkpoint (trainer/export.py)
+"""Scores of checkpoints (trainer/scores/measure.py, scoring.py), the export of a checkpoint (trainer/export.py)
 and the card's metrics, on the tiny SD with tiny random DINOv2 and CLIP models loaded through
 `from_pretrained` as the real ones are."""
 
@@ -54,8 +54,8 @@ class FixedImages:
 
 @pytest.fixture
 def scorer(tiny_model_dir, subject_images, tmp_path, tiny_scorers):
-    from trainer.data import collect_image_paths, load_rgb
-    from trainer.scores import HubEmbedders, Scorer
+    from trainer.data.photos import collect_image_paths, load_rgb
+    from trainer.scores.measure import HubEmbedders, Scorer
 
     config = scored_config(tiny_model_dir, subject_images, tmp_path / "run", tiny_scorers)
     embedders = HubEmbedders(str(tiny_scorers[0]), str(tiny_scorers[1]))
@@ -86,7 +86,7 @@ def test_scores_are_the_same_for_the_same_model_and_seeds(scorer, base_pipe):
 
 
 def test_drawing_one_image_at_a_time_scores_as_drawing_them_together(scorer, base_pipe):
-    from trainer.scores import Scorer
+    from trainer.scores.measure import Scorer
 
     scorer, photos = scorer
     together = scorer.score(base_pipe, 0)
@@ -122,7 +122,7 @@ def test_memorisation_is_highest_when_a_sample_is_a_training_photo(scorer, base_
 
 
 def test_the_memorisation_threshold_sits_between_other_photos_and_a_copy():
-    from trainer.scores import memorisation_threshold
+    from trainer.scores.measure import memorisation_threshold
 
     photos = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0]]), dim=1)
     # nearest other photo: cos = 0.8 (both pairs with the middle one); 90% of the way to a copy is 0.98
@@ -132,7 +132,7 @@ def test_the_memorisation_threshold_sits_between_other_photos_and_a_copy():
 
 def test_training_scores_the_base_and_every_checkpoint_and_the_last_step(
         tiny_model_dir, subject_images, tmp_path, tiny_scorers):
-    from trainer.scores import read_scores
+    from trainer.scores.measure import read_scores
 
     events = []
     config = scored_config(tiny_model_dir, subject_images, tmp_path / "run", tiny_scorers,
@@ -165,7 +165,7 @@ def test_pruning_keeps_the_pick_besides_the_newest_checkpoints(tmp_path):
 
 
 def test_resuming_keeps_the_base_models_scores(tiny_model_dir, subject_images, tmp_path, tiny_scorers):
-    from trainer.scores import read_scores
+    from trainer.scores.measure import read_scores
 
     config = scored_config(tiny_model_dir, subject_images, tmp_path / "run", tiny_scorers, max_train_steps=2)
     train(config)
@@ -197,8 +197,8 @@ def test_export_best_gives_the_weights_of_that_step_and_they_load_in_plain_diffu
 
     from trainer.export import export_checkpoint
     from trainer.inference import PipelineCache
-    from trainer.pick import pick_from_rows
-    from trainer.scores import read_scores
+    from trainer.scores.measure import read_scores
+    from trainer.scores.pick import pick_from_rows
 
     run = tmp_path / "run"
     train(scored_config(tiny_model_dir, subject_images, run, tiny_scorers, max_train_steps=4,
@@ -265,9 +265,9 @@ def test_the_cards_metrics_are_the_scores_of_its_weights_and_parse_back(
         tiny_model_dir, subject_images, tmp_path, tiny_scorers):
     from huggingface_hub import ModelCard
 
-    from trainer.card_scores import card_metrics
     from trainer.export import export_checkpoint
-    from trainer.scores import read_scores
+    from trainer.scores.measure import read_scores
+    from trainer.scores.report import card_metrics
 
     run = tmp_path / "run"
     train(scored_config(tiny_model_dir, subject_images, run, tiny_scorers, max_train_steps=4,
@@ -309,8 +309,8 @@ def test_the_cli_scores_when_asked_and_says_the_best_so_far(tiny_model_dir, subj
 
 
 def test_the_memory_model_counts_the_scoring_models_and_the_scoring_phase(tiny_model_dir, subject_images, tmp_path):
-    from trainer.memory import SAMPLES, SCORER_BYTES, SCORERS, SCORING, estimate
-    from trainer.memory_shapes import read_shapes
+    from trainer.memory.estimate import SAMPLES, SCORER_BYTES, SCORERS, SCORING, estimate
+    from trainer.memory.shapes import read_shapes
 
     shapes = read_shapes(str(tiny_model_dir), None, None, local_only=True)
     config = tiny_config(tiny_model_dir, subject_images, tmp_path / "run")

@@ -1,5 +1,5 @@
 """The toy world end to end, CI-sized: the generator, the judge, the pretrained toy model, and a
-DreamBooth run on the example subject that must visibly learn it (trainer.eval, small counts)."""
+DreamBooth run on the example subject that must visibly learn it (trainer.toyworld.eval, small counts)."""
 
 from __future__ import annotations
 
@@ -81,7 +81,7 @@ def test_example_subject_is_new_to_the_base_model(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_dreambooth_learns_the_example_subject(tmp_path: Path) -> None:
-    from trainer.eval import main
+    from trainer.toyworld.eval import main
 
     # The example's LoRA at half its steps and without the prior: ~30 s of training.
     results = main(["--example", "--method", "lora", "--no-prior", "--steps", "600", "--samples", "8",
@@ -95,7 +95,7 @@ def test_dreambooth_learns_the_example_subject(tmp_path: Path) -> None:
 
 
 def test_eval_refuses_seeds_it_cannot_train(tmp_path: Path) -> None:
-    from trainer.eval import main
+    from trainer.toyworld.eval import main
 
     with pytest.raises(SystemExit, match="--seeds must be at least 1"):
         main(["--example", "--seeds", "0"])

@@ -220,10 +220,10 @@ def test_the_lora_is_also_saved_for_a1111_comfyui_and_kohya(tiny_base, subject_i
 @pytest.mark.parametrize("preservation", ["class-images", "base-prediction"])
 def test_parked_parts_are_not_used_by_any_step_and_change_nothing(tiny_base, subject_images, tmp_path,
                                                                   monkeypatch, preservation):
-    """On a GPU the VAE and the frozen text encoders wait in CPU RAM during the steps (trainer/parking.py).
+    """On a GPU the VAE and the frozen text encoders wait in CPU RAM during the steps (trainer/memory/parking.py).
     Forced here on the CPU (where they would not move): no step may call them while parked, samples
     bring them back, and the run trains to the same weights as one that keeps them."""
-    import trainer.parking as parking
+    import trainer.memory.parking as parking
 
     common = dict(method="full", learning_rate=1e-3, max_train_steps=4, with_prior_preservation=True,
                   preservation=preservation, class_prompt="a photo of a square", num_class_images=2,
@@ -269,7 +269,7 @@ def test_parked_parts_are_not_used_by_any_step_and_change_nothing(tiny_base, sub
 
 def test_nothing_parks_when_the_steps_need_the_part(tiny_model_dir, subject_images, tmp_path, monkeypatch):
     """A trained text encoder stays, and so does the VAE when augmented photos are encoded every step."""
-    import trainer.parking as parking
+    import trainer.memory.parking as parking
     from trainer.families import detect_family
 
     parts = detect_family(str(tiny_model_dir)).load_components(str(tiny_model_dir), None, None)
@@ -287,7 +287,7 @@ def test_parking_the_vae_alone_keeps_a_trained_text_encoders_embeddings_fresh(ti
                                                                              tmp_path, monkeypatch):
     """With the text encoder trained for half the run only the VAE parks: no prompt may be cached before
     the encoder freezes, or the second half would train on the untrained encoder's embeddings."""
-    import trainer.parking as parking
+    import trainer.memory.parking as parking
 
     common = dict(method="full", learning_rate=1e-3, max_train_steps=4, train_text_encoder=True,
                   text_encoder_steps_fraction=0.5)

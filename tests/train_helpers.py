@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from trainer import TrainConfig
-from trainer.data import ImageSet, prepare_image
+from trainer.data.photos import ImageSet, prepare_image
 
 
 def tiny_config(model: Path, images: Path, out: Path, **changes) -> TrainConfig:

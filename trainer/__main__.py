@@ -15,7 +15,7 @@ import typing
 from collections.abc import Iterator
 from pathlib import Path
 
-from .config import ConfigError, TrainConfig, UserError, read_config_file
+from trainer.config import ConfigError, TrainConfig, UserError, read_config_file
 
 _FIELD_TYPES = typing.get_type_hints(TrainConfig)
 # Set by cli() for a training started as this command: it defers the libraries' unused imports
@@ -89,14 +89,14 @@ def config_from_args(args: argparse.Namespace, *, validate: bool = False) -> Tra
 
 
 def _train(args: argparse.Namespace) -> int:
-    from . import train
-    from .cli_progress import CliProgress
-    from .events import CancelToken, FileCancelToken
+    from trainer import train
+    from trainer.cli_progress import CliProgress
+    from trainer.events import CancelToken, FileCancelToken
 
     config = config_from_args(args, validate=True)
     token = None
     if args.push_to_hub is not None:
-        from .hub import HubError, check_repo_id, check_token, resolve_token
+        from trainer.publish.hub import HubError, check_repo_id, check_token, resolve_token
 
         # A malformed repo id or a bad token fails now, in seconds, not after the training.
         try:
@@ -109,7 +109,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.quiet or json_events is not None:
         _quiet_libraries(warnings=json_events is None)  # a reader's log keeps the libraries' warnings
     if _TRIM_IMPORTS:  # after --quiet has set the loggers: bitsandbytes logs as it is imported
-        from .startup import trim_imports
+        from trainer.startup import trim_imports
 
         trim_imports()  # the libraries' extras a training never uses are not imported (trainer/startup.py)
     cancel = FileCancelToken(Path(args.cancel_file)) if args.cancel_file else CancelToken()
@@ -124,7 +124,7 @@ def _train(args: argparse.Namespace) -> int:
     # With --events json, stdout holds the events only: this line (and the URL) go to stderr.
     print(f"{result.status}: {result.step}/{result.total_steps} steps; run folder {result.run_dir}")
     if args.push_to_hub is not None and result.status == "completed":
-        from .hub import publish
+        from trainer.publish.hub import publish
 
         print(publish(result.run_dir, args.push_to_hub, private=args.private, token=token).url)
     return 0
@@ -160,9 +160,9 @@ def _memory(args: argparse.Namespace) -> int:
     """Print a training's predicted peak memory and, where the capacity is known, whether it fits."""
     import torch
 
-    from .memory import GiB, device_capacity, estimate, needed
-    from .memory_advice import advice, describe_fit
-    from .memory_shapes import read_shapes
+    from trainer.memory.advice import advice, describe_fit
+    from trainer.memory.estimate import GiB, device_capacity, estimate, needed
+    from trainer.memory.shapes import read_shapes
 
     config = config_from_args(args)  # not validated: only the model and the memory settings matter
     if not config.pretrained_model.strip():
@@ -212,7 +212,7 @@ def _token_from_env(var: str | None) -> str | None:
 
 
 def _push(args: argparse.Namespace) -> int:
-    from .hub import HubError, check_repo_id, publish
+    from trainer.publish.hub import HubError, check_repo_id, publish
 
     try:
         check_repo_id(args.repo_id)
@@ -225,8 +225,8 @@ def _push(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .export import export_checkpoint
-    from .run_folder import CONFIG_NAME
+    from trainer.export import export_checkpoint
+    from trainer.run_folder import CONFIG_NAME
 
     run_dir = Path(args.run_dir)
     if not (run_dir / CONFIG_NAME).is_file():
@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     json_events = None
     if getattr(args, "events", "text") == "json":
-        from .cli_progress import JsonEvents
+        from trainer.cli_progress import JsonEvents
 
         # Events on stdout, from the process with RANK 0 only; anything else printed goes to stderr.
         json_events = args.json_events = JsonEvents(sys.stdout, enabled=os.environ.get("RANK", "0") == "0")
@@ -356,7 +356,7 @@ def cli() -> int:
     module is run from another program (runpy) or `main()` is called in-process: re-executing would
     run that program again."""
     if sys.argv[1:2] == ["train"] and _started_as_this_command():
-        from .allocator import reexecute_with_jemalloc
+        from trainer.allocator import reexecute_with_jemalloc
 
         reexecute_with_jemalloc()  # returns at once where jemalloc is absent, already loaded or refused
         global _TRIM_IMPORTS

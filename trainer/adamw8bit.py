@@ -11,7 +11,7 @@ import bitsandbytes as bnb
 import torch
 from torch.optim.adamw import adamw
 
-from . import cbuild
+from trainer import cbuild
 
 # bitsandbytes' block size for 8-bit blockwise state (fixed in its CPU kernel and its init_state).
 BLOCK = 256

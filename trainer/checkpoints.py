@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import atomic
-from .config import ConfigError
-from .families import ModelFamily
-from .models import load_trainable_state_dict, trainable_state_dict
-from .run_folder import checkpoints_dir
+from trainer import atomic
+from trainer.config import ConfigError
+from trainer.families import ModelFamily
+from trainer.models import load_trainable_state_dict, trainable_state_dict
+from trainer.run_folder import checkpoints_dir
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 STATE = "state.json"
@@ -33,7 +33,7 @@ class TrainingState:
 
     step: int
     text_encoder_frozen: bool
-    # Samples taken so far (trainer/batches.py): lets a checkpoint resume on another number of
+    # Samples taken so far (trainer/data/batches.py): lets a checkpoint resume on another number of
     # processes; None in checkpoints written before it was kept (then step × the global batch).
     samples_seen: int | None = None
 
@@ -95,7 +95,7 @@ def save_checkpoint(
     looks complete. state.json is written last, so even a partial copy is never 'complete'. A write
     that fails (a full disk) removes the temporary folder and raises an OSError naming the checkpoint;
     the earlier checkpoints stay as they were. `keep` counts the newest checkpoints kept; the one of step
-    `protect` (the best so far, trainer/pick.py) is kept besides them."""
+    `protect` (the best so far, trainer/scores/pick.py) is kept besides them."""
     root = checkpoints_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"checkpoint-{state.step:06d}"

@@ -15,7 +15,7 @@ from typing import TextIO
 
 from tqdm import tqdm
 
-from .events import (
+from trainer.events import (
     CheckpointEvent,
     Event,
     PhaseEvent,

@@ -200,7 +200,7 @@ class TrainConfig:
         default="tensorboard", metadata={"help": "Tracker: tensorboard, wandb or none."}
     )
 
-    # --- scores of each checkpoint (trainer/scores.py) --------------------------------
+    # --- scores of each checkpoint (trainer/scores/measure.py) --------------------------------
     score_checkpoints: bool = field(
         default=False, metadata={"help": "Score the base model and every checkpoint (subject and prompt fidelity, "
                                          "class drift, memorisation) and pick the best checkpoint."}

@@ -63,11 +63,11 @@ class WarningEvent:
 
 @dataclass(frozen=True)
 class ScoreEvent:
-    """The scores of the base model (step 0) or of a checkpoint (trainer/scores.py), and the pick so far."""
+    """The scores of the base model (step 0) or of a checkpoint (trainer/scores/measure.py), and the pick so far."""
 
     step: int
     scores: dict[str, Any]  # one row of scores.jsonl
-    pick: int | None  # the step the pick rule keeps now (trainer/pick.py); None: none passes
+    pick: int | None  # the step the pick rule keeps now (trainer/scores/pick.py); None: none passes
     pick_reason: str
 
 

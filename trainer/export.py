@@ -4,7 +4,7 @@ The checkpoint's trainable tensors go into the base model (LoRA adapters attache
 the run folder's weights are saved again from them, as the end of training saves them: a pipeline
 folder for full fine-tuning, the diffusers and kohya LoRA files for LoRA. run.json then says which step
 the weights are from, and the model card carries that step's scores. "best" is the pick of
-trainer/pick.py over the run's scores.jsonl.
+trainer/scores/pick.py over the run's scores.jsonl.
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from . import checkpoints as ckpt
-from . import run_folder, sharded
-from .config import ConfigError, TrainConfig
-from .families import ModelFamily
-from .pick import pick_from_rows
-from .scores import read_scores
+from trainer import checkpoints as ckpt
+from trainer import run_folder, sharded
+from trainer.config import ConfigError, TrainConfig
+from trainer.families import ModelFamily
+from trainer.scores.measure import read_scores
+from trainer.scores.pick import pick_from_rows
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ def export_checkpoint(run_dir: Path, which: str | int, replace_current: bool = F
     run_folder.write_status(run_dir, str(status.get("status", "completed")), int(status.get("step", step)),
                             int(status.get("total_steps", config.max_train_steps)),
                             family=status.get("family"), weights_step=step)
-    from .card import write_model_card
+    from trainer.publish.card import write_model_card
 
     write_model_card(run_dir)
     return Exported(step, weights, reason)
@@ -92,8 +92,8 @@ def loses_current_weights(run_dir: Path, step: int) -> bool:
 
 
 def _save_from_checkpoint(config: TrainConfig, checkpoint: Path, run_dir: Path) -> Path:
-    from .models import load_components, load_trainable_state_dict, mark_trainable
-    from .output import save_weights
+    from trainer.models import load_components, load_trainable_state_dict, mark_trainable
+    from trainer.output import save_weights
 
     parts = load_components(config)
     mark_trainable(parts, config)

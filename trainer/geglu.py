@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.activations import GEGLU
 
-from . import cbuild
+from trainer import cbuild
 
 
 def _declare(library: ctypes.CDLL) -> None:

@@ -29,10 +29,10 @@ from diffusers import (
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from PIL.Image import Image
 
-from . import run_folder
-from .config import MAX_GUIDANCE
-from .hub import download_model
-from .run_folder import LORA_WEIGHTS, lora_base_model, run_kind
+from trainer import run_folder
+from trainer.config import MAX_GUIDANCE
+from trainer.publish.hub import download_model
+from trainer.run_folder import LORA_WEIGHTS, lora_base_model, run_kind
 
 SCHEDULERS: dict[str, type[SchedulerMixin]] = {
     "DPM++ 2M": DPMSolverMultistepScheduler,

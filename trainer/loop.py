@@ -21,13 +21,21 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 
-from . import checkpoints as ckpt
-from . import run_folder, sharded
-from .allocator import FreedMemoryGuard
-from .batches import BatchSource, PromptEmbeddings
-from .config import ConfigError, TrainConfig, UserError, check_locations
-from .data import ImageSet, check_images, collect_image_paths, photo_count_note, read_captions, split_caption_files
-from .events import (
+from trainer import checkpoints as ckpt
+from trainer import run_folder, sharded
+from trainer.allocator import FreedMemoryGuard
+from trainer.config import ConfigError, TrainConfig, UserError, check_locations
+from trainer.data.batches import BatchSource, PromptEmbeddings
+from trainer.data.photos import (
+    ImageSet,
+    check_images,
+    collect_image_paths,
+    photo_count_note,
+    read_captions,
+    split_caption_files,
+)
+from trainer.data.prompts import check_prompts
+from trainer.events import (
     CancelToken,
     CheckpointEvent,
     EventHandler,
@@ -38,18 +46,17 @@ from .events import (
     StepEvent,
     WarningEvent,
 )
-from .families import Components, Conditioning
-from .families.base import first_line
-from .loss import LossParts, dreambooth_loss, noise_and_timesteps, target_for
-from .models import choose_speed, load_components, prepare_for_training, trainable_parameters, weight_dtype
-from .optim import make_lr_scheduler, make_optimizer
-from .output import make_samples, save_weights
-from .parking import Parking
-from .preservation import BasePrediction
-from .prompts import check_prompts
-from .runtime import check_runtime, make_accelerator, process_state, sharding_launch, strategy
-from .scoring import Scoring
-from .speed import SpeedChoices
+from trainer.families import Components, Conditioning
+from trainer.families.base import first_line
+from trainer.loss import LossParts, dreambooth_loss, noise_and_timesteps, target_for
+from trainer.memory.parking import Parking
+from trainer.models import choose_speed, load_components, prepare_for_training, trainable_parameters, weight_dtype
+from trainer.optim import make_lr_scheduler, make_optimizer
+from trainer.output import make_samples, save_weights
+from trainer.preservation.base_prediction import BasePrediction
+from trainer.runtime import check_runtime, make_accelerator, process_state, sharding_launch, strategy
+from trainer.scores.during_training import Scoring
+from trainer.speed import SpeedChoices
 
 
 def train(config: TrainConfig, on_event: EventHandler | None = None, cancel: CancelToken | None = None) -> RunResult:
@@ -111,8 +118,8 @@ class Run:
     warnings: list[str] = field(default_factory=list)
     accelerator: Accelerator | None = None
     speed: SpeedChoices | None = None  # chosen once the device is known (trainer/speed.py)
-    scoring: Scoring | None = None  # the main process's, when scores are on and could be loaded (trainer/scoring.py)
-    parking: Parking | None = None  # frozen parts off the GPU during the steps (trainer/parking.py)
+    scoring: Scoring | None = None  # the main process's, when scores are on and could be loaded (trainer/scores/during_training.py)
+    parking: Parking | None = None  # frozen parts off the GPU during the steps (trainer/memory/parking.py)
 
     def parts_home(self) -> contextlib.AbstractContextManager:
         """The frozen parts on the device for the block (samples, scores) when they are parked."""
@@ -199,7 +206,7 @@ def effective_batch_line(config: TrainConfig, processes: int, how: str = "ddp") 
 
 # --- 1. check inputs ------------------------------------------------------------------------
 def check_memory(run: Run, device: torch.device) -> None:
-    """On a GPU, refuse a training it cannot hold, from the configs alone (trainer/memory.py), rather
+    """On a GPU, refuse a training it cannot hold, from the configs alone (trainer/memory/estimate.py), rather
     than fail with an out-of-memory error an hour in. A base model whose configs cannot be read or
     traced is left to the loader, which names the broken file; the run goes on without the check."""
     if device.type != "cuda":  # on the CPU the system's swap and the OOM killer decide; estimating costs seconds
@@ -209,7 +216,7 @@ def check_memory(run: Run, device: torch.device) -> None:
                  "split the weights, gradients and optimizer state over the GPUs and CPU RAM; training "
                  "without that check.")
         return
-    from .memory import check_fits  # only here: a CPU run never needs the memory model
+    from trainer.memory.estimate import check_fits  # only here: a CPU run never needs the memory model
 
     try:
         check_fits(run.config, device)
@@ -249,7 +256,7 @@ def check_inputs(run: Run) -> Inputs:
 # --- 4. class images ------------------------------------------------------------------------
 def prepare_class_images(run: Run, parts: Components) -> ImageSet | None:
     """The class images (the user's, then the shared cache, topped up); None when cancelled."""
-    from .prior import class_images
+    from trainer.preservation.class_images import class_images
 
     config, device = run.config, run.accelerator.device
     split = f", split across {run.processes} processes" if run.processes > 1 else ""
@@ -332,7 +339,7 @@ def make_batches(run: Run, parts: Components, inputs: Inputs, classes: ImageSet 
 def park_frozen_parts(run: Run, parts: Components, model: Trainables, batches: BatchSource,
                       embeddings: PromptEmbeddings) -> None:
     """On a GPU, the VAE (latents cached) and frozen text encoders (every prompt's embedding cached
-    now) leave the card for the steps: trainer/parking.py."""
+    now) leave the card for the steps: trainer/memory/parking.py."""
     run.parking = Parking.for_run(run.config, parts, run.accelerator.device)
     if run.parking is None:
         return
@@ -429,7 +436,7 @@ def train_step(run: Run, parts: Components, model: Trainables, batches: BatchSou
         noisy = parts.noise_scheduler.add_noise(batch.latents, noise, timesteps)
         target = target_for(parts.noise_scheduler, batch.latents, noise, timesteps)
         input_ids, image_info = batch.input_ids, batch.image_info
-        if model.base is not None:  # the same noisy latents again, with the class prompt: see trainer/preservation.py
+        if model.base is not None:  # the same noisy latents again, with the class prompt: see trainer/preservation/base_prediction.py
             n = batch.n_instance
             with accelerator.autocast():  # the unwrapped UNet has no autocast of its own
                 base = model.base.targets(parts, accelerator.unwrap_model(model.unet), noisy, timesteps, image_info)
@@ -617,7 +624,7 @@ def finish(run: Run, parts: Components, model: Trainables | None, outcome: Outco
         accelerator.wait_for_everyone()
     with sharded.whole_weights(accelerator, model.modules() if model is not None else []):
         if run.is_main and model is not None:
-            from .card import write_model_card
+            from trainer.publish.card import write_model_card
 
             unet, text_encoders = model.unwrapped(accelerator)
             weights = save_weights(config, parts, unet, text_encoders, run.dir)

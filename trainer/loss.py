@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.training_utils import compute_snr
 
-from .config import TrainConfig
+from trainer.config import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -21,7 +21,7 @@ class LossParts:
 def noise_and_timesteps(
     latents: torch.Tensor, num_train_timesteps: int, offset_noise: float, gens: list[torch.Generator]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's noise and timestep from its own generator (one per row: see trainer/batches.py)."""
+    """Each row's noise and timestep from its own generator (one per row: see trainer/data/batches.py)."""
     noises, timesteps = [], []
     for gen in gens:
         noise = torch.randn(latents.shape[1:], generator=gen)

@@ -6,11 +6,11 @@ import importlib.util
 
 import torch
 
-from . import allocator, geglu
-from .config import TrainConfig
-from .families import Components, ModelLoadError, detect_family
-from .families.base import first_line
-from .speed import SpeedChoices, attention_processor, choose, enable_checkpointing
+from trainer import allocator, geglu
+from trainer.config import TrainConfig
+from trainer.families import Components, ModelLoadError, detect_family
+from trainer.families.base import first_line
+from trainer.speed import SpeedChoices, attention_processor, choose, enable_checkpointing
 
 __all__ = ["Components", "ModelLoadError", "load_components", "prepare_for_training", "weight_dtype"]
 

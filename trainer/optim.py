@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from diffusers.optimization import get_scheduler
 
-from .config import TrainConfig
+from trainer.config import TrainConfig
 
 
 def sharding_optimizer_note(config: TrainConfig, strategy: str, offload: bool) -> str | None:
@@ -63,7 +63,7 @@ def make_optimizer(
                 "Install it with `pip install bitsandbytes`."
             )
         else:
-            from .adamw8bit import AdamW8bitTogether
+            from trainer.adamw8bit import AdamW8bitTogether
 
             del bnb  # imported above only to learn whether it imports
             return AdamW8bitTogether(groups, **kwargs)

@@ -9,10 +9,10 @@ from pathlib import Path
 import torch
 from diffusers import DPMSolverMultistepScheduler
 
-from . import atomic
-from .config import TrainConfig
-from .families import Components
-from .run_folder import (
+from trainer import atomic
+from trainer.config import TrainConfig
+from trainer.families import Components
+from trainer.run_folder import (
     KOHYA_LORA_WEIGHTS,
     LORA_WEIGHTS,
     PIPELINE_INDEX,

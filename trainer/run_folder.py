@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from . import atomic
-from .config import ConfigError, TrainConfig
+from trainer import atomic
+from trainer.config import ConfigError, TrainConfig
 
 CONFIG_NAME = "config.json"
 STATUS_NAME = "run.json"
@@ -202,7 +202,7 @@ def lora_base_model(folder: Path) -> tuple[str | None, str | None]:
 
 def run_family(run_dir: Path, config: TrainConfig | None = None):
     """The model family of a run: as run.json records it, else read from its pipeline or base model."""
-    from .families import FAMILIES, ModelLoadError, detect_family, family_by_name
+    from trainer.families import FAMILIES, ModelLoadError, detect_family, family_by_name
 
     run_dir = Path(run_dir)
     recorded = read_status(run_dir).get("family")
@@ -222,7 +222,7 @@ def run_family(run_dir: Path, config: TrainConfig | None = None):
 def load_pipeline(pipeline: Path | str, dtype, lora_dir: Path | None = None, adapter_name: str | None = None):
     """A pipeline (a folder, or a Hub id: its family read from its model_index.json), plus a LoRA
     folder's weights when given. Safetensors only, no remote code, no safety checker."""
-    from .families import family_for_class, read_model_index
+    from trainer.families import family_for_class, read_model_index
 
     index = read_model_index(str(pipeline))
     pipe = family_for_class(index.get("_class_name"), str(pipeline)).load_pipeline(pipeline, dtype)

@@ -12,8 +12,8 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState, PartialState
 from accelerate.utils import DistributedType, ProjectConfiguration, parse_flag_from_env
 
-from .config import ConfigError, TrainConfig
-from .run_folder import logs_dir
+from trainer.config import ConfigError, TrainConfig
+from trainer.run_folder import logs_dir
 
 TRACKER_PROJECT = "dreambooth"
 

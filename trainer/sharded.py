@@ -24,9 +24,9 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
-from .checkpoints import STATE, TrainingState, list_checkpoints
-from .config import ConfigError, TrainConfig
-from .run_folder import checkpoints_dir
+from trainer.checkpoints import STATE, TrainingState, list_checkpoints
+from trainer.config import ConfigError, TrainConfig
+from trainer.run_folder import checkpoints_dir
 
 SHARDED = "sharded"  # the state.json key that marks a checkpoint written by save_state
 
@@ -38,7 +38,7 @@ def is_sharded(accelerator: Accelerator) -> bool:
 def fit_deepspeed_config(accelerator: Accelerator, config: TrainConfig) -> None:
     """Tell DeepSpeed the batch it steps on and the run's gradient clipping (DeepSpeed clips inside its
     own step). accelerate reads the micro-batch from a dataloader passed to `prepare`, and the run
-    prepares none: its batches are its own (trainer/batches.py)."""
+    prepares none: its batches are its own (trainer/data/batches.py)."""
     ds = accelerator.state.deepspeed_plugin.deepspeed_config
     theirs = ds.get("gradient_accumulation_steps")
     if isinstance(theirs, int) and theirs != config.gradient_accumulation_steps:

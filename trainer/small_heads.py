@@ -15,7 +15,7 @@ import ctypes
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from . import cbuild
+from trainer import cbuild
 
 MAX_CHANNELS = 16  # DMAX in the C source
 

@@ -59,7 +59,7 @@ from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
-from . import cbuild, geglu, small_heads
+from trainer import cbuild, geglu, small_heads
 
 # The CPU flash kernel's smallest fast head size (bench/step_candidates.py: 8 -> 16 channels runs
 # 1.6x faster; 40 -> 48 gains nothing).

@@ -12,11 +12,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..config import UserError
-from ..run_folder import PIPELINE_INDEX
-from .base import Components, Conditioning, ModelFamily, ModelLoadError, first_line
-from .sd import StableDiffusion
-from .sdxl import StableDiffusionXL
+from trainer.config import UserError
+from trainer.families.base import Components, Conditioning, ModelFamily, ModelLoadError, first_line
+from trainer.families.sd import StableDiffusion
+from trainer.families.sdxl import StableDiffusionXL
+from trainer.run_folder import PIPELINE_INDEX
 
 FAMILIES: tuple[ModelFamily, ...] = (StableDiffusion(), StableDiffusionXL())
 

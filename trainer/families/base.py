@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..config import TrainConfig, UserError
+from trainer.config import TrainConfig, UserError
 
 
 class ModelLoadError(UserError, RuntimeError):

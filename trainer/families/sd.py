@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 
-from ..config import ConfigError
-from ..run_folder import LORA_WEIGHTS, PIPELINE_INDEX
-from .base import Components, Conditioning, ModelFamily, ModelLoadError, first_line
+from trainer.config import ConfigError
+from trainer.families.base import Components, Conditioning, ModelFamily, ModelLoadError, first_line
+from trainer.run_folder import LORA_WEIGHTS, PIPELINE_INDEX
 
 
 def save_lora_file(pipeline_class: type, run_dir: Path, layers: dict[str, dict], metadata: dict[str, dict]) -> Path:

@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 
-from ..config import ConfigError, TrainConfig
-from .base import Components, Conditioning, ModelFamily
-from .sd import load_clip_unet_parts, save_full_pipeline, save_lora_file
+from trainer.config import ConfigError, TrainConfig
+from trainer.families.base import Components, Conditioning, ModelFamily
+from trainer.families.sd import load_clip_unet_parts, save_full_pipeline, save_lora_file
 
 # No invisible watermark on training samples and generated images (it needs an extra package, too).
 _NO_WATERMARK: dict[str, Any] = {"add_watermarker": False}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .example import (
+from trainer.toyworld.example import (
     EXAMPLE_CLASS_NOUN,
     EXAMPLE_CLASS_PROMPT,
     EXAMPLE_IDENTIFIER,

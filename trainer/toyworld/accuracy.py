@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from .judge import Judge, to_batch
-from .score import generate
-from .world import Scene, held_out_combos, random_scene, render, train_combos
+from trainer.toyworld.judge import Judge, to_batch
+from trainer.toyworld.score import generate
+from trainer.toyworld.world import Scene, held_out_combos, random_scene, render, train_combos
 
 ATTRIBUTES: tuple[str, ...] = ("shape", "color", "background")
 
@@ -52,7 +52,7 @@ def vae_accuracy(vae, judge: Judge, count: int = 300, seed: int = 5) -> dict[str
 def main(argv: list[str] | None = None) -> dict:
     from diffusers import StableDiffusionPipeline
 
-    from . import TOY_MODEL_DIR
+    from trainer.toyworld import TOY_MODEL_DIR
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=TOY_MODEL_DIR)

@@ -11,8 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..config import TrainConfig
-from .world import Scene, render
+from trainer.config import TrainConfig
+from trainer.toyworld.world import Scene, render
 
 EXAMPLE_IDENTIFIER = "sks"
 EXAMPLE_CLASS_NOUN = "star"

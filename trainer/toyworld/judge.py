@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from .world import BACKGROUNDS, COLORS, IMAGE_SIZE, SHAPES, all_combos, random_scene, render_batch
+from trainer.toyworld.world import BACKGROUNDS, COLORS, IMAGE_SIZE, SHAPES, all_combos, random_scene, render_batch
 
 JUDGE_WEIGHTS = Path(__file__).resolve().parent.parent / "assets" / "toy-judge.safetensors"
 COLOR_NAMES: tuple[str, ...] = tuple(COLORS)

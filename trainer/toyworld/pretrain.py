@@ -25,8 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import arch
-from .world import all_combos, caption_for_training, random_scene, render_batch, train_combos
+from trainer.toyworld import arch
+from trainer.toyworld.world import all_combos, caption_for_training, random_scene, render_batch, train_combos
 
 
 def _to_tensor(pixels: np.ndarray) -> torch.Tensor:
@@ -102,7 +102,7 @@ def train_unet(work: Path, steps: int, batch: int, lr: float, seed: int) -> None
     from diffusers import AutoencoderKL, DDPMScheduler
     from transformers import CLIPTokenizer
 
-    from . import CLIP_TOKENIZER_DIR as TOKENIZER_DIR
+    from trainer.toyworld import CLIP_TOKENIZER_DIR as TOKENIZER_DIR
 
     data = torch.load(work / "latents.pt", weights_only=False)
     scale = AutoencoderKL.load_config(work / "vae")["scaling_factor"]
@@ -159,7 +159,7 @@ def export(work: Path, out: Path, dtype: torch.dtype = torch.float16) -> Path:
     from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
-    from . import CLIP_TOKENIZER_DIR as TOKENIZER_DIR
+    from trainer.toyworld import CLIP_TOKENIZER_DIR as TOKENIZER_DIR
 
     state = torch.load(work / "unet.pt", weights_only=False)
     unet, text_encoder = arch.new_unet(), arch.new_text_encoder()

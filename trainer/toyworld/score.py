@@ -18,9 +18,9 @@ from dataclasses import asdict, dataclass
 import torch
 from PIL import Image
 
-from .. import scores
-from .judge import Judge
-from .world import BACKGROUNDS, IMAGE_SIZE
+from trainer.scores.measure import measure as scores
+from trainer.toyworld.judge import Judge
+from trainer.toyworld.world import BACKGROUNDS, IMAGE_SIZE
 
 SCORE_NAMES: dict[str, str] = {
     "subject_similarity": "subject sim",
@@ -66,7 +66,7 @@ class Subject:
 
 def generate(pipe, prompt: str, count: int, steps: int = 20, guidance: float = 5.0, seed: int = 0) -> list[Image.Image]:
     """`count` images of one prompt at the world's size, drawn together; image i is seeded with seed + i, so every
-    model gets the same noise (trainer/scores.py `generate`)."""
+    model gets the same noise (trainer/scores/measure.py `generate`)."""
     return scores.generate(pipe, prompt, count, seed, steps, guidance, IMAGE_SIZE, batch=count)
 
 
@@ -119,7 +119,7 @@ def real_similarity(judge: Judge, subject: Subject) -> float:
 
 
 class JudgeEmbedders:
-    """The judge in DINO's and CLIP's place for trainer/scores.py: its embeddings for subject fidelity and
+    """The judge in DINO's and CLIP's place for trainer/scores/measure.py: its embeddings for subject fidelity and
     memorisation, its background reading for prompt fidelity (the share of samples on the asked background),
     its reading of shape and colours for whether a class sample is the subject."""
 

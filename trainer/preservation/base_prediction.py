@@ -7,7 +7,7 @@ model a second time with the class prompt, and the target is what the base model
 (ai-toolkit's "differential output preservation"). Nothing to generate before the first step, and
 the target is the base model itself rather than a hundred samples of it; the cost is a forward pass
 of the base model a step, and for a full fine-tune a frozen copy of the UNet (in the mixed-precision
-dtype: `trainer.memory` counts it). A LoRA's base model is the same UNet with its adapters switched
+dtype: `trainer.memory.estimate` counts it). A LoRA's base model is the same UNet with its adapters switched
 off, so it costs no memory.
 
 The class prompt's conditioning for the base model is computed once, when the run is set up and
@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import TrainConfig
-from .families import Components, Conditioning
+from trainer.config import TrainConfig
+from trainer.families import Components, Conditioning
 
 
 @dataclass

@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from .families import Components, ModelFamily, family_by_name, family_for_class, read_model_index
-from .families.base import first_line
+from trainer.families import Components, ModelFamily, family_by_name, family_for_class, read_model_index
+from trainer.families.base import first_line
 
 # fmt: off
 _CLIP_L = {  # openai/clip-vit-large-patch14's text tower: SD 1.x's encoder, SDXL's first
@@ -156,7 +156,7 @@ def read_shapes(
     """The config of each part of `source`. `local_only` never touches the network (a folder or the
     Hub cache). Unreadable configs fall back to the known architecture of `family` (the one named, else
     the one its model_index.json names); with no family to go by, the loader's error is raised."""
-    from .families import ModelLoadError
+    from trainer.families import ModelLoadError
 
     try:
         found = family_for_class(read_model_index(source, revision, cached_only=local_only).get("_class_name"), source)

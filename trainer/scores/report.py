@@ -8,9 +8,9 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard
 
-from . import checkpoints as ckpt
-from .pick import PickRule, pick_from_rows
-from .scores import read_scores
+from trainer import checkpoints as ckpt
+from trainer.scores.measure import read_scores
+from trainer.scores.pick import PickRule, pick_from_rows
 
 # (row key, model-index metric type, what the Hub shows)
 METRICS: tuple[tuple[str, str, str], ...] = (

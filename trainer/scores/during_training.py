@@ -1,6 +1,6 @@
-"""Scores in the training process (trainer/scores.py): the base model once before the first step, then
+"""Scores in the training process (trainer/scores/measure.py): the base model once before the first step, then
 every checkpoint, each in its own "scoring" phase with its progress and its cost, into the run folder's
-scores.jsonl; after each, the pick (trainer/pick.py) among the checkpoints still on disk."""
+scores.jsonl; after each, the pick (trainer/scores/pick.py) among the checkpoints still on disk."""
 
 from __future__ import annotations
 
@@ -11,14 +11,13 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoints as ckpt
-from .config import TrainConfig
-from .data import load_rgb
-from .events import EventHandler, PhaseEvent, ProgressEvent, ScoreEvent
-from .families import Components
-from .output import evaluating, pipeline_from_parts
-from .pick import Pick, pick_from_rows
-from .scores import (
+from trainer import checkpoints as ckpt
+from trainer.config import TrainConfig
+from trainer.data.photos import load_rgb
+from trainer.events import EventHandler, PhaseEvent, ProgressEvent, ScoreEvent
+from trainer.families import Components
+from trainer.output import evaluating, pipeline_from_parts
+from trainer.scores.measure import (
     Scorer,
     ScoresUnavailable,
     append_scores,
@@ -27,6 +26,7 @@ from .scores import (
     load_embedders,
     read_scores,
 )
+from trainer.scores.pick import Pick, pick_from_rows
 
 
 @dataclass

@@ -91,7 +91,7 @@ def _scores(row: dict) -> CheckpointScores:
 
 
 def pick_from_rows(rows: Sequence[dict], available: set[int] | None = None, rule: PickRule = PickRule()) -> Pick:
-    """The pick over the rows of a run's scores.jsonl (trainer/scores.py): the base row gives the base
+    """The pick over the rows of a run's scores.jsonl (trainer/scores/measure.py): the base row gives the base
     model's scores; `available` limits it to the checkpoints still on disk."""
     base = next((row for row in rows if row.get("base")), None)
     if base is None:

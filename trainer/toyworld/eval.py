@@ -1,9 +1,9 @@
 """Measure a DreamBooth run the way the paper does, in the toy world, on a CPU.
 
-    python -m trainer.eval --instance-data SUBJECT_DIR --identifier sks --class-noun star
-    python -m trainer.eval --example --method lora --prior          # train the bundled example
-    python -m trainer.eval --example --run runs/my-run              # score an existing run folder
-    python -m trainer.eval --example --method full --score-every 200 --seeds 3   # the pick vs the last step
+    python -m trainer.toyworld.eval --instance-data SUBJECT_DIR --identifier sks --class-noun star
+    python -m trainer.toyworld.eval --example --method lora --prior          # train the bundled example
+    python -m trainer.toyworld.eval --example --run runs/my-run              # score an existing run folder
+    python -m trainer.toyworld.eval --example --method full --score-every 200 --seeds 3   # the pick vs the last step
 
 Trains one DreamBooth run with the engine (unless --run names one), then scores the base model
 and the trained one on the same seeds: subject fidelity, prompt fidelity, prior preservation
@@ -18,11 +18,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from .data import collect_image_paths, load_rgb
+from trainer.data.photos import collect_image_paths, load_rgb
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m trainer.eval", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m trainer.toyworld.eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--instance-data", type=Path, help="Folder of subject images.")
     parser.add_argument("--example", action="store_true", help="Use the bundled example subject (sks star).")
@@ -51,8 +51,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="Train this many runs (training seeds 0..N-1) and report their mean: one run's "
                              "numbers move by ~0.1 from seed to seed.")
     parser.add_argument("--score-every", type=int, default=None, metavar="N",
-                        help="Checkpoint and score (trainer/scores.py) every N steps while training, then also "
-                             "measure the checkpoint the pick rule keeps (trainer/pick.py) beside the last one.")
+                        help="Checkpoint and score (trainer/scores/measure.py) every N steps while training, then also "
+                             "measure the checkpoint the pick rule keeps (trainer/scores/pick.py) beside the last one.")
     parser.add_argument("--score-samples", type=int, default=8, help="With --score-every: images per scoring prompt.")
     parser.add_argument("--samples", type=int, default=16, help="Images per prompt.")
     parser.add_argument("--inference-steps", type=int, default=20)
@@ -65,9 +65,9 @@ def _parser() -> argparse.ArgumentParser:
 def train_run(args: argparse.Namespace, base: Path, instance_dir: Path, run_dir: Path,
               seed: int | None = None) -> dict[str, float | None]:
     """Train with the engine; return the wall-clock seconds it took, to its first step, and per step after."""
-    from . import train
-    from .events import StepEvent
-    from .toyworld import example_config
+    from trainer import train
+    from trainer.events import StepEvent
+    from trainer.toyworld import example_config
 
     changes: dict = {"method": args.method, "with_prior_preservation": args.prior, "preservation": args.preservation,
                      "identifier": args.identifier,
@@ -104,16 +104,16 @@ def train_run(args: argparse.Namespace, base: Path, instance_dir: Path, run_dir:
 
 
 def _mean(rows: list[dict[str, float]]) -> dict[str, float]:
-    from .toyworld.score import SCORE_NAMES
+    from trainer.toyworld.score import SCORE_NAMES
 
     return {key: round(sum(r[key] for r in rows) / len(rows), 3) for key in SCORE_NAMES}
 
 
 def _use_pick(run_dir: Path) -> tuple[int | None, str]:
     """Make the run's picked checkpoint its weights (the last step stays a checkpoint); (step, reason)."""
-    from .export import export_checkpoint
-    from .pick import pick_from_rows
-    from .scores import read_scores
+    from trainer.export import export_checkpoint
+    from trainer.scores.measure import read_scores
+    from trainer.scores.pick import pick_from_rows
 
     pick = pick_from_rows(read_scores(run_dir))
     if pick.step is None:
@@ -130,10 +130,10 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"--seeds must be at least 1, and 1 with --run (a run folder is one training); got {args.seeds}.")
     import torch
 
-    from .run_folder import load_pipeline, load_run
-    from .toyworld import TOY_MODEL_DIR, example_subject
-    from .toyworld.judge import Judge
-    from .toyworld.score import SCORE_NAMES, Subject, real_similarity, score
+    from trainer.run_folder import load_pipeline, load_run
+    from trainer.toyworld import TOY_MODEL_DIR, example_subject
+    from trainer.toyworld.judge import Judge
+    from trainer.toyworld.score import SCORE_NAMES, Subject, real_similarity, score
 
     if args.threads:
         torch.set_num_threads(args.threads)

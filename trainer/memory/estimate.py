@@ -1,13 +1,13 @@
 """Will a training fit? Its peak memory, predicted from the base model's config files before any
 weight loads, and the check that refuses a run that would run out of memory an hour in.
 
-The parts (trainer/memory_shapes.py) are set up on the meta device by the engine's own code, which
+The parts (trainer/memory/shapes.py) are set up on the meta device by the engine's own code, which
 gives every tensor's dtype: frozen weights in the mixed-precision dtype, trainable ones fp32, the
 VAE fp32 except under bf16. From the trainable tensors follow the gradients (fp32) and the
 optimizer state: torch AdamW 8 bytes a parameter (+ a 4-byte step per tensor); bitsandbytes' 8-bit
 AdamW 2 bytes a parameter + two fp32 block maxima per 256 for tensors of 4,096 elements or more,
 8 bytes a parameter below that. Activations come from tracing each phase of a run on fake tensors
-(trainer/memory_profiles.py): the training step, class-image generation, the VAE encode,
+(trainer/memory/profiles.py): the training step, class-image generation, the VAE encode,
 validation samples. The peak is the largest phase; on CUDA plus the CUDA context and allocator
 slack, on the CPU plus the process itself and its malloc's slack (glibc's or jemalloc's, whichever the
 training runs on: trainer/allocator.py).
@@ -22,21 +22,21 @@ from pathlib import Path
 
 import torch
 
-from . import cbuild
-from .allocator import for_training
-from .config import ConfigError, TrainConfig
-from .data import IMAGE_SUFFIXES
-from .memory_profiles import (
+from trainer import cbuild
+from trainer.allocator import for_training
+from trainer.config import ConfigError, TrainConfig
+from trainer.data.photos import IMAGE_SUFFIXES
+from trainer.memory.parking import parked_parts
+from trainer.memory.profiles import (
     encoding_profile,
     generation_profile,
     speed_choices,
     step_profile,
 )
-from .memory_shapes import ModelShapes, parameter_counts, part_tensors, read_shapes
-from .models import eight_bit_adam, weight_dtype
-from .parking import parked_parts
-from .scores import draw_batch
-from .speed import SpeedChoices
+from trainer.memory.shapes import ModelShapes, parameter_counts, part_tensors, read_shapes
+from trainer.models import eight_bit_adam, weight_dtype
+from trainer.scores.measure import draw_batch
+from trainer.speed import SpeedChoices
 
 GiB = 2**30
 MiB = 2**20
@@ -95,7 +95,7 @@ class MemoryEstimate:
     phases: dict[str, int]
     peak_accelerator: int
     peak_ram: int
-    # parts off the device during the training step (trainer/parking.py: on a GPU, the VAE once latents
+    # parts off the device during the training step (trainer/memory/parking.py: on a GPU, the VAE once latents
     # are cached, frozen text encoders once every prompt's embedding is); their bytes are in `weights`
     parked: dict[str, int] = field(default_factory=dict)
     notes: tuple[str, ...] = field(default=())
@@ -260,7 +260,7 @@ def _phases(
 FROZEN_UNET = "unet (frozen copy)"
 SCORERS = "scoring models"
 # The default scorers in fp32: facebook/dinov2-small (22.1 M parameters) and openai/clip-vit-base-patch32
-# (151.3 M); other scorers are counted as these. They run on the CPU (trainer/scores.py): on a GPU they
+# (151.3 M); other scorers are counted as these. They run on the CPU (trainer/scores/measure.py): on a GPU they
 # take system RAM, not accelerator memory.
 SCORER_BYTES = 4 * (22_100_000 + 151_300_000)
 
@@ -369,7 +369,7 @@ def class_images_to_make(config: TrainConfig) -> int:
     """Class images the run will generate: those its folder and the shared cache do not hold."""
     if not config.class_images_used:
         return 0
-    from .prior import cache_dir_for
+    from trainer.preservation.class_images import cache_dir_for
 
     own = count_images([config.class_data_dir]) if config.class_data_dir else 0
     cached = count_images([str(cache_dir_for(config))]) if config.class_prompt else 0
@@ -418,7 +418,7 @@ def lower_bound(config: TrainConfig, device_type: str, shapes: ModelShapes) -> i
 def check_fits(config: TrainConfig, device: torch.device, *, local_only: bool = False) -> None:
     """Raise ConfigError, before any weight loads, when the predicted peak exceeds what `device` has,
     with the predicted and available memory and the changes that would make it fit."""
-    from .memory_advice import advice
+    from trainer.memory.advice import advice
 
     shapes = read_shapes(config.pretrained_model, config.revision, config.pretrained_vae, local_only=local_only)
     memory = estimate(config, device.type, shapes=shapes)

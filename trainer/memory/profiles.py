@@ -6,8 +6,8 @@ trainable in fp32, LoRA added, the speed choices of trainer/speed.py). Class ima
 trainer.loop.prepare_class_images does. Encoding: the VAE alone.
 
 A profile is traced once per architecture and settings and kept for the process. The profiles of
-the known architectures (trainer/memory_shapes.py) on CUDA ship in trainer/assets, so the app
-sizes an SD 1.5 or SDXL training instantly; `python -m trainer.memory_profiles` adds missing ones,
+the known architectures (trainer/memory/shapes.py) on CUDA ship in trainer/assets, so the app
+sizes an SD 1.5 or SDXL training instantly; `python -m trainer.memory.profiles` adds missing ones,
 `--fresh` remakes them all (after a change to the engine's setup or step; tests/test_memory.py has
 a slow test that compares one with a fresh trace).
 """
@@ -24,14 +24,14 @@ from pathlib import Path
 
 import torch
 
-from .config import TrainConfig
-from .families import Components
-from .memory_shapes import ModelShapes, build_parts, known_shapes, pristine_parts
-from .memory_trace import Profile, cuda_autocast_norms, fakeify, generation, profile, training_step, vae_encoding
-from .models import prepare_for_training, weight_dtype
-from .speed import SpeedChoices, attention_processor, choose
+from trainer.config import TrainConfig
+from trainer.families import Components
+from trainer.memory.shapes import ModelShapes, build_parts, known_shapes, pristine_parts
+from trainer.memory.trace import Profile, cuda_autocast_norms, fakeify, generation, profile, training_step, vae_encoding
+from trainer.models import prepare_for_training, weight_dtype
+from trainer.speed import SpeedChoices, attention_processor, choose
 
-PROFILES_FILE = Path(__file__).parent / "assets" / "memory-profiles.json"
+PROFILES_FILE = Path(__file__).resolve().parent.parent / "assets" / "memory-profiles.json"
 _CACHE: dict[str, Profile] = {}
 _SHIPPED_LOADED = False
 # Grid the shipped profiles are pruned on: batches of 1-8 (x2 with prior preservation), latents 8-256.
@@ -208,7 +208,7 @@ def _load_shipped() -> None:
 def shipped_configs(family: str) -> list[tuple[str, TrainConfig]]:
     """The settings whose CUDA profiles ship: what the app's preset picker weighs for a family, at its
     native resolution and default LoRA rank, under mixed precision, batch 1 and 2 with prior."""
-    from .families import family_by_name
+    from trainer.families import family_by_name
 
     rank = {"sd": 4, "sdxl": 16}[family]
     resolution = family_by_name(family).default_resolution
@@ -254,7 +254,7 @@ def write_shipped(families: tuple[str, ...] = ("sd", "sdxl"), fresh: bool = Fals
                 generation_profile(shapes, "fp16", "cuda", choices.pad_heads, one_row)
     sides = [s * s for s in _GRID_SIDES]
     profiles = {k: v.pruned(_GRID_ROWS, sides).to_dict() for k, v in _CACHE.items() if json.loads(k)[1] in keys}
-    about = "trainer/memory_profiles.py; remake with `python -m trainer.memory_profiles [--fresh]`"
+    about = "trainer/memory/profiles.py; remake with `python -m trainer.memory.profiles [--fresh]`"
     text = json.dumps({"about": about, "families": sorted(families), "profiles": profiles}, indent=0)
     PROFILES_FILE.write_text(text + "\n", encoding="utf-8")
 

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from . import atomic
-from .config import TrainConfig
-from .data import IMAGE_SUFFIXES
-from .families import Components
+from trainer import atomic
+from trainer.config import TrainConfig
+from trainer.data.photos import IMAGE_SUFFIXES
+from trainer.families import Components
 
 MANIFEST = "manifest.json"
 
@@ -104,7 +104,7 @@ def _generate(
 ) -> None:
     """Generate the images numbered `indices`, `sample_batch_size` at a time; image i is seeded with
     i, so the cache is reproducible and the same whichever process makes which batch."""
-    from .output import pipeline_from_parts
+    from trainer.output import pipeline_from_parts
 
     cache.mkdir(parents=True, exist_ok=True)
     pipe = pipeline_from_parts(parts, parts.unet, parts.text_encoders)

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import TrainConfig
-from .memory import GiB, MemoryEstimate, class_images_to_make, estimate, needed
-from .memory_shapes import ModelShapes
+from trainer.config import TrainConfig
+from trainer.memory.estimate import GiB, MemoryEstimate, class_images_to_make, estimate, needed
+from trainer.memory.shapes import ModelShapes
 
 RESOLUTION_STEP = 64
 

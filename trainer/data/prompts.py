@@ -7,7 +7,7 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
-from .config import ConfigError, TrainConfig
+from trainer.config import ConfigError, TrainConfig
 
 # CLIP's BPE vocabulary is ordered by merge frequency: a whole-word token with a low id is a
 # word the text encoder already knows well, which DreamBooth would have to overwrite.

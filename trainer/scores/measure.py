@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .config import TrainConfig
-from .families.base import first_line
+from trainer.config import TrainConfig
+from trainer.families.base import first_line
 
 SCORES_NAME = "scores.jsonl"
 CLASS_SEED = 1000  # class-prompt samples use seeds 1000.., the others 0..: no two prompts share noise
@@ -177,7 +177,7 @@ class Scorer:
 
     def __init__(self, embedders: Embedders, photos: Sequence[Image.Image], config: TrainConfig,
                  base: BaseReference | None = None, batch: int = 1) -> None:
-        from .hub import class_noun
+        from trainer.publish.hub import class_noun
 
         self.embedders, self.photos, self.config, self.base = embedders, list(photos), config, base
         self.batch = batch  # images drawn at once (see `generate`)
@@ -264,7 +264,7 @@ class Scorer:
 
 
 def _standard_error(values: torch.Tensor) -> float:
-    """The sampling noise of a mean over `values` (the pick rule allows for it: trainer/pick.py)."""
+    """The sampling noise of a mean over `values` (the pick rule allows for it: trainer/scores/pick.py)."""
     return float(values.std() / len(values) ** 0.5) if len(values) > 1 else 0.0
 
 
@@ -280,10 +280,10 @@ def base_reference(rows: Sequence[dict]) -> BaseReference | None:
 def load_embedders(config: TrainConfig) -> Embedders:
     """The toy world's judge for the toy model, else the configured Hub models (on the CPU: a few seconds per
     checkpoint for ~20 images, and no accelerator memory taken from the training); ScoresUnavailable says why not."""
-    from .toyworld import TOY_MODEL_DIR
+    from trainer.toyworld import TOY_MODEL_DIR
 
     if Path(config.pretrained_model).resolve() == TOY_MODEL_DIR.resolve():
-        from .toyworld.score import JudgeEmbedders
+        from trainer.toyworld.score import JudgeEmbedders
 
         return JudgeEmbedders()
     try:

@@ -27,9 +27,9 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import filter_repo_objects, validate_repo_id
 
-from .card import write_model_card
-from .config import TrainConfig, UserError
-from .run_folder import (
+from trainer.config import TrainConfig, UserError
+from trainer.publish.card import write_model_card
+from trainer.run_folder import (
     CARD_NAME,
     CHECKPOINTS_DIR,
     CONFIG_NAME,

@@ -16,8 +16,8 @@ from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-from .config import TrainConfig
-from .run_folder import (
+from trainer.config import TrainConfig
+from trainer.run_folder import (
     CARD_NAME,
     KOHYA_LORA_WEIGHTS,
     LORA_WEIGHTS,
@@ -93,8 +93,8 @@ def base_license(pretrained_model: str) -> str | None:
 def build_model_card(run_dir: Path, repo_id: str | None = None) -> ModelCard:
     """The card of `run_dir`; `repo_id` None makes the usage snippet load the folder itself. When the run was
     scored, the scores of the weights it holds (run.json's weights_step) are its model-index metrics."""
-    from .card_scores import eval_results, published_row, scores_section
-    from .hub import class_noun
+    from trainer.publish.hub import class_noun
+    from trainer.scores.report import eval_results, published_row, scores_section
 
     run_dir = Path(run_dir)
     config = read_config(run_dir)

@@ -5,7 +5,7 @@ and a frozen text encoder has nothing to do once the embedding of every prompt a
 photo's caption or the instance prompt, the class prompt) is cached. On a GPU they leave the card
 for the steps and come back for samples, scores and the saved pipeline: for SD 1.5 under fp16 that
 is 0.54 GiB (the fp32 VAE and the half-precision text encoder) more for gradients and activations,
-which is what takes full fine-tuning at 512 px under 10 GB (`trainer.memory` counts it the same
+which is what takes full fine-tuning at 512 px under 10 GB (`trainer.memory.estimate` counts it the same
 way: `parked_parts`). diffusers' scripts delete them for the same reason, and only when nothing
 needs them again: the text encoders once the prompts are embedded (train_dreambooth_lora_sdxl.py;
 `--pre_compute_text_embeddings`), the VAE once latents are cached and no validation prompt is given
@@ -20,8 +20,8 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from .config import TrainConfig
-from .families import Components
+from trainer.config import TrainConfig
+from trainer.families import Components
 
 
 def parked_parts(config: TrainConfig, text_encoder_names: Sequence[str], device_type: str) -> list[str]:

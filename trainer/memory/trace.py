@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from .families import Components
+from trainer.families import Components
 
 
 class LiveBytes(TorchDispatchMode):
@@ -261,7 +261,7 @@ def generation(parts: Components, autocast: Callable, guidance: bool = True) -> 
 
 
 def vae_encoding(parts: Components, scale: int) -> Phase:
-    """trainer.batches' VAE encode of photos (one at a time, so `rows` is 1 in the engine)."""
+    """trainer.data.batches' VAE encode of photos (one at a time, so `rows` is 1 in the engine)."""
     vae = parts.vae
 
     def run(rows: int, side: int) -> None:

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import TrainConfig
-from .data import ImageSet, prepare_image_and_crop
-from .families import Components, Conditioning
+from trainer.config import TrainConfig
+from trainer.data.photos import ImageSet, prepare_image_and_crop
+from trainer.families import Components, Conditioning
 
 # Random streams drawn from per sample: noise and timestep of its instance row and of its class row,
 # the crop, flip and latent sample of each, and the epoch's data order (indexed by epoch instead).
@@ -198,7 +198,7 @@ class PromptEmbeddings:
 
     def fill(self, input_ids: Sequence[torch.Tensor], device: torch.device) -> None:
         """Cache every prompt a step can draw now, so that the text encoders can leave the device
-        (trainer/parking.py)."""
+        (trainer/memory/parking.py)."""
         self.cached(torch.stack(list(input_ids)).to(device))
 
     @torch.no_grad()
