@@ -12,16 +12,11 @@ import os
 import sys
 from pathlib import Path
 
-if __name__ == "__main__":  # served as a program: the libraries' extras it never uses are not imported
-    from trainer.startup import trim_imports  # (trainer/startup.py; DREAMBOOTH_LAZY_IMPORTS=0 keeps them)
+import gradio as gr
 
-    trim_imports()
-
-import gradio as gr  # noqa: E402
-
-from space import login_page  # noqa: E402
-from space.hardware import SpaceInfo  # noqa: E402
-from space.layout import CSS, GPU_MODE_ENV, MAX_SESSIONS, MAX_UPLOAD, Services, build_app  # noqa: E402
+from space import login_page
+from space.hardware import SpaceInfo
+from space.layout import CSS, GPU_MODE_ENV, MAX_SESSIONS, MAX_UPLOAD, Services, build_app
 
 AUTH_ENV = "DREAMBOOTH_AUTH"  # "user:password", an alternative to --auth that stays out of argv
 

@@ -8,7 +8,7 @@ Each process trains a small MLP on its own row of a 2-row batch for one step wit
 beside it, one torch AdamW steps a copy on both rows (what DDP averaging gives). One Adam step moves
 every weight by about the learning rate, in the direction of its gradient, so the share of weights
 that moved the other way is the finding. Printed for weight decay 0 and 1e-2. Measured on the 2-core
-CPU (DeepSpeed 0.19.8, 2 processes over gloo, 2026-12-02): offload, decay 0: 0% moved the other way,
+CPU (DeepSpeed 0.19.8, 2 processes over gloo): offload, decay 0: 0% moved the other way,
 max difference 7.5e-9; offload, decay 1e-2: 5.7% the other way, max difference 1.9e-2 (about 2 × lr);
 no offload: 0% at both. The signature is of decay added to the gradient (L2) instead of to the weights.
 """

@@ -4,15 +4,13 @@ app's cold start (process start to the first HTTP 200).
     python bench/generate_latency.py                    # the shipped toy model, 5 + 5 interleaved requests
     python bench/generate_latency.py --model PATH --size 512 --steps 25 --repeats 5
     python bench/generate_latency.py --skip-cold-start
-    python bench/generate_latency.py --skip-latency --cold-starts 3   # cold start alone, with and
-                                                                      # without the trimmed imports
+    python bench/generate_latency.py --skip-latency --cold-starts 3   # cold start alone
 
 Both sides use the same loaded pipeline, scheduler (DPM++ 2M), prompt, negative prompt, guidance,
 steps, size and per-image seeded CPU generators; ours goes through trainer.inference.generate (its
 request check, scheduler swap and pipeline rebuild included), the other calls the pipeline itself.
-Runs alternate A B A B after one warm-up each, and the medians are compared. The cold starts
-alternate too: `python app.py` as served (its imports trimmed, trainer/startup.py) and with
-DREAMBOOTH_LAZY_IMPORTS=0 (every library imports all it imports by itself).
+Runs alternate A B A B after one warm-up each, and the medians are compared. The cold start is
+`python app.py` as served.
 """
 
 from __future__ import annotations
@@ -71,11 +69,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def cold_start(timeout: float = 120.0, trimmed: bool = True) -> float:
+def cold_start(timeout: float = 120.0) -> float:
     """Seconds from starting `python app.py` to the first HTTP 200 on its page."""
     port = free_port()
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
-    env["DREAMBOOTH_LAZY_IMPORTS"] = "1" if trimmed else "0"
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, str(REPO / "app.py"), "--port", str(port)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
@@ -106,15 +103,9 @@ def main() -> None:
     if not args.skip_latency:
         request_latency(args)
     if not args.skip_cold_start:
-        runs = {True: [], False: []}
-        for _ in range(args.cold_starts):
-            for trimmed in (True, False):
-                runs[trimmed].append(cold_start(trimmed=trimmed))
-        for trimmed, label in ((True, "as served (imports trimmed)"), (False, "DREAMBOOTH_LAZY_IMPORTS=0")):
-            starts = runs[trimmed]
-            print(f"app cold start, {label} (python app.py to first HTTP 200): median "
-                  f"{statistics.median(starts):.1f} s over {len(starts)} ({', '.join(f'{s:.1f}' for s in starts)})")
-        print(f"trimmed / untrimmed: {statistics.median(runs[True]) / statistics.median(runs[False]):.2f}")
+        starts = [cold_start() for _ in range(args.cold_starts)]
+        print(f"app cold start (python app.py to first HTTP 200): median "
+              f"{statistics.median(starts):.1f} s over {len(starts)} ({', '.join(f'{s:.1f}' for s in starts)})")
 
 
 def request_latency(args: argparse.Namespace) -> None:

@@ -1,4 +1,4 @@
-"""The GPU check of issue # 7, as one script: real trainings of the SD 1.5 architecture, peak memory beside
+"""The GPU check, as one script: real trainings of the SD 1.5 architecture, peak memory beside
 the memory model's prediction, it/s.
 
     python bench/gpu_check.py --json $OUT/gpu_check.json          # on a GPU: SD 1.5, 512 px, fp16 (~5 min on an H200)
@@ -21,12 +21,11 @@ them, `trainer.memory.estimate.estimate` of the same config: its tensor bytes fo
 peak (the largest phase + the CUDA context + allocator slack), made in the training's process before
 anything loads, from the model folder's config files alone (the parent process never touches the GPU).
 
-Targets (issue # 7): full DreamBooth peak <= 10 GB (the best published figure, 9.92 GB on a T4), LoRA
+Targets: full DreamBooth peak <= 10 GB (the best published figure, 9.92 GB on a T4), LoRA
 <= 6 GB, and the memory model within 10% of the measured peak.
 
-On the workplace's lent H200 (Python 3.12; its image has torch, transformers, accelerate and peft, but
-neither diffusers nor bitsandbytes, as its package list read on 2026-12-03 says), carry those two as
-wheels (49.5 MB together, under the 64 MiB a call may carry). Here, once, in the repository's root:
+On a GPU machine whose Python 3.12 has torch, transformers, accelerate and peft but neither diffusers
+nor bitsandbytes, carry those two as wheels (49.5 MB together, under the 64 MiB a call may carry). Here, once, in the repository's root:
 
     echo /.whl/ >> .git/info/exclude
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -39,8 +38,7 @@ then one device `run` with carry [".whl"] and a timeout of 600 s:
         .whl/*.whl && export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 && \
         python3 bench/gpu_check.py --json $OUT/gpu_check.json 2>&1 | tee $OUT/gpu_check.log
 
-Building the model took 31 s on this 2-core CPU (4.0 GB of safetensors); the trainings have not run on a
-GPU yet, so their time is a guess (imports and loading ~30 s each, 4 class images, 30 steps).
+Building the model takes ~30 s on a 2-core CPU (4.0 GB of safetensors).
 """
 
 from __future__ import annotations

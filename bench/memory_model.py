@@ -13,16 +13,15 @@ latents), sd15 bench/train_step.py's SD15_UNET (859.5 M, 64x64 latents = 512 px)
 (2.6 B, 64x64 latents = 512 px). All fp32 with the engine's 8-bit AdamW, LoRA rank 4.
 
 Each cell is its own process, running bench/train_step.py's step (UNet forward and backward, clipping,
-the engine's optimizer, zero_grad) with the engine's speed choices (trainer/speed.py: GEGLU on its kernel, small heads on its own kernel on
-the CPU, selective checkpointing at 1,024 tokens or more), one warm-up step then --steps more. The
+the engine's optimizer, zero_grad) with the engine's checkpointing (trainer/speed.py: selective at
+1,024 tokens or more), one warm-up step then --steps more. The
 child reports its RSS after its imports (the baseline) and ru_maxrss at the end (the peak).
 
 The prediction is `trainer.memory.estimate.estimate` of the same training on "cpu", keeping what the cell holds:
 its training-step phase without the text encoders' and VAE's weights and the caches (the cell builds
 only the UNet and feeds random text states), plus the measured baseline and the model's CPU
 overhead (the first step's library pages, the heap's slack, oneDNN/MKL repacking; its two factors
-were fitted on these cells for each allocator, see trainer/memory/estimate.py). The cells run on the allocator a
-training would run on here (jemalloc where installed); --allocator system runs them on glibc's. The ratio is predicted / measured; the target is
+were fitted on these cells, see trainer/memory/estimate.py). The ratio is predicted / measured; the target is
 within 15% (0.85-1.15).
 """
 
@@ -43,8 +42,6 @@ sys.path[:0] = [str(REPO), str(REPO / "bench"), str(REPO / "tests")]
 
 from train_step import SD15_UNET, SDXL_UNET, build_step, failure_reason, step_inputs, time_steps  # noqa: E402
 from vs_reference import MID_UNET  # noqa: E402
-
-from trainer.allocator import for_training  # noqa: E402
 
 MODELS = ("tiny", "mid", "sd15", "sdxl")
 STEPS = {"tiny": 2, "mid": 2, "sd15": 1, "sdxl": 1}  # timed steps after the warm-up one
@@ -108,31 +105,24 @@ def plan(models: list[str]) -> list[dict]:
 
 # --- the child: one cell ---------------------------------------------------------------------------
 def run_cell(cell: dict, steps: int) -> dict:
-    """bench/train_step.py's step with the engine's speed choices; RSS after imports and at the end."""
+    """bench/train_step.py's step with the engine's checkpointing; RSS after imports and at the end."""
     import bitsandbytes  # noqa: F401  (imported here so that the baseline holds every library the step uses)
     import peft  # noqa: F401
     import torch
 
-    from trainer import geglu
-    from trainer.allocator import in_use
     from trainer.optim import make_optimizer  # noqa: F401
-    from trainer.speed import attention_processor, choose, enable_checkpointing
+    from trainer.speed import enable_checkpointing
 
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     device = torch.device("cpu")
     unet_config = shapes_of(cell["model"]).configs["unet"]
     setup = build_step(cell, unet_config, device)
-    choices = choose(setup.unet, device, cell["latents"], cell["checkpointing"])[0]
-    setup.unet.set_attn_processor(attention_processor(choices.pad_heads))
-    if choices.fused_geglu:
-        geglu.fuse(setup.unet)
     if cell["checkpointing"]:
-        enable_checkpointing(setup.unet, choices)
+        enable_checkpointing(setup.unet, cell["latents"])
     times, failed = time_steps(setup, step_inputs(setup.unet, cell["latents"], device), steps)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {
         **cell,
-        "allocator": in_use(),
         "baseline": baseline,
         "peak_rss": peak,
         "failed": failed,
@@ -141,16 +131,12 @@ def run_cell(cell: dict, steps: int) -> dict:
     }
 
 
-def run_cell_process(cell: dict, allocator: str) -> dict:
-    from trainer import allocator as malloc
-
+def run_cell_process(cell: dict) -> dict:
     steps = STEPS[cell["model"]]
-    env = malloc.with_jemalloc(os.environ) if allocator == "jemalloc" else {**os.environ, malloc.ENV: "system"}
     out = subprocess.run(
         [sys.executable, __file__, "--cell", json.dumps(cell), "--steps", str(steps)],
         capture_output=True,
         text=True,
-        env=env,
     )
     try:
         row = json.loads(out.stdout.strip().splitlines()[-1])
@@ -176,7 +162,7 @@ def predict(cell: dict, baseline: int) -> tuple[int, str]:
     step = memory.phases[TRAINING] - others - memory.caches
     unet = memory.weights_by_part["unet"]
     transient = step - unet - memory.optimizer_state
-    overhead = device_overhead("cpu", transient, unet, cell.get("allocator", "system")) - CPU_PROCESS
+    overhead = device_overhead("cpu", transient, unet) - CPU_PROCESS
     return baseline + step + overhead, (
         f"unet {unet / 2**30:.2f} + grads {memory.gradients / 2**30:.2f} + "
         f"optimizer {memory.optimizer_state / 2**30:.2f} + activations {memory.activations / 2**30:.2f} GiB"
@@ -223,8 +209,7 @@ def print_table(rows: list[dict]) -> None:
     print(
         f"{datetime.date.today()}; {platform.machine()}, {cores} cores, "
         f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM; "
-        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; fp32, 8-bit AdamW, batch 1, LoRA rank {LORA_RANK}; "
-        f"malloc: {', '.join(sorted({r.get('allocator', '?') for r in rows}))}"
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; fp32, 8-bit AdamW, batch 1, LoRA rank {LORA_RANK}"
     )
     print(
         "| model | method | grad ckpt | latents | baseline GiB | predicted peak RSS GiB | measured GiB "
@@ -249,12 +234,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", nargs="+", choices=MODELS, default=list(MODELS))
     parser.add_argument("--cuda-only", action="store_true", help="only print the SD 1.5 CUDA predictions")
-    parser.add_argument(
-        "--allocator",
-        choices=("jemalloc", "system"),
-        default=for_training(),
-        help="the cells' malloc (default: the one a training here runs on: jemalloc where installed)",
-    )
     parser.add_argument("--json", type=Path, help="also write the measured rows to this file")
     parser.add_argument("--table-from", type=Path, help="measure nothing: the table of rows written by --json")
     parser.add_argument("--steps", type=int, default=1, help=argparse.SUPPRESS)
@@ -267,7 +246,7 @@ def main() -> None:
         print_table(json.loads(args.table_from.read_text()))
         return
     if not args.cuda_only:
-        rows = [run_cell_process(cell, args.allocator) for cell in plan(args.model)]
+        rows = [run_cell_process(cell) for cell in plan(args.model)]
         if args.json:
             args.json.write_text(json.dumps(rows, indent=1))
         print_table(rows)

@@ -14,9 +14,7 @@ as `python SCRIPT` would) or the module (`runpy.run_module`, as `python -m MODUL
 3. Only then puts `bench/torchvision_standin/` first on sys.path: diffusers' DreamBooth example scripts
    do `from torchvision import transforms`, and the stand-in offers those transforms (PIL + torch).
    If a real torchvision imports, the stand-in is not used.
-4. Ours only (`-m trainer train`): first of all, what `python -m trainer train` does first itself:
-   re-execute with jemalloc preloaded where it is installed (trainer/allocator.py).
-5. With --timing FILE, registers a global optimizer step post-hook
+4. With --timing FILE, registers a global optimizer step post-hook
    (`torch.optim.optimizer.register_optimizer_step_post_hook`, a public torch API; it fires after every
    `Optimizer.step()` of any optimizer, bitsandbytes' 8-bit AdamW included) that appends
    `time.monotonic()` to FILE, one line per optimizer step (and a `# optimizer MODULE.CLASS` line the
@@ -62,14 +60,6 @@ def main() -> None:
     else:
         script = str(Path(script).resolve())
         sys.path[0] = str(Path(script).parent)
-
-    if module == "trainer" and argv[:1] == ["train"]:
-        # What `python -m trainer train` does first, before any large import: re-execute itself
-        # with jemalloc preloaded where it is installed (trainer/allocator.py). Done here, before
-        # this launcher's own imports below, so that they are not paid twice.
-        from trainer.allocator import reexecute_with_jemalloc
-
-        reexecute_with_jemalloc()
 
     import torch
 

@@ -13,7 +13,7 @@ from train_helpers import tiny_config
 from trainer import TrainConfig, train
 from trainer.checkpoints import list_checkpoints
 from trainer.loss import dreambooth_loss, target_for
-from trainer.models import choose_speed, load_components, prepare_for_training
+from trainer.models import load_components, prepare_for_training
 from trainer.optim import make_optimizer
 
 
@@ -22,8 +22,7 @@ def test_bf16_keeps_trainable_weights_fp32_and_frozen_ones_bf16(tiny_base, subje
     config = tiny_config(tiny_base.path, subject_images, tmp_path / "run", method=method, mixed_precision="bf16",
                          train_text_encoder=True)
     parts = load_components(config)
-    speed, _ = choose_speed(parts, config, torch.device("cpu"))
-    prepare_for_training(parts, config, torch.device("cpu"), speed)
+    prepare_for_training(parts, config, torch.device("cpu"))
     assert len(parts.text_encoders) == len(tiny_base.text_encoders)
     for module in (parts.unet, *parts.text_encoders):
         trainable = [p for p in module.parameters() if p.requires_grad]

@@ -83,7 +83,7 @@ def test_weights_and_gradients_are_those_of_the_engines_setup(
 ) -> None:
     """The model counts bytes from the configs; the engine's prepare_for_training, run on the meta
     device, says what they are: every part's bytes and every trainable tensor must agree."""
-    from trainer.memory.profiles import speed_choices, training_parts
+    from trainer.memory.profiles import training_parts
 
     for folder in (tiny_model_dir, tiny_sdxl_model_dir):
         for text_encoder in (False, True):
@@ -96,7 +96,7 @@ def test_weights_and_gradients_are_those_of_the_engines_setup(
                 resolution=32,
             )
             shapes = read_shapes(str(folder))
-            parts = training_parts(shapes, config, speed_choices(shapes, config, "cpu"))
+            parts = training_parts(shapes, config)
             modules = {
                 "unet": parts.unet,
                 "vae": parts.vae,
@@ -150,13 +150,13 @@ def test_parts_off_the_gpu_during_the_steps_are_what_the_engine_parks(
     engine sets them up, and the phase is lower by exactly those."""
     import trainer.memory.estimate as memory
     from trainer.memory.parking import Parking
-    from trainer.memory.profiles import speed_choices, training_parts
+    from trainer.memory.profiles import training_parts
 
     for folder in (tiny_model_dir, tiny_sdxl_model_dir):
         shapes = read_shapes(str(folder))
         for changes in ({}, {"train_text_encoder": True}, {"cache_latents": False}):
             config = _tiny(folder, mixed_precision="fp16", **({"cache_latents": True} | changes))
-            parts = training_parts(shapes, config, speed_choices(shapes, config, "cuda"))
+            parts = training_parts(shapes, config)
             parking = Parking.for_run(config, parts, torch.device("cuda"))  # decides; moves nothing yet
             names = ["text_encoder", "text_encoder_2"]
             engine = {name: sum(t.numel() * t.element_size() for t in [*m.parameters(), *m.buffers()])
@@ -193,13 +193,10 @@ def test_the_prediction_matches_a_real_steps_tensors(tiny_model_dir: Path) -> No
     from trainer.families import detect_family
     from trainer.models import prepare_for_training
     from trainer.optim import make_optimizer
-    from trainer.speed import SpeedChoices, attention_processor
 
     config = _tiny(tiny_model_dir, resolution=64, train_batch_size=2, use_8bit_adam=True)
     parts = detect_family(str(tiny_model_dir)).load_components(str(tiny_model_dir), None, None)
-    choices = SpeedChoices(pad_heads=True, selective_checkpointing=False)  # the engine's on this CPU
-    parts.unet.set_attn_processor(attention_processor(choices.pad_heads))
-    prepare_for_training(parts, config, torch.device("cpu"), choices)
+    prepare_for_training(parts, config, torch.device("cpu"))
     params = [p for p in parts.unet.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, [], config, print)
     ids = torch.zeros(2, 77, dtype=torch.long)
@@ -225,7 +222,7 @@ def test_the_prediction_matches_a_real_steps_tensors(tiny_model_dir: Path) -> No
 
 
 def test_check_fits_refuses_with_what_to_change(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from trainer.memory.estimate import estimate as memory
+    from trainer.memory import estimate as memory
 
     config = _tiny(tiny_model_dir, resolution=256)
     need = needed(estimate(config, "cpu"))
@@ -251,7 +248,7 @@ def test_a_deepspeed_or_fsdp_launch_is_not_refused_by_a_model_of_one_gpu(
     does not model sharding or offload, so under those launches it warns instead of refusing."""
     from trainer.events import CancelToken, WarningEvent
     from trainer.loop import Run, check_memory
-    from trainer.memory.estimate import estimate as memory
+    from trainer.memory import estimate as memory
 
     config = _tiny(tiny_model_dir, resolution=256)
     monkeypatch.setattr(memory, "device_capacity", lambda device: (1, "a tiny GPU"))
@@ -296,7 +293,7 @@ RANKS = {"sd": 4, "sdxl": 16}  # the app's LoRA rank per family (space.presets.F
 
 @pytest.mark.parametrize(("family", "model"), [("sd", SD15), ("sdxl", SDXL)])
 def test_the_picker_takes_the_best_setting_that_fits(family: str, model: str) -> None:
-    from space.memory import PICKER_PRIOR, candidates, pick
+    from space.hardware_fit import PICKER_PRIOR, candidates, pick
 
     shapes = known_shapes(family, "test")
     native, rank = shapes.native_resolution, RANKS[family]
@@ -318,7 +315,7 @@ def test_the_picker_takes_the_best_setting_that_fits(family: str, model: str) ->
 
 
 def test_what_the_picker_takes_on_common_cards() -> None:
-    from space.memory import pick
+    from space.hardware_fit import pick
 
     def take(gb: float, family: str, model: str) -> dict:
         return pick(Hardware("cuda", "card", gb), family, model, RANKS[family]).settings
@@ -340,7 +337,7 @@ def test_what_the_picker_takes_on_common_cards() -> None:
 
 
 def test_the_app_says_whether_the_form_fits_the_gpu() -> None:
-    from space.memory import form_memory_note
+    from space.hardware_fit import form_memory_note
 
     form = {
         "base_model": SDXL,
@@ -376,17 +373,16 @@ def test_the_app_says_whether_the_form_fits_the_gpu() -> None:
 def test_the_shipped_profiles_are_the_engines_of_today() -> None:
     """The app's SD 1.5 profiles ship (trainer/assets/memory-profiles.json); a change to the engine's
     setup or step must remake them (`python -m trainer.memory.profiles --fresh`). One, traced afresh."""
-    from trainer.memory.estimate import profiles as memory_profiles
-    from trainer.memory.profiles import speed_choices, step_profile
+    from trainer.memory import profiles as memory_profiles
+    from trainer.memory.profiles import step_profile
 
     shapes = known_shapes("sd", "test")
     config = TrainConfig(
         method="lora", lora_rank=4, mixed_precision="fp16", gradient_checkpointing=True, resolution=512
     )
-    choices = speed_choices(shapes, config, "cuda")
-    shipped = step_profile(shapes, config, "cuda", choices, one_row=False)
+    shipped = step_profile(shapes, config, "cuda", one_row=False)
     memory_profiles._CACHE.clear()  # forget it: the next call traces
-    fresh = step_profile(shapes, config, "cuda", choices, one_row=False)
+    fresh = step_profile(shapes, config, "cuda", one_row=False)
     memory_profiles._SHIPPED_LOADED = False  # let the next test load the file again
     memory_profiles._CACHE.clear()
     for rows, side in ((2, 64), (4, 64), (2, 96)):

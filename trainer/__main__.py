@@ -18,10 +18,6 @@ from pathlib import Path
 from trainer.config import ConfigError, TrainConfig, UserError, read_config_file
 
 _FIELD_TYPES = typing.get_type_hints(TrainConfig)
-# Set by cli() for a training started as this command: it defers the libraries' unused imports
-# (trainer/startup.py). Not when main() runs in another program, where a process-wide import hook
-# is not ours to install.
-_TRIM_IMPORTS = False
 
 
 def _scalar_type(tp) -> type:
@@ -108,10 +104,6 @@ def _train(args: argparse.Namespace) -> int:
     json_events = getattr(args, "json_events", None)
     if args.quiet or json_events is not None:
         _quiet_libraries(warnings=json_events is None)  # a reader's log keeps the libraries' warnings
-    if _TRIM_IMPORTS:  # after --quiet has set the loggers: bitsandbytes logs as it is imported
-        from trainer.startup import trim_imports
-
-        trim_imports()  # the libraries' extras a training never uses are not imported (trainer/startup.py)
     cancel = FileCancelToken(Path(args.cancel_file)) if args.cancel_file else CancelToken()
     # Under `accelerate launch` every process sees the same events; the one with RANK 0 prints them.
     quiet = args.quiet or os.environ.get("RANK", "0") != "0"
@@ -349,27 +341,5 @@ def _fail(json_events, message: str, status: int) -> int:
     return status
 
 
-def cli() -> int:
-    """The command as started from a shell (`python -m trainer`, the `dreambooth-studio` script): a
-    training first moves onto jemalloc where it is installed (trainer/allocator.py) and defers the
-    libraries' imports it never uses (trainer/startup.py). Not when this
-    module is run from another program (runpy) or `main()` is called in-process: re-executing would
-    run that program again."""
-    if sys.argv[1:2] == ["train"] and _started_as_this_command():
-        from trainer.allocator import reexecute_with_jemalloc
-
-        reexecute_with_jemalloc()  # returns at once where jemalloc is absent, already loaded or refused
-        global _TRIM_IMPORTS
-        _TRIM_IMPORTS = True
-    return main()
-
-
-def _started_as_this_command() -> bool:
-    argv = getattr(sys, "orig_argv", [])
-    as_module = any(a == "-m" and b == "trainer" for a, b in zip(argv, argv[1:], strict=False))
-    as_script = len(argv) > 1 and not argv[1].startswith("-") and sys.argv[0] == argv[1]
-    return as_module or as_script
-
-
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(main())

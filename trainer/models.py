@@ -6,11 +6,10 @@ import importlib.util
 
 import torch
 
-from trainer import allocator, geglu
 from trainer.config import TrainConfig
 from trainer.families import Components, ModelLoadError, detect_family
 from trainer.families.base import first_line
-from trainer.speed import SpeedChoices, attention_processor, choose, enable_checkpointing
+from trainer.speed import enable_checkpointing
 
 __all__ = ["Components", "ModelLoadError", "load_components", "prepare_for_training", "weight_dtype"]
 
@@ -57,9 +56,9 @@ def load_vae(source: str, parts: Components):
         raise fail(f"could not be loaded: {first_line(err)}") from None
 
 
-def prepare_for_training(parts: Components, config: TrainConfig, device: torch.device, speed: SpeedChoices) -> None:
-    """Freeze, attach LoRA adapters, set dtypes and memory savers, in place (the attention
-    processor was set by `choose_speed` once the device was known).
+def prepare_for_training(parts: Components, config: TrainConfig, device: torch.device) -> str | None:
+    """Freeze, attach LoRA adapters, set dtypes and memory savers, in place; the line that says how
+    gradient checkpointing runs (None when it is off).
 
     Frozen modules sit in the mixed-precision dtype to halve their memory; every trainable
     parameter is fp32, because fp16 master weights are what makes GradScaler fail with
@@ -81,14 +80,16 @@ def prepare_for_training(parts: Components, config: TrainConfig, device: torch.d
             if param.requires_grad:
                 param.data = param.data.float()
 
+    checkpointing = None
     if config.gradient_checkpointing:
-        enable_checkpointing(parts.unet, speed)
+        checkpointing = enable_checkpointing(parts.unet, config.resolution // parts.vae_scale_factor)
     parts.vae.eval()
     parts.unet.train()
     for text_encoder in text_encoders:
         if config.gradient_checkpointing and config.train_text_encoder:
             text_encoder.activation_checkpointing_enable()
         text_encoder.train(config.train_text_encoder)
+    return checkpointing
 
 
 def mark_trainable(parts: Components, config: TrainConfig) -> None:
@@ -144,17 +145,3 @@ def load_trainable_state_dict(module: torch.nn.Module, state: dict[str, torch.Te
 def eight_bit_adam(config: TrainConfig) -> bool:
     """8-bit AdamW when asked for and bitsandbytes is installed (the engine falls back to torch's)."""
     return config.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is not None
-
-
-def choose_speed(parts: Components, config: TrainConfig, device: torch.device,
-                 one_process: bool = True) -> tuple[SpeedChoices, str]:
-    """Set the UNet's attention processor for this device (class images use it too) and return
-    the speed choices (trainer/speed.py) with the line that says what they are (`one_process`: no
-    DDP, DeepSpeed or FSDP)."""
-    latent_size = config.resolution // parts.vae_scale_factor
-    choices, line = choose(parts.unet, device, latent_size, config.gradient_checkpointing, eight_bit_adam(config),
-                           one_process)
-    parts.unet.set_attn_processor(attention_processor(choices.pad_heads))
-    if choices.fused_geglu:
-        geglu.fuse(parts.unet)
-    return choices, f"{line}; memory allocator {allocator.in_use()}"

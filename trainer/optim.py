@@ -63,10 +63,7 @@ def make_optimizer(
                 "Install it with `pip install bitsandbytes`."
             )
         else:
-            from trainer.adamw8bit import AdamW8bitTogether
-
-            del bnb  # imported above only to learn whether it imports
-            return AdamW8bitTogether(groups, **kwargs)
+            return bnb.optim.AdamW8bit(groups, **kwargs)
     return torch.optim.AdamW(groups, **kwargs)
 
 

@@ -9,8 +9,7 @@ AdamW 2 bytes a parameter + two fp32 block maxima per 256 for tensors of 4,096 e
 8 bytes a parameter below that. Activations come from tracing each phase of a run on fake tensors
 (trainer/memory/profiles.py): the training step, class-image generation, the VAE encode,
 validation samples. The peak is the largest phase; on CUDA plus the CUDA context and allocator
-slack, on the CPU plus the process itself and its malloc's slack (glibc's or jemalloc's, whichever the
-training runs on: trainer/allocator.py).
+slack, on the CPU plus the process itself and its malloc's slack.
 """
 
 from __future__ import annotations
@@ -22,21 +21,17 @@ from pathlib import Path
 
 import torch
 
-from trainer import cbuild
-from trainer.allocator import for_training
 from trainer.config import ConfigError, TrainConfig
 from trainer.data.photos import IMAGE_SUFFIXES
 from trainer.memory.parking import parked_parts
 from trainer.memory.profiles import (
     encoding_profile,
     generation_profile,
-    speed_choices,
     step_profile,
 )
 from trainer.memory.shapes import ModelShapes, parameter_counts, part_tensors, read_shapes
 from trainer.models import eight_bit_adam, weight_dtype
 from trainer.scores.measure import draw_batch
-from trainer.speed import SpeedChoices
 
 GiB = 2**30
 MiB = 2**20
@@ -48,10 +43,9 @@ CUDA_CONTEXT = 512 * MiB
 # reserves runs ~5-15% above what is allocated, on the tensors that come and go (not the weights).
 CUDA_ALLOCATOR_SLACK = 0.10
 # A training process before its first tensor: Python, torch, diffusers, transformers, accelerate,
-# peft, bitsandbytes (ru_maxrss after `import trainer.loop` on the CPU: 413 MiB as `python -m trainer
-# train` imports them, trainer/startup.py; 485 MiB with DREAMBOOTH_LAZY_IMPORTS=0). With CUDA
+# peft, bitsandbytes (ru_maxrss after `import trainer.loop` on the CPU: 485 MiB). With CUDA
 # initialised, its libraries add about 1 GiB of host memory.
-CPU_PROCESS = 420 * MiB
+CPU_PROCESS = 490 * MiB
 CUDA_PROCESS_RAM = 1536 * MiB
 # What the first training step adds on the CPU beyond its tensors: library code paged in, oneDNN's
 # compiled kernels, the modules' Python objects (the tiny model's process grows 75-80 MiB for ~10 MiB
@@ -64,16 +58,11 @@ CPU_FIRST_STEP = 80 * MiB
 # in buffers torch does not see, from the same heap. Fitted on bench/memory_model.py's fp32 steps of
 # the tiny, mid, SD 1.5 and SDXL UNets (full and LoRA, with and without checkpointing): peak RSS =
 # the tensors + 0.30 x the tensors that come and go + 0.17 x the weights the step computes with.
-# jemalloc (trainer/allocator.py: a training runs on it where it is installed) on its defaults reuses
-# or returns what is freed, the repacking buffers too: fitted on the same 13 cells run on it
-# (2026-12-03, least squares on the relative error), 0.07 x the tensors that come and go and nothing
-# proportional to the weights (-0.001).
-CPU_HEAP_SLACK = {"system": 0.30, "jemalloc": 0.07}
-CPU_REPACK = {"system": 0.17, "jemalloc": 0.0}
+CPU_HEAP_SLACK = 0.30
+CPU_REPACK = 0.17
 BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes' min_8bit_size: smaller tensors keep fp32 state
 BNB_BLOCK = 256  # blockwise quantization: one fp32 absmax per block and state
 BNB_QMAPS = 2 * 256 * 4  # the two quantization maps, shared by every tensor
-CPU_8BIT_CHUNK = 1 << 22  # trainer/adamw8bit.py's CPU_CHUNK (not imported: bitsandbytes may be absent)
 ASSUMED_PHOTOS = 20  # instance photos counted when the folders cannot be read (the most DreamBooth wants)
 
 
@@ -151,16 +140,13 @@ def estimate(
     shapes: ModelShapes | None = None,
     local_only: bool = False,
     family: str | None = None,
-    allocator: str | None = None,
 ) -> MemoryEstimate:
     """The peak memory of training `config` on `device_type` ("cuda" or "cpu"). The base model's config
     files are read (`local_only`: from a folder or the Hub cache only); where they cannot be, the known
-    architecture of `family` stands in, and the estimate's notes say so. `allocator`: the training
-    process's malloc, by default the one `python -m trainer train` would run on here."""
+    architecture of `family` stands in, and the estimate's notes say so."""
     shapes = shapes or read_shapes(
         config.pretrained_model, config.revision, config.pretrained_vae, local_only=local_only, family=family
     )
-    choices = speed_choices(shapes, config, device_type)
     by_part, trainable, loaded = _static(
         shapes, config.method, config.lora_rank, config.lora_alpha, config.train_text_encoder, config.mixed_precision
     )
@@ -179,11 +165,11 @@ def estimate(
         step_temporaries=_step_temporaries(trainable, eight_bit, device_type),
         parked=sum(parked.values()),
     )
-    phases, activations = _phases(shapes, config, device_type, choices, held)
+    phases, activations = _phases(shapes, config, device_type, held)
     computing = by_part["unet"] + sum(by_part[n] for n in shapes.text_encoder_names if config.train_text_encoder)
     on_device = held.weights - (held.parked if max(phases, key=phases.get) == TRAINING else 0)
     transient = max(0, max(phases.values()) - on_device - held.optimizer - held.caches)
-    overhead = device_overhead(device_type, transient, computing, allocator or for_training())
+    overhead = device_overhead(device_type, transient, computing)
     peak = max(phases.values()) + overhead
     return MemoryEstimate(
         device_type=device_type,
@@ -204,15 +190,14 @@ def estimate(
     )
 
 
-def device_overhead(device_type: str, transient: int, computing: int, allocator: str = "system") -> int:
+def device_overhead(device_type: str, transient: int, computing: int) -> int:
     """Memory beyond the tensors: the CUDA context or the process itself, and the allocator's slack on
     `transient`, the bytes that come and go (everything but weights, optimizer state and caches); on
     the CPU also the kernels' repacked copies of `computing`, the weights the step computes with, and
-    both as the process's malloc (`allocator`: "jemalloc", else the system's) keeps them."""
+    both as glibc's malloc keeps them."""
     if device_type == "cuda":
         return CUDA_CONTEXT + round(CUDA_ALLOCATOR_SLACK * transient)
-    kind = "jemalloc" if allocator == "jemalloc" else "system"
-    return CPU_PROCESS + CPU_FIRST_STEP + round(CPU_HEAP_SLACK[kind] * transient + CPU_REPACK[kind] * computing)
+    return CPU_PROCESS + CPU_FIRST_STEP + round(CPU_HEAP_SLACK * transient + CPU_REPACK * computing)
 
 
 TRAINING, CLASS_IMAGES, CACHING, ENCODING, SAMPLES, SCORING = (
@@ -226,20 +211,20 @@ TRAINING, CLASS_IMAGES, CACHING, ENCODING, SAMPLES, SCORING = (
 
 
 def _phases(
-    shapes: ModelShapes, config: TrainConfig, device_type: str, choices: SpeedChoices, held: _Held
+    shapes: ModelShapes, config: TrainConfig, device_type: str, held: _Held
 ) -> tuple[dict[str, int], int]:
     """Tensor bytes on the device at the peak of each phase, and the training step's activations."""
     rows = config.train_batch_size * (2 if config.with_prior_preservation else 1)
     latent = config.resolution // shapes.vae_scale_factor
     pixels = latent * latent
-    step = step_profile(shapes, config, device_type, choices, one_row=rows == 1)
+    step = step_profile(shapes, config, device_type, one_row=rows == 1)
     accumulating = held.gradients if config.gradient_accumulation_steps > 1 else None  # micro-batches add up
     live, grads_then = step.peak(rows, pixels, accumulating)
     kept = held.weights + held.optimizer + held.caches
     phases = {TRAINING: kept - held.parked + max(live, held.gradients + held.step_temporaries)}
     if class_images_to_make(config):
         batch = min(config.sample_batch_size, config.num_class_images)
-        made = generation_profile(shapes, config.mixed_precision, device_type, choices.pad_heads, batch == 1)
+        made = generation_profile(shapes, config.mixed_precision, device_type, batch == 1)
         weights_then = _generation_weights(shapes, config.mixed_precision, device_type)
         phases[CLASS_IMAGES] = weights_then + made.peak(batch, pixels)[0]
     encode = encoding_profile(shapes, config.mixed_precision).peak(1, pixels)[0]
@@ -248,11 +233,11 @@ def _phases(
     else:
         phases[ENCODING] = held.weights + held.optimizer + encode
     if config.validation_prompts:
-        sample = generation_profile(shapes, config.mixed_precision, device_type, choices.pad_heads, True)
+        sample = generation_profile(shapes, config.mixed_precision, device_type, True)
         phases[SAMPLES] = kept + sample.peak(1, pixels)[0]
     if config.score_checkpoints:  # on a GPU one image at a time, as validation samples; on the CPU all together
         rows = draw_batch(config, device_type)
-        drawn = generation_profile(shapes, config.mixed_precision, device_type, choices.pad_heads, rows == 1)
+        drawn = generation_profile(shapes, config.mixed_precision, device_type, rows == 1)
         phases[SCORING] = kept + drawn.peak(rows, pixels)[0]
     return phases, live - grads_then
 
@@ -320,20 +305,17 @@ def optimizer_state_bytes(numels: list[int], eight_bit: bool) -> int:
 
 def _step_temporaries(numels: list[int], eight_bit: bool, device_type: str) -> int:
     """What the optimizer step allocates beyond its state. On CUDA bitsandbytes updates each tensor
-    in place (its small tensors go through torch's fused AdamW, in place too). On the CPU the
-    engine's 8-bit AdamW (trainer/adamw8bit.py) steps each 8-bit tensor with its kernel, a block at a
-    time, nothing allocated; without the kernel it dequantizes a chunk of tensors at a time: both
-    moments in fp32 (8 bytes an element), then, quantizing one moment, its scaled copy, bins and
-    codes (9 bytes). torch AdamW on CUDA is the multi-tensor one: it takes the square root of every
+    in place. On the CPU it dequantizes one tensor at a time: both moments in fp32 (8 bytes an
+    element), then, quantizing one moment, its scaled copy, bins and codes (9 bytes). torch AdamW on CUDA is the multi-tensor one: it takes the square root of every
     exp_avg_sq at once; on the CPU it steps one tensor at a time, with two temporaries of that
     tensor's size."""
     if not numels:
         return 0
     if eight_bit:
         big = [n for n in numels if n >= BNB_MIN_8BIT_SIZE]
-        if device_type == "cuda" or not big or cbuild.adamw8bit()[0] is not None:
-            return 0  # the engine's CPU kernel works on one block of 256 on the stack
-        return 17 * min(sum(big), max(CPU_8BIT_CHUNK, max(big)))
+        if device_type == "cuda" or not big:
+            return 0
+        return 17 * max(big)
     return 4 * sum(numels) if device_type == "cuda" else 8 * max(numels)
 
 

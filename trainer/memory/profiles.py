@@ -1,7 +1,7 @@
 """The parts as each phase of a run holds them, and the activation profile of each phase.
 
 Training: the parts as `prepare_for_training` leaves them (frozen in the mixed-precision dtype,
-trainable in fp32, LoRA added, the speed choices of trainer/speed.py). Class images: as loaded
+trainable in fp32, LoRA added, checkpointing as trainer/speed.py sets it). Class images: as loaded
 (fp32), on CUDA with the UNet and text encoders cast to the mixed-precision dtype, as
 trainer.loop.prepare_class_images does. Encoding: the VAE alone.
 
@@ -15,7 +15,6 @@ a slow test that compares one with a fresh trace).
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import sys
 from collections.abc import Iterator
@@ -29,7 +28,7 @@ from trainer.families import Components
 from trainer.memory.shapes import ModelShapes, build_parts, known_shapes, pristine_parts
 from trainer.memory.trace import Profile, cuda_autocast_norms, fakeify, generation, profile, training_step, vae_encoding
 from trainer.models import prepare_for_training, weight_dtype
-from trainer.speed import SpeedChoices, attention_processor, choose
+from trainer.speed import selective
 
 PROFILES_FILE = Path(__file__).resolve().parent.parent / "assets" / "memory-profiles.json"
 _CACHE: dict[str, Profile] = {}
@@ -48,11 +47,12 @@ class StepSettings:
     gradient_checkpointing: bool
     half: bool  # fp16 and bf16 take the same bytes
     device_type: str
-    pad_heads: bool
-    selective: bool
+    selective: bool  # selective checkpointing (trainer/speed.py)
 
     @classmethod
-    def of(cls, config: TrainConfig, device_type: str, choices: SpeedChoices) -> StepSettings:
+    def of(cls, shapes: ModelShapes, config: TrainConfig, device_type: str) -> StepSettings:
+        unet = pristine_parts(shapes).unet
+        latent = config.resolution // shapes.vae_scale_factor
         return cls(
             config.method,
             config.lora_rank if config.method == "lora" else 0,
@@ -60,19 +60,8 @@ class StepSettings:
             config.gradient_checkpointing,
             config.mixed_precision != "no",
             device_type,
-            choices.pad_heads,
-            choices.selective_checkpointing,
+            selective(unet.config, latent, config.gradient_checkpointing),
         )
-
-
-def speed_choices(shapes: ModelShapes, config: TrainConfig, device_type: str) -> SpeedChoices:
-    """The engine's speed choices (trainer/speed.py) for this model, resolution and device."""
-    return _choices(shapes, device_type, config.resolution // shapes.vae_scale_factor, config.gradient_checkpointing)
-
-
-@functools.lru_cache(maxsize=256)
-def _choices(shapes: ModelShapes, device_type: str, latent: int, checkpointing: bool) -> SpeedChoices:
-    return choose(pristine_parts(shapes).unet, torch.device(device_type), latent, checkpointing)[0]
 
 
 @contextlib.contextmanager
@@ -89,20 +78,18 @@ def _quiet() -> Iterator[None]:
         logging.set_verbosity(level)
 
 
-def training_parts(shapes: ModelShapes, config: TrainConfig, choices: SpeedChoices) -> Components:
+def training_parts(shapes: ModelShapes, config: TrainConfig) -> Components:
     """The parts on the meta device as the engine trains them."""
     parts = build_parts(shapes)
-    parts.unet.set_attn_processor(attention_processor(choices.pad_heads))
     with _quiet():
-        prepare_for_training(parts, config, torch.device("meta"), choices)
+        prepare_for_training(parts, config, torch.device("meta"))
     return parts
 
 
-def generation_parts(shapes: ModelShapes, mixed_precision: str, device_type: str, pad_heads: bool) -> Components:
+def generation_parts(shapes: ModelShapes, mixed_precision: str, device_type: str) -> Components:
     """The parts on the meta device as class images are made: as loaded, on CUDA the UNet and text
     encoders in the mixed-precision dtype (the VAE stays fp32)."""
     parts = build_parts(shapes)
-    parts.unet.set_attn_processor(attention_processor(pad_heads))
     with _quiet():
         for module in (parts.unet, *parts.text_encoders) if device_type == "cuda" else ():
             module.to(dtype=weight_dtype(mixed_precision))
@@ -138,13 +125,13 @@ def _unit(shapes: ModelShapes) -> int:
 
 
 def step_profile(
-    shapes: ModelShapes, config: TrainConfig, device_type: str, choices: SpeedChoices, one_row: bool
+    shapes: ModelShapes, config: TrainConfig, device_type: str, one_row: bool
 ) -> Profile:
-    settings = StepSettings.of(config, device_type, choices)
+    settings = StepSettings.of(shapes, config, device_type)
     key = json.dumps(["step", shapes.key, *vars(settings).values(), one_row])
     if (found := _cached(key)) is not None:
         return found
-    parts = training_parts(shapes, config, choices)
+    parts = training_parts(shapes, config)
     precision = config.mixed_precision if settings.half else "no"
     return _traced(
         key,
@@ -158,15 +145,15 @@ def step_profile(
 
 
 def generation_profile(
-    shapes: ModelShapes, mixed_precision: str, device_type: str, pad_heads: bool, one_row: bool
+    shapes: ModelShapes, mixed_precision: str, device_type: str, one_row: bool
 ) -> Profile:
     """Class images and samples. On the CPU the engine generates in fp32 without autocast."""
     precision = mixed_precision if device_type == "cuda" else "no"
     half = precision != "no"
-    key = json.dumps(["generation", shapes.key, half, device_type, pad_heads, one_row])
+    key = json.dumps(["generation", shapes.key, half, device_type, one_row])
     if (found := _cached(key)) is not None:
         return found
-    parts = generation_parts(shapes, precision, device_type, pad_heads)
+    parts = generation_parts(shapes, precision, device_type)
     return _traced(
         key,
         parts,
@@ -246,12 +233,11 @@ def write_shipped(families: tuple[str, ...] = ("sd", "sdxl"), fresh: bool = Fals
         for precision in ("fp16", "bf16"):
             encoding_profile(shapes, precision)
         for _family, config in shipped_configs(name):
-            choices = speed_choices(shapes, config, "cuda")
             what = f"{name} {config.method} te={config.train_text_encoder} ckpt={config.gradient_checkpointing}"
             print(what, file=sys.stderr, flush=True)
             for one_row in (True, False):
-                step_profile(shapes, config, "cuda", choices, one_row)
-                generation_profile(shapes, "fp16", "cuda", choices.pad_heads, one_row)
+                step_profile(shapes, config, "cuda", one_row)
+                generation_profile(shapes, "fp16", "cuda", one_row)
     sides = [s * s for s in _GRID_SIDES]
     profiles = {k: v.pruned(_GRID_ROWS, sides).to_dict() for k, v in _CACHE.items() if json.loads(k)[1] in keys}
     about = "trainer/memory/profiles.py; remake with `python -m trainer.memory.profiles [--fresh]`"
