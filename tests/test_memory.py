@@ -222,7 +222,7 @@ def test_the_prediction_matches_a_real_steps_tensors(tiny_model_dir: Path) -> No
 
 
 def test_check_fits_refuses_with_what_to_change(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from trainer.memory import estimate as memory
+    from trainer.memory import advice as memory
 
     config = _tiny(tiny_model_dir, resolution=256)
     need = needed(estimate(config, "cpu"))
@@ -248,7 +248,7 @@ def test_a_deepspeed_or_fsdp_launch_is_not_refused_by_a_model_of_one_gpu(
     does not model sharding or offload, so under those launches it warns instead of refusing."""
     from trainer.events import CancelToken, WarningEvent
     from trainer.loop import Run, check_memory
-    from trainer.memory import estimate as memory
+    from trainer.memory import advice as memory
 
     config = _tiny(tiny_model_dir, resolution=256)
     monkeypatch.setattr(memory, "device_capacity", lambda device: (1, "a tiny GPU"))

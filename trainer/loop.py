@@ -210,7 +210,7 @@ def check_memory(run: Run, device: torch.device) -> None:
                  "split the weights, gradients and optimizer state over the GPUs and CPU RAM; training "
                  "without that check.")
         return
-    from trainer.memory.estimate import check_fits  # only here: a CPU run never needs the memory model
+    from trainer.memory.advice import check_fits  # only here: a CPU run never needs the memory model
 
     try:
         check_fits(run.config, device)

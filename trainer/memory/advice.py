@@ -1,13 +1,16 @@
 """What to change when a training does not fit: each change the engine offers, weighed by the memory
-model itself, in the order that costs the least quality first."""
+model itself, in the order that costs the least quality first; and the check that refuses a training
+that would run out of memory an hour in."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from trainer.config import TrainConfig
-from trainer.memory.estimate import GiB, MemoryEstimate, class_images_to_make, estimate, needed
-from trainer.memory.shapes import ModelShapes
+import torch
+
+from trainer.config import ConfigError, TrainConfig
+from trainer.memory.estimate import GiB, MemoryEstimate, class_images_to_make, device_capacity, estimate, needed
+from trainer.memory.shapes import ModelShapes, read_shapes
 
 RESOLUTION_STEP = 64
 
@@ -116,3 +119,20 @@ def describe_fit(memory: MemoryEstimate, capacity: int) -> str:
     """ "fits (9.1 of 15.8 GiB)" or "does not fit (19.3 of 15.8 GiB)" """
     verdict = "fits" if needed(memory) <= capacity else "does not fit"
     return f"{verdict} ({needed(memory) / GiB:.1f} of {capacity / GiB:.1f} GiB)"
+
+
+def check_fits(config: TrainConfig, device: torch.device, *, local_only: bool = False) -> None:
+    """Raise ConfigError, before any weight loads, when the predicted peak exceeds what `device` has,
+    with the predicted and available memory and the changes that would make it fit."""
+    shapes = read_shapes(config.pretrained_model, config.revision, config.pretrained_vae, local_only=local_only)
+    memory = estimate(config, device.type, shapes=shapes)
+    capacity, where = device_capacity(device)
+    if needed(memory) <= capacity:
+        return
+    raise ConfigError(
+        f"the training does not fit {where}: it needs about {needed(memory) / GiB:.1f} GiB at its peak "
+        f"({memory.peak_phase}; weights {memory.weights / GiB:.1f}, gradients {memory.gradients / GiB:.1f}, "
+        f"optimizer state {memory.optimizer_state / GiB:.1f}, activations {memory.activations / GiB:.1f} GiB). "
+        + advice(config, device.type, capacity, shapes)
+        + (f" ({'; '.join(memory.notes)})" if memory.notes else "")
+    )

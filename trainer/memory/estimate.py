@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.config import ConfigError, TrainConfig
+from trainer.config import TrainConfig
 from trainer.data.photos import IMAGE_SUFFIXES
 from trainer.memory.parking import parked_parts
 from trainer.memory.profiles import (
@@ -395,22 +395,3 @@ def lower_bound(config: TrainConfig, device_type: str, shapes: ModelShapes) -> i
     by_part, trainable = weights_and_trainables(config, shapes)
     held = sum(by_part.values()) + 4 * sum(trainable) + optimizer_state_bytes(trainable, eight_bit_adam(config))
     return held + (CUDA_CONTEXT if device_type == "cuda" else 0)
-
-
-def check_fits(config: TrainConfig, device: torch.device, *, local_only: bool = False) -> None:
-    """Raise ConfigError, before any weight loads, when the predicted peak exceeds what `device` has,
-    with the predicted and available memory and the changes that would make it fit."""
-    from trainer.memory.advice import advice
-
-    shapes = read_shapes(config.pretrained_model, config.revision, config.pretrained_vae, local_only=local_only)
-    memory = estimate(config, device.type, shapes=shapes)
-    capacity, where = device_capacity(device)
-    if needed(memory) <= capacity:
-        return
-    raise ConfigError(
-        f"the training does not fit {where}: it needs about {needed(memory) / GiB:.1f} GiB at its peak "
-        f"({memory.peak_phase}; weights {memory.weights / GiB:.1f}, gradients {memory.gradients / GiB:.1f}, "
-        f"optimizer state {memory.optimizer_state / GiB:.1f}, activations {memory.activations / GiB:.1f} GiB). "
-        + advice(config, device.type, capacity, shapes)
-        + (f" ({'; '.join(memory.notes)})" if memory.notes else "")
-    )
