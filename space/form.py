@@ -153,7 +153,7 @@ FORM: tuple[FormField, ...] = (
          label="Instance photos", file_count="multiple", file_types=["image", ".txt"], elem_id="train-images"),
     _row("identifier",                  gr.Textbox,  "names",        "text",  "identifier",
          label="Identifier", info=texts.IDENTIFIER_HELP),
-    _row("class_noun",                  gr.Textbox,  "names",        "text",  None,
+    _row("class_noun",                  gr.Textbox,  "names",        "text",  "class_noun",
          label="Class noun", info=texts.CLASS_NOUN_HELP),
     _row("concept",                     gr.Radio,    "concept",      "text",  None,
          choices=[c.value for c in Concept], label="Concept type", info=texts.CONCEPT_HELP),
@@ -224,7 +224,7 @@ def config_to_form(config: TrainConfig) -> dict[str, Any]:
 
 def initial_values(machine: Mapping[str, Any], family: str = SD) -> dict[str, Any]:
     """The form as a page first shows it: TrainConfig's defaults, then the settings that fit the
-    machine (space.presets.safe_defaults), the object preset at the learning rate of the base
+    machine (space.hardware_fit.safe_defaults), the object preset at the learning rate of the base
     model's `family`, the prompts of "zwx dog", and scores at every checkpoint."""
     values = config_to_form(TrainConfig())
     instance_prompt, class_prompt = prompts_for(DEFAULT_IDENTIFIER, DEFAULT_CLASS_NOUN, Concept.OBJECT.value)

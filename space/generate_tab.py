@@ -24,9 +24,10 @@ import torch
 from PIL import Image
 
 from space import texts
+from space.errors import error_message
 from space.example import suggested_prompts
 from space.hardware import Hardware
-from space.jobs import JobManager, error_message
+from space.jobs import JobManager
 from space.local_paths import LocalPaths
 from space.presets import KNOWN_MODELS, SD, TOY_MODEL, ToyModel
 from space.wiring import PRIVATE, bind

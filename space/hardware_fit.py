@@ -1,6 +1,7 @@
 """Will a training fit this GPU? The engine's memory model (trainer/memory/estimate.py) on the Train form's
-settings: the line the form shows before Start, and the best settings that fit a GPU (which
-space.presets.memory_settings hands to the form).
+settings: the line the form shows before Start, the best settings that fit a GPU (`pick`), and the form
+values that follow from them: a machine's defaults (`safe_defaults`) and those a newly picked base model
+brings (`base_model_values`), beside the model's own presets (space.presets).
 
 A base model's config files are read from its folder or the Hub cache only: the page never waits
 on the network. A Hub id not on this disk is sized with its family's known architecture (SD 1.5,
@@ -17,11 +18,24 @@ from typing import Any
 
 from space import texts
 from space.hardware import Hardware
-from space.presets import TOY_MODEL, model_family, model_resolution
+from space.presets import (
+    FAMILY_PRESETS,
+    KNOWN_MODELS,
+    SD,
+    TOY_CLASS_BATCH,
+    TOY_MODEL,
+    first_model,
+    lora_rank_for,
+    model_family,
+    model_kind,
+    model_resolution,
+    toy_first,
+)
 from trainer.config import TrainConfig, UserError
 from trainer.memory.advice import all_changes, fitting_changes
 from trainer.memory.estimate import GiB, MemoryEstimate, estimate, lower_bound, needed
 from trainer.memory.shapes import KNOWN_LABELS, ModelShapes, read_shapes
+from trainer.toyworld import TOY_RESOLUTION
 
 # What a CPU (or Apple GPU) trains: the toy model, LoRA in fp32; no 8-bit Adam (bitsandbytes' CPU
 # kernels are slow) and no checkpointing (the toy model's activations are tiny).
@@ -176,3 +190,55 @@ def pick(hardware: Hardware, family: str, base_model: str, lora_rank: int) -> Me
 
 def _gb(memory: MemoryEstimate) -> float:
     return needed(memory) / GiB
+
+
+# --- the form values that fit this machine --------------------------------------------------------
+def memory_pick(hw: Hardware, family: str = SD, base_model: str | None = None) -> MemoryPick:
+    """The best settings that fit this machine for `base_model` (default: the family's first known
+    model), with the sentence that says what was picked and why (`pick`)."""
+    model = base_model or first_model(family)
+    rank = lora_rank_for(model) or FAMILY_PRESETS[family].lora_rank
+    return pick(hw, family, model, rank)
+
+
+def memory_settings(hw: Hardware, family: str = SD, base_model: str | None = None) -> dict[str, Any]:
+    """Method, text encoder, precision, memory savings, resolution and batch that fit this machine best
+    (no CUDA: LoRA in fp32, for the toy model)."""
+    return dict(memory_pick(hw, family, base_model).settings)
+
+
+def safe_defaults(hw: Hardware, offline: bool = False, family: str = SD) -> dict[str, Any]:
+    """Form values that fit this machine, with the first known base model of `family` (the toy
+    model where it is the only one that will work) and that model's size and LoRA rank."""
+    defaults: dict[str, Any] = {}
+    if hw.device == "cuda":
+        base_model = first_model(family)
+        defaults.update(base_model=base_model, resolution=KNOWN_MODELS[base_model].resolution)
+    defaults.update(memory_settings(hw, family))  # on a GPU it may lower the resolution to fit
+    if toy_first(hw, offline):
+        defaults.update(base_model=TOY_MODEL, resolution=TOY_RESOLUTION, sample_batch_size=TOY_CLASS_BATCH)
+    if "base_model" in defaults:
+        defaults["lora_rank"] = lora_rank_for(defaults["base_model"])
+    return defaults
+
+
+def base_model_values(hw: Hardware, base_model: str, previous: str | None) -> tuple[str | None, dict[str, Any]]:
+    """(model_kind, form values) when the visitor picks `base_model` after a model of kind
+    `previous`. The size always follows the model (SD 2.1 wants 768); a new family also brings
+    its LoRA rank, learning rate and the best settings that fit this machine (memory_settings:
+    method, text encoder, 8-bit Adam, checkpointing, resolution, batch, class images per batch). The
+    toy model brings only its size and rank: the example picks it and sets the rest itself. Unknown:
+    nothing changes."""
+    kind = model_kind(base_model)
+    if kind is None:
+        return None, {}
+    values: dict[str, Any] = {"resolution": model_resolution(base_model)}
+    if kind == previous:
+        return kind, values
+    values["lora_rank"] = lora_rank_for(base_model)
+    if kind == "toy":
+        values["sample_batch_size"] = TOY_CLASS_BATCH
+    else:
+        values.update(memory_settings(hw, kind, base_model))
+        values["learning_rate"] = FAMILY_PRESETS[kind].learning_rate[values["method"]]
+    return kind, values

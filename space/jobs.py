@@ -13,8 +13,9 @@ asked for meanwhile waits for it, showing the training's step); without a GPU th
 Each job has an owner (the Hub user, else the browser session): a visitor cancels, withdraws or
 resumes only their own; `private` (the app runs on this machine for its one user, set by app.py)
 lets the local user act on any. A job may also publish its run to the Hub once the training
-completes (not when cancelled). The token for that stays in this process, in the job's memory
-until then: never in the child's argv, environment, config, events, logs or the snapshot.
+completes (not when cancelled): space/publishing.py does that, here in the app's process. The token
+for that stays in the job's memory until then: never in the child's argv, environment, config,
+events, logs or the snapshot.
 """
 
 from __future__ import annotations
@@ -23,17 +24,18 @@ import dataclasses
 import logging
 import threading
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
 
 from space import texts
+from space.errors import error_message
 from space.job_process import ChildDied, JobFiles, TrainingProcess
 from space.job_queue import GpuMode, Slot, SlotPool, gpu_slots, start_estimates
 from space.job_runs import check_inputs, discard_uploads, has_checkpoint, keep_uploads, mark_run
-from space.run_scores import RunScores, run_scores
+from space.job_snapshot import JobSnapshot
+from space.publishing import PublishFn, PublishRequest, default_publish, publish_run
+from space.run_scores import run_scores
 from trainer.config import ConfigError, TrainConfig, UserError
 from trainer.events import (
     CancelToken,
@@ -50,22 +52,13 @@ from trainer.events import (
 )
 from trainer.run_folder import is_run, read_config
 
-if TYPE_CHECKING:
-    from trainer.publish.hub import PublishResult
-
 log = logging.getLogger(__name__)
-__all__ = ["BusyError", "JobManager", "JobSnapshot", "NotYourJob", "PublishRequest", "Visitor", "keep_uploads"]
+__all__ = ["BusyError", "JobManager", "NotYourJob", "TrainFn", "Visitor"]
 
-JobState = Literal["idle", "queued", "starting", "running", "completed", "cancelled", "failed", "withdrawn"]
 TrainFn = Callable[[TrainConfig, EventHandler, CancelToken], RunResult]
 CANCEL_GRACE_SECONDS = 120.0  # after Cancel, a training that has not stopped by then is killed
 MAX_QUEUED = 20
 KEEP_FINISHED = 50  # finished jobs remembered (their pages, their Resume button)
-
-
-def error_message(err: BaseException) -> str:
-    """The engine's own words for input errors; the exception type too for anything else."""
-    return str(err) if isinstance(err, UserError | ValueError | ChildDied) else f"{type(err).__name__}: {err}"
 
 
 class BusyError(RuntimeError):
@@ -83,89 +76,6 @@ class Visitor:
 
     id: str | None
     admin: bool = False
-
-
-@dataclass(frozen=True)
-class PublishRequest:
-    """Publish the run to `repo_id` once its training completes; the token is kept out of repr."""
-
-    repo_id: str
-    private: bool = True
-    token: str | None = field(default=None, repr=False)
-
-
-PublishFn = Callable[[Path, PublishRequest], "PublishResult"]
-
-
-@dataclass(frozen=True)
-class JobSnapshot:
-    """Everything a page needs to draw a job; `version` changes whenever anything else does."""
-
-    job_id: int = 0
-    version: int = 0
-    state: JobState = "idle"
-    phase: str = ""
-    message: str = ""
-    step: int = 0
-    total: int = 0
-    eta_seconds: float | None = None
-    losses: tuple[tuple[int, float], ...] = ()
-    samples: tuple[str, ...] = ()
-    warnings: tuple[str, ...] = ()
-    run_dir: str | None = None
-    error: str | None = None
-    hub_url: str | None = None  # where the run was published when training finished
-    publish_error: str | None = None  # why that failed; the run itself is fine
-    queue_position: int | None = None  # 1: next to start; None once it is no longer queued
-    starts_in_seconds: float | None = None  # a queued job's estimated wait; None: unknown
-    resumable: bool = False  # failed or cancelled with a checkpoint: Resume continues it
-    gpus: tuple[int, ...] = ()
-    pid: int | None = None  # the training process (its process group), while it runs
-    log_path: str | None = None
-    scores: RunScores = field(default_factory=RunScores)  # of the base model and each checkpoint, when scored
-
-    @property
-    def active(self) -> bool:
-        return self.state in ("starting", "running")
-
-    @property
-    def queued(self) -> bool:
-        return self.state == "queued"
-
-    @property
-    def publishing(self) -> bool:
-        return self.active and self.phase == "publishing"
-
-    def as_dict(self) -> dict[str, Any]:
-        """Plain data for API clients."""
-        return {
-            "job_id": self.job_id,
-            "state": self.state,
-            "phase": self.phase,
-            "step": self.step,
-            "total": self.total,
-            "eta_seconds": self.eta_seconds,
-            "queue_position": self.queue_position,
-            "starts_in_seconds": self.starts_in_seconds,
-            "resumable": self.resumable,
-            "run_dir": self.run_dir,
-            "error": self.error,
-            "message": self.message,
-            "hub_url": self.hub_url,
-            "publish_error": self.publish_error,
-            "warnings": list(self.warnings),
-            "samples": list(self.samples),
-            "losses": [list(point) for point in self.losses],
-            "scores": [dict(row) for row in self.scores.rows],
-            "pick": self.scores.pick,
-            "pick_reason": self.scores.reason,
-        }
-
-
-def default_publish(run_dir: Path, request: PublishRequest) -> PublishResult:
-    from trainer.publish.hub import publish
-
-    return publish(run_dir, request.repo_id, private=request.private, token=request.token)
 
 
 @dataclass
@@ -232,14 +142,14 @@ class JobManager:
             mine = [job for job in self._jobs.values() if owner is not None and job.owner == owner]
             running = [job for job in mine if job.snapshot.active]
             queued = [job for job in mine if job.snapshot.queued]
-            ended = [job for job in mine if not _pending(job.snapshot) and job.snapshot.state != "withdrawn"]
+            ended = [job for job in mine if not job.snapshot.pending and job.snapshot.state != "withdrawn"]
             job = (running or queued or [None])[0] or (ended[-1] if ended else self._current())
             return job.snapshot if job else JobSnapshot()
 
     def pending(self, owner: str | None) -> list[JobSnapshot]:
         """`owner`'s running and queued jobs, oldest first."""
         with self._lock:
-            return [job.snapshot for job in self._jobs.values() if job.owner == owner and _pending(job.snapshot)]
+            return [job.snapshot for job in self._jobs.values() if job.owner == owner and job.snapshot.pending]
 
     def queued(self) -> list[JobSnapshot]:
         with self._lock:
@@ -255,8 +165,8 @@ class JobManager:
 
         def done() -> bool:
             if job_id is not None:
-                return not _pending(self._jobs[job_id].snapshot)
-            return not any(_pending(job.snapshot) for job in self._jobs.values())
+                return not self._jobs[job_id].snapshot.pending
+            return not any(job.snapshot.pending for job in self._jobs.values())
 
         with self._finished:
             self._finished.wait_for(done, timeout)
@@ -280,7 +190,7 @@ class JobManager:
         with self._lock:
             if len(self._queue) >= MAX_QUEUED:
                 raise BusyError(texts.QUEUE_FULL.format(n=len(self._queue)))
-            if any(_pending(job.snapshot) and Path(job.config.output_dir) == out for job in self._jobs.values()):
+            if any(job.snapshot.pending and Path(job.config.output_dir) == out for job in self._jobs.values()):
                 raise ConfigError(texts.SAME_FOLDER_QUEUED.format(folder=out), field="output_dir")
         created = not out.exists()
         config = keep_uploads(config)  # only now: a refused run leaves nothing behind
@@ -402,7 +312,7 @@ class JobManager:
             self._dispatch()
 
     def _forget_old(self) -> None:
-        finished = [job_id for job_id, job in self._jobs.items() if not _pending(job.snapshot)]
+        finished = [job_id for job_id, job in self._jobs.items() if not job.snapshot.pending]
         for job_id in finished[:-KEEP_FINISHED]:
             del self._jobs[job_id]
 
@@ -412,7 +322,7 @@ class JobManager:
             result = self._train(job)
             self._read_scores(job)
             if result is not None and job.publish is not None and not result.cancelled:
-                self._publish(job, result.run_dir, job.publish)
+                self._update(job, **publish_run(self._publish_fn, result.run_dir, job.publish, job.job_id))
         finally:
             job.publish = None
             with self._finished:
@@ -466,7 +376,7 @@ class JobManager:
                 total=result.total_steps,
                 run_dir=str(result.run_dir),
                 eta_seconds=0.0,
-                message=f"Trained; publishing to {job.publish.repo_id}…" if publishing else _finished_message(result),
+                message=_finished_message(result, job.publish.repo_id if publishing else None),
                 samples=tuple(dict.fromkeys((*job.snapshot.samples, *map(str, result.samples)))),
                 warnings=tuple(dict.fromkeys((*job.snapshot.warnings, *result.warnings))),
                 resumable=result.cancelled and result.checkpoint is not None,
@@ -496,34 +406,6 @@ class JobManager:
             self._update(job, state="cancelled", message=message, resumable=has_checkpoint(run_dir))
         else:
             self._update(job, state="failed", error=str(err), message="", resumable=True)
-
-    def _publish(self, job: _Job, run_dir: Path, request: PublishRequest) -> None:
-        """Publish the finished run; a failure is reported and the run stays as it is."""
-        try:
-            result = self._publish_fn(run_dir, request)
-        except Exception as err:  # the run is fine: report, keep the job completed
-            text = _scrub(error_message(err), request.token)
-            if isinstance(err, UserError):  # HubError: a message meant for the user, already scrubbed
-                log.warning("Publishing run %s failed: %s", job.job_id, text)
-            else:
-                trace = "".join(traceback.format_exception(err))
-                log.error("Publishing run %s failed:\n%s", job.job_id, _scrub(trace, request.token))
-            self._update(
-                job,
-                state="completed",
-                phase="done",
-                publish_error=text,
-                message="Done, but publishing failed. The run is complete: publish it from the Publish tab.",
-            )
-        else:
-            visibility = "private" if request.private else "public"
-            self._update(
-                job,
-                state="completed",
-                phase="done",
-                hub_url=result.url,
-                message=f"Done. Published to [{result.repo_id}]({result.url}) ({visibility}).",
-            )
 
     def _apply(self, job: _Job, event: Event) -> None:
         snap = job.snapshot
@@ -564,21 +446,15 @@ class JobManager:
         job.snapshot = dataclasses.replace(job.snapshot, version=job.snapshot.version + 1, **changes)
 
 
-def _pending(snap: JobSnapshot) -> bool:
-    return snap.queued or snap.active
-
-
 def _gpu_count() -> int:
     import torch
 
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def _scrub(text: str, token: str | None) -> str:
-    return text.replace(token, "hf_***") if token else text
-
-
-def _finished_message(result: RunResult) -> str:
+def _finished_message(result: RunResult, publishing_to: str | None = None) -> str:
+    if publishing_to is not None:
+        return texts.TRAINED_PUBLISHING.format(repo_id=publishing_to)
     if not result.cancelled:
         return "Done."
     if result.checkpoint is None:

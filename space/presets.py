@@ -1,4 +1,5 @@
-"""What the app offers on a given machine: the base models it lists and the settings that fit.
+"""The base models the app offers on a given machine, and what each brings: family, size, LoRA rank,
+learning rate.
 
 The toy model is trainer.toyworld's tiny Stable Diffusion, pretrained on a world of coloured
 shapes and shipped in trainer/assets/toy-sd. It trains on a CPU with no network, so it is listed
@@ -6,9 +7,10 @@ first when there is no CUDA GPU or the Hub is switched off. If its folder is mis
 says so (space.texts.TOY_MISSING) rather than offer something else in its place.
 
 Each known base model names its family (trainer.families: "sd" or "sdxl") and native size; a
-family brings its own learning rates and LoRA rank; what fits the GPU is space.memory's. The family of a model the
-table does not know is read from its model_index.json only where that is on this disk (a
-folder, or the Hub cache): the page never waits on the network to guess it.
+family brings its own learning rates and LoRA rank; what fits the GPU, and the form values that
+follow from it, are space.hardware_fit's. The family of a model the table does not know is read
+from its model_index.json only where that is on this disk (a folder, or the Hub cache): the page
+never waits on the network to guess it.
 """
 
 from __future__ import annotations
@@ -159,63 +161,8 @@ def model_kind(base_model: str) -> str | None:
     return "toy" if base_model.strip() == TOY_MODEL else model_family(base_model)
 
 
-def base_model_values(hw: Hardware, base_model: str, previous: str | None) -> tuple[str | None, dict[str, Any]]:
-    """(model_kind, form values) when the visitor picks `base_model` after a model of kind
-    `previous`. The size always follows the model (SD 2.1 wants 768); a new family also brings
-    its LoRA rank, learning rate and the best settings that fit this machine (memory_settings:
-    method, text encoder, 8-bit Adam, checkpointing, resolution, batch, class images per batch). The
-    toy model brings only its
-    size and rank: the example picks it and sets the rest itself. Unknown: nothing changes."""
-    kind = model_kind(base_model)
-    if kind is None:
-        return None, {}
-    values: dict[str, Any] = {"resolution": model_resolution(base_model)}
-    if kind == previous:
-        return kind, values
-    values["lora_rank"] = lora_rank_for(base_model)
-    if kind == "toy":
-        values["sample_batch_size"] = TOY_CLASS_BATCH
-    else:
-        values.update(memory_settings(hw, kind, base_model))
-        values["learning_rate"] = FAMILY_PRESETS[kind].learning_rate[values["method"]]
-    return kind, values
-
-
 def first_model(family: str) -> str:
     return next(model_id for model_id, known in KNOWN_MODELS.items() if known.family == family)
-
-
-# --- settings that fit the machine ----------------------------------------------------------
-def memory_pick(hw: Hardware, family: str = SD, base_model: str | None = None) -> Any:
-    """The best settings that fit this machine for `base_model` (default: the family's first known
-    model), with the sentence that says what was picked and why: space.memory.pick, which weighs
-    them with the engine's memory model (trainer/memory/estimate.py)."""
-    from space.memory import pick  # imported here: space.memory reads this module's model table
-
-    model = base_model or first_model(family)
-    rank = lora_rank_for(model) or FAMILY_PRESETS[family].lora_rank
-    return pick(hw, family, model, rank)
-
-
-def memory_settings(hw: Hardware, family: str = SD, base_model: str | None = None) -> dict[str, Any]:
-    """Method, text encoder, precision, memory savings, resolution and batch that fit this machine best
-    (no CUDA: LoRA in fp32, for the toy model)."""
-    return dict(memory_pick(hw, family, base_model).settings)
-
-
-def safe_defaults(hw: Hardware, offline: bool = False, family: str = SD) -> dict[str, Any]:
-    """Form values that fit this machine, with the first known base model of `family` (the toy
-    model where it is the only one that will work) and that model's size and LoRA rank."""
-    defaults: dict[str, Any] = {}
-    if hw.device == "cuda":
-        base_model = first_model(family)
-        defaults.update(base_model=base_model, resolution=KNOWN_MODELS[base_model].resolution)
-    defaults.update(memory_settings(hw, family))  # on a GPU it may lower the resolution to fit
-    if toy_first(hw, offline):
-        defaults.update(base_model=TOY_MODEL, resolution=TOY_RESOLUTION, sample_batch_size=TOY_CLASS_BATCH)
-    if "base_model" in defaults:
-        defaults["lora_rank"] = lora_rank_for(defaults["base_model"])
-    return defaults
 
 
 def model_settings(base_model: str) -> dict[str, Any]:

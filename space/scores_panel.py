@@ -19,7 +19,9 @@ import gradio as gr
 import pandas as pd
 
 from space import texts
-from space.jobs import JobManager, JobSnapshot, Visitor, error_message
+from space.errors import error_message
+from space.job_snapshot import JobSnapshot
+from space.jobs import JobManager, Visitor
 from space.run_scores import RunScores, run_scores, weights_step
 from trainer.config import UserError
 from trainer.export import loses_current_weights

@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING, Any
 
 from space.hardware import Hardware, SpaceInfo
 
-if TYPE_CHECKING:  # space.jobs reads its sentences from here
-    from space.jobs import JobSnapshot
+if TYPE_CHECKING:
+    from space.job_snapshot import JobSnapshot
 
 TITLE = "DreamBooth Studio"
 INTRO = (
@@ -121,6 +121,12 @@ DIED_KILLED = (
     "size or the resolution."
 )
 DIED_OTHER = "**What to try:** the log above says why; press **Resume** to continue from the last checkpoint."
+TRAINED_PUBLISHING = "Trained; publishing to {repo_id}…"
+PUBLISH_FAILED_AFTER_TRAINING = "Done, but publishing failed. The run is complete: publish it from the Publish tab."
+
+
+def published_after_training(repo_id: str, url: str, private: bool) -> str:
+    return f"Done. Published to [{repo_id}]({url}) ({'private' if private else 'public'})."
 
 
 def died_by_signal(name: str) -> str:
@@ -162,7 +168,7 @@ def score_checkpoints_help(samples: int, checkpoints: int) -> str:
     )
 
 
-# The memory line under the base model (space.memory.memory_note): the engine's memory model
+# The memory line under the base model (space.hardware_fit.memory_note): the engine's memory model
 # (trainer/memory/estimate.py) on the form's settings, on a CUDA GPU. GB as the hardware line counts them.
 MEMORY_FITS = "**Fits your GPU** (about {need:.1f} of {have:.1f} GB)."
 MEMORY_DOES_NOT_FIT = "**Does not fit your GPU** (about {need:.1f} of {have:.1f} GB). {advice}"
@@ -181,7 +187,7 @@ MEMORY_CHANGE = "{change} to bring it to about {need:.1f} GB."
 MEMORY_TOGETHER = "Use LoRA and every memory saving under Advanced to bring it to about {need:.1f} GB."
 MEMORY_TOO_BIG = "Even with every memory saving it will not fit: lower the resolution, or use a GPU with more memory."
 MEMORY_ASSUMED = " (Sized as {label}: this model's config files are not on this machine.)"
-# The preset the app picked for this GPU (space.memory.pick), under the memory line.
+# The preset the app picked for this GPU (space.hardware_fit.pick), under the memory line.
 MEMORY_PICKED = "**Picked for your GPU:** {what} (about {need:.1f} of {have:.1f} GB).{better}"
 MEMORY_BETTER = " The next better setting ({difference}) would need {need:.1f} GB."
 MEMORY_NOTHING_FITS = "**Nothing fits your GPU:** even {what} needs about {need:.1f} of {have:.1f} GB."

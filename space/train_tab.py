@@ -23,9 +23,9 @@ from typing import Any
 
 import gradio as gr
 import pandas as pd
-from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from space import scores_panel, texts
+from space.errors import error_message
 from space.example import EXAMPLE_FOLDER, example_form, example_images
 from space.form import (
     DEFAULT_CLASS_NOUN,
@@ -39,30 +39,20 @@ from space.form import (
     prompts_for,
 )
 from space.hardware import Hardware, hub_offline
-from space.jobs import BusyError, JobManager, JobSnapshot, NotYourJob, PublishRequest, Visitor, error_message
+from space.hardware_fit import base_model_values, form_memory_note, memory_pick, memory_settings, safe_defaults
+from space.job_snapshot import JobSnapshot
+from space.jobs import BusyError, JobManager, NotYourJob, Visitor
 from space.local_paths import LocalPaths
-from space.memory import form_memory_note
-from space.presets import (
-    SD,
-    TOY_MODEL,
-    ToyModel,
-    base_model_values,
-    memory_pick,
-    memory_settings,
-    model_choices,
-    model_family,
-    model_kind,
-    model_settings,
-    safe_defaults,
-)
+from space.presets import SD, TOY_MODEL, ToyModel, model_choices, model_family, model_kind, model_settings
+from space.publishing import PublishRequest
 from space.scores_panel import ScoresPanel
 from space.tokens import NO_TOKEN, oauth_enabled, pick_token, token_field
 from space.wiring import PRIVATE, bind, by_component
-from trainer.publish.hub import HubError, check_token, suggest_repo_name
+from trainer.publish.hub import HubError, check_repo_id, check_token, suggest_repo_name
 
 log = logging.getLogger(__name__)
 MAX_PLOT_POINTS = 500
-# The form fields a new base model may set (space.presets.base_model_values), in on_base_model's order.
+# The form fields a new base model may set (space.hardware_fit.base_model_values), in on_base_model's order.
 BASE_MODEL_FIELDS = (
     "resolution",
     "lora_rank",
@@ -76,7 +66,7 @@ BASE_MODEL_FIELDS = (
     "train_batch_size",
     "sample_batch_size",
 )
-# The fields the memory line reads (space.memory.form_config), in memory_hint's order.
+# The fields the memory line reads (space.hardware_fit.form_config), in memory_hint's order.
 MEMORY_FIELDS = (
     "base_model",
     "method",
@@ -150,7 +140,7 @@ def on_images(files: list[str] | None, kind: str, how: str, before: int) -> tupl
 
 def on_preset(deps: TrainDeps, files: list[str] | None, kind: str, how: str, base_model: str) -> tuple[Any, ...]:
     """Steps, learning rate and text-encoder training of a concept preset; the text encoder only where
-    the settings picked for this GPU train it (space.memory.pick)."""
+    the settings picked for this GPU train it (space.hardware_fit.pick)."""
     family = model_family(base_model or "") or SD
     p = preset_values(kind, len(photos_only(files or [])), how, family)
     fits = base_model == TOY_MODEL or memory_settings(deps.hardware, family).get("train_text_encoder", True)
@@ -166,7 +156,7 @@ def on_base_model(deps: TrainDeps, base_model: str | None, previous: str | None)
 
 
 def pick_line(hardware: Hardware, base_model: str) -> Any:
-    """What the app picked for this GPU and why (space.memory.pick); hidden off CUDA and for the toy model."""
+    """What the app picked for this GPU and why (space.hardware_fit.pick); hidden off CUDA and for the toy model."""
     family = model_family(base_model)
     why = memory_pick(hardware, family, base_model).why if family and base_model.strip() != TOY_MODEL else ""
     return gr.update(value=why, visible=bool(why))
@@ -213,16 +203,14 @@ def show_publish_box(on: bool) -> gr.Column:
 
 def publish_request(values: Mapping[str, Any], oauth_token: gr.OAuthToken | None) -> PublishRequest | None:
     """None when publishing is off; else the checked target and token. Raises HubError in seconds
-    (no name, no token, a bad or read-only token), before any training starts."""
+    (no name, a name the Hub refuses (trainer.publish.hub.check_repo_id), no token, a bad or read-only
+    token), before any training starts."""
     if not values.get("publish_to_hub"):
         return None
     name = str(values.get("hub_repo") or "").strip()
     if not name:
         raise HubError("The repo name to publish to is missing.")
-    try:
-        validate_repo_id(name)
-    except HFValidationError as err:
-        raise HubError(f"Invalid repo id {name!r}: {err} Use 'name' or 'username/name'.") from None
+    name = check_repo_id(name)
     token = pick_token(oauth_token, values.get("hub_token"))
     if token is None:
         raise HubError(NO_TOKEN)
@@ -373,6 +361,17 @@ def _draw(place: str, values: Mapping[str, Any], more: Mapping[str, Mapping[str,
     return {f.key: f.widget(value=values[f.key], **f.props, **more.get(f.key, {})) for f in FORM if f.place == place}
 
 
+@dataclass(frozen=True)
+class _Form:
+    """The form's components: FORM's fields and what the tab shows beside them."""
+
+    fields: dict[str, Any]  # by key, in table order (the /train endpoint's parameters)
+    photos: _Photos
+    memory: gr.Markdown  # the memory line: fits / does not fit this GPU
+    picked: gr.Markdown  # what was picked for this GPU and why
+    base_kind: gr.State  # the kind of the last base model picked
+
+
 def _form_layout(
     values: Mapping[str, Any], base_models: list[tuple[str, str]], note: str | None, why: Any
 ) -> tuple[dict[str, Any], tuple[gr.Markdown, gr.Markdown], _Photos]:
@@ -402,6 +401,18 @@ def _form_layout(
                 form |= _draw(place, values, more)
     # In table order: the /train endpoint's parameters come in this order.
     return {f.key: form[f.key] for f in FORM}, (memory, picked), _Photos(count, preview, example, gr.State(0))
+
+
+def _form_section(deps: TrainDeps) -> _Form:
+    """The hardware line and the form, filled with the settings that fit this machine."""
+    offline = hub_offline()
+    gr.Markdown(f"{texts.hardware_line(deps.hardware)}\n\n{texts.toy_notice(deps.toy.installed, deps.toy.folder)}")
+    machine = safe_defaults(deps.hardware, offline)
+    values = initial_values(machine, model_family(machine["base_model"]) or SD)
+    note = form_memory_note(deps.hardware, {key: values[key] for key in MEMORY_FIELDS})
+    why = pick_line(deps.hardware, machine["base_model"])
+    fields, (memory, picked), photos = _form_layout(values, model_choices(deps.hardware, offline), note, why)
+    return _Form(fields, photos, memory, picked, gr.State(model_kind(machine["base_model"])))
 
 
 def _publish_layout() -> tuple[dict[str, Any], gr.Column]:
@@ -441,21 +452,10 @@ def _job_layout() -> _Job:
     )
 
 
-def build_train_tab(deps: TrainDeps) -> TrainTab:
-    offline = hub_offline()
-    gr.Markdown(f"{texts.hardware_line(deps.hardware)}\n\n{texts.toy_notice(deps.toy.installed, deps.toy.folder)}")
-    machine = safe_defaults(deps.hardware, offline)
-    values = initial_values(machine, model_family(machine["base_model"]) or SD)
-    note = form_memory_note(deps.hardware, {key: values[key] for key in MEMORY_FIELDS})
-    why = pick_line(deps.hardware, machine["base_model"])
-    form, (memory, picked), photos = _form_layout(values, model_choices(deps.hardware, offline), note, why)
-    base_kind = gr.State(model_kind(machine["base_model"]))  # the kind of the last base model picked
-    hub, publish_box = _publish_layout()
-    job = _job_layout()
-
-    # --- wiring: the form. Presets and prompts follow what the visitor picks and types (.input),
-    # never what a handler writes: the example sets its own steps and prompts, which must stay.
-    f = form
+def _wire_form(deps: TrainDeps, form: _Form) -> None:
+    """Presets and prompts follow what the visitor picks and types (.input), never what a handler writes:
+    the example sets its own steps and prompts, which must stay."""
+    f, photos = form.fields, form.photos
     images, n_images = f["images"], photos.n_images
     images.change(
         on_images,
@@ -470,7 +470,7 @@ def build_train_tab(deps: TrainDeps) -> TrainTab:
         [images, f["concept"], f["method"], f["base_model"]],
         [f["max_train_steps"], f["learning_rate"], f["train_text_encoder"], f["text_encoder_steps_fraction"]],
         **PRIVATE,
-    ).then(bind(memory_hint, deps), to_note, memory, **PRIVATE)
+    ).then(bind(memory_hint, deps), to_note, form.memory, **PRIVATE)
     gr.on(
         [f["identifier"].input, f["class_noun"].input, f["concept"].input],
         prompts_for,
@@ -482,33 +482,30 @@ def build_train_tab(deps: TrainDeps) -> TrainTab:
     # its size and rank, which the example sets too); then the memory line follows what was set.
     f["base_model"].change(
         bind(on_base_model, deps),
-        [f["base_model"], base_kind],
-        [*(f[key] for key in BASE_MODEL_FIELDS), base_kind, picked],
+        [f["base_model"], form.base_kind],
+        [*(f[key] for key in BASE_MODEL_FIELDS), form.base_kind, form.picked],
         **PRIVATE,
-    ).then(bind(memory_hint, deps), to_note, memory, **PRIVATE)
-    gr.on([f[key].input for key in MEMORY_FIELDS[1:]], bind(memory_hint, deps), to_note, memory, **PRIVATE)
-    scored = [f["max_train_steps"], f["score_checkpoints"]]
+    ).then(bind(memory_hint, deps), to_note, form.memory, **PRIVATE)
+    gr.on([f[key].input for key in MEMORY_FIELDS[1:]], bind(memory_hint, deps), to_note, form.memory, **PRIVATE)
     gr.on(
         [f["max_train_steps"].change, f["score_checkpoints"].input],
         on_steps,
-        scored,
+        [f["max_train_steps"], f["score_checkpoints"]],
         f["checkpointing_steps"],
         **PRIVATE,
     )
-    shown = {**form, "preview": photos.preview, "count": photos.count, "n_images": n_images}
+    shown = {**f, "preview": photos.preview, "count": photos.count, "n_images": n_images}
     photos.example.click(by_component(bind(try_example, deps), shown), None, list(shown.values()), **PRIVATE)
 
-    # --- wiring: publishing, and the job
+
+def _wire_job(deps: TrainDeps, form: _Form, hub: dict[str, Any], publish_box: gr.Column, job: _Job) -> dict[str, Any]:
+    """Publishing, Start, Cancel, Resume, the scores panel's button and the poll; the poll's event arguments."""
+    f = form.fields
     hub["publish_to_hub"].change(show_publish_box, hub["publish_to_hub"], publish_box, **PRIVATE)
     names = [f["identifier"], f["class_noun"]]
     gr.on([c.change for c in names], prefill_repo, names, hub["hub_repo"], **PRIVATE)
     job.start.click(
-        bind(start_training, deps),
-        None,
-        job.status,
-        inputs_kwargs={**form, **hub},
-        api_name="train",
-        concurrency_id="gpu",
+        bind(start_training, deps), None, job.status, inputs_kwargs={**f, **hub}, api_name="train", concurrency_id="gpu"
     )
     job.cancel.click(bind(cancel_training, deps), None, job.status, api_name="cancel", concurrency_limit=None)
     job.resume.click(bind(resume_training, deps), None, job.status, api_name="resume", concurrency_id="gpu")
@@ -534,6 +531,16 @@ def build_train_tab(deps: TrainDeps) -> TrainTab:
     }
     job.timer.tick(**polled)
     gr.api(bind(current_job, deps), api_name="job_status")
+    return polled
+
+
+def build_train_tab(deps: TrainDeps) -> TrainTab:
+    """Layout first (the form, publishing, the job), then the wiring."""
+    form = _form_section(deps)
+    hub, publish_box = _publish_layout()
+    job = _job_layout()
+    _wire_form(deps, form)
+    polled = _wire_job(deps, form, hub, publish_box, job)
     return TrainTab(finished_run=job.finished_run, poll=polled)
 
 

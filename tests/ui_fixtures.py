@@ -1,11 +1,13 @@
 """Fixtures and helpers shared by the UI tests (the app served on a port, the Train form's values).
 
 conftest.py star-imports this module so that pytest finds the fixtures by name; test modules import
-the plain helpers (serve_app, train_form, publishing, CPU, GPU16, A100) from here, never from one another.
+the plain helpers (serve_app, train_form, publishing, CPU, GPU16, A100, and for the tests of single
+space/ modules form_values, memory_form, fake_train, SDXL_BASE, SECRET) from here, never from one another.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,9 +17,14 @@ import pytest
 
 from space.hardware import Hardware
 from space.layout import MAX_UPLOAD
+from space.presets import ToyModel
+from trainer.config import TrainConfig
+from trainer.events import CancelToken, PhaseEvent, RunResult, SampleEvent, StepEvent, WarningEvent
 
-__all__ = ["toy_stand_in"]
+__all__ = ["four_images", "toy", "toy_stand_in"]
 
+SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
+SECRET = "hf_secretTokenOfTheJobManagerTests"  # a token that must show up nowhere
 # Injected instead of the machine's own, so that every test sees the same defaults on any host.
 CPU = Hardware("cpu", "CPU", None)
 A100 = Hardware("cuda", "A100", 80.0, bf16=True)
@@ -103,3 +110,76 @@ def train_form(base_model: str) -> dict[str, Any]:
 def publishing(token: str) -> dict[str, Any]:
     """The "publish when training finishes" fields of the Train form."""
     return {"publish_to_hub": True, "hub_repo": "sks-square", "hub_private": True, "hub_token": token}
+
+
+@pytest.fixture
+def toy(toy_stand_in: Path) -> ToyModel:
+    """A ToyModel whose folder is there (an empty stand-in: nothing here loads it)."""
+    return ToyModel(toy_stand_in)
+
+
+@pytest.fixture
+def four_images(tmp_path: Path) -> list[str]:
+    return [str(tmp_path / f"{i}.png") for i in range(4)]
+
+
+def form_values(images: list[str], **changes: Any) -> dict[str, Any]:
+    """The Train form as the tab hands it over: keys as in space.form.FORM."""
+    values: dict[str, Any] = {
+        "images": images,
+        "identifier": "sks",
+        "class_noun": "dog",
+        "concept": "object",
+        "instance_prompt": "a photo of sks dog",
+        "class_prompt": "a photo of dog",
+        "method": "lora",
+        "base_model": "some/model",
+        "with_prior_preservation": False,
+        "num_class_images": 50,
+        "max_train_steps": 6.0,
+        "learning_rate": 1e-4,
+        "train_batch_size": 1,
+        "gradient_accumulation_steps": 2,
+        "train_text_encoder": True,
+        "text_encoder_steps_fraction": 0.3,
+        "resolution": 32,
+        "use_8bit_adam": True,
+        "gradient_checkpointing": False,
+        "mixed_precision": "no",
+        "seed": 7,
+        "checkpointing_steps": 3,
+        "validation_prompt": "",
+        "validation_steps": 2,
+    }
+    values.update(changes)
+    return values
+
+
+def memory_form(base_model: str, **changes: Any) -> dict[str, Any]:
+    """The form fields the memory line reads, LoRA with every saving by default."""
+    return {"base_model": base_model, "method": "lora", "resolution": 1024, "use_8bit_adam": True,
+            "gradient_checkpointing": True, "mixed_precision": "fp16", "train_batch_size": 1,
+            "train_text_encoder": False, "with_prior_preservation": False, "lora_rank": 16, "preservation": "class-images",
+            **changes}
+
+
+def fake_train(release: threading.Event, fail: Exception | None = None):
+    """A train() stand-in: emits the engine's events, waits for `release`, honours cancel."""
+
+    def train(config: TrainConfig, on_event, cancel: CancelToken) -> RunResult:
+        on_event(PhaseEvent("loading"))
+        if fail is not None:
+            raise fail
+        on_event(WarningEvent("careful"))
+        on_event(PhaseEvent("training"))
+        step = 0
+        for step in range(1, config.max_train_steps + 1):
+            on_event(StepEvent(step, config.max_train_steps, 1.0 / step, 1e-4, 1.0))
+            release.wait(5)
+            if cancel.cancelled:
+                break
+        on_event(SampleEvent(step, (Path("s.png"),)))
+        status = "cancelled" if cancel.cancelled else "completed"
+        return RunResult(Path(config.output_dir), status, step, config.max_train_steps, None, None)
+
+    return train
