@@ -2,12 +2,15 @@
 the tiny model a few steps, watch progress and the loss plot move, then generate from the run;
 last, one click on "Try the example" fills the form. A second test draws a scored training's chart.
 
-Screenshots of both tabs are saved under test-artifacts/ (gitignored) for a human to look at.
+Screenshots of both tabs are saved under test-artifacts/ (gitignored) for a human to look at; with
+UPDATE_SCREENSHOTS=1 the finished training's page also becomes the README's picture, docs/app.png.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -19,6 +22,7 @@ from trainer.toyworld import EXAMPLE_CLASS_PROMPT, EXAMPLE_SETTINGS, TOY_MODEL_L
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+README_PICTURE = Path(__file__).resolve().parents[1] / "docs" / "app.png"
 CHROMIUM_ARGS = [
     "--no-sandbox",
     "--disable-gpu",
@@ -83,6 +87,12 @@ def test_train_then_generate_in_a_browser(tmp_path: Path, tiny_model_dir: Path, 
         assert len(plots_seen - {None}) >= 2, "the loss plot never redrew"
         expect(page.locator("#train-samples img").first).to_be_visible()
         page.screenshot(path=str(ARTIFACTS / "train-tab.png"), full_page=True)
+        page.set_viewport_size({"width": 1400, "height": 1000})
+        page.evaluate("window.scrollTo(0, 0)")
+        page.screenshot(path=str(ARTIFACTS / "app.png"))
+        if os.environ.get("UPDATE_SCREENSHOTS") == "1":
+            shutil.copyfile(ARTIFACTS / "app.png", README_PICTURE)
+        page.set_viewport_size({"width": 1400, "height": 1600})
 
         # 3. Generate: the run just trained is selected and its prompt filled in.
         page.get_by_role("tab", name="Generate").click()
