@@ -21,13 +21,12 @@ from hub_fixtures import CANARY, make_run
 from hub_server import READ_TOKEN, USER, WRITE_TOKEN, Account, Blob, FakeHub, Repo
 from huggingface_hub import HfApi, ModelCard, constants
 
-from trainer.config import TrainConfig
+from trainer.config import ConfigError, TrainConfig
 from trainer.publish import hub as hub_module
 from trainer.publish.card import build_model_card, write_model_card
 from trainer.publish.hub import (
     HubError,
     check_token,
-    class_noun,
     download_model,
     publish,
     resolve_token,
@@ -372,9 +371,40 @@ def test_a_published_model_loads_back_and_generates_the_local_image(
 
 
 # --- names ---------------------------------------------------------------------------------
+def test_the_class_noun_is_set_once_when_the_config_is_made_and_kept_in_config_json(tmp_path: Path) -> None:
+    def config(**fields) -> TrainConfig:
+        prompts = {"instance_prompt": "a photo of sks dog.", "class_prompt": "a photo of a corgi"}
+        return TrainConfig(identifier="sks", **{**prompts, **fields})
+
+    # Given: kept as given (the form's and the CLI's --class-noun), whatever the prompts say.
+    assert config(class_noun="golden retriever").class_noun == "golden retriever"
+    # Not given: the word after the identifier in the instance prompt, else the class prompt's last word.
+    assert config().class_noun == "dog"
+    assert config(instance_prompt="a painting in the style of sks").class_noun == "corgi"
+    assert config(instance_prompt="sks", class_prompt="").class_noun == ""
+    # A config.json from before the field: the same noun; saved, the noun is in the file.
+    old = config().to_dict()
+    del old["class_noun"]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    loaded = TrainConfig.load(tmp_path / "old.json")
+    assert loaded.class_noun == "dog" and loaded == config()
+    loaded.save(tmp_path / "new.json")
+    assert json.loads((tmp_path / "new.json").read_text())["class_noun"] == "dog"
+    # A value that is no text is left to validate, which names the field.
+    with pytest.raises(ConfigError, match="`class_noun` must be text"):
+        config(class_noun=3).validate()
+
+
+def test_the_token_is_scrubbed_from_what_a_failure_says() -> None:
+    from trainer.publish.hub import scrub_token
+
+    assert scrub_token("401 for hf_secret at /api?token=hf_secret", "hf_secret") == "401 for hf_*** at /api?token=hf_***"
+    assert scrub_token("no token given", None) == "no token given"
+
+
 def test_suggested_repo_names_are_valid_and_unique_on_request(lora_run: Path) -> None:
     config = TrainConfig.load(lora_run / "config.json")
-    assert class_noun(config) == "dog"
+    assert config.class_noun == "dog"
     assert suggest_repo_name("sks", "dog", "tester", unique=False) == "tester/sks-dog-dreambooth"
     assert suggest_repo_name("sks", "", None) == "sks-dreambooth"
     unique = {suggest_repo_name("sks", "dog", "tester", unique=True) for _ in range(5)}

@@ -150,17 +150,49 @@ def test_training_scores_the_base_and_every_checkpoint_and_the_last_step(
     assert json.loads((result.run_dir / "run.json").read_text())["weights_step"] == 5
 
 
-def test_pruning_keeps_the_pick_besides_the_newest_checkpoints(tmp_path):
+def test_the_toy_model_is_scored_by_the_toy_worlds_judge_which_registers_itself() -> None:
+    import trainer.scores.during_training  # noqa: F401  what a training run imports
+    from trainer.config import TrainConfig
+    from trainer.scores.measure import MODEL_EMBEDDERS, load_embedders
+    from trainer.toyworld import TOY_MODEL_DIR
+
+    assert TOY_MODEL_DIR.resolve() in MODEL_EMBEDDERS  # registered by trainer/toyworld/score.py, not looked up by path
+    assert load_embedders(TrainConfig(pretrained_model=str(TOY_MODEL_DIR))).label == "toy judge"
+
+
+class _OneShardedProcess:
+    """What trainer/sharded.py asks of accelerate's Accelerator, for one process (no DeepSpeed launched)."""
+
+    is_main_process, num_processes = True, 1
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+    def save_state(self, folder: str) -> None:
+        (Path(folder) / "pytorch_model.bin").write_bytes(b"its part of the weights and optimizer")
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["one process", "DeepSpeed or FSDP"])
+def test_pruning_keeps_the_pick_besides_the_newest_checkpoints(tmp_path, sharded):
     from trainer import checkpoints as ckpt
+    from trainer import sharded as sharded_ckpt
 
     layer = torch.nn.Linear(2, 2)
     optimizer = torch.optim.AdamW(layer.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+    def save(step: int, **protect) -> None:
+        state = ckpt.TrainingState(step, True)
+        if sharded:
+            sharded_ckpt.save_checkpoint(tmp_path, state, _OneShardedProcess(), scheduler, keep=1, **protect)
+        else:
+            ckpt.save_checkpoint(tmp_path, state, layer, [], optimizer, scheduler, keep=1, **protect)
+
     for step in (1, 2, 3, 4):
-        ckpt.save_checkpoint(tmp_path, ckpt.TrainingState(step, True), layer, [], optimizer, scheduler, keep=1,
-                             protect=2)
+        save(step, protect=2)
     assert ckpt.checkpoint_steps(tmp_path) == {2, 4}
-    ckpt.save_checkpoint(tmp_path, ckpt.TrainingState(5, True), layer, [], optimizer, scheduler, keep=1)
+    assert all(sharded_ckpt.is_sharded_checkpoint(p) == sharded for p in ckpt.list_checkpoints(tmp_path))
+    save(5)
     assert ckpt.checkpoint_steps(tmp_path) == {5}  # no pick to keep: the newest alone
 
 

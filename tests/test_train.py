@@ -239,7 +239,7 @@ def test_parked_parts_are_not_used_by_any_step_and_change_nothing(tiny_base, sub
         made.append(self)
 
     monkeypatch.setattr(parking.Parking, "__init__", recording_init)
-    monkeypatch.setattr(parking, "away_from", lambda device: torch.device("cpu"))
+    monkeypatch.setattr(parking, "parking_device", lambda device: torch.device("cpu"))
     calls: list[tuple[str, bool]] = []  # (part, parked at the time)
     import trainer.models as models
 
@@ -292,7 +292,7 @@ def test_parking_the_vae_alone_keeps_a_trained_text_encoders_embeddings_fresh(ti
     common = dict(method="full", learning_rate=1e-3, max_train_steps=4, train_text_encoder=True,
                   text_encoder_steps_fraction=0.5)
     kept = train(tiny_config(tiny_model_dir, subject_images, tmp_path / "kept", **common))
-    monkeypatch.setattr(parking, "away_from", lambda device: torch.device("cpu"))
+    monkeypatch.setattr(parking, "parking_device", lambda device: torch.device("cpu"))
     events: list = []
     parked = train(tiny_config(tiny_model_dir, subject_images, tmp_path / "parked", **common), on_event=events.append)
     assert any(isinstance(e, PhaseEvent) and e.message.startswith("Memory: the VAE waits in CPU RAM") for e in events)

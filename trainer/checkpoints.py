@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from trainer import atomic
 from trainer.config import ConfigError
-from trainer.families import ModelFamily
+from trainer.model_files import text_encoder_names
 from trainer.models import load_trainable_state_dict, trainable_state_dict
 from trainer.run_folder import checkpoints_dir
 
@@ -104,7 +104,7 @@ def save_checkpoint(
     tmp.mkdir()
     with atomic.cleaned_up(tmp, final):
         save_file(trainable_state_dict(unet), tmp / "unet.safetensors")
-        for name, text_encoder in zip(ModelFamily.text_encoder_names(len(text_encoders)), text_encoders, strict=True):
+        for name, text_encoder in zip(text_encoder_names(len(text_encoders)), text_encoders, strict=True):
             save_file(trainable_state_dict(text_encoder), tmp / f"{name}.safetensors")
         _torch_save(optimizer.state_dict(), tmp / "optimizer.pt")
         _torch_save(lr_scheduler.state_dict(), tmp / "scheduler.pt")
@@ -114,11 +114,19 @@ def save_checkpoint(
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
-    if keep is not None:
-        for old in list_checkpoints(run_dir)[:-keep]:
-            if checkpoint_step(old) != protect:
-                _discard(old)
+    prune(run_dir, keep, protect)
     return final
+
+
+def prune(run_dir: Path, keep: int | None, protect: int | None = None) -> None:
+    """Delete all but the `keep` newest checkpoints (None: keep all), except the one of step `protect` (the
+    pick so far, trainer/scores/pick.py), which is kept besides them. Both kinds of checkpoint prune here:
+    this module's and the sharded ones (trainer/sharded.py)."""
+    if keep is None:
+        return
+    for old in list_checkpoints(run_dir)[:-keep]:
+        if checkpoint_step(old) != protect:
+            _discard(old)
 
 
 def _torch_save(obj: object, path: Path) -> None:
@@ -154,7 +162,7 @@ def load_checkpoint(
     """Restore a checkpoint; `text_encoders` are the trained ones (none when they are frozen)."""
     info = json.loads((path / STATE).read_text())
     load_trainable_state_dict(unet, load_file(path / "unet.safetensors"), "UNet")
-    for name, text_encoder in zip(ModelFamily.text_encoder_names(len(text_encoders)), text_encoders, strict=True):
+    for name, text_encoder in zip(text_encoder_names(len(text_encoders)), text_encoders, strict=True):
         te_file = path / f"{name}.safetensors"
         if not te_file.is_file():
             raise ConfigError(f"`resume_from_checkpoint`: {path} has no {name} weights, but this run trains it")

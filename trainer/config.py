@@ -9,6 +9,7 @@ import math
 import os
 import types
 import typing
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -81,6 +82,12 @@ class TrainConfig:
     )
     instance_prompt: str = field(
         default="", metadata={"help": "Prompt of the instance images; must contain the identifier."}
+    )
+    class_noun: str = field(
+        default="",
+        metadata={"help": "The class of the subject in a word or two (dog, backpack): the scores' new-context "
+                          "prompts and the model card name it. Empty: the word after the identifier in the "
+                          "instance prompt, else the class prompt's last word (set once, when the config is made)."},
     )
     caption_extension: str = field(
         default=".txt",
@@ -218,6 +225,13 @@ class TrainConfig:
     )
 
     # ----------------------------------------------------------------------------------
+    def __post_init__(self) -> None:
+        # The class noun is derived here, once, when not given: a run's config.json then records it, and an
+        # older config.json without it gets the noun the card and the scores always took.
+        if isinstance(self.class_noun, str) and not self.class_noun.strip():
+            object.__setattr__(self, "class_noun",
+                               derive_class_noun(self.identifier, self.instance_prompt, self.class_prompt))
+
     @property
     def lr(self) -> float:
         return self.learning_rate if self.learning_rate is not None else DEFAULT_LR[self.method]
@@ -247,111 +261,13 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         """Raise ConfigError naming the first bad field; return self so calls chain.
 
-        Every field is checked here for its type, its range and its meaning, in this order, before
-        anything is created, loaded or trained; what needs the disk is `check_locations`, what needs
-        the tokenizer is `prompts.check_prompts`.
+        Every field is checked here for its type, its range and its meaning, in the order of CHECKS,
+        before anything is created, loaded or trained; what needs the disk is `check_locations`, what
+        needs the tokenizer is `prompts.check_prompts`.
         """
-        _check_types(self)
-        _check(self.pretrained_model.strip() != "", "pretrained_model", "is required (a Hub id or a local folder)")
-        _check(len(self.instance_data) > 0, "instance_data", "is required (a folder or image files)")
-        _check(self.output_dir.strip() != "", "output_dir", "is required")
-        for name in ("revision", "variant", "pretrained_vae", "class_data_dir", "class_cache_dir",
-                     "resume_from_checkpoint"):
-            value = getattr(self, name)
-            _check(value is None or value.strip() != "", name, "must not be empty: leave it out (None) for the default")
-        for name in PATH_FIELDS:
-            value = getattr(self, name)
-            for i, path in enumerate(value if isinstance(value, tuple) else (value,)):
-                if path and (problem := _path_problem(path)):
-                    _check(False, name if not isinstance(value, tuple) else f"{name}[{i}]", problem)
-        ident = self.identifier.strip()
-        _check(ident != "" and " " not in ident, "identifier", f"must be one word, got {self.identifier!r}")
-        _check(self.instance_prompt.strip() != "", "instance_prompt", "is required")
-        _check(
-            ident in self.instance_prompt.split(),
-            "instance_prompt",
-            f"must contain the identifier {ident!r} as a word, got {self.instance_prompt!r}",
-        )
-        for i, prompt in enumerate(self.validation_prompts):
-            _check(prompt.strip() != "", f"validation_prompts[{i}]", "is empty: give a prompt, or no validation prompts")
-        ext = self.caption_extension
-        _check(
-            ext == "" or (ext.startswith(".") and len(ext) > 1 and not any(c in ext for c in "/\\ ")),
-            "caption_extension",
-            f"must be a file suffix such as '.txt', or empty to ignore caption files, got {ext!r}",
-        )
-        if self.with_prior_preservation:
-            _check(self.class_prompt.strip() != "", "class_prompt", "is required with prior preservation")
-            _check(
-                ident not in self.class_prompt.split(),
-                "class_prompt",
-                f"must not contain the identifier {ident!r}: it describes the class, not the subject",
-            )
-        _check(self.method in METHODS, "method", f"must be one of {', '.join(METHODS)}, got {self.method!r}")
-        _check(self.preservation in PRESERVATIONS, "preservation",
-               f"must be one of {', '.join(PRESERVATIONS)}, got {self.preservation!r}")
-        _check(
-            self.mixed_precision in PRECISIONS,
-            "mixed_precision",
-            f"must be one of {', '.join(PRECISIONS)}, got {self.mixed_precision!r}",
-        )
-        _check(self.report_to in REPORTERS, "report_to", f"must be one of {', '.join(REPORTERS)}, got {self.report_to!r}")
-        _check(
-            self.lr_scheduler in LR_SCHEDULERS,
-            "lr_scheduler",
-            f"must be one of {', '.join(LR_SCHEDULERS)}, got {self.lr_scheduler!r}",
-        )
-        _check(
-            self.resolution >= 8 and self.resolution % 8 == 0,
-            "resolution",
-            f"must be a positive multiple of 8, got {self.resolution}",
-        )
-        _check(self.resolution <= MAX_RESOLUTION, "resolution", f"must be at most {MAX_RESOLUTION}, got {self.resolution}")
-        for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "lora_rank",
-                     "checkpointing_steps", "validation_steps", "num_validation_images",
-                     "sample_batch_size", "class_inference_steps", "validation_inference_steps", "num_class_images",
-                     "score_samples", "score_inference_steps"):
-            value = getattr(self, name)
-            _check(value >= 1, name, f"must be at least 1, got {value}")
-        _check(0 <= self.seed <= MAX_SEED, "seed", f"must be between 0 and {MAX_SEED} (2**32 - 1), got {self.seed}")
-        for name, lr in (("learning_rate", self.lr), ("text_encoder_lr", self.te_lr)):
-            # AdamW moves each weight by about the learning rate per step: above 1 every weight jumps by
-            # more than its own size (and past ~1e37 the optimizer's own float32 arithmetic overflows).
-            _check(0 < lr <= MAX_LR, name, f"must be > 0 and at most {MAX_LR:g} (DreamBooth uses about 1e-6 to "
-                                           f"1e-3), got {lr}")
-        _check(
-            0.0 < self.text_encoder_steps_fraction <= 1.0,
-            "text_encoder_steps_fraction",
-            f"must be in (0, 1], got {self.text_encoder_steps_fraction}",
-        )
-        _check(self.lr_warmup_steps >= 0, "lr_warmup_steps", f"must be >= 0, got {self.lr_warmup_steps}")
-        for name in ("adam_beta1", "adam_beta2"):
-            value = getattr(self, name)
-            _check(0.0 <= value < 1.0, name, f"must be in [0, 1), got {value}")
-        # 0 would divide 0 by 0 for a weight whose gradient is still 0 (a LoRA matrix at step 1): NaN weights.
-        _check(self.adam_epsilon > 0, "adam_epsilon", f"must be > 0 (1e-8 is usual), got {self.adam_epsilon}")
-        # AdamW shrinks each weight by learning_rate x weight_decay per step: above 1 the decay outruns any lr.
-        _check(0 <= self.adam_weight_decay <= 1, "adam_weight_decay",
-               f"must be in [0, 1] (1e-2 is usual), got {self.adam_weight_decay}")
-        _check(self.max_grad_norm > 0, "max_grad_norm", f"must be > 0, got {self.max_grad_norm}")
-        _check(0 <= self.prior_loss_weight <= MAX_PRIOR_LOSS_WEIGHT, "prior_loss_weight",
-               f"must be in [0, {MAX_PRIOR_LOSS_WEIGHT:g}] (1 is usual), got {self.prior_loss_weight}")
-        # Offset noise is a fraction of the noise's own scale (0.1 is usual); past 1 it drowns the noise.
-        _check(0 <= self.offset_noise <= 1, "offset_noise", f"must be in [0, 1] (0.1 is usual), got {self.offset_noise}")
-        _check(self.snr_gamma is None or self.snr_gamma > 0, "snr_gamma", f"must be > 0, got {self.snr_gamma}")
-        _check(
-            0 <= self.validation_guidance_scale <= MAX_GUIDANCE,
-            "validation_guidance_scale",
-            f"must be >= 0 (1 turns guidance off) and at most {MAX_GUIDANCE:g}, got {self.validation_guidance_scale}",
-        )
-        _check(
-            self.lora_alpha is None or self.lora_alpha > 0, "lora_alpha", f"must be > 0, got {self.lora_alpha}"
-        )
-        _check(
-            self.checkpoints_total_limit is None or self.checkpoints_total_limit >= 1,
-            "checkpoints_total_limit",
-            f"must be at least 1, got {self.checkpoints_total_limit}",
-        )
+        for check in CHECKS:
+            for name, problem in check(self):
+                raise ConfigError(f"`{name}` {problem}", field=name)
         return self
 
     # --- (de)serialisation: the run folder's config.json ------------------------------
@@ -416,11 +332,6 @@ def _json_kind(value: Any) -> str:
     return {list: "a list", str: "a string", bool: "true/false", type(None): "null"}.get(type(value), "a number")
 
 
-def _check(ok: bool, name: str, problem: str) -> None:
-    if not ok:
-        raise ConfigError(f"`{name}` {problem}", field=name)
-
-
 # --- types: what every field may hold, said in words -----------------------------------------
 def _expected(tp: Any, name: str) -> str:
     """The words for what field `name` of type `tp` holds: "a whole number", "text or none", ..."""
@@ -481,17 +392,142 @@ def _path_problem(path: str) -> str | None:
     return None
 
 
-def _check_types(config: TrainConfig) -> None:
+def _type_problems(config: TrainConfig) -> Iterator[Failure]:
     """Each field holds its type (JSON and the form can send anything), finite numbers, clean text."""
     hints = typing.get_type_hints(type(config))
     for f in dataclasses.fields(config):
         value, tp = getattr(config, f.name), hints[f.name]
-        _check(_fits(value, tp), f.name, f"must be {_expected(tp, f.name)}, got {value!r}")
-        if isinstance(value, float):
-            _check(math.isfinite(value), f.name, f"must be a finite number, got {value}")
+        if not _fits(value, tp):
+            yield f.name, f"must be {_expected(tp, f.name)}, got {value!r}"
+        if isinstance(value, float) and not math.isfinite(value):
+            yield f.name, f"must be a finite number, got {value}"
         for i, text in enumerate(value if isinstance(value, tuple) else (value,)):
             if isinstance(text, str) and (problem := _text_problem(text)):
-                _check(False, f.name if not isinstance(value, tuple) else f"{f.name}[{i}]", problem)
+                yield (f.name if not isinstance(value, tuple) else f"{f.name}[{i}]"), problem
+
+
+def derive_class_noun(identifier: str, instance_prompt: str, class_prompt: str) -> str:
+    """The class word of the subject when none is given: the word after the identifier in the instance prompt
+    ("dog"), else the class prompt's last word ("" when neither says; any value that is not text is left to
+    `validate`)."""
+    if not all(isinstance(text, str) for text in (identifier, instance_prompt, class_prompt)):
+        return ""
+    words = instance_prompt.split()
+    if identifier in words:
+        after = words[words.index(identifier) + 1 :]
+        if after:
+            return after[0].strip(".,;:!?")
+    return class_prompt.split()[-1] if class_prompt.split() else ""
+
+
+# --- validate: the table of checks, in the order they run ----------------------------------------
+Failure = tuple[str, str]  # (the field to blame, what is wrong with it)
+Check = Callable[[TrainConfig], Iterable[Failure]]
+
+
+def _rule(name: str, ok: Callable[[TrainConfig], bool], problem: str | Callable[[TrainConfig], str]) -> Check:
+    """A check of one field: `problem` (text, or made from the config) when `ok` is false."""
+    def check(config: TrainConfig) -> Iterator[Failure]:
+        if not ok(config):
+            yield name, problem if isinstance(problem, str) else problem(config)
+    return check
+
+
+def _one_of(name: str, choices: tuple[str, ...]) -> Check:
+    return _rule(name, lambda c: getattr(c, name) in choices,
+                 lambda c: f"must be one of {', '.join(choices)}, got {getattr(c, name)!r}")
+
+
+def _path_problems(config: TrainConfig) -> Iterator[Failure]:
+    for name in PATH_FIELDS:
+        value = getattr(config, name)
+        for i, path in enumerate(value if isinstance(value, tuple) else (value,)):
+            if path and (problem := _path_problem(path)):
+                yield (name if not isinstance(value, tuple) else f"{name}[{i}]"), problem
+
+
+def _validation_prompt_problems(config: TrainConfig) -> Iterator[Failure]:
+    for i, prompt in enumerate(config.validation_prompts):
+        if prompt.strip() == "":
+            yield f"validation_prompts[{i}]", "is empty: give a prompt, or no validation prompts"
+
+
+def _ident(config: TrainConfig) -> str:
+    return config.identifier.strip()
+
+
+def _is_suffix(ext: str) -> bool:
+    return ext == "" or (ext.startswith(".") and len(ext) > 1 and not any(c in ext for c in "/\\ "))
+
+
+OPTIONAL_TEXT_FIELDS = ("revision", "variant", "pretrained_vae", "class_data_dir", "class_cache_dir",
+                        "resume_from_checkpoint")
+AT_LEAST_ONE_FIELDS = ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "lora_rank",
+                       "checkpointing_steps", "validation_steps", "num_validation_images", "sample_batch_size",
+                       "class_inference_steps", "validation_inference_steps", "num_class_images", "score_samples",
+                       "score_inference_steps")
+CHECKS: tuple[Check, ...] = (
+    _type_problems,
+    _rule("pretrained_model", lambda c: c.pretrained_model.strip() != "", "is required (a Hub id or a local folder)"),
+    _rule("instance_data", lambda c: len(c.instance_data) > 0, "is required (a folder or image files)"),
+    _rule("output_dir", lambda c: c.output_dir.strip() != "", "is required"),
+    *(_rule(name, lambda c, name=name: getattr(c, name) is None or getattr(c, name).strip() != "",
+            "must not be empty: leave it out (None) for the default") for name in OPTIONAL_TEXT_FIELDS),
+    _path_problems,
+    _rule("identifier", lambda c: _ident(c) != "" and " " not in _ident(c),
+          lambda c: f"must be one word, got {c.identifier!r}"),
+    _rule("instance_prompt", lambda c: c.instance_prompt.strip() != "", "is required"),
+    _rule("instance_prompt", lambda c: _ident(c) in c.instance_prompt.split(),
+          lambda c: f"must contain the identifier {_ident(c)!r} as a word, got {c.instance_prompt!r}"),
+    _validation_prompt_problems,
+    _rule("caption_extension", lambda c: _is_suffix(c.caption_extension),
+          lambda c: f"must be a file suffix such as '.txt', or empty to ignore caption files, got "
+                    f"{c.caption_extension!r}"),
+    _rule("class_prompt", lambda c: not c.with_prior_preservation or c.class_prompt.strip() != "",
+          "is required with prior preservation"),
+    _rule("class_prompt", lambda c: not c.with_prior_preservation or _ident(c) not in c.class_prompt.split(),
+          lambda c: f"must not contain the identifier {_ident(c)!r}: it describes the class, not the subject"),
+    _one_of("method", METHODS),
+    _one_of("preservation", PRESERVATIONS),
+    _one_of("mixed_precision", PRECISIONS),
+    _one_of("report_to", REPORTERS),
+    _one_of("lr_scheduler", LR_SCHEDULERS),
+    _rule("resolution", lambda c: c.resolution >= 8 and c.resolution % 8 == 0,
+          lambda c: f"must be a positive multiple of 8, got {c.resolution}"),
+    _rule("resolution", lambda c: c.resolution <= MAX_RESOLUTION,
+          lambda c: f"must be at most {MAX_RESOLUTION}, got {c.resolution}"),
+    *(_rule(name, lambda c, name=name: getattr(c, name) >= 1,
+            lambda c, name=name: f"must be at least 1, got {getattr(c, name)}") for name in AT_LEAST_ONE_FIELDS),
+    _rule("seed", lambda c: 0 <= c.seed <= MAX_SEED, lambda c: f"must be between 0 and {MAX_SEED} (2**32 - 1), got {c.seed}"),
+    # AdamW moves each weight by about the learning rate per step: above 1 every weight jumps by more than its
+    # own size (and past ~1e37 the optimizer's own float32 arithmetic overflows).
+    *(_rule(name, lambda c, lr=lr: 0 < lr(c) <= MAX_LR,
+            lambda c, lr=lr: f"must be > 0 and at most {MAX_LR:g} (DreamBooth uses about 1e-6 to 1e-3), got {lr(c)}")
+      for name, lr in (("learning_rate", lambda c: c.lr), ("text_encoder_lr", lambda c: c.te_lr))),
+    _rule("text_encoder_steps_fraction", lambda c: 0.0 < c.text_encoder_steps_fraction <= 1.0,
+          lambda c: f"must be in (0, 1], got {c.text_encoder_steps_fraction}"),
+    _rule("lr_warmup_steps", lambda c: c.lr_warmup_steps >= 0, lambda c: f"must be >= 0, got {c.lr_warmup_steps}"),
+    *(_rule(name, lambda c, name=name: 0.0 <= getattr(c, name) < 1.0,
+            lambda c, name=name: f"must be in [0, 1), got {getattr(c, name)}") for name in ("adam_beta1", "adam_beta2")),
+    # 0 would divide 0 by 0 for a weight whose gradient is still 0 (a LoRA matrix at step 1): NaN weights.
+    _rule("adam_epsilon", lambda c: c.adam_epsilon > 0, lambda c: f"must be > 0 (1e-8 is usual), got {c.adam_epsilon}"),
+    # AdamW shrinks each weight by learning_rate x weight_decay per step: above 1 the decay outruns any lr.
+    _rule("adam_weight_decay", lambda c: 0 <= c.adam_weight_decay <= 1,
+          lambda c: f"must be in [0, 1] (1e-2 is usual), got {c.adam_weight_decay}"),
+    _rule("max_grad_norm", lambda c: c.max_grad_norm > 0, lambda c: f"must be > 0, got {c.max_grad_norm}"),
+    _rule("prior_loss_weight", lambda c: 0 <= c.prior_loss_weight <= MAX_PRIOR_LOSS_WEIGHT,
+          lambda c: f"must be in [0, {MAX_PRIOR_LOSS_WEIGHT:g}] (1 is usual), got {c.prior_loss_weight}"),
+    # Offset noise is a fraction of the noise's own scale (0.1 is usual); past 1 it drowns the noise.
+    _rule("offset_noise", lambda c: 0 <= c.offset_noise <= 1,
+          lambda c: f"must be in [0, 1] (0.1 is usual), got {c.offset_noise}"),
+    _rule("snr_gamma", lambda c: c.snr_gamma is None or c.snr_gamma > 0, lambda c: f"must be > 0, got {c.snr_gamma}"),
+    _rule("validation_guidance_scale", lambda c: 0 <= c.validation_guidance_scale <= MAX_GUIDANCE,
+          lambda c: f"must be >= 0 (1 turns guidance off) and at most {MAX_GUIDANCE:g}, got "
+                    f"{c.validation_guidance_scale}"),
+    _rule("lora_alpha", lambda c: c.lora_alpha is None or c.lora_alpha > 0, lambda c: f"must be > 0, got {c.lora_alpha}"),
+    _rule("checkpoints_total_limit", lambda c: c.checkpoints_total_limit is None or c.checkpoints_total_limit >= 1,
+          lambda c: f"must be at least 1, got {c.checkpoints_total_limit}"),
+)
 
 
 # --- what needs the disk ------------------------------------------------------------------------

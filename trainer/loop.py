@@ -115,9 +115,9 @@ class Run:
     scoring: Scoring | None = None  # the main process's, when scores are on and could be loaded (trainer/scores/during_training.py)
     parking: Parking | None = None  # frozen parts off the GPU during the steps (trainer/memory/parking.py)
 
-    def parts_home(self) -> contextlib.AbstractContextManager:
+    def unparked_parts(self) -> contextlib.AbstractContextManager:
         """The frozen parts on the device for the block (samples, scores) when they are parked."""
-        return self.parking.back_home() if self.parking is not None else contextlib.nullcontext()
+        return self.parking.unparked() if self.parking is not None else contextlib.nullcontext()
 
     @property
     def dir(self) -> Path:
@@ -399,12 +399,12 @@ def train_loop(run: Run, parts: Components, model: Trainables, batches: BatchSou
                 state = ckpt.TrainingState(step, te_frozen, samples_seen=batches.samples_seen(step))
                 outcome.checkpoint = save_checkpoint(run, model, state) or outcome.checkpoint
                 if not outcome.cancelled:
-                    with run.parts_home():
+                    with run.unparked_parts():
                         score_weights(run, parts, model, step, when=True)
             if outcome.cancelled:
                 break
             if config.validation_prompts and step % config.validation_steps == 0:
-                with sharded.whole_weights(run.accelerator, model.modules()), run.parts_home():
+                with sharded.whole_weights(run.accelerator, model.modules()), run.unparked_parts():
                     if run.is_main:
                         outcome.samples += sample(run, parts, model, step, log)
     return outcome

@@ -24,6 +24,7 @@ from typing import Literal
 
 from trainer import atomic
 from trainer.config import ConfigError, TrainConfig
+from trainer.model_files import LORA_WEIGHTS, PIPELINE_INDEX  # diffusers' names, also the run folder's
 
 CONFIG_NAME = "config.json"
 STATUS_NAME = "run.json"
@@ -32,8 +33,6 @@ SAMPLES_DIR = "samples"
 CHECKPOINTS_DIR = "checkpoints"
 LOGS_DIR = "logs"
 INSTANCE_IMAGES_DIR = "instance_images"
-PIPELINE_INDEX = "model_index.json"
-LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the name diffusers' save/load_lora_weights use
 KOHYA_LORA_WEIGHTS = "pytorch_lora_weights_kohya.safetensors"  # the same LoRA for A1111, ComfyUI, kohya
 CARD_NAME = "README.md"
 WEIGHTS_STAGING = ".tmp-weights"  # the weights while they are saved; moved into place once complete

@@ -24,7 +24,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
-from trainer.checkpoints import STATE, TrainingState, list_checkpoints
+from trainer.checkpoints import STATE, TrainingState, prune
 from trainer.config import ConfigError, TrainConfig
 from trainer.run_folder import checkpoints_dir
 
@@ -66,8 +66,10 @@ def is_sharded_checkpoint(path: Path) -> bool:
 
 
 def save_checkpoint(run_dir: Path, state: TrainingState, accelerator: Accelerator, lr_scheduler,
-                    keep: int | None) -> Path:
-    """Every process calls this at the same step; the folder is renamed complete by the main one."""
+                    keep: int | None, protect: int | None = None) -> Path:
+    """Every process calls this at the same step; the folder is renamed complete by the main one, which then
+    prunes as the one-process path does (trainer/checkpoints.py `prune`: the `keep` newest, and the checkpoint of
+    step `protect`, the pick so far, besides them)."""
     root = checkpoints_dir(run_dir)
     final = root / f"checkpoint-{state.step:06d}"
     tmp = root / f".tmp-{final.name}"
@@ -86,9 +88,7 @@ def save_checkpoint(run_dir: Path, state: TrainingState, accelerator: Accelerato
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
-        if keep is not None:
-            for old in list_checkpoints(run_dir)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+        prune(run_dir, keep, protect)
     accelerator.wait_for_everyone()
     return final
 

@@ -16,7 +16,7 @@ from trainer.config import UserError
 from trainer.families.base import Components, Conditioning, ModelFamily, ModelLoadError, first_line
 from trainer.families.sd import StableDiffusion
 from trainer.families.sdxl import StableDiffusionXL
-from trainer.run_folder import PIPELINE_INDEX
+from trainer.model_files import PIPELINE_INDEX
 
 FAMILIES: tuple[ModelFamily, ...] = (StableDiffusion(), StableDiffusionXL())
 

@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 import torch
 
 from trainer.config import TrainConfig, UserError
+from trainer.model_files import text_encoder_names
 
 
 class ModelLoadError(UserError, RuntimeError):
@@ -126,5 +127,5 @@ class ModelFamily:
 
     @staticmethod
     def text_encoder_names(count: int) -> list[str]:
-        """diffusers' names of the text encoders: text_encoder, text_encoder_2, ..."""
-        return ["text_encoder" if i == 0 else f"text_encoder_{i + 1}" for i in range(count)]
+        """diffusers' names of the text encoders: text_encoder, text_encoder_2 (trainer/model_files.py)."""
+        return text_encoder_names(count)

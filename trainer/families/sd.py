@@ -10,7 +10,7 @@ import torch
 
 from trainer.config import ConfigError
 from trainer.families.base import Components, Conditioning, ModelFamily, ModelLoadError, first_line
-from trainer.run_folder import LORA_WEIGHTS, PIPELINE_INDEX
+from trainer.model_files import LORA_WEIGHTS, PIPELINE_INDEX, TEXT_ENCODER, TEXT_ENCODER_2
 
 
 def save_lora_file(pipeline_class: type, run_dir: Path, layers: dict[str, dict], metadata: dict[str, dict]) -> Path:
@@ -38,11 +38,11 @@ def load_clip_unet_parts(family: ModelFamily, source: str, revision: str | None,
     second = {}
     if second_encoder:
         second = {"tokenizer_2": load("tokenizer_2", CLIPTokenizer.from_pretrained),
-                  "text_encoder_2": load("text_encoder_2", CLIPTextModelWithProjection.from_pretrained)}
+                  TEXT_ENCODER_2: load(TEXT_ENCODER_2, CLIPTextModelWithProjection.from_pretrained)}
     return Components(
         family=family,
         tokenizer=load("tokenizer", CLIPTokenizer.from_pretrained),
-        text_encoder=load("text_encoder", CLIPTextModel.from_pretrained),
+        text_encoder=load(TEXT_ENCODER, CLIPTextModel.from_pretrained),
         vae=load("vae", AutoencoderKL.from_pretrained),
         unet=load("unet", UNet2DConditionModel.from_pretrained),
         noise_scheduler=DDPMScheduler.from_config(schedule),
@@ -148,7 +148,7 @@ class StableDiffusion(ModelFamily):
 
     def save_full(self, source: str, revision: str | None, parts: Components, unet: torch.nn.Module,
                   text_encoders: Sequence[torch.nn.Module], run_dir: Path, to_fp32: bool) -> Path:
-        modules = {"vae": parts.vae, "text_encoder": text_encoders[0], "tokenizer": parts.tokenizer, "unet": unet}
+        modules = {"vae": parts.vae, TEXT_ENCODER: text_encoders[0], "tokenizer": parts.tokenizer, "unet": unet}
         return save_full_pipeline(self.pipeline_class, source, revision, {**modules, **_NO_SAFETY_CHECKER},
                                   run_dir, to_fp32)
 

@@ -12,6 +12,7 @@ import torch
 from trainer.config import ConfigError, TrainConfig
 from trainer.families.base import Components, Conditioning, ModelFamily
 from trainer.families.sd import load_clip_unet_parts, save_full_pipeline, save_lora_file
+from trainer.model_files import TEXT_ENCODER, TEXT_ENCODER_2
 
 # No invisible watermark on training samples and generated images (it needs an extra package, too).
 _NO_WATERMARK: dict[str, Any] = {"add_watermarker": False}
@@ -87,7 +88,7 @@ class StableDiffusionXL(ModelFamily):
 
     @staticmethod
     def _modules(parts: Components, unet: torch.nn.Module, text_encoders: Sequence[torch.nn.Module]) -> dict:
-        return {"vae": parts.vae, "text_encoder": text_encoders[0], "text_encoder_2": text_encoders[1],
+        return {"vae": parts.vae, TEXT_ENCODER: text_encoders[0], TEXT_ENCODER_2: text_encoders[1],
                 "tokenizer": parts.tokenizer, "tokenizer_2": parts.tokenizer_2, "unet": unet}
 
     def save_lora(self, run_dir: Path, layers: dict[str, dict], metadata: dict[str, dict]) -> Path:

@@ -36,7 +36,7 @@ def unused_by_steps(config: TrainConfig, text_encoder_names: Sequence[str]) -> l
     return names + ([] if config.train_text_encoder else list(text_encoder_names))
 
 
-def away_from(device: torch.device) -> torch.device | None:
+def parking_device(device: torch.device) -> torch.device | None:
     """Where parked parts wait while steps run on `device`; None: they stay (the CPU is where they would go)."""
     return torch.device("cpu") if device.type == "cuda" else None
 
@@ -50,7 +50,7 @@ class Parking:
 
     @classmethod
     def for_run(cls, config: TrainConfig, parts: Components, device: torch.device) -> Parking | None:
-        away = away_from(device)
+        away = parking_device(device)
         if away is None:
             return None
         names = ["text_encoder", "text_encoder_2"][: len(parts.text_encoders)]
@@ -87,7 +87,7 @@ class Parking:
             self.parked = False
 
     @contextlib.contextmanager
-    def back_home(self) -> Iterator[None]:
+    def unparked(self) -> Iterator[None]:
         """The parts on the device for the block (samples, scores), then parked again if they were."""
         was = self.parked
         self.unpark()

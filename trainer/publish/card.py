@@ -93,8 +93,7 @@ def base_license(pretrained_model: str) -> str | None:
 def build_model_card(run_dir: Path, repo_id: str | None = None) -> ModelCard:
     """The card of `run_dir`; `repo_id` None makes the usage snippet load the folder itself. When the run was
     scored, the scores of the weights it holds (run.json's weights_step) are its model-index metrics."""
-    from trainer.publish.hub import class_noun
-    from trainer.scores.report import eval_results, published_row, scores_section
+    from trainer.scores.report import eval_results, published_row, scores_section  # torch: only when a card is made
 
     run_dir = Path(run_dir)
     config = read_config(run_dir)
@@ -117,7 +116,7 @@ def build_model_card(run_dir: Path, repo_id: str | None = None) -> ModelCard:
         instance_prompt=config.instance_prompt,
         widget=[{"text": s.prompt, "output": {"url": s.path}} for s in samples] or None,
         model_name=(repo_id or run_dir.name) if scored else None,
-        eval_results=eval_results(scored, f"{config.identifier} {class_noun(config)} photos") if scored else None,
+        eval_results=eval_results(scored, f"{config.identifier} {config.class_noun} photos") if scored else None,
     )
     where = repo_id or str(run_dir.resolve())
     body = "\n".join(

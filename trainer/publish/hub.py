@@ -226,13 +226,8 @@ def download_model(
 
 
 def class_noun(config: TrainConfig) -> str:
-    """The class word of the subject: the word after the identifier in the instance prompt ("dog")."""
-    words = config.instance_prompt.split()
-    if config.identifier in words:
-        after = words[words.index(config.identifier) + 1 :]
-        if after:
-            return after[0].strip(".,;:!?")
-    return config.class_prompt.split()[-1] if config.class_prompt.split() else ""
+    """Kept only until space/publish_tab.py reads `config.class_noun` itself; then delete."""
+    return config.class_noun
 
 
 def suggest_repo_name(identifier: str, class_noun: str, username: str | None, unique: bool = False) -> str:
@@ -340,12 +335,14 @@ def _hub_error(
             message = f"Cannot {action}: the Hub answered {status}: {_server_words(err)}"
     else:
         message = f"Cannot {action}: {type(err).__name__}: {err}"
-    return HubError(_scrub(message + suffix, token))
+    return HubError(scrub_token(message + suffix, token))
 
 
 def _server_words(err: HfHubHTTPError) -> str:
     return getattr(err, "server_message", None) or str(err).strip().splitlines()[0]
 
 
-def _scrub(text: str, token: str | None) -> str:
+def scrub_token(text: str, token: str | None) -> str:
+    """`text` with every copy of `token` replaced by hf_***: what may be shown or logged of a failure."""
     return text.replace(token, "hf_***") if token else text
+

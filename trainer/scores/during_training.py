@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+import trainer.toyworld.score  # noqa: F401  the toy world registers its judge as the toy model's embedders
 from trainer import checkpoints as ckpt
 from trainer.config import TrainConfig
 from trainer.data.photos import load_rgb

@@ -14,9 +14,9 @@ al. 2022, section 4.1), on fixed seeds, so two checkpoints are compared on the s
   photo, with `memorised` set above a threshold calibrated on the photos themselves (see
   `memorisation_threshold`).
 
-The embedders load through transformers like the base model (safetensors only, no remote code); in the
-toy world the judge (trainer/toyworld/score.py) stands in, and when none can be loaded the run goes on
-with "Scores unavailable: why".
+The embedders load through transformers like the base model (safetensors only, no remote code); a base
+model can have its own registered instead (`register_embedders`: the toy world's judge, trainer/toyworld/score.py,
+for the toy model), and when none can be loaded the run goes on with "Scores unavailable: why".
 """
 
 from __future__ import annotations
@@ -177,14 +177,12 @@ class Scorer:
 
     def __init__(self, embedders: Embedders, photos: Sequence[Image.Image], config: TrainConfig,
                  base: BaseReference | None = None, batch: int = 1) -> None:
-        from trainer.publish.hub import class_noun
-
         self.embedders, self.photos, self.config, self.base = embedders, list(photos), config, base
         self.batch = batch  # images drawn at once (see `generate`)
         self.photo_embeddings = embedders.subject(self.photos)
         self.photo_clip = embedders.clip_image(self.photos)
         self.threshold = memorisation_threshold(self.photo_embeddings)
-        noun = class_noun(config)
+        noun = config.class_noun
         self.subject_prompt = config.instance_prompt
         self.recontext = embedders.recontext(config.identifier.strip(), noun, self.photos)
         self.class_prompt = config.class_prompt or f"a photo of a {noun}"
@@ -277,15 +275,22 @@ def base_reference(rows: Sequence[dict]) -> BaseReference | None:
     return None
 
 
+# Embedders of particular base models, by the model's folder (resolved): a world of its own registers the judge
+# that reads its pictures (trainer/toyworld/score.py registers the toy judge for the toy model when imported).
+MODEL_EMBEDDERS: dict[Path, Callable[[], Embedders]] = {}
+
+
+def register_embedders(model_dir: Path, factory: Callable[[], Embedders]) -> None:
+    """Score runs of the model in `model_dir` with `factory()`'s embedders instead of the configured Hub models."""
+    MODEL_EMBEDDERS[Path(model_dir).resolve()] = factory
+
+
 def load_embedders(config: TrainConfig) -> Embedders:
-    """The toy world's judge for the toy model, else the configured Hub models (on the CPU: a few seconds per
+    """The embedders registered for the base model, else the configured Hub models (on the CPU: a few seconds per
     checkpoint for ~20 images, and no accelerator memory taken from the training); ScoresUnavailable says why not."""
-    from trainer.toyworld import TOY_MODEL_DIR
-
-    if Path(config.pretrained_model).resolve() == TOY_MODEL_DIR.resolve():
-        from trainer.toyworld.score import JudgeEmbedders
-
-        return JudgeEmbedders()
+    factory = MODEL_EMBEDDERS.get(Path(config.pretrained_model).resolve())
+    if factory is not None:
+        return factory()
     try:
         return HubEmbedders(config.score_image_model, config.score_clip_model)
     except (OSError, ValueError, KeyError, RuntimeError, ImportError) as err:

@@ -72,7 +72,7 @@ def train_run(args: argparse.Namespace, base: Path, instance_dir: Path, run_dir:
     changes: dict = {"method": args.method, "with_prior_preservation": args.prior, "preservation": args.preservation,
                      "identifier": args.identifier,
                      "instance_prompt": args.instance_prompt or f"a photo of {args.identifier} {args.class_noun}",
-                     "class_prompt": f"a photo of a {args.class_noun}",
+                     "class_prompt": f"a photo of a {args.class_noun}", "class_noun": args.class_noun,
                      "class_cache_dir": str(run_dir.parent / "class-images")}
     if args.train_text_encoder is not None:
         changes["train_text_encoder"] = args.train_text_encoder
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
     from trainer.run_folder import load_pipeline, load_run
     from trainer.toyworld import TOY_MODEL_DIR, example_subject
     from trainer.toyworld.judge import Judge
-    from trainer.toyworld.score import SCORE_NAMES, Subject, real_similarity, score
+    from trainer.toyworld.score import Subject, real_similarity, score
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -151,27 +151,43 @@ def main(argv: list[str] | None = None) -> dict:
         seconds = [train_run(args, base, instance_dir, d, seed=None if args.seeds == 1 else k)
                    for k, d in zip(seeds, run_dirs, strict=True)]
 
-    base_pipe = load_pipeline(base, torch.float32)
-    settings = {"count": args.samples, "steps": args.inference_steps, "guidance": args.guidance}
-    per_run = [score(load_run(d, base_model=base), judge, subject, **settings).as_dict() for d in run_dirs]
-    rows = {"base": score(base_pipe, judge, subject, **settings).as_dict(), "trained": _mean(per_run)}
+    def measure(run_dir: Path | None) -> dict[str, float]:
+        """The scores of a run folder's weights (None: the base model's)."""
+        pipe = load_pipeline(base, torch.float32) if run_dir is None else load_run(run_dir, base_model=base)
+        return score(pipe, judge, subject, count=args.samples, steps=args.inference_steps,
+                     guidance=args.guidance).as_dict()
+
+    per_run = [measure(d) for d in run_dirs]
+    rows = {"base": measure(None), "trained": _mean(per_run)}
     if len(per_run) > 1:
         rows.update({f"seed {k}": row for k, row in zip(seeds, per_run, strict=True)})
-    picks = None
-    if args.score_every:
-        picks, picked = [], []
-        for run_dir, last in zip(run_dirs, per_run, strict=True):
-            step, reason = _use_pick(run_dir)
-            picks.append({"step": step, "reason": reason})
-            print(f"{run_dir}: {reason}", flush=True)
-            picked.append(last if step is None else score(load_run(run_dir, base_model=base), judge, subject,
-                                                          **settings).as_dict())
-        rows["picked"] = _mean(picked)
-        if len(picked) > 1:
-            rows.update({f"pick {k}": row for k, row in zip(seeds, picked, strict=True)})
+    picks = _measure_picks(run_dirs, per_run, seeds, measure, rows) if args.score_every else None
     results = {"runs": [str(d) for d in run_dirs], "method": args.method, "prior": args.prior,
                "preservation": args.preservation if args.prior else "none",
                "train_seconds": seconds, "picks": picks, "real_similarity": round(real_similarity(judge, subject), 3), **rows}
+    _print_results(results, rows, per_run, seconds)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    return results
+
+
+def _measure_picks(run_dirs: list[Path], per_run: list[dict], seeds: range, measure, rows: dict) -> list[dict]:
+    """Make each run's picked checkpoint its weights and measure them (a run with no pick: its last step's
+    scores); adds the mean (and, over several seeds, each run's) to `rows`; returns each run's pick."""
+    picks, picked = [], []
+    for run_dir, last in zip(run_dirs, per_run, strict=True):
+        step, reason = _use_pick(run_dir)
+        picks.append({"step": step, "reason": reason})
+        print(f"{run_dir}: {reason}", flush=True)
+        picked.append(last if step is None else measure(run_dir))
+    rows["picked"] = _mean(picked)
+    if len(picked) > 1:
+        rows.update({f"pick {k}": row for k, row in zip(seeds, picked, strict=True)})
+    return picks
+
+
+def _print_results(results: dict, rows: dict, per_run: list[dict], seconds: list) -> None:
+    from trainer.toyworld.score import SCORE_NAMES
 
     print(f"\nreal images vs each other: subject sim {results['real_similarity']}")
     print(f"{'model':8}" + "".join(f"{name:>16}" for name in SCORE_NAMES.values()))
@@ -184,9 +200,6 @@ def main(argv: list[str] | None = None) -> dict:
     if timed:
         print(f"time to first step {sum(s['first_step'] for s in timed) / len(timed):.1f} s, then "
               f"{sum(s['per_step'] for s in timed) / len(timed):.3f} s a step (mean of {len(timed)} runs)")
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    return results
 
 
 if __name__ == "__main__":

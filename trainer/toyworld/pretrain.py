@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from trainer.model_files import TEXT_ENCODER
 from trainer.toyworld import arch
 from trainer.toyworld.world import all_combos, caption_for_training, random_scene, render_batch, train_combos
 
@@ -179,7 +180,7 @@ def export(work: Path, out: Path, dtype: torch.dtype = torch.float16) -> Path:
     shutil.copytree(TOKENIZER_DIR, out / "tokenizer")
     # transformers loads a model in the dtype its config names; fp16 on disk, fp32 in memory keeps
     # the text encoder's output the same dtype as the (fp32-loaded) UNet on a CPU.
-    config_path = out / "text_encoder" / "config.json"
+    config_path = out / TEXT_ENCODER / "config.json"
     config = json.loads(config_path.read_text(encoding="utf-8"))
     config["dtype"] = "float32"
     config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")

@@ -18,7 +18,8 @@ from dataclasses import asdict, dataclass
 import torch
 from PIL import Image
 
-from trainer.scores.measure import measure as scores
+from trainer.scores import measure as scores
+from trainer.toyworld import TOY_MODEL_DIR
 from trainer.toyworld.judge import Judge
 from trainer.toyworld.world import BACKGROUNDS, IMAGE_SIZE
 
@@ -145,3 +146,7 @@ class JudgeEmbedders:
     def looks_like_subject(self, images, photos) -> list[bool]:
         key = _subject_key(self.judge, list(photos))
         return [r.subject_key == key for r in self.judge.read(list(images))]
+
+
+# Runs of the toy model are scored by the judge (trainer/scores/measure.py `load_embedders`).
+scores.register_embedders(TOY_MODEL_DIR, JudgeEmbedders)
