@@ -17,7 +17,7 @@ from space.local_paths import LocalPaths
 from space.tokens import NO_TOKEN, oauth_enabled, pick_token, token_field
 from space.wiring import bind
 from trainer.config import ConfigError
-from trainer.publish.hub import HubError, class_noun, publish, suggest_repo_name
+from trainer.publish.hub import HubError, publish, suggest_repo_name
 from trainer.run_folder import list_runs, try_read_config
 
 _QUIET = {"api_visibility": "private", "show_progress": "hidden"}  # no API endpoint, no spinner
@@ -33,7 +33,7 @@ def suggest_for_run(run_dir: str | None, username: str | None, unique: bool) -> 
     config = try_read_config(Path(run_dir)) if run_dir else None
     if config is None:
         return ""
-    return suggest_repo_name(config.identifier, class_noun(config), username, unique=unique)
+    return suggest_repo_name(config.identifier, config.class_noun, username, unique=unique)
 
 
 def publish_run(

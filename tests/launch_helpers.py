@@ -28,7 +28,7 @@ def launch(processes: int, config: Path, out: Path, *flags: str, accelerate: tup
             accelerate = ("--multi_gpu",)
         command = [sys.executable, "-m", "accelerate.commands.launch", *accelerate, "--num_processes",
                    str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *train]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == expect, done.stderr[-3000:]
     return done
 

@@ -7,8 +7,10 @@ import io
 import os
 import re
 import shutil
+import site
 import subprocess
 import sys
+import sysconfig
 import zipfile
 from pathlib import Path
 
@@ -170,21 +172,29 @@ def test_the_wheel_carries_the_code_the_toy_model_and_the_pinned_requirements(wh
         assert ASSETS and all(archive.read(a) == (ROOT / a).read_bytes() for a in ASSETS)
     sources = {p.relative_to(ROOT).as_posix() for d in ("trainer", "space") for p in (ROOT / d).rglob("*.py")}
     assert sources | {"app.py"} <= names  # every subpackage, the ones added later too
-    kernels = {p.relative_to(ROOT).as_posix() for p in (ROOT / "trainer" / "kernels").glob("*.c")}
-    assert kernels and kernels <= names  # the engine's C kernels, built where the package is installed
     assert not any(n.startswith(("tests/", "tools/", "bench/")) for n in names)
     requirements = [line for line in (ROOT / "requirements.txt").read_text().splitlines()
                     if line.strip() and not line.startswith("#")]
     assert re.findall(r"^Requires-Dist: (.+)$", metadata, re.MULTILINE) == requirements
-    assert "dreambooth-studio = trainer.__main__:cli" in entry_points
+    assert "dreambooth-studio = trainer.__main__:main" in entry_points
     assert "dreambooth-studio-app = app:main" in entry_points
 
 
 def test_the_installed_script_runs_from_any_folder_with_the_toy_model(wheel: Path, tmp_path: Path) -> None:
     venv = tmp_path / "venv"
-    # The requirements come from this environment; only the package itself is installed.
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
+    # The requirements come from the environment running the tests, a venv or a system Python (a venv's
+    # --system-site-packages would see the base Python's packages, not those of a venv running the tests):
+    # a .pth file adds its site-packages after the new venv's own. Only the package itself is installed.
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"
+    venv_site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               check=True, capture_output=True, text=True).stdout.strip()
+    paths = sysconfig.get_paths()
+    ours = [*site.getsitepackages(), paths["purelib"], paths["platlib"]]
+    if site.ENABLE_USER_SITE:
+        ours.append(site.getusersitepackages())
+    lines = [f"import site; site.addsitedir({d!r})\n" for d in dict.fromkeys(ours) if Path(d).is_dir()]
+    (Path(venv_site) / "requirements-from-the-tests.pth").write_text("".join(lines))
     subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", str(wheel)], check=True, timeout=300)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     away = tmp_path / "elsewhere"
@@ -201,11 +211,3 @@ def test_the_installed_script_runs_from_any_folder_with_the_toy_model(wheel: Pat
     module, toy_dir, listing = found.stdout.splitlines()
     assert Path(module).is_relative_to(venv) and Path(toy_dir).is_relative_to(venv)  # not this checkout
     assert listing == str(sorted(p.name for p in (ROOT / "trainer/assets/toy-sd").iterdir()))
-    # the installed package builds its kernels (into an empty cache) from the sources it carries
-    build = ("from trainer import cbuild; "
-             "print([cbuild.load(name)._name.startswith(str(cbuild._cache_dir())) for name in "
-             "sorted(p.stem for p in cbuild.KERNELS.glob('*.c'))], cbuild.KERNELS)")
-    built = subprocess.run([python, "-c", build], cwd=away, env={**env, "XDG_CACHE_HOME": str(tmp_path / "cache")},
-                           capture_output=True, text=True, timeout=300)
-    assert built.returncode == 0, built.stderr[-2000:]
-    assert built.stdout.startswith("[True, True, True] ") and Path(built.stdout.split()[-1]).is_relative_to(venv)

@@ -10,7 +10,12 @@ ZeRO-2 CPU-offload configuration (configs/accelerate/zero2_offload.yaml) trains 
 CPU Adam and ends as the one-process run too; and ZeRO-2 trains in bf16 mixed precision, where
 DeepSpeed holds the UNet in bf16.
 
-That last claim holds at weight decay 0 only. With weight decay, ZeRO-Offload's CPU Adam moved the
+What DeepSpeed compiles on a machine without a GPU, once per environment (g++ into ~/.cache/torch_extensions,
+as DeepSpeed does for any user): its shared-memory communication op on every ZeRO run (about a minute here:
+deepspeed.comm builds it whenever it starts, whatever the optimizer), and its CPU Adam for the offload test
+only (about 4 minutes here, marked `compiles`). The other runs step torch AdamW, which needs no compiling.
+
+The offload claim holds at weight decay 0 only. With weight decay, ZeRO-Offload's CPU Adam moved the
 weights here as if the decay were added to the gradient (L2) instead of to the weights (AdamW): after
 one step at lr 1e-4 and decay 1e-2, 26% of the tiny UNet's weights moved the other way from the
 one-process run; at decay 0 none did. `python bench/deepspeed_offload_probe.py` shows it without the
@@ -101,8 +106,11 @@ def test_a_zero2_checkpoint_is_refused_on_another_number_of_processes(runs):
     assert not (root / "zero2-on-one" / "unet").exists()
 
 
+@pytest.mark.compiles
 def test_the_shipped_zero2_offload_config_trains_with_deepspeeds_cpu_adam(runs):
-    """At weight decay 0 (see the module's docstring), in text mode: the reader sees one run's lines."""
+    """At weight decay 0 (see the module's docstring), in text mode: the reader sees one run's lines.
+    The only test here that needs DeepSpeed's CPU Adam, which DeepSpeed compiles (with g++, into
+    ~/.cache/torch_extensions) the first time an environment uses it: about 4 minutes on a 2-core machine."""
     root = runs["root"]
     no_decay = ("--adam-weight-decay", "0")
     done = launch(2, runs["config"], root / "offload", "--train-batch-size", "1", *no_decay,

@@ -578,11 +578,11 @@ class StepLog:
 def save_checkpoint(run: Run, model: Trainables, state: ckpt.TrainingState) -> Path | None:
     """Called by every process: the main one writes (every one takes part when the run is sharded)."""
     keep = run.config.checkpoints_total_limit
-    if sharded.is_sharded(run.accelerator):
-        path = sharded.save_checkpoint(run.dir, state, run.accelerator, model.lr_scheduler, keep)
+    best = run.scoring.pick.step if run.scoring is not None else None  # kept whatever `keep` says
+    if sharded.is_sharded(run.accelerator):  # (scores run on the main process, the one that prunes)
+        path = sharded.save_checkpoint(run.dir, state, run.accelerator, model.lr_scheduler, keep, protect=best)
     elif run.is_main:
         unet = run.accelerator.unwrap_model(model.unet)
-        best = run.scoring.pick.step if run.scoring is not None else None  # kept whatever `keep` says
         path = ckpt.save_checkpoint(run.dir, state, unet, model.trained_text_encoders(run.accelerator),
                                     model.optimizer, model.lr_scheduler, keep, protect=best)
     else:

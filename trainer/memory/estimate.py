@@ -30,6 +30,7 @@ from trainer.memory.profiles import (
     step_profile,
 )
 from trainer.memory.shapes import ModelShapes, parameter_counts, part_tensors, read_shapes
+from trainer.model_files import TEXT_ENCODERS
 from trainer.models import eight_bit_adam, weight_dtype
 from trainer.scores.measure import draw_batch
 
@@ -269,7 +270,7 @@ def _static(
     by_part, trainable = {}, []
     for name, part in part_tensors(shapes).items():
         size = (2 if mixed_precision == "bf16" else 4) if name == "vae" else frozen
-        trained = name == "unet" or (name.startswith("text_encoder") and train_text_encoder)
+        trained = name == "unet" or (name in TEXT_ENCODERS and train_text_encoder)
         full = trained and method == "full"
         by_part[name] = (4 if full else size) * sum(part.params) + size * part.float_buffers + part.other_buffers
         trainable += part.params if full else ()

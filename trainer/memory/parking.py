@@ -22,6 +22,7 @@ import torch
 
 from trainer.config import TrainConfig
 from trainer.families import Components
+from trainer.model_files import TEXT_ENCODER, TEXT_ENCODER_2, TEXT_ENCODERS, text_encoder_names
 
 
 def parked_parts(config: TrainConfig, text_encoder_names: Sequence[str], device_type: str) -> list[str]:
@@ -53,7 +54,7 @@ class Parking:
         away = parking_device(device)
         if away is None:
             return None
-        names = ["text_encoder", "text_encoder_2"][: len(parts.text_encoders)]
+        names = text_encoder_names(len(parts.text_encoders))
         by_name = dict(zip(names, parts.text_encoders, strict=True)) | {"vae": parts.vae}
         chosen = unused_by_steps(config, names)
         return cls({name: by_name[name] for name in chosen}, device, away) if chosen else None
@@ -61,14 +62,14 @@ class Parking:
     @property
     def text_encoders(self) -> bool:
         """Whether text encoders park (then every prompt's embedding must be cached first)."""
-        return any(name.startswith("text_encoder") for name in self.modules)
+        return any(name in TEXT_ENCODERS for name in self.modules)
 
     def bytes(self) -> int:
         return sum(t.numel() * t.element_size() for m in self.modules.values()
                    for t in (*m.parameters(), *m.buffers()))
 
     def describe(self) -> str:
-        names = {"vae": "the VAE", "text_encoder": "the text encoder", "text_encoder_2": "the second text encoder"}
+        names = {"vae": "the VAE", TEXT_ENCODER: "the text encoder", TEXT_ENCODER_2: "the second text encoder"}
         which = " and ".join(names[n] for n in self.modules)
         verb = "wait" if len(self.modules) > 1 else "waits"
         return (f"Memory: {which} {verb} in CPU RAM during the steps ({self.bytes() / 2**30:.2f} GiB more for "

@@ -19,6 +19,7 @@ import torch
 
 from trainer.families import Components, ModelFamily, family_by_name, family_for_class, read_model_index
 from trainer.families.base import first_line
+from trainer.model_files import TEXT_ENCODER, TEXT_ENCODER_2, TEXT_ENCODERS, text_encoder_names
 
 # fmt: off
 _CLIP_L = {  # openai/clip-vit-large-patch14's text tower: SD 1.x's encoder, SDXL's first
@@ -46,7 +47,7 @@ KNOWN_CONFIGS: dict[str, dict[str, dict[str, Any]]] = {
             "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
             "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, "norm_num_groups": 32,
         },
-        "text_encoder": _CLIP_L,
+        TEXT_ENCODER: _CLIP_L,
         "vae": _VAE,
     },
     "sdxl": {
@@ -59,8 +60,8 @@ KNOWN_CONFIGS: dict[str, dict[str, dict[str, Any]]] = {
             "cross_attention_dim": 2048, "use_linear_projection": True, "addition_embed_type": "text_time",
             "addition_time_embed_dim": 256, "projection_class_embeddings_input_dim": 2816, "norm_num_groups": 32,
         },
-        "text_encoder": _CLIP_L,
-        "text_encoder_2": _CLIP_BIG_G,
+        TEXT_ENCODER: _CLIP_L,
+        TEXT_ENCODER_2: _CLIP_BIG_G,
         "vae": {**_VAE, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True},
     },
 }
@@ -91,7 +92,7 @@ class ModelShapes:
 
     @property
     def text_encoder_names(self) -> list[str]:
-        return [name for name in ("text_encoder", "text_encoder_2") if name in self.configs]
+        return [name for name in TEXT_ENCODERS if name in self.configs]
 
     @property
     def vae_scale_factor(self) -> int:
@@ -125,7 +126,7 @@ def _architecture(configs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any
 
     out = {}
     for name, config in configs.items():
-        if name.startswith("text_encoder"):
+        if name in TEXT_ENCODERS:
             full = CLIPTextConfig(**config).to_dict()
             out[name] = {key: full.get(key) for key in _CLIP_SHAPE}
             continue
@@ -177,7 +178,7 @@ def _read_configs(
 
     options = {"revision": revision, "local_files_only": local_only}
     configs = {"unet": dict(UNet2DConditionModel.load_config(source, subfolder="unet", **options))}
-    names = ["text_encoder", "text_encoder_2"] if family.name == "sdxl" else ["text_encoder"]
+    names = text_encoder_names(2 if family.name == "sdxl" else 1)
     for name in names:
         configs[name] = CLIPTextConfig.from_pretrained(source, subfolder=name, **options).to_diff_dict()
     if pretrained_vae:
@@ -197,7 +198,7 @@ def build_parts(shapes: ModelShapes) -> Components:
         unet = UNet2DConditionModel.from_config(shapes.configs["unet"])
         vae = AutoencoderKL.from_config(shapes.configs["vae"])
         encoders = [
-            (CLIPTextModelWithProjection if name == "text_encoder_2" else CLIPTextModel)(
+            (CLIPTextModelWithProjection if name == TEXT_ENCODER_2 else CLIPTextModel)(
                 CLIPTextConfig(**shapes.configs[name])
             )
             for name in shapes.text_encoder_names

@@ -27,7 +27,7 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import filter_repo_objects, validate_repo_id
 
-from trainer.config import TrainConfig, UserError
+from trainer.config import UserError
 from trainer.publish.card import write_model_card
 from trainer.run_folder import (
     CARD_NAME,
@@ -223,11 +223,6 @@ def download_model(
             err, f"download {repo_id}", token=token, endpoint=hub_endpoint(endpoint), repo_id=repo_id
         ) from None
     return Path(folder)
-
-
-def class_noun(config: TrainConfig) -> str:
-    """Kept only until space/publish_tab.py reads `config.class_noun` itself; then delete."""
-    return config.class_noun
 
 
 def suggest_repo_name(identifier: str, class_noun: str, username: str | None, unique: bool = False) -> str:
