@@ -108,11 +108,9 @@ def test_lora_output_loads_in_plain_diffusers_and_changes_the_image(tiny_base, s
 
 
 def test_lora_with_checkpointing_trains_as_without_it(tiny_model_dir, subject_images, tmp_path):
-    """Checkpointing recomputes, it does not change the arithmetic: on this CPU the engine takes its
-    re-entrant form, whose LoRA gradients flow only because the frozen first layer's output is marked
-    (trainer/speed.py). 6 steps with and without it end with the same adapters: in fp32 to float
-    rounding; in bf16 its backward rounds in another order (the default form matches exactly), which
-    must stay well inside what bf16 itself changes against fp32."""
+    """Checkpointing recomputes, it does not change the arithmetic: 6 steps with and without it end
+    with the same adapters, in fp32 to float rounding; in bf16 well inside what bf16 itself changes
+    against fp32."""
     weights = {}
     for precision in ("no", "bf16"):
         for checkpointing in (False, True):
