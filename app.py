@@ -14,7 +14,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from space import login_page
+from space import fair_use, login_page
 from space.hardware import SpaceInfo
 from space.layout import CSS, GPU_MODE_ENV, MAX_SESSIONS, MAX_UPLOAD, Services, build_app
 
@@ -79,14 +79,47 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="Where runs are saved. Default ./runs, or /data/runs on a Space with storage.",
     )
+    _fair_use_flags(parser)
     args = parser.parse_args(argv)
     if args.max_sessions < 1:
         parser.error(f"--max-sessions must be at least 1, got {args.max_sessions}")
+    if any(value is not None and value <= 0 for value in fair_use_caps(args).values()):
+        parser.error("the fair-use caps (--max-steps … --max-generate-minutes) must be above 0")
     try:
         args.auth = parse_auth(args.auth or os.environ.get(AUTH_ENV))
     except ValueError as err:
         parser.error(str(err))
     return args
+
+
+def _fair_use_flags(parser: argparse.ArgumentParser) -> None:
+    """The caps of a shared app (space.fair_use); a private app has only those given."""
+    caps = parser.add_argument_group("fair use on a shared app (a Space, --share, --auth, another --host)")
+    caps.add_argument("--max-steps", type=int, default=None, metavar="N",
+                      help=f"Most steps a training may ask for. Default {fair_use.SHARED_MAX_STEPS}.")
+    caps.add_argument("--max-train-minutes", type=float, default=None, metavar="MIN",
+                      help=f"A training still running after this is cancelled, its checkpoint kept. "
+                      f"Default {fair_use.SHARED_TRAIN_MINUTES:g}.")
+    caps.add_argument("--trainings-each", type=int, default=None, metavar="N",
+                      help=f"Trainings a visitor may have queued or running at once. Default "
+                      f"{fair_use.SHARED_TRAININGS_EACH}.")
+    caps.add_argument("--max-generate-megapixel-steps", type=float, default=None, metavar="N",
+                      help=f"Most width × height × images × steps a generation may ask for, in megapixels "
+                      f"(1024×1024 px) × steps. Default {fair_use.SHARED_GENERATE_MEGAPIXEL_STEPS} (1024×1024 px × "
+                      f"4 images × 50 steps).")
+    caps.add_argument("--max-generate-minutes", type=float, default=None, metavar="MIN",
+                      help=f"A generation still running after this stops. Default {fair_use.SHARED_GENERATE_MINUTES:g}.")
+
+
+def fair_use_caps(args: argparse.Namespace) -> dict[str, float | int | None]:
+    """The FairUse fields app.py's flags set (None: not given)."""
+    return {
+        "max_steps": args.max_steps,
+        "train_minutes": args.max_train_minutes,
+        "trainings_each": args.trainings_each,
+        "generate_megapixel_steps": args.max_generate_megapixel_steps,
+        "generate_minutes": args.max_generate_minutes,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -96,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     default = args.runs_dir is None and args.gpu_mode is None
     app, services = (demo, _services) if default else create_app(args.runs_dir, args.gpu_mode)
     private = runs_privately(args, services.space)
-    services.set_private(private)
+    services.set_private(private, **fair_use_caps(args))
     if args.share and args.auth is None:
         print("Warning: the public link will be open to anyone who has it; protect it with --auth USER:PASS.")
     app.queue(default_concurrency_limit=1)

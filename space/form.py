@@ -27,6 +27,7 @@ from trainer.data.photos import MAX_PHOTOS, MIN_PHOTOS, is_caption_file
 MIN_IMAGES, MAX_IMAGES = MIN_PHOTOS, MAX_PHOTOS  # the engine's own range
 DEFAULT_IDENTIFIER = "zwx"  # a made-up word; the popular "sks" is also the name of a rifle
 DEFAULT_CLASS_NOUN = "dog"
+MAX_IDENTIFIER = 64  # characters; the run folder's name holds it
 SCORED_CHECKPOINTS = 4  # a scored run's checkpoints: a curve of four points besides the base model's, and a pick
 
 
@@ -80,7 +81,7 @@ def prompts_for(identifier: str, class_noun: str, concept: str) -> tuple[str, st
 
 def new_run_dir(runs_dir: Path, identifier: str) -> Path:
     """A fresh folder name: sortable by time, readable by subject, never an existing run."""
-    slug = re.sub(r"[^A-Za-z0-9_-]+", "-", identifier.strip()).strip("-") or "run"
+    slug = re.sub(r"[^A-Za-z0-9_-]+", "-", identifier.strip()).strip("-")[:MAX_IDENTIFIER].strip("-") or "run"
     base = Path(runs_dir) / f"{time.strftime('%Y%m%d-%H%M%S')}-{slug}"
     path, n = base, 1
     while path.exists():
@@ -293,6 +294,9 @@ def form_to_config(
     if not MIN_IMAGES <= n_photos <= MAX_IMAGES:
         raise ConfigError(f"`instance_data` needs {MIN_IMAGES} to {MAX_IMAGES} images, got {n_photos}")
     settings = {f.config: value for f in FORM if f.config and (value := f.parse(values)) is not None}
+    if len(str(settings.get("identifier", ""))) > MAX_IDENTIFIER:  # a rare token is a few letters
+        raise ConfigError(f"`Identifier` (identifier) must be at most {MAX_IDENTIFIER} characters, got "
+                          f"{len(settings['identifier'])}", field="identifier")
     # A base model's hidden settings fill only what the form leaves unset: its fields always win.
     hidden = {
         k: v

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,11 +27,12 @@ from PIL import Image
 from space import texts
 from space.errors import error_message
 from space.example import suggested_prompts
+from space.fair_use import FairUseError
 from space.hardware import Hardware
 from space.jobs import JobManager
 from space.local_paths import LocalPaths
 from space.presets import KNOWN_MODELS, SD, TOY_MODEL, ToyModel
-from space.wiring import PRIVATE, bind
+from space.wiring import PRIVATE, bind, name_refusals
 from trainer.config import UserError
 from trainer.inference import (
     MAX_IMAGES,
@@ -40,6 +42,7 @@ from trainer.inference import (
     SCHEDULERS,
     GenerateRequest,
     PipelineCache,
+    TimeLimit,
     generate,
 )
 from trainer.run_folder import list_runs, read_status, run_family, run_kind, try_read_config
@@ -172,18 +175,24 @@ def generate_images(
             num_images=int(num_images),
             lora_scale=float(lora_scale),
         ).validate()
-    except (TypeError, ValueError, OverflowError) as err:  # OverflowError: int(inf) from an API client
+        deps.jobs.limits.check_generation(request.width, request.height, request.num_images, request.steps)
+    except (TypeError, ValueError, OverflowError, FairUseError) as err:  # OverflowError: int(inf) from an API client
         raise gr.Error(str(err), print_exception=False) from None
     if not (model or "").strip():
         raise gr.Error(texts.NO_MODEL, print_exception=False)
     while not deps.jobs.gpu_lock.acquire(timeout=1.0):
         snap = deps.jobs.snapshot()
         progress(None, desc=texts.GENERATE_WAITING.format(step=snap.step, total=snap.total))
+    seconds = deps.jobs.limits.generate_seconds  # counted from here: waiting for a training is not generating
     try:
         dtype = torch.float16 if deps.hardware.device == "cuda" else torch.float32
         source = deps.paths.check(deps.toy.resolve(model), "`model`")
-        pipe = deps.pipelines.get(source, deps.hardware.device, dtype)
-        return generate(pipe, request)
+        with deps.jobs.weights_lock:  # not while "Use checkpoint" rewrites a run's weights
+            pipe = deps.pipelines.get(source, deps.hardware.device, dtype)
+        return generate(pipe, request, deadline=None if seconds is None else time.monotonic() + seconds)
+    except TimeLimit:
+        raise gr.Error(texts.GENERATE_TIME_CAP.format(minutes=deps.jobs.limits.generate_minutes),
+                       print_exception=False) from None
     except Exception as err:
         log.info("Generation failed: %s", err)
         raise gr.Error(error_message(err), print_exception=False) from None
@@ -270,6 +279,7 @@ def build_generate_tab(deps: GenerateDeps) -> GenerateTab:
     model.change(bind(on_model, deps), model, [prompt, settings["width"], settings["height"], suggestions], **PRIVATE)
     suggestions.input(use_suggestion, suggestions, prompt, **PRIVATE)
     dice.click(random_seed, None, settings["seed"], **PRIVATE)
+    name_refusals([model, prompt, negative, *settings.values()])
     run.click(
         bind(generate_images, deps),
         [model, prompt, negative, *settings.values()],  # generate_images' parameters, in order

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from space import texts
 from space.errors import error_message
+from space.fair_use import FairUse
 from space.job_process import ChildDied, JobFiles, TrainingProcess
 from space.job_queue import GpuMode, Slot, SlotPool, gpu_slots, start_estimates
 from space.job_runs import check_inputs, discard_uploads, has_checkpoint, keep_uploads, mark_run
@@ -90,6 +91,7 @@ class _Job:
     created_dir: bool = False  # the app made output_dir: a refused run's copies are removed again
     slot: Slot | None = None  # held from its start to the end of its training (not while it publishes)
     process: TrainingProcess | None = None
+    timed_out: bool = False  # cancelled by the app at the shared app's time cap
 
     @property
     def job_id(self) -> int:
@@ -120,6 +122,8 @@ class JobManager:
         self.jobs_dir = jobs_dir
         self.cancel_grace = cancel_grace
         self.private = private  # the app runs privately on this machine: its user may cancel any job
+        self.limits = FairUse()  # a shared app's caps (space.fair_use), set by Services.set_private
+        self.weights_lock = threading.Lock()  # a run's weights: rewritten by "Use checkpoint", read by a load
         self._slots = SlotPool(gpu_slots(_gpu_count() if gpu_count is None else gpu_count, gpu_mode))
         self._lock = threading.Lock()  # guards the jobs, the queue, the slots and every snapshot
         self._jobs: dict[int, _Job] = {}
@@ -188,6 +192,8 @@ class JobManager:
             check_inputs(config)
         out = Path(config.output_dir)
         with self._lock:
+            mine = sum(job.snapshot.pending for job in self._jobs.values() if owner is not None and job.owner == owner)
+            self.limits.check_training(config.max_train_steps, mine)
             if len(self._queue) >= MAX_QUEUED:
                 raise BusyError(texts.QUEUE_FULL.format(n=len(self._queue)))
             if any(job.snapshot.pending and Path(job.config.output_dir) == out for job in self._jobs.values()):
@@ -318,8 +324,10 @@ class JobManager:
 
     # --- the job's thread ----------------------------------------------------------------
     def _run(self, job: _Job) -> None:
+        timer = self._time_cap(job)  # from its start: a wait for a generation's GPU counts (its own cap bounds it)
         try:
             result = self._train(job)
+            timer.cancel()
             self._read_scores(job)
             if result is not None and job.publish is not None and not result.cancelled:
                 self._update(job, **publish_run(self._publish_fn, result.run_dir, job.publish, job.job_id))
@@ -376,7 +384,7 @@ class JobManager:
                 total=result.total_steps,
                 run_dir=str(result.run_dir),
                 eta_seconds=0.0,
-                message=_finished_message(result, job.publish.repo_id if publishing else None),
+                message=_finished_message(result, job.publish.repo_id if publishing else None, job.timed_out),
                 samples=tuple(dict.fromkeys((*job.snapshot.samples, *map(str, result.samples)))),
                 warnings=tuple(dict.fromkeys((*job.snapshot.warnings, *result.warnings))),
                 resumable=result.cancelled and result.checkpoint is not None,
@@ -388,6 +396,22 @@ class JobManager:
             self._update(job, pid=None)
             job.first_signal.set()
             self._release_slot(job)
+
+    def _time_cap(self, job: _Job) -> threading.Timer:
+        """A timer that cancels the training (its checkpoint kept) once it has run the shared app's minutes;
+        started only where there is such a cap."""
+        seconds = self.limits.train_seconds
+
+        def time_up() -> None:
+            job.timed_out = True
+            log.info("Training %s reached the time cap of %s minutes", job.job_id, self.limits.train_minutes)
+            self.cancel(job.job_id)
+
+        timer = threading.Timer(seconds or 0.0, time_up)
+        timer.daemon = True
+        if seconds is not None:
+            timer.start()
+        return timer
 
     def _read_scores(self, job: _Job) -> None:
         """A finished training's scores as its run folder keeps them: the pick among the checkpoints still there."""
@@ -452,11 +476,13 @@ def _gpu_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def _finished_message(result: RunResult, publishing_to: str | None = None) -> str:
+def _finished_message(result: RunResult, publishing_to: str | None = None, timed_out: bool = False) -> str:
     if publishing_to is not None:
         return texts.TRAINED_PUBLISHING.format(repo_id=publishing_to)
     if not result.cancelled:
         return "Done."
+    if timed_out:
+        return texts.TIME_CAP_REACHED.format(kept="kept" if result.checkpoint is not None else "none was saved yet")
     if result.checkpoint is None:
         return "Cancelled before training started; generated class images stay cached for the next run."
     return "Cancelled: the last checkpoint is kept."

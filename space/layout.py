@@ -13,6 +13,7 @@ from pathlib import Path
 import gradio as gr
 
 from space import texts
+from space.fair_use import FairUse
 from space.generate_tab import GenerateDeps, build_generate_tab
 from space.hardware import Hardware, SpaceInfo, default_runs_dir, detect_hardware, detect_space
 from space.job_queue import GpuMode
@@ -79,11 +80,14 @@ class Services:
         paths = LocalPaths([runs_dir, toy_dir])
         return cls(runs_dir=runs_dir, hardware=hardware, space=space, toy=ToyModel(toy_dir), jobs=jobs, paths=paths)
 
-    def set_private(self, private: bool) -> None:
+    def set_private(self, private: bool, **caps: float | int | None) -> None:
         """A private app (see app.runs_privately) lets its user cancel any training and name any folder;
-        one served beyond this machine confines both to each visitor's own."""
+        one served beyond this machine confines both to each visitor's own, and caps what each visitor may
+        ask of it (space.fair_use: `caps` by FairUse field, None for the shared default; a private app
+        has only the caps given)."""
         self.jobs.private = private
         self.paths.confined = not private
+        self.jobs.limits.set(FairUse(**caps) if private else FairUse.shared(**caps))
 
 
 def build_app(services: Services) -> gr.Blocks:

@@ -15,7 +15,7 @@ import gradio as gr
 from space import texts
 from space.local_paths import LocalPaths
 from space.tokens import NO_TOKEN, oauth_enabled, pick_token, token_field
-from space.wiring import bind
+from space.wiring import CONTROL, bind, name_refusals
 from trainer.config import ConfigError
 from trainer.publish.hub import HubError, publish, suggest_repo_name
 from trainer.run_folder import list_runs, try_read_config
@@ -95,7 +95,8 @@ def build_publish_tab(runs_dir: Path, paths: LocalPaths) -> None:
     refresh.click(bind(refresh_runs, runs_dir), None, run, **_QUIET)
     run.change(prefill, run, repo, **_QUIET)
     unique.click(make_unique, run, repo, **_QUIET)
-    button.click(bind(publish_run, paths), [run, repo, private, token], result, api_name="publish", concurrency_limit=1)
+    name_refusals([run, repo, private, token])
+    button.click(bind(publish_run, paths), [run, repo, private, token], result, api_name="publish", **CONTROL)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ from space.presets import SD, TOY_MODEL, ToyModel, model_choices, model_family, 
 from space.publishing import PublishRequest
 from space.scores_panel import ScoresPanel
 from space.tokens import NO_TOKEN, oauth_enabled, pick_token, token_field
-from space.wiring import PRIVATE, bind, by_component
+from space.wiring import CONTROL, PRIVATE, bind, by_component, name_refusals
 from trainer.publish.hub import HubError, check_repo_id, check_token, suggest_repo_name
 
 log = logging.getLogger(__name__)
@@ -244,7 +244,7 @@ def start_training(
         config = form_to_config(values, deps.runs_dir, resolve_model=resolve_model, model_settings=model_settings)
         snap = deps.jobs.start(config, publish=publish_request(values, oauth_token), owner=_owner(deps, request))
     except BusyError as err:
-        raise gr.Error(str(err)) from None
+        raise gr.Error(str(err), print_exception=False) from None
     except Exception as err:  # every engine check lands here with its own words
         log.info("Training refused: %s", err)
         raise gr.Error(error_message(err), print_exception=False) from None
@@ -274,6 +274,8 @@ def resume_training(deps: TrainDeps, request: gr.Request | None = None) -> str:
     snap = deps.jobs.view(who.id if who else None)
     if not snap.resumable:
         raise gr.Error(texts.NOTHING_TO_RESUME, print_exception=False)
+    with deps.jobs.weights_lock:  # a "Use checkpoint" rewriting the run's weights ends first (it refuses a queued run)
+        pass
     try:
         resumed = deps.jobs.resume(snap.job_id, owner=who.id if who else None, visitor=who)
     except Exception as err:  # NotYourJob, or the engine's words for a run it will not resume
@@ -309,7 +311,15 @@ def use_checkpoint(deps: TrainDeps, replace: bool = False, request: gr.Request |
     """Make the picked checkpoint of the visitor's run its weights, once it has stopped training (only its
     owner may): the line under the scores, the result, and the box that confirms replacing weights that no
     checkpoint keeps."""
-    return scores_panel.use_pick(deps.jobs, visitor(deps, request), bool(replace))
+    with deps.jobs.weights_lock:  # no generation loads them, no Resume starts, while they are rewritten
+        return scores_panel.use_pick(deps.jobs, visitor(deps, request), bool(replace))
+
+
+def use_checkpoint_api(deps: TrainDeps, replace: bool = False, request: gr.Request | None = None) -> str:
+    """Make the picked checkpoint of your run its weights (`replace`: even when the weights it has now would be
+    lost): what happened, in words."""
+    result = use_checkpoint(deps, replace, request)[1]
+    return result if isinstance(result, str) else ""
 
 
 def current_job(deps: TrainDeps, request: gr.Request | None = None) -> dict[str, Any]:
@@ -504,21 +514,18 @@ def _wire_job(deps: TrainDeps, form: _Form, hub: dict[str, Any], publish_box: gr
     hub["publish_to_hub"].change(show_publish_box, hub["publish_to_hub"], publish_box, **PRIVATE)
     names = [f["identifier"], f["class_noun"]]
     gr.on([c.change for c in names], prefill_repo, names, hub["hub_repo"], **PRIVATE)
-    job.start.click(
-        bind(start_training, deps), None, job.status, inputs_kwargs={**f, **hub}, api_name="train", concurrency_id="gpu"
-    )
-    job.cancel.click(bind(cancel_training, deps), None, job.status, api_name="cancel", concurrency_limit=None)
-    job.resume.click(bind(resume_training, deps), None, job.status, api_name="resume", concurrency_id="gpu")
+    name_refusals([*f.values(), *hub.values()])
+    job.start.click(bind(start_training, deps), None, job.status, inputs_kwargs={**f, **hub}, api_name="train",
+                    **CONTROL)
+    job.cancel.click(bind(cancel_training, deps), None, job.status, api_name="cancel", **CONTROL)
+    job.resume.click(bind(resume_training, deps), None, job.status, api_name="resume", **CONTROL)
     panel = job.scores
-    # In the GPU queue with Start, Resume and Generate, so that no generation loads the run's weights while they
-    # are rewritten and no Resume starts meanwhile; trainer.export works on the CPU, so no training holds it up.
-    panel.use.click(
-        bind(use_checkpoint, deps),
-        panel.replace,
-        [panel.line, panel.result, panel.replace],
-        api_name="use_checkpoint",
-        concurrency_id="gpu",
-    )
+    # Not in the GPU queue: the JobManager's weights_lock keeps generations' loads and Resume off the run's weights
+    # while they are rewritten; trainer.export works on the CPU, so no training holds it up. The API's
+    # /use_checkpoint answers in words, not with the page's updates.
+    panel.use.click(bind(use_checkpoint, deps), panel.replace, [panel.line, panel.result, panel.replace],
+                    api_name="use_checkpoint_page", api_visibility="private", **CONTROL)
+    gr.api(bind(use_checkpoint_api, deps), api_name="use_checkpoint", **CONTROL)
     polled = {
         "fn": bind(poll, deps),
         "inputs": job.seen,
@@ -530,7 +537,7 @@ def _wire_job(deps: TrainDeps, form: _Form, hub: dict[str, Any], publish_box: gr
         "concurrency_limit": None,
     }
     job.timer.tick(**polled)
-    gr.api(bind(current_job, deps), api_name="job_status")
+    gr.api(bind(current_job, deps), api_name="job_status", **CONTROL)
     return polled
 
 

@@ -11,6 +11,7 @@ import inspect
 import json
 import math
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from PIL.Image import Image
 
 from trainer import run_folder
-from trainer.config import MAX_GUIDANCE
+from trainer.config import MAX_GUIDANCE, UserError
 from trainer.publish.hub import download_model
 from trainer.run_folder import LORA_WEIGHTS, lora_base_model, run_kind
 
@@ -47,6 +48,10 @@ MAX_SIZE = 2048
 MAX_IMAGES = 8
 MAX_STEPS = 200
 MAX_LORA_SCALE = 2.0
+
+
+class TimeLimit(UserError):
+    """A generation ran past its deadline and was stopped between two steps."""
 
 
 @dataclass(frozen=True)
@@ -199,6 +204,17 @@ def _check_lora_fits(name: str, lora_dir: Path, base: str, base_dir: Path) -> No
     )
 
 
+def _stop_after(deadline: float) -> Any:
+    """A pipeline's callback_on_step_end that raises TimeLimit once time.monotonic() passes `deadline`."""
+
+    def check(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        if time.monotonic() > deadline:
+            raise TimeLimit(f"Generation stopped after step {step + 1}: it ran past its time limit.")
+        return tensors
+
+    return check
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -254,8 +270,9 @@ class PipelineCache:
             return self._pipe
 
 
-def generate(pipe: DiffusionPipeline, request: GenerateRequest) -> list[Image]:
-    """Images for `request`; image i is what seed `seed + i` gives alone, on any device."""
+def generate(pipe: DiffusionPipeline, request: GenerateRequest, deadline: float | None = None) -> list[Image]:
+    """Images for `request`; image i is what seed `seed + i` gives alone, on any device. Past `deadline`
+    (a time.monotonic() value) it stops at the next step with TimeLimit."""
     request.validate()
     request.check_prompt_length([t for t in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)) if t is not None])
     # 1. a scheduler for this request, without touching the cached pipeline
@@ -270,7 +287,9 @@ def generate(pipe: DiffusionPipeline, request: GenerateRequest) -> list[Image]:
     ]
     # 3. the LoRA strength, when a LoRA is loaded
     has_lora = any(ADAPTER_NAME in names for names in pipe.get_list_adapters().values())
-    extra = {"cross_attention_kwargs": {"scale": request.lora_scale}} if has_lora else {}
+    extra: dict[str, Any] = {"cross_attention_kwargs": {"scale": request.lora_scale}} if has_lora else {}
+    if deadline is not None:
+        extra["callback_on_step_end"] = _stop_after(deadline)
     with torch.inference_mode():
         result = run(
             prompt=request.prompt,
