@@ -52,7 +52,7 @@ def selective_checkpoint(module: torch.nn.Module, *args):
 def enable_checkpointing(unet: torch.nn.Module, latent_size: int) -> str:
     """Turn on the UNet's gradient checkpointing, selective where it pays; the line that says which."""
     tokens = self_attention_tokens(unet.config, latent_size)
-    if selective(unet.config, latent_size, True):
+    if tokens >= SELECTIVE_MIN_TOKENS:
         unet.enable_gradient_checkpointing(selective_checkpoint)
         return f"gradient checkpointing selective (attention outputs kept at {tokens} tokens)"
     unet.enable_gradient_checkpointing()
