@@ -14,9 +14,10 @@ from pathlib import Path
 
 import gradio as gr
 
-from space import fair_use, login_page
+from space import fair_use, retention
+from space.example import EXAMPLE_FOLDER
 from space.hardware import SpaceInfo
-from space.layout import CSS, GPU_MODE_ENV, MAX_SESSIONS, MAX_UPLOAD, Services, build_app
+from space.layout import CSS, GPU_MODE_ENV, MAX_SESSIONS, MAX_UPLOAD, Services, app_kwargs, build_app
 
 AUTH_ENV = "DREAMBOOTH_AUTH"  # "user:password", an alternative to --auth that stays out of argv
 
@@ -33,13 +34,31 @@ def runs_privately(args: argparse.Namespace, space: SpaceInfo) -> bool:
     return local and not args.share and args.auth is None and space.space_id is None
 
 
-def parse_auth(text: str | None) -> tuple[str, str] | None:
-    if not text:
-        return None
-    user, sep, password = text.partition(":")
+def parse_auth(text: str, where: str = "--auth") -> tuple[str, str]:
+    user, sep, password = text.strip().partition(":")
     if not sep or not user or not password:
-        raise ValueError("--auth must look like USER:PASSWORD, both non-empty")
+        raise ValueError(f"{where} must look like USER:PASSWORD, both non-empty")
     return user, password
+
+
+def read_logins(pairs: list[str], file: Path | None) -> list[tuple[str, str]] | None:
+    """The logins of --auth (each USER:PASS), $DREAMBOOTH_AUTH and --auth-file (one USER:PASS a line; blank
+    lines and # comments skipped); None when there are none. A user named twice is refused."""
+    logins = [parse_auth(text) for text in pairs]
+    if not pairs and os.environ.get(AUTH_ENV):
+        logins.append(parse_auth(os.environ[AUTH_ENV], AUTH_ENV))
+    if file is not None:
+        try:
+            lines = file.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as err:
+            raise ValueError(f"--auth-file: cannot read {file}: {err.strerror or err}") from None
+        logins += [parse_auth(line, f"--auth-file line {n}") for n, line in enumerate(lines, 1)
+                   if line.strip() and not line.lstrip().startswith("#")]
+    users = [user for user, _ in logins]
+    twice = sorted({user for user in users if users.count(user) > 1})
+    if twice:
+        raise ValueError(f"--auth: the user {twice[0]!r} is given twice")
+    return logins or None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,10 +74,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--share", action="store_true", help="Also create a public gradio.live link.")
     parser.add_argument(
         "--auth",
-        default=None,
+        action="append",
+        default=[],
         metavar="USER:PASS",
-        help=f"Require this login (or set {AUTH_ENV}=USER:PASS, which keeps it out of ps).",
+        help=f"Require a login; repeat for several people, each with runs of their own (one login shared by "
+        f"several people is one owner). Or set {AUTH_ENV}=USER:PASS, which keeps it out of ps.",
     )
+    parser.add_argument("--auth-file", type=Path, default=None, metavar="FILE",
+                        help="Logins from a file, one USER:PASS a line (with or instead of --auth).")
     parser.add_argument(
         "--gpu-mode",
         choices=["per_gpu", "all_gpus"],
@@ -85,8 +108,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--max-sessions must be at least 1, got {args.max_sessions}")
     if any(value is not None and value <= 0 for value in fair_use_caps(args).values()):
         parser.error("the fair-use caps (--max-steps … --max-generate-minutes) must be above 0")
+    if args.keep_runs_days is not None and args.keep_runs_days <= 0:
+        parser.error(f"--keep-runs-days must be above 0, got {args.keep_runs_days:g}")
     try:
-        args.auth = parse_auth(args.auth or os.environ.get(AUTH_ENV))
+        args.auth = read_logins(args.auth, args.auth_file)
     except ValueError as err:
         parser.error(str(err))
     return args
@@ -109,6 +134,9 @@ def _fair_use_flags(parser: argparse.ArgumentParser) -> None:
                       f"4 images × 50 steps).")
     caps.add_argument("--max-generate-minutes", type=float, default=None, metavar="MIN",
                       help=f"A generation still running after this stops. Default {fair_use.SHARED_GENERATE_MINUTES:g}.")
+    caps.add_argument("--keep-runs-days", type=float, default=None, metavar="DAYS",
+                      help=f"A visitor's runs (photos, weights, samples) untouched this long are deleted, and so are "
+                      f"the copies gradio served. Default {retention.SHARED_KEEP_DAYS:g}.")
 
 
 def fair_use_caps(args: argparse.Namespace) -> dict[str, float | int | None]:
@@ -132,16 +160,21 @@ def main(argv: list[str] | None = None) -> None:
     services.set_private(private, **fair_use_caps(args))
     if args.share and args.auth is None:
         print("Warning: the public link will be open to anyone who has it; protect it with --auth USER:PASS.")
+    if not private:
+        days = args.keep_runs_days or retention.SHARED_KEEP_DAYS
+        retention.start(services.runs_dir, days, services.jobs.busy_runs)
+        app.delete_cache = (int(min(retention.SWEEP_SECONDS, days * 86400)), int(days * 86400))
     app.queue(default_concurrency_limit=1)
     app.launch(
         server_name=args.host,
         server_port=args.port,
         share=args.share,
         auth=args.auth,
-        allowed_paths=[str(services.runs_dir.resolve())],
+        # Only the example's pictures: runs reach a page through the app's handlers, for their owner only.
+        allowed_paths=[str((services.runs_dir / EXAMPLE_FOLDER).resolve())],
         max_file_size=None if private else MAX_UPLOAD,
         state_session_capacity=args.max_sessions,
-        app_kwargs=login_page.app_kwargs(),
+        app_kwargs=app_kwargs(),
         prevent_thread_lock=True,
         theme=gr.themes.Soft(),
         css=CSS,

@@ -16,7 +16,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from space.hardware import Hardware
 from space.jobs import JobManager
 from space.local_paths import LocalPaths
 from space.presets import KNOWN_MODELS, SD, TOY_MODEL, ToyModel
+from space.visitors import RunSpace, identify
 from space.wiring import PRIVATE, bind, name_refusals
 from trainer.config import UserError
 from trainer.inference import (
@@ -45,7 +46,7 @@ from trainer.inference import (
     TimeLimit,
     generate,
 )
-from trainer.run_folder import list_runs, read_status, run_family, run_kind, try_read_config
+from trainer.run_folder import read_status, run_family, run_kind, try_read_config
 
 log = logging.getLogger(__name__)
 MAX_SEED = 2**31 - 1  # the dice's range; the engine takes any seed below 2**63
@@ -62,24 +63,26 @@ class GenerateDeps:
     toy: ToyModel
     hardware: Hardware
     pipelines: PipelineCache
-    paths: LocalPaths = field(default_factory=lambda: LocalPaths([], confined=False))  # Services passes the app's
+    runs: RunSpace | None = None  # Services passes the app's; default: every run in runs_dir, any folder
+
+    def __post_init__(self) -> None:
+        if self.runs is None:
+            object.__setattr__(self, "runs", RunSpace(self.runs_dir, LocalPaths([], confined=False), shared=False))
 
 
 @dataclass(frozen=True)
 class GenerateTab:
     model: gr.Dropdown
     prompt: gr.Textbox
-    refresh: Callable[[], Any]  # the list of runs as it is on disk now
-    show_run: Callable[[str], tuple[Any, Any]]  # select a freshly trained run
+    refresh: Callable[..., Any]  # the visitor's runs as they are on disk now
+    show_run: Callable[..., tuple[Any, Any]]  # select a freshly trained run (by name)
 
 
 # --- handlers -------------------------------------------------------------------------------
-def model_sources(runs_dir: Path) -> list[tuple[str, str]]:
-    """(label, value) of the models to generate from: runs with weights, newest first, then the toy model."""
-    runs = [
-        (texts.generate_run_label(run.name, run.kind), str(run.path)) for run in list_runs(runs_dir, with_weights=True)
-    ]
-    return [*runs, (texts.TOY_SOURCE_LABEL, TOY_MODEL)]
+def model_sources(runs: RunSpace, who: Any = None) -> list[tuple[str, str]]:
+    """(label, run name) of the visitor's runs with weights, newest first, then the toy model."""
+    own = [(texts.generate_run_label(run.name, run.kind), run.name) for run in runs.runs(who, with_weights=True)]
+    return [*own, (texts.TOY_SOURCE_LABEL, TOY_MODEL)]
 
 
 def instance_prompt_of(model: str) -> str | None:
@@ -111,21 +114,28 @@ def native_size(toy: ToyModel, source: str) -> int | None:
     return family.default_resolution if family.name != SD else None
 
 
-def refresh(deps: GenerateDeps) -> Any:
-    """The list of runs as it is on disk now (page load, the refresh button)."""
-    return gr.update(choices=model_sources(deps.runs_dir))
+def refresh(deps: GenerateDeps, request: gr.Request | None = None) -> Any:
+    """The visitor's runs as they are on disk now (page load, the refresh button)."""
+    return gr.update(choices=model_sources(deps.runs, identify(request, deps.jobs.private)))
 
 
-def show_run(deps: GenerateDeps, run_dir: str) -> tuple[Any, Any]:
-    """Select a freshly trained run and prefill its instance prompt (wired to the Train tab)."""
-    if not run_dir:
+def show_run(deps: GenerateDeps, run: str, request: gr.Request | None = None) -> tuple[Any, Any]:
+    """Select a freshly trained run (by name) and prefill its instance prompt (wired to the Train tab)."""
+    if not run:
         return gr.skip(), gr.skip()
-    return gr.update(choices=model_sources(deps.runs_dir), value=run_dir), instance_prompt_of(run_dir) or gr.skip()
+    who = identify(request, deps.jobs.private)
+    try:
+        prompt = instance_prompt_of(deps.runs.resolve(who, run, "`model`"))
+    except UserError:
+        return gr.skip(), gr.skip()
+    return gr.update(choices=model_sources(deps.runs, who), value=run), prompt or gr.skip()
 
 
-def on_model(deps: GenerateDeps, source: str) -> tuple[Any, ...]:
+def on_model(deps: GenerateDeps, model: str, request: gr.Request | None = None) -> tuple[Any, ...]:
     """Prefill the run's instance prompt and its suggestions; the size follows the model (native_size)."""
-    if not deps.paths.allows(source):  # a folder this visitor may not read: Generate will say so
+    try:
+        source = deps.runs.resolve(identify(request, deps.jobs.private), model, "`model`")
+    except UserError:  # a folder this visitor may not read: Generate will say so
         return gr.skip(), gr.skip(), gr.skip(), gr.update(choices=[], value=None, visible=False)
     size = native_size(deps.toy, source) or gr.skip()
     suggested = suggested_prompts(source, deps.toy)
@@ -159,8 +169,9 @@ def generate_images(
     num_images: int,
     lora_scale: float,
     progress: gr.Progress = gr.Progress(),  # noqa: B008 (gradio reads it from the signature)
+    request: gr.Request | None = None,
 ) -> list[Image.Image]:
-    """Generate images from a run folder, the toy model or a Hub repo (full or LoRA). While a training
+    """Generate images from one of your runs (by name), the toy model or a Hub repo (full or LoRA). While a training
     holds the GPU the request waits for it (the page shows the training's step), then draws."""
     try:
         request = GenerateRequest(
@@ -186,7 +197,7 @@ def generate_images(
     seconds = deps.jobs.limits.generate_seconds  # counted from here: waiting for a training is not generating
     try:
         dtype = torch.float16 if deps.hardware.device == "cuda" else torch.float32
-        source = deps.paths.check(deps.toy.resolve(model), "`model`")
+        source = deps.runs.resolve(identify(request, deps.jobs.private), deps.toy.resolve(model), "`model`")
         with deps.jobs.weights_lock:  # not while "Use checkpoint" rewrites a run's weights
             pipe = deps.pipelines.get(source, deps.hardware.device, dtype)
         return generate(pipe, request, deadline=None if seconds is None else time.monotonic() + seconds)
@@ -235,8 +246,8 @@ def _settings_layout(size: int) -> tuple[dict[str, Any], gr.Button]:
 
 
 def build_generate_tab(deps: GenerateDeps) -> GenerateTab:
-    sources = model_sources(deps.runs_dir)
-    first = sources[0][1]
+    sources = [(texts.TOY_SOURCE_LABEL, TOY_MODEL)]  # each visitor's runs come with their page's load
+    first = TOY_MODEL
     size = native_size(deps.toy, first) or DEFAULTS.width
     suggestions0 = suggested_prompts(first, deps.toy)
     with gr.Row():

@@ -77,6 +77,17 @@ def mark_run(config: TrainConfig, status: str, step: int) -> None:
         write_status(run_dir, status, step, config.max_train_steps, family=family if isinstance(family, str) else None)
 
 
+def remove_photos(run_dir: Path) -> None:
+    """Delete the run's copies of the photos (and their captions): a shared app's default once a training
+    completes. The weights, samples and config stay; the run cannot be trained on from them."""
+    shutil.rmtree(instance_images_dir(run_dir), ignore_errors=True)
+
+
+def delete_run_folder(run_dir: Path) -> None:
+    """Delete a whole run folder: photos, weights, samples, checkpoints."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+
+
 def discard_uploads(config: TrainConfig, created_dir: bool) -> None:
     """Remove the copies of the uploads (and the run folder, when the app made it and it is left empty)
     of a job that never trained: refused, or withdrawn from the queue."""

@@ -7,6 +7,7 @@ state, a step, a sample, a score, where it was published); pages and API clients
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from space.run_scores import RunScores
@@ -58,8 +59,19 @@ class JobSnapshot:
     def publishing(self) -> bool:
         return self.active and self.phase == "publishing"
 
+    @property
+    def run_name(self) -> str | None:
+        """The run's folder name: what pages and API clients call it (never its path on this server)."""
+        return Path(self.run_dir).name if self.run_dir else None
+
+    def shown(self, text: str | None) -> str | None:
+        """`text` (a message, an error, a warning) with the run's folder said by its name."""
+        if not text or not self.run_dir:
+            return text
+        return text.replace(self.run_dir + "/", "").replace(self.run_dir, self.run_name or "")
+
     def as_dict(self) -> dict[str, Any]:
-        """Plain data for API clients."""
+        """Plain data for API clients: runs and samples by name, no path on this server."""
         return {
             "job_id": self.job_id,
             "state": self.state,
@@ -70,13 +82,13 @@ class JobSnapshot:
             "queue_position": self.queue_position,
             "starts_in_seconds": self.starts_in_seconds,
             "resumable": self.resumable,
-            "run_dir": self.run_dir,
-            "error": self.error,
-            "message": self.message,
+            "run": self.run_name,
+            "error": self.shown(self.error),
+            "message": self.shown(self.message),
             "hub_url": self.hub_url,
-            "publish_error": self.publish_error,
-            "warnings": list(self.warnings),
-            "samples": list(self.samples),
+            "publish_error": self.shown(self.publish_error),
+            "warnings": [self.shown(warning) for warning in self.warnings],
+            "samples": [Path(sample).name for sample in self.samples],
             "losses": [list(point) for point in self.losses],
             "scores": [dict(row) for row in self.scores.rows],
             "pick": self.scores.pick,

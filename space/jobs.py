@@ -10,9 +10,10 @@ by themselves, and their pages show the position and an estimate of when. The `g
 while a training runs on the GPU that generation uses, so the two never share it (a generation
 asked for meanwhile waits for it, showing the training's step); without a GPU they share the cores.
 
-Each job has an owner (the Hub user, else the browser session): a visitor cancels, withdraws or
-resumes only their own; `private` (the app runs on this machine for its one user, set by app.py)
-lets the local user act on any. A job may also publish its run to the Hub once the training
+Each job has an owner (space.visitors: the login, else the browser): a visitor sees, cancels, withdraws,
+resumes or deletes only their own, and of the others' only how many there are; `private` (the app runs
+on this machine for its one user, set by app.py) lets the local user see and act on any. On a shared app
+a completed training's photos are deleted unless its owner asked to keep them. A job may also publish its run to the Hub once the training
 completes (not when cancelled): space/publishing.py does that, here in the app's process. The token
 for that stays in the job's memory until then: never in the child's argv, environment, config,
 events, logs or the snapshot.
@@ -33,10 +34,18 @@ from space.errors import error_message
 from space.fair_use import FairUse
 from space.job_process import ChildDied, JobFiles, TrainingProcess
 from space.job_queue import GpuMode, Slot, SlotPool, gpu_slots, start_estimates
-from space.job_runs import check_inputs, discard_uploads, has_checkpoint, keep_uploads, mark_run
+from space.job_runs import (
+    check_inputs,
+    delete_run_folder,
+    discard_uploads,
+    has_checkpoint,
+    keep_uploads,
+    mark_run,
+    remove_photos,
+)
 from space.job_snapshot import JobSnapshot
 from space.publishing import PublishFn, PublishRequest, default_publish, publish_run
-from space.run_scores import run_scores
+from space.run_scores import RunScores, run_scores
 from trainer.config import ConfigError, TrainConfig, UserError
 from trainer.events import (
     CancelToken,
@@ -92,6 +101,7 @@ class _Job:
     slot: Slot | None = None  # held from its start to the end of its training (not while it publishes)
     process: TrainingProcess | None = None
     timed_out: bool = False  # cancelled by the app at the shared app's time cap
+    keep_photos: bool = True  # False: the copies of the photos go once the training completes
 
     @property
     def job_id(self) -> int:
@@ -141,14 +151,26 @@ class JobManager:
 
     def view(self, owner: str | None) -> JobSnapshot:
         """What `owner`'s page shows: their running job, else their next queued one, else their newest
-        (not withdrawn), else the current job."""
+        (not withdrawn); else, on a private app or for the app itself (`owner` None), the current job."""
         with self._lock:
             mine = [job for job in self._jobs.values() if owner is not None and job.owner == owner]
             running = [job for job in mine if job.snapshot.active]
             queued = [job for job in mine if job.snapshot.queued]
             ended = [job for job in mine if not job.snapshot.pending and job.snapshot.state != "withdrawn"]
-            job = (running or queued or [None])[0] or (ended[-1] if ended else self._current())
+            job = (running or queued or [None])[0] or (ended[-1] if ended else None)
+            job = job or (self._current() if self.private or owner is None else None)  # None: the app itself
             return job.snapshot if job else JobSnapshot()
+
+    def others(self, owner: str | None) -> tuple[int, int]:
+        """How many trainings of other visitors run and wait: all a visitor learns of them."""
+        with self._lock:
+            theirs = [job for job in self._jobs.values() if owner is None or job.owner != owner]
+            return sum(job.snapshot.active for job in theirs), sum(job.snapshot.queued for job in theirs)
+
+    def busy_runs(self) -> set[Path]:
+        """The run folders of queued and running jobs (never deleted under them)."""
+        with self._lock:
+            return {Path(job.config.output_dir).resolve() for job in self._jobs.values() if job.snapshot.pending}
 
     def pending(self, owner: str | None) -> list[JobSnapshot]:
         """`owner`'s running and queued jobs, oldest first."""
@@ -183,11 +205,13 @@ class JobManager:
         preflight_timeout: float = 60.0,
         publish: PublishRequest | None = None,
         owner: str | None = None,
+        keep_photos: bool = True,
     ) -> JobSnapshot:
         """Queue `config`; it starts at once when a GPU slot is free. Raises the engine's error for
         input it refuses (checked here first; then, for a job that starts now, what the child says
         before its first step, waiting up to `preflight_timeout` seconds). With `publish`, a completed
-        training is then published (the caller has checked the token already)."""
+        training is then published (the caller has checked the token already). Without `keep_photos` the
+        run's copies of the photos are deleted once the training completes."""
         if self._train_fn is None:  # an in-process train_fn checks its own inputs, as the engine's train() does
             check_inputs(config)
         out = Path(config.output_dir)
@@ -205,7 +229,7 @@ class JobManager:
             job = _Job(
                 JobSnapshot(job_id=self._next_id, state="queued", phase="queued", total=config.max_train_steps,
                             run_dir=config.output_dir, scores=earlier),
-                config=config, owner=owner, publish=publish, created_dir=created,
+                config=config, owner=owner, publish=publish, created_dir=created, keep_photos=keep_photos,
             )
             self._next_id += 1
             self._jobs[job.job_id] = job
@@ -223,6 +247,7 @@ class JobManager:
                visitor: Visitor | None = None) -> JobSnapshot:
         """Queue a failed or cancelled run again, from its last checkpoint: a job id (its owner, or
         an admin) or a run folder. The run's own config.json is used where the child wrote one."""
+        keep_photos = True
         if isinstance(job_or_run_dir, int):
             with self._lock:
                 job = self._jobs.get(job_or_run_dir)
@@ -230,12 +255,29 @@ class JobManager:
                     raise ConfigError(texts.NOTHING_TO_RESUME)
                 if not self._may_act(job, visitor):
                     raise NotYourJob(texts.NOT_YOUR_JOB)
-                config = job.config
+                config, keep_photos = job.config, job.keep_photos
         else:
             config = read_config(Path(job_or_run_dir))
         if is_run(Path(config.output_dir)):
             config = read_config(Path(config.output_dir))
-        return self.start(config.replace(resume_from_checkpoint="latest"), owner=owner)
+        return self.start(config.replace(resume_from_checkpoint="latest"), owner=owner, keep_photos=keep_photos)
+
+    def delete_run(self, job_id: int, visitor: Visitor | None = None) -> Path:
+        """Delete a finished job's run folder (photos, weights, samples, checkpoints): its owner's, or an admin's.
+        Refused (UserError) while it is queued or training."""
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is None or not Path(job.config.output_dir).exists():
+                raise ConfigError(texts.NOTHING_TO_DELETE)
+            if not self._may_act(job, visitor):
+                raise NotYourJob(texts.NOT_YOUR_JOB)
+            if job.snapshot.pending:
+                raise ConfigError(texts.CANCEL_BEFORE_DELETE)
+            run_dir = Path(job.config.output_dir)
+            self._set(job, message=texts.RUN_DELETED, resumable=False, samples=(), error=None, warnings=(),
+                      run_dir=None, scores=RunScores())
+        delete_run_folder(run_dir)
+        return run_dir
 
     def cancel(self, job_id: int | None = None, visitor: Visitor | None = None) -> bool:
         """Stop a running job at its next step (it keeps a usable checkpoint), or withdraw a queued one.
@@ -329,6 +371,9 @@ class JobManager:
             result = self._train(job)
             timer.cancel()
             self._read_scores(job)
+            if result is not None and result.status == "completed" and not job.keep_photos:
+                remove_photos(Path(job.config.output_dir))
+                self._update(job, message=f"{job.snapshot.message} {texts.PHOTOS_DELETED}".strip())
             if result is not None and job.publish is not None and not result.cancelled:
                 self._update(job, **publish_run(self._publish_fn, result.run_dir, job.publish, job.job_id))
         finally:

@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import gradio as gr
+from starlette.middleware import Middleware
 
-from space import texts
+from space import login_page, texts
 from space.fair_use import FairUse
 from space.generate_tab import GenerateDeps, build_generate_tab
 from space.hardware import Hardware, SpaceInfo, default_runs_dir, detect_hardware, detect_space
@@ -22,6 +23,7 @@ from space.local_paths import LocalPaths
 from space.presets import ToyModel
 from space.publish_tab import build_publish_tab
 from space.train_tab import TrainDeps, build_train_tab
+from space.visitors import RunSpace, VisitorCookie
 from trainer.inference import PipelineCache
 from trainer.toyworld import TOY_MODEL_DIR
 
@@ -56,6 +58,7 @@ class Services:
     toy: ToyModel
     jobs: JobManager
     paths: LocalPaths
+    runs: RunSpace
     pipelines: PipelineCache = field(default_factory=PipelineCache)
 
     @classmethod
@@ -77,16 +80,18 @@ class Services:
         mode = gpu_mode or os.environ.get(GPU_MODE_ENV, "per_gpu")
         jobs = JobManager(train_fn, jobs_dir=runs_dir / JOBS_DIR, gpu_count=None if hardware.device == "cuda" else 0,
                           gpu_mode=mode)
-        paths = LocalPaths([runs_dir, toy_dir])
-        return cls(runs_dir=runs_dir, hardware=hardware, space=space, toy=ToyModel(toy_dir), jobs=jobs, paths=paths)
+        paths = LocalPaths([toy_dir])
+        return cls(runs_dir=runs_dir, hardware=hardware, space=space, toy=ToyModel(toy_dir), jobs=jobs, paths=paths,
+                   runs=RunSpace(runs_dir, paths))
 
     def set_private(self, private: bool, **caps: float | int | None) -> None:
         """A private app (see app.runs_privately) lets its user cancel any training and name any folder;
         one served beyond this machine confines both to each visitor's own, and caps what each visitor may
         ask of it (space.fair_use: `caps` by FairUse field, None for the shared default; a private app
-        has only the caps given)."""
+        has only the caps given). A shared app keeps each visitor's runs apart (space.visitors)."""
         self.jobs.private = private
         self.paths.confined = not private
+        self.runs.shared = not private
         self.jobs.limits.set(FairUse(**caps) if private else FairUse.shared(**caps))
 
 
@@ -102,16 +107,27 @@ def build_app(services: Services) -> gr.Blocks:
                     gr.DuplicateButton(scale=0)
         with gr.Tabs():
             with gr.Tab("Train", id="train"):
-                train = build_train_tab(TrainDeps(s.jobs, s.runs_dir, s.toy, s.hardware, s.paths))
+                train = build_train_tab(TrainDeps(s.jobs, s.runs_dir, s.toy, s.hardware, s.runs))
             with gr.Tab("Generate", id="generate"):
-                gen = build_generate_tab(GenerateDeps(s.jobs, s.runs_dir, s.toy, s.hardware, s.pipelines, s.paths))
+                gen = build_generate_tab(GenerateDeps(s.jobs, s.runs_dir, s.toy, s.hardware, s.pipelines, s.runs))
             with gr.Tab("Publish", id="publish"):
-                build_publish_tab(s.runs_dir, s.paths)
+                publish = build_publish_tab(s.runs, s.jobs)
 
         # Cross-tab wiring: a finished training becomes the Generate tab's model.
         train.finished_run.change(
             gen.show_run, train.finished_run, [gen.model, gen.prompt], api_visibility="private", show_progress="hidden"
         )
+        train.finished_run.change(publish.refresh, None, publish.run, api_visibility="private", show_progress="hidden")
+        # Each visitor's own runs, filled in when their page opens (the page's config lists none).
         app.load(gen.refresh, None, gen.model, api_visibility="private", show_progress="hidden")
+        app.load(publish.refresh, None, publish.run, api_visibility="private", show_progress="hidden")
         app.load(**train.poll)  # a page opened during a training shows it now, not a timer tick later
     return app
+
+
+def app_kwargs() -> dict:
+    """For `Blocks.launch(app_kwargs=...)`: the login page scrubbed (space.login_page) and the visitor cookie
+    (space.visitors); a new dict each time, as gradio adds to the one it gets."""
+    kwargs = login_page.app_kwargs()
+    kwargs["middleware"].append(Middleware(VisitorCookie))
+    return kwargs

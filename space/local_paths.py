@@ -2,9 +2,9 @@
 the run to publish.
 
 On a private app (this machine's loopback, no public link, no login, not a Space) the visitor is the
-machine's user, who may name any folder. Served beyond it, a local path must lie inside the runs
-folder or the bundled toy model (after following links); any other is refused before anything reads
-it. A Hub id (`owner/name`) is not a path and passes, unless a folder of that name exists here, which
+machine's user, who may name any folder. Served beyond it, a local path must lie inside the bundled
+toy model or the visitor's own runs (space.visitors.RunSpace passes their folder; after following
+links); any other is refused before anything reads it. A Hub id (`owner/name`) is not a path and passes, unless a folder of that name exists here, which
 diffusers would load first.
 """
 
@@ -28,8 +28,8 @@ class LocalPaths:
         self.roots = tuple(Path(root) for root in roots)
         self.confined = confined
 
-    def allows(self, value: str) -> bool:
-        """False for a local path outside the roots while confined."""
+    def allows(self, value: str, also: Sequence[Path] = ()) -> bool:
+        """False for a local path outside the roots (and `also`) while confined."""
         text = (value or "").strip()
         if not self.confined or not text or not _names_a_path(text):
             return True
@@ -37,11 +37,11 @@ class LocalPaths:
             path = Path(text).expanduser().resolve()
         except (OSError, RuntimeError, ValueError):  # a link loop, a NUL byte: not ours
             return False
-        return any(path.is_relative_to(root.resolve()) for root in self.roots)
+        return any(path.is_relative_to(Path(root).resolve()) for root in (*self.roots, *also))
 
-    def check(self, value: str, what: str) -> str:
+    def check(self, value: str, what: str, also: Sequence[Path] = ()) -> str:
         """`value`, or a ConfigError naming `what` when it is a local path the app may not read."""
-        if not self.allows(value):
+        if not self.allows(value, also):
             raise ConfigError(REFUSED.format(what=what, value=value.strip()))
         return value
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from space.hardware import Hardware, SpaceInfo
@@ -100,7 +101,16 @@ CANCELLING = "Cancelling at the next step…"
 TIME_CAP_REACHED = "Stopped at this shared app's time limit for a training; its last checkpoint: {kept}."
 GENERATE_TIME_CAP = "Generation stopped at this shared app's time limit of {minutes:g} minutes: ask for fewer steps, images or pixels."
 CANNOT_CANCEL_PUBLISHING = "The training has finished and is being published; publishing cannot be cancelled."
-NOTHING_TO_CANCEL = "No training is running."
+NOTHING_TO_CANCEL = "No training of yours is running."
+NOTHING_TO_DELETE = "You have no run to delete."
+NOTHING_TO_DOWNLOAD = "Your run has no weights to download yet: they are saved when the training finishes."
+CANCEL_BEFORE_DELETE = "This run is still queued or training: cancel it first, then delete it."
+RUN_DELETED = "Run deleted: its photos, weights, samples and checkpoints are gone from this server."
+PHOTOS_DELETED = "Your photos were deleted from the server (the weights and samples stay until you delete the run)."
+KEEP_PHOTOS_HELP = ("On an app shared with others, your photos are deleted from the server when the training "
+                    "completes (a cancelled or failed run keeps them, to be resumed, until it is deleted). "
+                    "Tick to keep them.")
+DELETE_CONFIRM = "Delete this run from the server (photos, weights, samples, checkpoints)? This cannot be undone."
 NOT_YOUR_JOB = "This training was started by someone else: you can cancel or resume only your own."
 WITHDRAWN = "Withdrawn from the queue."
 NOTHING_TO_RESUME = "There is no failed or cancelled training to resume."
@@ -146,8 +156,11 @@ def queue_line(position: int, starts_in: float | None) -> str:
     return f"Queued: {place} · starts in {when}. It starts by itself; you may close this page."
 
 
-def others_line(waiting: int) -> str:
-    return f"{waiting} training{'s' if waiting != 1 else ''} waiting in the queue." if waiting else ""
+def others_line(running: int, waiting: int) -> str:
+    """What a visitor learns of the other visitors' trainings: how many."""
+    parts = [f"{n} training{'s' if n != 1 else ''} {what}" for n, what in ((running, "running"),
+                                                                         (waiting, "waiting in the queue")) if n]
+    return f"Other visitors: {' and '.join(parts)}." if parts else ""
 EXAMPLE_HELP = (
     "Five pictures of a star painted half yellow, half purple: a subject the toy model cannot draw "
     "from text. The button loads them and the settings that teach it in a few minutes on a CPU."
@@ -267,13 +280,13 @@ def job_status(snap: JobSnapshot) -> str:
     if snap.queue_position is not None:
         lines.append(queue_line(snap.queue_position, snap.starts_in_seconds))
     if snap.message:
-        lines.append(snap.message)
+        lines.append(snap.shown(snap.message))
     if snap.error:
-        lines.append(f"**Error:** {snap.error}")
+        lines.append(f"**Error:** {snap.shown(snap.error)}")
     if snap.publish_error:
-        lines.append(f"**Publishing failed:** {snap.publish_error}")
+        lines.append(f"**Publishing failed:** {snap.shown(snap.publish_error)}")
     if snap.run_dir and not snap.active and not snap.queued:
-        lines.append(f"Run folder: `{snap.run_dir}`")
+        lines.append(f"Run: `{Path(snap.run_dir).name}`")
     return "\n\n".join(lines)
 
 

@@ -2,10 +2,10 @@
 
 The Start handler only validates and hands the config to the JobManager, which runs it in a
 process of its own or queues it behind the running one; every open page draws its visitor's job
-(else the running one) by polling it with a gr.Timer, so a closed tab loses nothing and a second
-visitor sees the running job and their own place in the queue. A visitor is the logged-in user,
-else the browser session: they cancel, withdraw and resume only their own trainings (the local
-user of an app running privately on this machine: any). With "publish when training finishes", Start first asks the Hub whose token it
+by polling it with a gr.Timer, so a closed tab loses nothing. A visitor (space.visitors: the login,
+else the browser) sees, cancels, withdraws, resumes, downloads and deletes only their own trainings and
+runs (space.run_actions), and of the others only how many run and wait (the local user of an app
+running privately on this machine: any). With "publish when training finishes", Start first asks the Hub whose token it
 is (seconds), and the job publishes the run when the training completes; the token only ever
 travels in memory to trainer.publish.hub. Launch alone with `python -m space.train_tab`.
 
@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
 import pandas as pd
 
-from space import scores_panel, texts
+from space import run_actions, scores_panel, texts
 from space.errors import error_message
 from space.example import EXAMPLE_FOLDER, example_form, example_images
 from space.form import (
@@ -45,8 +45,10 @@ from space.jobs import BusyError, JobManager, NotYourJob, Visitor
 from space.local_paths import LocalPaths
 from space.presets import SD, TOY_MODEL, ToyModel, model_choices, model_family, model_kind, model_settings
 from space.publishing import PublishRequest
+from space.run_actions import RunActions, sample_gallery
 from space.scores_panel import ScoresPanel
 from space.tokens import NO_TOKEN, oauth_enabled, pick_token, token_field
+from space.visitors import RunSpace, identify
 from space.wiring import CONTROL, PRIVATE, bind, by_component, name_refusals
 from trainer.publish.hub import HubError, check_repo_id, check_token, suggest_repo_name
 
@@ -94,7 +96,11 @@ class TrainDeps:
     runs_dir: Path
     toy: ToyModel
     hardware: Hardware
-    paths: LocalPaths = field(default_factory=lambda: LocalPaths([], confined=False))  # Services passes the app's
+    runs: RunSpace | None = None  # Services passes the app's; default: every run in runs_dir, any folder
+
+    def __post_init__(self) -> None:
+        if self.runs is None:
+            object.__setattr__(self, "runs", RunSpace(self.runs_dir, LocalPaths([], confined=False), shared=False))
 
 
 @dataclass(frozen=True)
@@ -105,7 +111,7 @@ class PollState:
     version: int = -1
     n_samples: int = 0
     n_warnings: int = 0
-    waiting: int = 0  # trainings in the queue
+    others: tuple[int, int] = (0, 0)  # other visitors' trainings: running, queued
     resumable: bool = False
     n_scores: int = 0  # the scores panel's: checkpoints scored, the pick, whether it trains, whose it is
     pick: int | None = None
@@ -113,8 +119,8 @@ class PollState:
     mine: bool = False
 
     @classmethod
-    def of(cls, snap: JobSnapshot, waiting: int = 0, mine: bool = False) -> PollState:
-        return cls(snap.job_id, snap.version, len(snap.samples), len(snap.warnings), waiting, snap.resumable,
+    def of(cls, snap: JobSnapshot, others: tuple[int, int] = (0, 0), mine: bool = False) -> PollState:
+        return cls(snap.job_id, snap.version, len(snap.samples), len(snap.warnings), others, snap.resumable,
                    len(snap.scores.rows), snap.scores.pick, snap.active or snap.queued, mine)
 
     def same_scores(self, other: PollState) -> bool:
@@ -124,7 +130,7 @@ class PollState:
 
 @dataclass(frozen=True)
 class TrainTab:
-    finished_run: gr.State  # run folder of the last finished job this page has seen
+    finished_run: gr.State  # the name of the last finished run this page has seen
     poll: dict[str, Any]  # the timer's poll as event arguments, for the page's load to draw the job at once
 
 
@@ -221,10 +227,8 @@ def publish_request(values: Mapping[str, Any], oauth_token: gr.OAuthToken | None
 
 # --- handlers: the job ----------------------------------------------------------------------
 def visitor(deps: TrainDeps, request: gr.Request | None) -> Visitor | None:
-    """Who asks: the logged-in user, else the browser session. None: called from Python, not a page."""
-    if request is None:
-        return None
-    return Visitor(getattr(request, "username", None) or getattr(request, "session_hash", None), deps.jobs.private)
+    """Who asks (space.visitors.identify). None: called from Python, not a page."""
+    return identify(request, deps.jobs.private)
 
 
 def _owner(deps: TrainDeps, request: gr.Request | None) -> str | None:
@@ -237,12 +241,16 @@ def start_training(
 ) -> str:
     """Validate the form (and the token, when publishing) and start a training in the background, or
     queue it behind the running one."""
+    who = visitor(deps, request)
     try:
         def resolve_model(model: str) -> str:
-            return deps.paths.check(deps.toy.resolve(model), "`base_model`")
+            return deps.runs.resolve(who, deps.toy.resolve(model), "`base_model`")
 
-        config = form_to_config(values, deps.runs_dir, resolve_model=resolve_model, model_settings=model_settings)
-        snap = deps.jobs.start(config, publish=publish_request(values, oauth_token), owner=_owner(deps, request))
+        folder = deps.runs.folder(who)
+        config = form_to_config(values, folder, resolve_model=resolve_model, model_settings=model_settings)
+        keep = bool(values.get("keep_photos")) or deps.jobs.private
+        snap = deps.jobs.start(config, publish=publish_request(values, oauth_token), owner=who.id if who else None,
+                               keep_photos=keep)
     except BusyError as err:
         raise gr.Error(str(err), print_exception=False) from None
     except Exception as err:  # every engine check lands here with its own words
@@ -257,7 +265,8 @@ def cancel_training(deps: TrainDeps, request: gr.Request | None = None) -> str:
     who = visitor(deps, request)
     mine = deps.jobs.pending(who.id) if who else []
     queued = [snap for snap in mine if snap.queued]
-    snap = queued[-1] if queued else (mine[0] if mine else deps.jobs.snapshot())  # else the running job (an admin's)
+    anyone = who is None or who.admin  # the local user of a private app may stop the running job
+    snap = queued[-1] if queued else (mine[0] if mine else deps.jobs.snapshot() if anyone else JobSnapshot())
     try:
         if deps.jobs.cancel(snap.job_id or None, who):
             return texts.WITHDRAWN if snap.queued else texts.CANCELLING
@@ -284,25 +293,26 @@ def resume_training(deps: TrainDeps, request: gr.Request | None = None) -> str:
 
 
 def poll(deps: TrainDeps, last: PollState, request: gr.Request | None = None) -> tuple[Any, ...]:
-    """(poll state, status, loss plot, samples, warnings, finished run, Resume button, then the scores panel's
-    ScoresPanel.drawn), skipping what has not changed."""
+    """(poll state, status, loss plot, samples, warnings, finished run (its name), Resume button, the run's
+    Download/Delete row, then the scores panel's ScoresPanel.drawn), skipping what has not changed."""
     who = visitor(deps, request)
     snap = deps.jobs.view(who.id if who else None)
-    waiting = len(deps.jobs.queued())
-    now = PollState.of(snap, waiting, deps.jobs.owns(snap.job_id, who))
+    running, waiting = deps.jobs.others(who.id if who else None)
+    now = PollState.of(snap, (running, waiting), deps.jobs.owns(snap.job_id, who))
     if now == last:
-        return (gr.skip(),) * (7 + len(ScoresPanel.DRAWN))
+        return (gr.skip(),) * (8 + len(ScoresPanel.DRAWN))
     same_job = now.job_id == last.job_id
     done = (snap.state in ("completed", "cancelled") or snap.publishing) and snap.run_dir
-    others = texts.others_line(waiting) if not snap.queued else ""
+    others = texts.others_line(running, waiting) if not snap.queued else ""
     return (
         now,
         texts.job_status(snap) + (f"\n\n{others}" if others else ""),
         _loss_frame(snap.losses),
-        gr.skip() if same_job and now.n_samples == last.n_samples else list(snap.samples),
-        gr.skip() if same_job and now.n_warnings == last.n_warnings else "\n".join(snap.warnings),
-        snap.run_dir if done else gr.skip(),
+        gr.skip() if same_job and now.n_samples == last.n_samples else sample_gallery(snap.samples),
+        gr.skip() if same_job and now.n_warnings == last.n_warnings else "\n".join(map(snap.shown, snap.warnings)),
+        snap.run_name if done else gr.skip(),
         gr.update(visible=snap.resumable) if now.resumable != last.resumable else gr.skip(),
+        RunActions.shown(snap, now.mine),
         *((gr.skip(),) * len(ScoresPanel.DRAWN) if now.same_scores(last) else scores_panel.draw(snap, now.mine)),
     )
 
@@ -323,9 +333,9 @@ def use_checkpoint_api(deps: TrainDeps, replace: bool = False, request: gr.Reque
 
 
 def current_job(deps: TrainDeps, request: gr.Request | None = None) -> dict[str, Any]:
-    """The visitor's training job (else the current one) as plain data: job_id, state, phase, step, total,
-    queue_position, starts_in_seconds, resumable, run_dir, error, samples, losses, hub_url, publish_error, and
-    the scores of a scored run (one row of scores.jsonl per step), its pick and pick_reason."""
+    """Your training job as plain data: job_id, state, phase, step, total, queue_position, starts_in_seconds,
+    resumable, run (its name), error, samples (their names), losses, hub_url, publish_error, and the scores of a
+    scored run (one row of scores.jsonl per step), its pick and pick_reason."""
     return deps.jobs.view(_owner(deps, request)).as_dict()
 
 
@@ -348,6 +358,7 @@ class _Photos:
     count: gr.Markdown
     preview: gr.Gallery
     example: gr.Button
+    keep: gr.Checkbox  # keep the photos on a shared app once the training completes
     n_images: gr.State  # photos counted at the last upload event
 
 
@@ -357,6 +368,7 @@ class _Job:
     cancel: gr.Button
     resume: gr.Button
     status: gr.Markdown
+    actions: RunActions
     loss_plot: gr.LinePlot
     samples: gr.Gallery
     warnings: gr.Textbox
@@ -396,6 +408,8 @@ def _form_layout(
             with gr.Row():
                 example = gr.Button("Try the example", scale=0, elem_id="try-example")
                 gr.Markdown(texts.EXAMPLE_HELP)
+            keep = gr.Checkbox(False, label="Keep my photos on the server", info=texts.KEEP_PHOTOS_HELP,
+                               elem_id="keep-photos")
         with gr.Column():
             form |= _draw("concept", values, more)
             with gr.Row():
@@ -410,7 +424,7 @@ def _form_layout(
             with gr.Row():
                 form |= _draw(place, values, more)
     # In table order: the /train endpoint's parameters come in this order.
-    return {f.key: form[f.key] for f in FORM}, (memory, picked), _Photos(count, preview, example, gr.State(0))
+    return {f.key: form[f.key] for f in FORM}, (memory, picked), _Photos(count, preview, example, keep, gr.State(0))
 
 
 def _form_section(deps: TrainDeps) -> _Form:
@@ -451,13 +465,14 @@ def _job_layout() -> _Job:
         cancel = gr.Button("Cancel", variant="stop", elem_id="cancel-training")
         resume = gr.Button(texts.RESUME_BUTTON, visible=False, elem_id="resume-training")
     status = gr.Markdown(texts.IDLE, elem_id="train-status")
+    actions = run_actions.layout()
     with gr.Row():
         loss_plot = gr.LinePlot(_loss_frame(()), x="step", y="loss", title="Loss", height=260, elem_id="loss-plot")
         samples = gr.Gallery(label="Validation samples", columns=4, height=260, elem_id="train-samples")
     scores = scores_panel.layout()
     warnings = gr.Textbox(label="Warnings", lines=3, max_lines=8, interactive=False)
     return _Job(
-        start, cancel, resume, status, loss_plot, samples, warnings, scores, gr.State(PollState()), gr.State(""),
+        start, cancel, resume, status, actions, loss_plot, samples, warnings, scores, gr.State(PollState()), gr.State(""),
         gr.Timer(1.0),
     )
 
@@ -515,8 +530,8 @@ def _wire_job(deps: TrainDeps, form: _Form, hub: dict[str, Any], publish_box: gr
     names = [f["identifier"], f["class_noun"]]
     gr.on([c.change for c in names], prefill_repo, names, hub["hub_repo"], **PRIVATE)
     name_refusals([*f.values(), *hub.values()])
-    job.start.click(bind(start_training, deps), None, job.status, inputs_kwargs={**f, **hub}, api_name="train",
-                    **CONTROL)
+    job.start.click(bind(start_training, deps), None, job.status,
+                    inputs_kwargs={**f, **hub, "keep_photos": form.photos.keep}, api_name="train", **CONTROL)
     job.cancel.click(bind(cancel_training, deps), None, job.status, api_name="cancel", **CONTROL)
     job.resume.click(bind(resume_training, deps), None, job.status, api_name="resume", **CONTROL)
     panel = job.scores
@@ -530,7 +545,8 @@ def _wire_job(deps: TrainDeps, form: _Form, hub: dict[str, Any], publish_box: gr
         "fn": bind(poll, deps),
         "inputs": job.seen,
         "outputs": [
-            job.seen, job.status, job.loss_plot, job.samples, job.warnings, job.finished_run, job.resume, *panel.drawn
+            job.seen, job.status, job.loss_plot, job.samples, job.warnings, job.finished_run, job.resume,
+            job.actions.row, *panel.drawn,
         ],
         "api_visibility": "private",
         "show_progress": "hidden",
@@ -538,6 +554,7 @@ def _wire_job(deps: TrainDeps, form: _Form, hub: dict[str, Any], publish_box: gr
     }
     job.timer.tick(**polled)
     gr.api(bind(current_job, deps), api_name="job_status", **CONTROL)
+    run_actions.wire(job.actions, deps.jobs, job.status)
     return polled
 
 

@@ -45,8 +45,8 @@ def row(step: int, subject: float, prompt: float = 0.3, drift: float = 0.0, memo
 
 
 def visitor(name: str) -> SimpleNamespace:
-    """What gradio's Request tells the handlers of a browser session."""
-    return SimpleNamespace(username=None, session_hash=name)
+    """What gradio's Request tells the handlers of a visitor logged in as `name`."""
+    return SimpleNamespace(username=name, session_hash=f"page-of-{name}")
 
 
 def test_the_scores_frame_and_the_line_under_it() -> None:
@@ -119,7 +119,7 @@ def test_score_events_fill_the_snapshot_and_the_panel_and_a_running_job_is_not_e
         assert "**Picked:** step 2: still the best" in panel["line"]
         assert panel["use"]["visible"] and not panel["use"]["interactive"]  # its owner's, but still training
         assert all(isinstance(v, SKIP) for v in drawn(deps, seen, "ann")[1].values())  # nothing changed
-        assert not drawn(deps, PollState(), "eve")[1]["use"]["visible"]  # someone else's run: no button
+        assert all(isinstance(v, SKIP) for v in drawn(deps, PollState(), "eve")[1].values())  # nothing of ann's
 
         with pytest.warns(UserWarning, match="still training"):
             _, result, _ = use_checkpoint(deps, False, visitor("ann"))
@@ -167,8 +167,8 @@ def test_use_this_checkpoint_makes_the_pick_the_runs_weights_for_its_owner(
     lora = run / "pytorch_lora_weights.safetensors"
     before = lora.read_bytes()
 
-    with pytest.warns(UserWarning, match="someone else"):
-        assert use_checkpoint(deps, False, visitor("eve"))[1] == texts.NOT_YOUR_RUN
+    with pytest.warns(UserWarning, match="no scored run"):  # eve has no run; ann's is not hers to see
+        assert use_checkpoint(deps, False, visitor("eve"))[1] == texts.NO_SCORED_RUN
     with pytest.warns(UserWarning, match="would lose them"):
         _, result, replace = use_checkpoint(deps, False, visitor("ann"))
     assert "from step 4) are in no checkpoint: using step 2 would lose them" in result and replace["visible"]

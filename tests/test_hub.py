@@ -425,28 +425,32 @@ def test_publish_tab_publishes_with_the_preferred_token(
 ) -> None:
     import gradio as gr
 
+    from space.jobs import JobManager
     from space.local_paths import LocalPaths
-    from space.publish_tab import build_publish_tab, publish_run, run_choices, suggest_for_run
+    from space.publish_tab import PublishDeps, build_publish_tab, publish_run, run_choices, suggest_for_run
+    from space.visitors import RunSpace
 
-    paths = LocalPaths([lora_run.parent])  # confined, as when shared: the run lies inside
+    runs = RunSpace(lora_run.parent, LocalPaths([]))  # shared: the app itself (no visitor) sees this folder
+    deps = PublishDeps(runs, JobManager())
+    name = lora_run.name
 
     with gr.Blocks() as demo:
-        build_publish_tab(lora_run.parent, paths)
+        build_publish_tab(runs, deps.jobs)
     assert [fn.api_name for fn in demo.fns.values() if fn.api_name == "publish"] == ["publish"]
-    assert run_choices(lora_run.parent) == [("sks-lora (LoRA)", str(lora_run))]
-    assert suggest_for_run(str(lora_run), None, unique=False) == "sks-dog-dreambooth"
+    assert run_choices(runs, None) == [("sks-lora (LoRA)", name)]
+    assert suggest_for_run(lora_run, None, unique=False) == "sks-dog-dreambooth"
 
-    link = publish_run(paths, str(lora_run), "sks-dog-dreambooth", True, WRITE_TOKEN)
+    link = publish_run(deps, name, "sks-dog-dreambooth", True, WRITE_TOKEN)
     assert f"[{USER}/sks-dog-dreambooth]({hub.url}/{USER}/sks-dog-dreambooth) (private" in link
     with pytest.raises(gr.Error, match=r"401 Unauthorized"):
-        publish_run(paths, str(lora_run), "sks-dog-dreambooth", True, "hf_typedButWrong")
+        publish_run(deps, name, "sks-dog-dreambooth", True, "hf_typedButWrong")
     with pytest.raises(gr.Error, match="No Hugging Face token"):
-        publish_run(paths, str(lora_run), "sks-dog-dreambooth", True, "")
+        publish_run(deps, name, "sks-dog-dreambooth", True, "")
     # OAuth login first, then the HF_TOKEN secret, then the typed token.
     oauth = gr.OAuthToken(token=WRITE_TOKEN, scope="openid profile write-repos", expires_at=0)
-    publish_run(paths, str(lora_run), "sks-oauth", True, "hf_typedButWrong", oauth)
+    publish_run(deps, name, "sks-oauth", True, "hf_typedButWrong", oauth)
     monkeypatch.setenv("HF_TOKEN", WRITE_TOKEN)
-    publish_run(paths, str(lora_run), "sks-secret", True, "hf_typedButWrong")
+    publish_run(deps, name, "sks-secret", True, "hf_typedButWrong")
     assert {f"{USER}/sks-oauth", f"{USER}/sks-secret"} <= set(hub.repos)
 
 

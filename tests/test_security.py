@@ -51,7 +51,9 @@ def test_a_shared_app_refuses_models_and_runs_outside_its_folders(
 ) -> None:
     from gradio_client import Client, handle_file
 
-    from space.publish_tab import publish_run
+    from space.jobs import JobManager
+    from space.publish_tab import PublishDeps, publish_run
+    from space.visitors import RunSpace
 
     outside = shutil.copytree(tiny_model_dir, tmp_path / "elsewhere" / "model")
     images = [handle_file(str(p)) for p in sorted(subject_images.glob("*.png"))]
@@ -69,8 +71,9 @@ def test_a_shared_app_refuses_models_and_runs_outside_its_folders(
         gallery = client.predict(str(tiny_model_dir), *generate, api_name="/generate")  # the toy model is allowed
         assert len(gallery) == 1 and os.path.isfile(gallery[0]["image"])
 
-    with pytest.raises(Exception, match=r"`run`: '.*elsewhere/model' is a path on this server"):
-        publish_run(LocalPaths([runs]), str(outside), "sks-square", True, "hf_x")
+    deps = PublishDeps(RunSpace(runs, LocalPaths([tiny_model_dir])), JobManager())
+    with pytest.raises(Exception, match=r"`run`: you have no run named '/.*'. Pick one of your runs"):
+        publish_run(deps, str(outside), "sks-square", True, "hf_x")
 
 
 def _login_page_routes() -> list[tuple[str, str]]:
@@ -150,11 +153,12 @@ def test_another_visitor_sees_nothing_of_a_publishing_token(
         a.predict(images=images, **{**train_form(str(tiny_model_dir)), **short}, **publishing(CANARY), api_name="/train")
         seen_by_b = []
         deadline = time.monotonic() + 120
-        while (job := b.predict(api_name="/job_status"))["state"] in ("starting", "running"):
+        while (job := a.predict(api_name="/job_status"))["state"] in ("starting", "running"):
             assert time.monotonic() < deadline, job
-            seen_by_b.append(json.dumps(job))
+            seen_by_b.append(json.dumps(b.predict(api_name="/job_status")))  # B sees only that it has no job
             time.sleep(0.2)
         assert job["state"] == "completed" and job["hub_url"], job
+        seen_by_b.append(json.dumps(b.predict(api_name="/job_status")))
         with httpx.Client(base_url=url, timeout=30) as http:
             for route in ["/", "/config", "/gradio_api/info"]:
                 seen_by_b.append(http.get(route).text)

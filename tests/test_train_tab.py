@@ -10,6 +10,7 @@ import gradio as gr
 import pytest
 from ui_fixtures import CPU, GPU16, SDXL_BASE, SECRET, fake_train, form_values, memory_form
 
+from space import texts
 from space.hardware import Hardware
 from space.jobs import JobManager
 from space.presets import TOY_MODEL, ToyModel
@@ -55,7 +56,7 @@ def test_the_train_tabs_poll_redraws_only_what_changed(tmp_path: Path) -> None:
     idle, status, *_ = poll(deps, PollState())
     assert idle == PollState(0, 0, 0, 0) and "No training yet" in status
     assert all(isinstance(value, type(gr.skip())) for value in poll(deps, idle))  # nothing changed
-    assert cancel_training(deps) == "No training is running."
+    assert cancel_training(deps) == texts.NOTHING_TO_CANCEL
 
     deps.jobs.start(TrainConfig(output_dir=str(tmp_path / "run"), max_train_steps=50, instance_prompt="sks"))
     running, status, _, samples, warnings, finished, _, *_ = poll(deps, idle)
@@ -65,8 +66,9 @@ def test_the_train_tabs_poll_redraws_only_what_changed(tmp_path: Path) -> None:
     release.set()
     deps.jobs.wait(10)
     done, status, _, samples, warnings, finished, _, *_ = poll(deps, running)
-    assert "Cancelled" in status and samples == ["s.png"] and isinstance(warnings, type(gr.skip()))
-    assert finished == str(tmp_path / "run")
+    assert "Cancelled" in status and isinstance(warnings, type(gr.skip()))
+    assert [(image.size, caption) for image, caption in samples] == [((8, 8), "step 1")]  # images, not paths
+    assert finished == "run"  # the run by name, for the Generate and Publish lists
 
 
 def test_publish_request_needs_a_name_and_a_token_before_asking_the_hub(monkeypatch: pytest.MonkeyPatch) -> None:

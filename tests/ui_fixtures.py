@@ -14,12 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from PIL import Image
 
 from space.hardware import Hardware
 from space.layout import MAX_UPLOAD
 from space.presets import ToyModel
 from trainer.config import TrainConfig
 from trainer.events import CancelToken, PhaseEvent, RunResult, SampleEvent, StepEvent, WarningEvent
+from trainer.run_folder import sample_path
 
 __all__ = ["four_images", "toy", "toy_stand_in"]
 
@@ -64,8 +66,7 @@ def serve_app(
     toy model (it is faster) unless `toy_dir` is given. Yields (url, services). Visitors may name any
     local model folder (the tests' models live in temporary folders) unless `confined`, as an app
     served beyond this machine is; `auth` asks for a login; `train_fn` trains in this process instead."""
-    from space import login_page
-    from space.layout import Services, build_app
+    from space.layout import Services, app_kwargs, build_app
 
     services = Services.create(runs_dir=tmp / "runs", train_fn=train_fn, toy_dir=toy_dir or tiny_model_dir,
                                hardware=hardware)
@@ -73,7 +74,7 @@ def serve_app(
     app = build_app(services)
     app.queue(default_concurrency_limit=1)
     app.launch(prevent_thread_lock=True, quiet=True, server_name="127.0.0.1", server_port=None, auth=auth,
-               max_file_size=MAX_UPLOAD if confined else None, app_kwargs=login_page.app_kwargs())
+               max_file_size=MAX_UPLOAD if confined else None, app_kwargs=app_kwargs())
     try:
         yield app.local_url, services
     finally:
@@ -178,7 +179,10 @@ def fake_train(release: threading.Event, fail: Exception | None = None):
             release.wait(5)
             if cancel.cancelled:
                 break
-        on_event(SampleEvent(step, (Path("s.png"),)))
+        sample = sample_path(Path(config.output_dir), step, 0, 0)
+        sample.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), "purple").save(sample)
+        on_event(SampleEvent(step, (sample,)))
         status = "cancelled" if cancel.cancelled else "completed"
         return RunResult(Path(config.output_dir), status, step, config.max_train_steps, None, None)
 

@@ -1,0 +1,147 @@
+"""What a visitor does with their finished run on the Train tab: download it, delete it; and how the page
+shows its samples.
+
+Nothing under the runs folder is served by path (app.py gives gradio no `allowed_paths` there): the page
+gets the samples as images from the poll, and the weights from Download, each for the run's owner only
+(space.visitors). gradio keeps what a handler returns in its cache under a name made from a hash of the
+file's bytes, so no one else can ask for it by a guessable address; a shared app also empties that cache
+after the retention time (app.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+from PIL import Image
+
+from space import texts
+from space.errors import error_message
+from space.job_snapshot import JobSnapshot
+from space.jobs import JobManager
+from space.visitors import identify
+from space.wiring import CONTROL, PRIVATE, bind
+from trainer.model_files import LORA_WEIGHTS
+from trainer.run_folder import CHECKPOINTS_DIR, WEIGHTS_STAGING, list_sample_files, run_kind
+
+log = logging.getLogger(__name__)
+DOWNLOADS_KEPT_SECONDS = 600  # this app's own copies; gradio's cache keeps what it sends
+_STORED = (".safetensors", ".bin", ".png", ".jpg", ".jpeg", ".webp")  # zipped as they are: they do not compress
+
+
+@dataclass(frozen=True)
+class RunActions:
+    row: gr.Row
+    download: gr.Button
+    file: gr.File
+    delete: gr.Button
+    confirm: gr.Button
+
+    @staticmethod
+    def shown(snap: JobSnapshot, mine: bool) -> Any:
+        """The row's visibility: the visitor's own run, once it is no longer queued or training."""
+        return gr.update(visible=bool(mine and snap.run_dir and not snap.pending))
+
+
+def sample_gallery(paths: Sequence[str]) -> list[tuple[Image.Image, str]]:
+    """The validation samples as images (never as server paths), each captioned with its step."""
+    steps = {}
+    for path in {str(Path(p).parent) for p in paths}:
+        steps |= {str(sample.path): sample.step for sample in list_sample_files(Path(path).parent)}
+    shown = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                shown.append((image.copy(), f"step {steps[path]}" if path in steps else Path(path).stem))
+        except OSError:  # deleted with its run, or still being written: the next poll has it
+            continue
+    return shown
+
+
+def download_run(jobs: JobManager, request: gr.Request | None = None) -> str:
+    """Your run's weights: the LoRA .safetensors file, or a zip of the run (a full model, its config, card and
+    samples; not its checkpoints)."""
+    who = identify(request, jobs.private)
+    snap = jobs.view(who.id if who else None)
+    if not snap.run_dir or not jobs.owns(snap.job_id, who) or snap.pending:
+        raise gr.Error(texts.NOTHING_TO_DOWNLOAD, print_exception=False)
+    run_dir = Path(snap.run_dir)
+    kind = run_kind(run_dir)
+    if kind is None:
+        raise gr.Error(texts.NOTHING_TO_DOWNLOAD, print_exception=False)
+    folder = _download_folder()
+    with jobs.weights_lock:  # not while "Use checkpoint" rewrites them
+        if kind == "lora":
+            target = folder / f"{run_dir.name}.safetensors"
+            shutil.copyfile(run_dir / LORA_WEIGHTS, target)
+        else:
+            target = folder / f"{run_dir.name}.zip"
+            zip_run(run_dir, target)
+    return str(target)
+
+
+def zip_run(run_dir: Path, target: Path) -> None:
+    """`run_dir` as a zip, its checkpoints and half-saved weights left out."""
+    skip = {CHECKPOINTS_DIR, WEIGHTS_STAGING}
+    with zipfile.ZipFile(target, "w") as archive:
+        for path in sorted(run_dir.rglob("*")):
+            relative = path.relative_to(run_dir)
+            if path.is_file() and relative.parts[0] not in skip:
+                stored = path.suffix.lower() in _STORED
+                archive.write(path, Path(run_dir.name) / relative,
+                              compress_type=zipfile.ZIP_STORED if stored else zipfile.ZIP_DEFLATED)
+
+
+def _download_folder() -> Path:
+    """A new folder for one download, in this app's folder under the system's temp directory (where gradio
+    may copy from); the app's copies of earlier downloads go after DOWNLOADS_KEPT_SECONDS."""
+    root = Path(tempfile.gettempdir()) / "dreambooth-downloads"
+    root.mkdir(exist_ok=True)
+    for old in root.iterdir():
+        try:
+            if time.time() - old.stat().st_mtime > DOWNLOADS_KEPT_SECONDS:
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError:
+            continue
+    return Path(tempfile.mkdtemp(dir=root))
+
+
+def delete_run(jobs: JobManager, request: gr.Request | None = None) -> str:
+    """Delete your finished run from the server: its photos, weights, samples and checkpoints."""
+    who = identify(request, jobs.private)
+    snap = jobs.view(who.id if who else None)
+    if not snap.run_dir or not jobs.owns(snap.job_id, who):
+        raise gr.Error(texts.NOTHING_TO_DELETE, print_exception=False)
+    try:
+        with jobs.weights_lock:
+            jobs.delete_run(snap.job_id, who)
+    except Exception as err:  # queued or training still: the engine's words
+        raise gr.Error(error_message(err), print_exception=False) from None
+    return texts.job_status(jobs.snapshot(snap.job_id))
+
+
+def layout() -> RunActions:
+    with gr.Row(visible=False) as row:
+        with gr.Column(scale=0, min_width=220):
+            download = gr.Button("Download weights", elem_id="download-run")
+            delete = gr.Button("Delete this run", variant="stop", elem_id="delete-run")
+            confirm = gr.Button(texts.DELETE_CONFIRM, variant="stop", visible=False, elem_id="confirm-delete")
+        file = gr.File(label="Your weights", interactive=False, height=90, elem_id="run-download")
+    return RunActions(row, download, file, delete, confirm)
+
+
+def wire(actions: RunActions, jobs: JobManager, status: gr.Markdown) -> None:
+    """Download (also the API's /download), and Delete behind a second, confirming button (/delete_run)."""
+
+    actions.download.click(bind(download_run, jobs), None, actions.file, api_name="download", **CONTROL)
+    actions.delete.click(lambda: gr.update(visible=True), None, actions.confirm, **PRIVATE)
+    actions.confirm.click(bind(delete_run, jobs), None, status, api_name="delete_run", **CONTROL).then(
+        lambda: (gr.update(visible=False), None), None, [actions.confirm, actions.file], **PRIVATE)
