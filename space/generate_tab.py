@@ -174,7 +174,7 @@ def generate_images(
     """Generate images from one of your runs (by name), the toy model or a Hub repo (full or LoRA). While a training
     holds the GPU the request waits for it (the page shows the training's step), then draws."""
     try:
-        request = GenerateRequest(
+        asked = GenerateRequest(
             prompt=prompt,
             negative_prompt=negative_prompt,
             guidance_scale=float(guidance_scale),
@@ -186,7 +186,7 @@ def generate_images(
             num_images=int(num_images),
             lora_scale=float(lora_scale),
         ).validate()
-        deps.jobs.limits.check_generation(request.width, request.height, request.num_images, request.steps)
+        deps.jobs.limits.check_generation(asked.width, asked.height, asked.num_images, asked.steps)
     except (TypeError, ValueError, OverflowError, FairUseError) as err:  # OverflowError: int(inf) from an API client
         raise gr.Error(str(err), print_exception=False) from None
     if not (model or "").strip():
@@ -200,7 +200,7 @@ def generate_images(
         source = deps.runs.resolve(identify(request, deps.jobs.private), deps.toy.resolve(model), "`model`")
         with deps.jobs.weights_lock:  # not while "Use checkpoint" rewrites a run's weights
             pipe = deps.pipelines.get(source, deps.hardware.device, dtype)
-        return generate(pipe, request, deadline=None if seconds is None else time.monotonic() + seconds)
+        return generate(pipe, asked, deadline=None if seconds is None else time.monotonic() + seconds)
     except TimeLimit:
         raise gr.Error(texts.GENERATE_TIME_CAP.format(minutes=deps.jobs.limits.generate_minutes),
                        print_exception=False) from None

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from hub_fixtures import CANARY
 from hub_server import READ_TOKEN, USER, Account, FakeHub
-from ui_fixtures import CPU, GPU16, TINY_TRAINING, publishing, serve_app, train_form
+from ui_fixtures import CPU, GPU16, TINY_TRAINING, publishing, run_folder, serve_app, train_form
 
 from space.presets import TOY_MODEL
 from trainer.config import ConfigError
@@ -32,7 +32,7 @@ def test_importing_app_builds_the_ui_and_nothing_else(tmp_path: Path, monkeypatc
     assert (args.host, args.port, args.auth, args.runs_dir, args.share) == (
         "127.0.0.1",
         7999,
-        ("ann", "secret"),
+        [("ann", "secret")],
         Path("x"),
         False,
     )
@@ -181,11 +181,11 @@ def test_the_example_trains_on_the_toy_model_through_the_api(tmp_path: Path, tin
         assert job["state"] == "completed" and job["step"] == 4, job
         # Scored by the toy world's judge, as the example is: the base model, and the last step (~3 s each).
         assert [row["step"] for row in job["scores"]] == [0, 4] and job["pick_reason"], job
-        run_dir = Path(job["run_dir"])
+        run_dir = run_folder(services.runs_dir, job["run"])
         run = TrainConfig.load(run_dir / "config.json")
         assert Path(run.pretrained_model) == TOY_MODEL_DIR and run.lora_rank == EXAMPLE_SETTINGS["lora_rank"]
         gallery = client.predict(
-            str(run_dir), EXAMPLE_PROMPTS[1], "", 5.0, 2, "DDIM", 0, 32, 32, 1, 1.0, api_name="/generate"
+            job["run"], EXAMPLE_PROMPTS[1], "", 5.0, 2, "DDIM", 0, 32, 32, 1, 1.0, api_name="/generate"
         )
         assert len(gallery) == 1 and os.path.isfile(gallery[0]["image"])
 
@@ -215,12 +215,12 @@ def test_gradio_client_trains_then_generates(tmp_path: Path, tiny_base, tiny_mod
         assert job["state"] == "completed", job
         steps = TINY_TRAINING["max_train_steps"]
         assert job["step"] == steps and len(job["losses"]) == steps and job["samples"]
-        run_dir = Path(job["run_dir"])
-        assert (run_dir / "pytorch_lora_weights.safetensors").is_file() and run_dir.parent == tmp_path / "runs"
+        run_dir = run_folder(services.runs_dir, job["run"])
+        assert (run_dir / "pytorch_lora_weights.safetensors").is_file() and run_dir.parent.parent == tmp_path / "runs"
         assert read_status(run_dir)["family"] == tiny_base.family
 
         gallery = client.predict(
-            str(run_dir),
+            job["run"],  # one of this visitor's runs, by name
             "a photo of sks square",
             "",
             7.5,
@@ -296,7 +296,7 @@ def test_publishing_when_training_finishes_puts_the_run_on_the_hub_and_the_token
     assert hub.repos[repo_id].private is True
     files = hub.files(repo_id)
     assert {"pytorch_lora_weights.safetensors", "README.md", "config.json"} <= set(files)
-    run_dir = Path(job["run_dir"])
+    run_dir = Path(snapshot.run_dir)
     assert files["pytorch_lora_weights.safetensors"] == (run_dir / "pytorch_lora_weights.safetensors").read_bytes()
     # The token reached the Hub (whoami before training, then the upload) and nothing else.
     out, err = capfd.readouterr()

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from ui_fixtures import TINY_TRAINING, serve_app, train_form
+from ui_fixtures import TINY_TRAINING, run_folder, serve_app, train_form
 
 pytestmark = pytest.mark.slow
 
@@ -77,6 +77,7 @@ def test_ten_generations_a_second_training_and_a_disconnect_leave_the_training_u
         first = services.jobs.snapshot(1)
         assert first.state == "completed" and first.step == STEPS and len(first.losses) == STEPS, first
 
-    busy, quiet = (load_file(Path(run) / "pytorch_lora_weights.safetensors") for run in (first.run_dir, job["run_dir"]))
-    assert first.run_dir != job["run_dir"] and busy.keys() == quiet.keys()
+    runs = (Path(first.run_dir), run_folder(services.runs_dir, job["run"]))
+    busy, quiet = (load_file(run / "pytorch_lora_weights.safetensors") for run in runs)
+    assert runs[0] != runs[1] and busy.keys() == quiet.keys()
     assert all(torch.equal(busy[k], quiet[k]) for k in busy), "the training amid visitors ended elsewhere"

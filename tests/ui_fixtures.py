@@ -83,6 +83,13 @@ def serve_app(
         app.close()
 
 
+def run_folder(runs_dir: Path, name: str) -> Path:
+    """The folder of the run an API answer names (in its visitor's folder on a shared app)."""
+    found = [path for path in Path(runs_dir).glob(f"*/{name}") if path.is_dir()] or [Path(runs_dir) / name]
+    assert len(found) == 1 and found[0].is_dir(), (name, found)
+    return found[0]
+
+
 def train_form(base_model: str) -> dict[str, Any]:
     """Every Train form field but the photos by its API name, as a scripted client sends them."""
     return {
