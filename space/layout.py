@@ -22,6 +22,7 @@ from space.jobs import JobManager, TrainFn
 from space.local_paths import LocalPaths
 from space.presets import ToyModel
 from space.publish_tab import build_publish_tab
+from space.run_actions import PlainFileRefusal
 from space.train_tab import TrainDeps, build_train_tab
 from space.visitors import RunSpace, VisitorCookie
 from trainer.inference import PipelineCache
@@ -126,8 +127,9 @@ def build_app(services: Services) -> gr.Blocks:
 
 
 def app_kwargs() -> dict:
-    """For `Blocks.launch(app_kwargs=...)`: the login page scrubbed (space.login_page) and the visitor cookie
-    (space.visitors); a new dict each time, as gradio adds to the one it gets."""
+    """For `Blocks.launch(app_kwargs=...)`: the login page scrubbed (space.login_page), the visitor cookie
+    (space.visitors), file refusals without paths (space.run_actions); a new dict each time, as gradio adds to
+    the one it gets."""
     kwargs = login_page.app_kwargs()
-    kwargs["middleware"].append(Middleware(VisitorCookie))
+    kwargs["middleware"] += [Middleware(VisitorCookie), Middleware(PlainFileRefusal)]
     return kwargs

@@ -145,3 +145,34 @@ def wire(actions: RunActions, jobs: JobManager, status: gr.Markdown) -> None:
     actions.delete.click(lambda: gr.update(visible=True), None, actions.confirm, **PRIVATE)
     actions.confirm.click(bind(delete_run, jobs), None, status, api_name="delete_run", **CONTROL).then(
         lambda: (gr.update(visible=False), None), None, [actions.confirm, actions.file], **PRIVATE)
+
+
+class PlainFileRefusal:
+    """ASGI middleware: gradio's refusal of a file (`/gradio_api/file=…`: 403 "File not allowed: <path>")
+    answered without the path that was asked for, so that a refusal never echoes a server path."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or not ("/file=" in path or path.startswith("/file")):
+            await self.app(scope, receive, send)
+            return
+        refused = False
+
+        async def plain(message: dict) -> None:
+            nonlocal refused
+            if message["type"] == "http.response.start" and message.get("status") in (403, 404):
+                refused = True
+                body = b'{"detail":"File not allowed."}'
+                headers = [(k, v) for k, v in message.get("headers", []) if k not in (b"content-length", b"content-type")]
+                message = {**message, "headers": [*headers, (b"content-type", b"application/json"),
+                                                  (b"content-length", str(len(body)).encode())]}
+                await send(message)
+                await send({"type": "http.response.body", "body": body})
+                return
+            if not refused:
+                await send(message)
+
+        await self.app(scope, receive, plain)

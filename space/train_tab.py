@@ -267,6 +267,8 @@ def cancel_training(deps: TrainDeps, request: gr.Request | None = None) -> str:
     queued = [snap for snap in mine if snap.queued]
     anyone = who is None or who.admin  # the local user of a private app may stop the running job
     snap = queued[-1] if queued else (mine[0] if mine else deps.jobs.snapshot() if anyone else JobSnapshot())
+    if not snap.job_id:
+        return texts.NOTHING_TO_CANCEL
     try:
         if deps.jobs.cancel(snap.job_id or None, who):
             return texts.WITHDRAWN if snap.queued else texts.CANCELLING
