@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from ui_fixtures import GPU16, serve_app
 
+from space import texts
 from trainer.toyworld import EXAMPLE_CLASS_PROMPT, EXAMPLE_SETTINGS, TOY_MODEL_LABEL
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -47,7 +48,7 @@ def test_train_then_generate_in_a_browser(tmp_path: Path, tiny_model_dir: Path, 
     ARTIFACTS.mkdir(exist_ok=True)
     with serve_app(tmp_path, tiny_model_dir) as (url, services), sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1600})
+        page = browser.new_context(viewport={"width": 1400, "height": 1600}).new_page()  # its tabs share cookies
         page.set_default_timeout(60_000)
         page.goto(url)
 
@@ -72,14 +73,20 @@ def test_train_then_generate_in_a_browser(tmp_path: Path, tiny_model_dir: Path, 
                 steps_seen.add(int(match[1]))
             plots_seen.add(_loss_line(page))
             time.sleep(0.25)
-            if steps_seen - {0} and not visitor_checked:  # a page opened now shows the running job
-                visitor = browser.new_page()
-                visitor.goto(url)
-                # Drawn by the page's load event; the wait is a guard for a loaded machine (CI failed once at 5 s).
-                expect(visitor.locator("#train-status")).to_contain_text(
+            if steps_seen - {0} and not visitor_checked:
+                # The same browser's new tab (its cookie: the same visitor) shows the running job; another
+                # browser (a context of its own) sees only that someone trains. Drawn by the page's load
+                # event; the wait is a guard for a loaded machine (CI failed once at 5 s).
+                again, stranger = page.context.new_page(), browser.new_page()
+                again.goto(url)
+                stranger.goto(url)
+                expect(again.locator("#train-status")).to_contain_text(
                     re.compile(r"(Training|Completed) · phase"), timeout=30_000
                 )
-                visitor.close()
+                expect(stranger.locator("#train-status")).to_contain_text(texts.IDLE.split(".")[0], timeout=30_000)
+                expect(stranger.locator("#train-status")).not_to_contain_text("phase")
+                again.close()
+                stranger.close()
                 visitor_checked = True
         plots_seen.add(_loss_line(page))  # the final plot, drawn with the "Completed" status
         assert f"step {STEPS}/{STEPS}" in status.inner_text() and visitor_checked
