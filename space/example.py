@@ -28,7 +28,7 @@ from trainer.toyworld import (
 from trainer.toyworld.example import EXAMPLE_SCENES
 from trainer.toyworld.world import Scene
 
-EXAMPLE_FOLDER = "example-subject"  # under the runs folder, which the app may serve files from
+EXAMPLE_FOLDER = "example-subject"  # under the runs folder; app.py lets gradio serve this folder alone
 # What the toy base model draws from text: one shape, one colour, one plain background, in the
 # words of its captions.
 TOY_PROMPTS: tuple[str, ...] = tuple(

@@ -241,3 +241,22 @@ def test_logins_come_from_flags_and_a_file(tmp_path: Path, monkeypatch: pytest.M
     logins.write_text("no-colon\n")
     with pytest.raises(SystemExit):
         app.parse_args(["--auth-file", str(logins)])
+
+
+def test_a_visitor_is_their_login_else_their_hub_login_else_their_browser_else_their_page() -> None:
+    from types import SimpleNamespace
+
+    from space.visitors import identify
+
+    token = "A" * 32
+    hub = {"oauth_info": {"userinfo": {"preferred_username": "carol"}}}
+    asked = [
+        SimpleNamespace(username="ann", session=hub, cookies={COOKIE: token}, session_hash="p1"),
+        SimpleNamespace(username=None, session=hub, cookies={COOKIE: token}, session_hash="p1"),
+        SimpleNamespace(username=None, session={}, cookies={COOKIE: token}, session_hash="p1"),
+        SimpleNamespace(username=None, cookies={COOKIE: "forged; not a token"}, session_hash="p1"),
+        SimpleNamespace(username=None, session_hash=None),
+    ]
+    assert [identify(request).id for request in asked] == ["ann", "hub:carol", f"browser:{token}", "page:p1",
+                                                            "page:None"]
+    assert identify(None) is None  # the app itself, called from Python
