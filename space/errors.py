@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+import re
+
 from space.job_process import ChildDied
 from trainer.config import UserError
 
+# An absolute path (not the path of a URL: never after a word character, a dot, ":" or "/"), its folders
+# in group 0 and its last part in group 1.
+_PATH = re.compile(r"(?<![\w.:/])/(?:[^\s/'\"`:,;()\[\]<>]+/)+([^\s/'\"`:,;()\[\]<>]*)")
 
-def error_message(err: BaseException) -> str:
-    """The engine's own words for input errors; the exception type too for anything else."""
-    return str(err) if isinstance(err, UserError | ValueError | ChildDied) else f"{type(err).__name__}: {err}"
+
+def error_message(err: BaseException, hide_paths: bool = False) -> str:
+    """The engine's own words for input errors; the exception type too for anything else. `hide_paths`
+    (a shared app): every absolute path said by its last part ("photo.png", not where it lies here)."""
+    text = str(err) if isinstance(err, UserError | ValueError | ChildDied) else f"{type(err).__name__}: {err}"
+    return without_paths(text) if hide_paths else text
+
+
+def without_paths(text: str) -> str:
+    """`text` with each absolute path on this server shortened to its last part."""
+    return _PATH.sub(lambda match: match[1], text)

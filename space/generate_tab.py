@@ -206,7 +206,7 @@ def generate_images(
                        print_exception=False) from None
     except Exception as err:
         log.info("Generation failed: %s", err)
-        raise gr.Error(error_message(err), print_exception=False) from None
+        raise gr.Error(error_message(err, not deps.jobs.private), print_exception=False) from None
     finally:
         deps.jobs.gpu_lock.release()
 

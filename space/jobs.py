@@ -416,7 +416,8 @@ class JobManager:
             else:
                 mark_run(job.config, "failed", job.snapshot.step)
             resumable = not refused and is_run(Path(config.output_dir))
-            self._update(job, state="failed", error=error_message(err), message="", resumable=resumable)
+            self._update(job, state="failed", error=error_message(err, not self.private), message="",
+                         resumable=resumable)
             return None
         else:
             publishing = job.publish is not None and not result.cancelled
@@ -474,7 +475,7 @@ class JobManager:
             message = texts.STOPPED_BY_FORCE.format(seconds=self.cancel_grace)
             self._update(job, state="cancelled", message=message, resumable=has_checkpoint(run_dir))
         else:
-            self._update(job, state="failed", error=str(err), message="", resumable=True)
+            self._update(job, state="failed", error=error_message(err, not self.private), message="", resumable=True)
 
     def _apply(self, job: _Job, event: Event) -> None:
         snap = job.snapshot

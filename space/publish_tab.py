@@ -15,6 +15,7 @@ from pathlib import Path
 import gradio as gr
 
 from space import texts
+from space.errors import error_message
 from space.jobs import JobManager
 from space.local_paths import LocalPaths
 from space.tokens import NO_TOKEN, oauth_enabled, pick_token, token_field
@@ -77,7 +78,7 @@ def publish_run(
     try:
         result = publish(run_dir, repo_id, private=private, token=token)
     except (HubError, ConfigError) as err:
-        raise gr.Error(str(err), print_exception=False) from None
+        raise gr.Error(error_message(err, not deps.jobs.private), print_exception=False) from None
     return texts.published(result.repo_id, result.url, private, result.commit)
 
 

@@ -124,7 +124,7 @@ def delete_run(jobs: JobManager, request: gr.Request | None = None) -> str:
         with jobs.weights_lock:
             jobs.delete_run(snap.job_id, who)
     except Exception as err:  # queued or training still: the engine's words
-        raise gr.Error(error_message(err), print_exception=False) from None
+        raise gr.Error(error_message(err, not jobs.private), print_exception=False) from None
     return texts.job_status(jobs.snapshot(snap.job_id))
 
 

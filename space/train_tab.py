@@ -255,7 +255,7 @@ def start_training(
         raise gr.Error(str(err), print_exception=False) from None
     except Exception as err:  # every engine check lands here with its own words
         log.info("Training refused: %s", err)
-        raise gr.Error(error_message(err), print_exception=False) from None
+        raise gr.Error(error_message(err, not deps.jobs.private), print_exception=False) from None
     return texts.job_status(snap)
 
 
@@ -290,7 +290,7 @@ def resume_training(deps: TrainDeps, request: gr.Request | None = None) -> str:
     try:
         resumed = deps.jobs.resume(snap.job_id, owner=who.id if who else None, visitor=who)
     except Exception as err:  # NotYourJob, or the engine's words for a run it will not resume
-        raise gr.Error(error_message(err), print_exception=False) from None
+        raise gr.Error(error_message(err, not deps.jobs.private), print_exception=False) from None
     return texts.job_status(resumed)
 
 

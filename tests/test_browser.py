@@ -93,6 +93,8 @@ def test_train_then_generate_in_a_browser(tmp_path: Path, tiny_model_dir: Path, 
         assert len(steps_seen - {0}) >= 2, f"progress never moved: {steps_seen}"
         assert len(plots_seen - {None}) >= 2, "the loss plot never redrew"
         expect(page.locator("#train-samples img").first).to_be_visible()
+        page.locator("#download-run").click()  # the owner takes the weights home from the page
+        expect(page.locator("#run-download")).to_contain_text(".safetensors")
         page.screenshot(path=str(ARTIFACTS / "train-tab.png"), full_page=True)
         page.set_viewport_size({"width": 1400, "height": 1000})
         page.evaluate("window.scrollTo(0, 0)")
