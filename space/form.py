@@ -71,12 +71,27 @@ def checkpoint_every(steps: int) -> int:
 
 
 def prompts_for(identifier: str, class_noun: str, concept: str) -> tuple[str, str]:
-    """(instance prompt, class prompt) in the paper's "a [V] [class noun]" form."""
+    """(instance prompt, class prompt) in the paper's "a [V] [class noun]" / "a [class noun]" form."""
     ident, noun = identifier.strip(), class_noun.strip()
     if Concept(concept) is Concept.STYLE:
         noun = noun or "painting"
-        return f"a {noun} in the style of {ident}", f"a {noun}"
-    return (f"a photo of {ident} {noun}".rstrip(), f"a photo of {noun}" if noun else "")
+        return f"{with_article(noun)} in the style of {ident}", with_article(noun)
+    return (f"a photo of {ident} {noun}".rstrip(), f"a photo of {with_article(noun)}" if noun else "")
+
+
+_AN_EXCEPTIONS = ("uni", "use", "usu", "uti", "eu", "one", "once", "ur")  # a unicorn, a user, a euro, a one-eyed cat
+_AN_SILENT_H = ("hour", "honest", "honor", "honour", "heir")  # an hour
+
+
+def with_article(noun: str) -> str:
+    """ "a dog", "an owl", "a unicorn", "an hour": the article by the noun's first sound, guessed from its
+    spelling; a noun that comes with its article ("the Eiffel tower") is left as it is."""
+    word = noun.strip()
+    lower = word.lower()
+    if not word or lower.startswith(("a ", "an ", "the ")):
+        return word
+    vowel = lower[0] in "aeiou" and not lower.startswith(_AN_EXCEPTIONS)
+    return f"{'an' if vowel or lower.startswith(_AN_SILENT_H) else 'a'} {word}"
 
 
 def new_run_dir(runs_dir: Path, identifier: str) -> Path:

@@ -30,7 +30,14 @@ from space.jobs import JobManager
 from space.visitors import identify
 from space.wiring import CONTROL, PRIVATE, bind
 from trainer.model_files import LORA_WEIGHTS
-from trainer.run_folder import CHECKPOINTS_DIR, WEIGHTS_STAGING, list_sample_files, run_kind
+from trainer.run_folder import (
+    CHECKPOINTS_DIR,
+    KOHYA_LORA_WEIGHTS,
+    WEIGHTS_STAGING,
+    list_sample_files,
+    run_kind,
+    try_read_config,
+)
 
 log = logging.getLogger(__name__)
 DOWNLOADS_KEPT_SECONDS = 600  # this app's own copies; gradio's cache keeps what it sends
@@ -52,23 +59,27 @@ class RunActions:
 
 
 def sample_gallery(paths: Sequence[str]) -> list[tuple[Image.Image, str]]:
-    """The validation samples as images (never as server paths), each captioned with its step."""
-    steps = {}
-    for path in {str(Path(p).parent) for p in paths}:
-        steps |= {str(sample.path): sample.step for sample in list_sample_files(Path(path).parent)}
+    """The validation samples as images (never as server paths), each captioned with its step and prompt."""
+    captions: dict[str, str] = {}
+    for run_dir in {Path(p).parent.parent for p in paths}:
+        config = try_read_config(run_dir)
+        prompts = config.validation_prompts if config is not None else ()
+        for sample in list_sample_files(run_dir):
+            prompt = prompts[sample.prompt_index] if 0 <= sample.prompt_index < len(prompts) else None
+            captions[str(sample.path)] = f"step {sample.step}" + (f" · {prompt}" if prompt else "")
     shown = []
     for path in paths:
         try:
             with Image.open(path) as image:
-                shown.append((image.copy(), f"step {steps[path]}" if path in steps else Path(path).stem))
+                shown.append((image.copy(), captions.get(path, Path(path).stem)))
         except OSError:  # deleted with its run, or still being written: the next poll has it
             continue
     return shown
 
 
-def download_run(jobs: JobManager, request: gr.Request | None = None) -> str:
-    """Your run's weights: the LoRA .safetensors file, or a zip of the run (a full model, its config, card and
-    samples; not its checkpoints)."""
+def download_run(jobs: JobManager, request: gr.Request | None = None) -> list[str]:
+    """Your run's weights: a LoRA's .safetensors files (diffusers', then the one A1111, ComfyUI and kohya load),
+    or a zip of a full run (the pipeline, its config, card and samples; not its checkpoints)."""
     who = identify(request, jobs.private)
     snap = jobs.view(who.id if who else None)
     if not snap.run_dir or not jobs.owns(snap.job_id, who) or snap.pending:
@@ -79,13 +90,15 @@ def download_run(jobs: JobManager, request: gr.Request | None = None) -> str:
         raise gr.Error(texts.NOTHING_TO_DOWNLOAD, print_exception=False)
     folder = _download_folder()
     with jobs.weights_lock:  # not while "Use checkpoint" rewrites them
-        if kind == "lora":
-            target = folder / f"{run_dir.name}.safetensors"
-            shutil.copyfile(run_dir / LORA_WEIGHTS, target)
-        else:
+        if kind == "full":
             target = folder / f"{run_dir.name}.zip"
             zip_run(run_dir, target)
-    return str(target)
+            return [str(target)]
+        files = [(LORA_WEIGHTS, f"{run_dir.name}.safetensors"), (KOHYA_LORA_WEIGHTS, f"{run_dir.name}-kohya.safetensors")]
+        for name, target_name in files:
+            if (run_dir / name).is_file():
+                shutil.copyfile(run_dir / name, folder / target_name)
+    return [str(folder / target_name) for name, target_name in files if (folder / target_name).is_file()]
 
 
 def zip_run(run_dir: Path, target: Path) -> None:
@@ -134,7 +147,8 @@ def layout() -> RunActions:
             download = gr.Button("Download weights", elem_id="download-run")
             delete = gr.Button("Delete this run", variant="stop", elem_id="delete-run")
             confirm = gr.Button(texts.DELETE_CONFIRM, variant="stop", visible=False, elem_id="confirm-delete")
-        file = gr.File(label="Your weights", interactive=False, height=90, elem_id="run-download")
+        file = gr.File(label="Your weights", file_count="multiple", interactive=False, height=110,
+                       elem_id="run-download")
     return RunActions(row, download, file, delete, confirm)
 
 

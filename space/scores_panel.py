@@ -75,12 +75,13 @@ def scores_frame(rows: Iterable[Mapping[str, Any]], pick: int | None = None) -> 
     )
 
 
-def summary(scores: RunScores, weights: int | None = None) -> str:
-    """The line under the chart: the pick and why, memorisation, the step the weights are from."""
+def summary(scores: RunScores, weights: int | None = None, running: bool = False) -> str:
+    """The line under the chart: the pick and why (while training: the best so far), memorisation, the step the
+    weights are from."""
     memorised = [
         (int(r["step"]), float(r["memorisation"]), float(r["memorisation_threshold"])) for r in scores.memorised
     ]
-    return texts.scores_line(scores.pick, scores.reason, memorised, weights)
+    return texts.scores_line(scores.pick, scores.reason, memorised, weights, running)
 
 
 def draw(snap: JobSnapshot, mine: bool) -> tuple[Any, ...]:
@@ -91,8 +92,8 @@ def draw(snap: JobSnapshot, mine: bool) -> tuple[Any, ...]:
     weights = weights_step(Path(snap.run_dir)) if snap.run_dir and not pending else None
     return (
         gr.update(visible=bool(scores.rows)),
-        gr.update(value=scores_frame(scores.rows, scores.pick), title=texts.scores_title(scores.pick)),
-        summary(scores, weights),
+        gr.update(value=scores_frame(scores.rows, scores.pick), title=texts.scores_title(scores.pick, pending)),
+        summary(scores, weights, pending),
         gr.update(visible=mine and scores.pick is not None, interactive=not pending),
         gr.update(visible=False, value=False),
     )

@@ -299,6 +299,9 @@ def eta_text(seconds: float | None) -> str:
     return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m {sec:02d}s"
 
 
+LOSS_RAW = "each step"
+LOSS_SMOOTHED = "smoothed"
+
 # The scores under the loss plot (space/scores_panel.py) and "Use this checkpoint".
 USE_CHECKPOINT_BUTTON = "Use this checkpoint"
 PICKED_SERIES = "picked"  # the chart's vertical line at the picked step
@@ -320,14 +323,21 @@ def would_lose_weights(now: int | None, step: int) -> str:
     )
 
 
-def scores_title(pick: int | None) -> str:
+def scores_title(pick: int | None, running: bool = False) -> str:
+    if running:
+        return f"Scores so far · best so far: step {pick}" if pick is not None else "Scores so far"
     return f"Scores · picked: step {pick}" if pick is not None else "Scores · no checkpoint picked"
 
 
-def scores_line(pick: int | None, reason: str, memorised: list[tuple[int, float, float]], weights: int | None) -> str:
-    """The pick and why, any checkpoint that copies a photo ((step, similarity, threshold) each), and the step
-    the run's weights are from."""
-    lines = [f"**Picked:** {reason}" if pick is not None else f"**No checkpoint picked:** {reason}"]
+def scores_line(pick: int | None, reason: str, memorised: list[tuple[int, float, float]], weights: int | None,
+                running: bool = False) -> str:
+    """The pick and why (while the run trains: the best so far, no verdict), any checkpoint that copies a photo
+    ((step, similarity, threshold) each), and the step the run's weights are from."""
+    if running:
+        lines = [f"**Best so far:** step {pick}; the pick comes when the training ends." if pick is not None else
+                 "**So far:** the subject is not learned yet; the pick comes when the training ends."]
+    else:
+        lines = [f"**Picked:** {reason}" if pick is not None else f"**No checkpoint picked:** {reason}"]
     if memorised:
         steps = ", ".join(str(step) for step, _, _ in memorised)
         worst = max(memorised, key=lambda m: m[1])

@@ -54,6 +54,7 @@ from trainer.publish.hub import HubError, check_repo_id, check_token, suggest_re
 
 log = logging.getLogger(__name__)
 MAX_PLOT_POINTS = 500
+LOSS_SMOOTHING = 0.9  # the moving average's weight on the steps before: a diffusion loss is noisy step to step
 # The form fields a new base model may set (space.hardware_fit.base_model_values), in on_base_model's order.
 BASE_MODEL_FIELDS = (
     "resolution",
@@ -306,12 +307,14 @@ def poll(deps: TrainDeps, last: PollState, request: gr.Request | None = None) ->
     same_job = now.job_id == last.job_id
     done = (snap.state in ("completed", "cancelled") or snap.publishing) and snap.run_dir
     others = texts.others_line(running, waiting) if not snap.queued else ""
-    return (
+    samples = None if same_job and now.n_samples == last.n_samples else sample_gallery(snap.samples)
+    warnings = None if same_job and now.n_warnings == last.n_warnings else "\n".join(map(snap.shown, snap.warnings))
+    return (  # the plot, the samples and the warnings show once there is something in them
         now,
         texts.job_status(snap) + (f"\n\n{others}" if others else ""),
-        _loss_frame(snap.losses),
-        gr.skip() if same_job and now.n_samples == last.n_samples else sample_gallery(snap.samples),
-        gr.skip() if same_job and now.n_warnings == last.n_warnings else "\n".join(map(snap.shown, snap.warnings)),
+        gr.update(value=loss_frame(snap.losses), visible=bool(snap.losses)),
+        gr.skip() if samples is None else gr.update(value=samples, visible=bool(samples)),
+        gr.skip() if warnings is None else gr.update(value=warnings, visible=bool(warnings)),
         snap.run_name if done else gr.skip(),
         gr.update(visible=snap.resumable) if now.resumable != last.resumable else gr.skip(),
         RunActions.shown(snap, now.mine),
@@ -341,15 +344,17 @@ def current_job(deps: TrainDeps, request: gr.Request | None = None) -> dict[str,
     return deps.jobs.view(_owner(deps, request)).as_dict()
 
 
-def _loss_frame(losses: tuple[tuple[int, float], ...]) -> pd.DataFrame:
-    points = list(losses)[:: max(1, len(losses) // MAX_PLOT_POINTS)]  # long runs: every k-th step
+def loss_frame(losses: tuple[tuple[int, float], ...]) -> pd.DataFrame:
+    """The loss plot's long table (step, loss, series): each step's loss, and its exponential moving average
+    (weight LOSS_SMOOTHING, debiased at the start, as TensorBoard smooths a curve), every k-th step of a long run."""
+    steps = pd.Series([p[0] for p in losses], dtype="int64")
+    raw = pd.Series([p[1] for p in losses], dtype="float64")
+    smooth = raw.ewm(alpha=1 - LOSS_SMOOTHING, adjust=True).mean()
+    every = max(1, len(losses) // MAX_PLOT_POINTS)  # long runs: every k-th step
+    frames = [pd.DataFrame({"step": steps, "loss": values, "series": name})[::every]
+              for values, name in ((raw, texts.LOSS_RAW), (smooth, texts.LOSS_SMOOTHED))]
     # Typed columns even when empty: the plot reads "quantitative" axes from the dtypes.
-    return pd.DataFrame(
-        {
-            "step": pd.Series([p[0] for p in points], dtype="int64"),
-            "loss": pd.Series([p[1] for p in points], dtype="float64"),
-        }
-    )
+    return pd.concat(frames, ignore_index=True).astype({"step": "int64", "loss": "float64", "series": "object"})
 
 
 # --- layout ---------------------------------------------------------------------------------
@@ -469,10 +474,12 @@ def _job_layout() -> _Job:
     status = gr.Markdown(texts.IDLE, elem_id="train-status")
     actions = run_actions.layout()
     with gr.Row():
-        loss_plot = gr.LinePlot(_loss_frame(()), x="step", y="loss", title="Loss", height=260, elem_id="loss-plot")
-        samples = gr.Gallery(label="Validation samples", columns=4, height=260, elem_id="train-samples")
+        loss_plot = gr.LinePlot(loss_frame(()), x="step", y="loss", color="series", title="Loss", height=260,
+                                visible=False, elem_id="loss-plot")
+        samples = gr.Gallery(label="Validation samples", columns=4, height=260, visible=False,
+                             elem_id="train-samples")
     scores = scores_panel.layout()
-    warnings = gr.Textbox(label="Warnings", lines=3, max_lines=8, interactive=False)
+    warnings = gr.Textbox(label="Warnings", lines=3, max_lines=8, interactive=False, visible=False)
     return _Job(
         start, cancel, resume, status, actions, loss_plot, samples, warnings, scores, gr.State(PollState()), gr.State(""),
         gr.Timer(1.0),

@@ -115,8 +115,8 @@ def test_score_events_fill_the_snapshot_and_the_panel_and_a_running_job_is_not_e
 
         seen, panel = drawn(deps, PollState(), "ann")
         assert panel["box"]["visible"] and len(panel["plot"]["value"]) == 9 + 2  # 3 series x 3 steps, the pick
-        assert panel["plot"]["title"] == "Scores · picked: step 2"
-        assert "**Picked:** step 2: still the best" in panel["line"]
+        assert panel["plot"]["title"] == "Scores so far · best so far: step 2"  # no verdict while it trains
+        assert "**Best so far:** step 2" in panel["line"] and "still the best" not in panel["line"]
         assert panel["use"]["visible"] and not panel["use"]["interactive"]  # its owner's, but still training
         assert all(isinstance(v, SKIP) for v in drawn(deps, seen, "ann")[1].values())  # nothing changed
         assert all(isinstance(v, SKIP) for v in drawn(deps, PollState(), "eve")[1].values())  # nothing of ann's
@@ -127,7 +127,9 @@ def test_score_events_fill_the_snapshot_and_the_panel_and_a_running_job_is_not_e
     finally:
         release.set()
         deps.jobs.wait(10)
-    assert drawn(deps, seen, "ann")[1]["use"]["interactive"]  # stopped: now it may be pressed
+    seen, panel = drawn(deps, seen, "ann")
+    assert panel["use"]["interactive"]  # stopped: now it may be pressed
+    assert panel["plot"]["title"] == "Scores · picked: step 2" and "**Picked:** step 2: still the best" in panel["line"]
 
 
 def drawn(deps: TrainDeps, last: PollState, name: str) -> tuple[PollState, dict]:

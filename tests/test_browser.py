@@ -175,13 +175,14 @@ def test_the_scores_show_under_the_loss_plot_in_a_browser(tmp_path: Path, tiny_m
         expect(page.locator("#scores-plot")).to_be_hidden()  # no scored run yet
         services.jobs.start(TrainConfig(output_dir=str(tmp_path / "runs" / "run"), max_train_steps=800,
                                         instance_prompt="sks"))
-        expect(page.locator("#scores-plot")).to_contain_text("Scores · picked: step 400")
-        expect(page.locator("#scores-line")).to_contain_text("Picked: step 400")
+        expect(page.locator("#scores-plot")).to_contain_text("Scores so far · best so far: step 400")
+        expect(page.locator("#scores-line")).to_contain_text("Best so far: step 400")  # no verdict yet
         expect(page.locator("#scores-line")).to_contain_text("Memorisation: at step 800")
         expect(page.locator("#use-checkpoint")).to_be_disabled()  # still training
         page.locator("#scores-plot").screenshot(path=str(ARTIFACTS / "scores.png"))
         release.set()
         expect(page.locator("#use-checkpoint")).to_be_enabled()
+        expect(page.locator("#scores-line")).to_contain_text("Picked: step 400")  # the run ended: the pick
         browser.close()
 
 

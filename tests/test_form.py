@@ -18,6 +18,7 @@ from space.form import (
     new_run_dir,
     preset_values,
     prompts_for,
+    with_article,
 )
 from space.hardware_fit import safe_defaults
 from space.presets import TOY_MODEL, model_settings
@@ -97,8 +98,13 @@ def test_presets_follow_the_training_spaces() -> None:
 
 
 def test_prompts_and_run_dirs(tmp_path: Path) -> None:
-    assert prompts_for("zwx", "backpack", "object") == ("a photo of zwx backpack", "a photo of backpack")
+    assert prompts_for("zwx", "backpack", "object") == ("a photo of zwx backpack", "a photo of a backpack")
     assert prompts_for("zwx", "painting", "style") == ("a painting in the style of zwx", "a painting")
+    assert prompts_for("zwx", "owl", "object") == ("a photo of zwx owl", "a photo of an owl")
+    assert prompts_for("zwx", "illustration", "style") == ("an illustration in the style of zwx", "an illustration")
+    articles = {noun: with_article(noun) for noun in ("unicorn", "house", "hour", "umbrella", "the Eiffel tower")}
+    assert articles == {"unicorn": "a unicorn", "house": "a house", "hour": "an hour",
+                        "umbrella": "an umbrella", "the Eiffel tower": "the Eiffel tower"}
     first = new_run_dir(tmp_path, "zwx / é")
     first.mkdir()
     second = new_run_dir(tmp_path, "zwx / é")

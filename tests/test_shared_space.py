@@ -22,7 +22,7 @@ import httpx
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from ui_fixtures import run_folder, serve_app, train_form
 
 from space import retention, texts
@@ -32,7 +32,7 @@ from space.visitors import COOKIE
 from trainer.config import TrainConfig
 from trainer.events import CancelToken, PhaseEvent, RunResult, SampleEvent, StepEvent
 from trainer.model_files import LORA_WEIGHTS
-from trainer.run_folder import sample_path, write_config, write_status
+from trainer.run_folder import KOHYA_LORA_WEIGHTS, sample_path, write_config, write_status
 
 REPO = Path(__file__).resolve().parents[1]
 USERS = [("ann", "ann-pass"), ("bob", "bob-pass")]
@@ -146,8 +146,10 @@ def test_on_a_space_a_second_visitor_gets_nothing_of_the_first(tmp_path: Path) -
         assert "is a path on this server" in answers[1]  # the asker's own words come back, nothing else
         assert probe_files(tmp_path / "runs", tmp_path, url) == {}
 
-        download = Path(ann.predict(api_name="/download"))  # the owner's weights, from the page's button
-        assert download.suffix == ".safetensors" and download.read_bytes() == (run_dir / LORA_WEIGHTS).read_bytes()
+        files = [Path(p) for p in ann.predict(api_name="/download")]  # the owner's weights, from the page's button
+        assert [f.name for f in files] == [f"{job['run']}.safetensors", f"{job['run']}-kohya.safetensors"]
+        assert files[0].read_bytes() == (run_dir / LORA_WEIGHTS).read_bytes()
+        assert load_file(files[1]).keys() == load_file(run_dir / KOHYA_LORA_WEIGHTS).keys()
         assert "Run deleted" in ann.predict(api_name="/delete_run") and not run_dir.exists()
 
 
@@ -196,8 +198,8 @@ def test_with_two_logins_each_has_only_their_own(tmp_path: Path, tiny_model_dir:
         assert probe_files(tmp_path / "runs", tmp_path, url, cookies=bob.cookies) == {}  # bob's login
         assert probe_files(tmp_path / "runs", tmp_path, url) == {}  # no login at all
 
-        download = Path(ann.predict(api_name="/download"))
-        assert download.read_bytes() == (run_dir / LORA_WEIGHTS).read_bytes()
+        download = [Path(p) for p in ann.predict(api_name="/download")]
+        assert [p.read_bytes() for p in download] == [(run_dir / LORA_WEIGHTS).read_bytes()]  # no kohya file here
         assert "Run deleted" in ann.predict(api_name="/delete_run") and not run_dir.exists()
 
 

@@ -59,15 +59,19 @@ def test_the_train_tabs_poll_redraws_only_what_changed(tmp_path: Path) -> None:
     assert cancel_training(deps) == texts.NOTHING_TO_CANCEL
 
     deps.jobs.start(TrainConfig(output_dir=str(tmp_path / "run"), max_train_steps=50, instance_prompt="sks"))
-    running, status, _, samples, warnings, finished, _, *_ = poll(deps, idle)
-    assert running.job_id == 1 and "step" in status and warnings == "careful"
-    assert samples == [] and isinstance(finished, type(gr.skip()))  # a new job: its samples redrawn, empty
+    running, status, plot, samples, warnings, finished, _, *_ = poll(deps, idle)
+    assert running.job_id == 1 and "step" in status and warnings == {"__type__": "update", "value": "careful",
+                                                                      "visible": True}
+    assert plot["visible"] and len(plot["value"]) == 2  # the first step: its loss and the moving average
+    assert samples["value"] == [] and not samples["visible"]  # a new job: its samples redrawn, none yet: hidden
+    assert isinstance(finished, type(gr.skip()))
     assert cancel_training(deps) == "Cancelling at the next step…"
     release.set()
     deps.jobs.wait(10)
     done, status, _, samples, warnings, finished, _, *_ = poll(deps, running)
     assert "Cancelled" in status and isinstance(warnings, type(gr.skip()))
-    assert [(image.size, caption) for image, caption in samples] == [((8, 8), "step 1")]  # images, not paths
+    assert [(image.size, caption) for image, caption in samples["value"]] == [((8, 8), "step 1")]  # images
+    assert samples["visible"]
     assert finished == "run"  # the run by name, for the Generate and Publish lists
 
 
@@ -103,3 +107,32 @@ def test_start_refuses_a_repo_id_the_hub_refuses_in_hubs_words(
         start_training(deps, **form_values(four_images), **publish)
     assert start.value.message == str(hub.value) and SECRET not in start.value.message
     assert deps.jobs.snapshot().state == "idle"  # nothing queued, nothing trained
+
+
+def test_the_loss_plot_shows_each_step_and_a_debiased_moving_average() -> None:
+    from space.train_tab import loss_frame
+
+    noisy = tuple((step, 0.3 + (0.2 if step % 2 else -0.2)) for step in range(1, 101))
+    frame = loss_frame(noisy)
+    raw, smooth = (frame[frame["series"] == name]["loss"].to_numpy() for name in (texts.LOSS_RAW, texts.LOSS_SMOOTHED))
+    assert len(raw) == len(smooth) == 100 and raw[0] == smooth[0]  # debiased: it starts where the loss starts
+    assert abs(smooth[-1] - 0.3) < 0.02 and smooth[50:].std() < 0.1 * raw[50:].std()  # the noise averaged away
+    assert len(loss_frame(tuple((s, 1.0) for s in range(5000)))) <= 2 * 500 + 2  # a long run: every k-th step
+
+
+def test_samples_reach_the_page_as_images_captioned_with_their_step_and_prompt(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from space.run_actions import sample_gallery
+    from trainer.config import TrainConfig
+    from trainer.run_folder import sample_path, write_config
+
+    write_config(tmp_path, TrainConfig(validation_prompts=("a photo of zwx dog", "zwx dog on the moon")))
+    paths = [sample_path(tmp_path, step, prompt, 0) for step in (100, 200) for prompt in (0, 1)]
+    for path in paths:
+        path.parent.mkdir(exist_ok=True)
+        Image.new("RGB", (8, 8)).save(path)
+    shown = sample_gallery([str(p) for p in paths] + [str(tmp_path / "samples" / "gone.png")])
+    assert [caption for _, caption in shown] == ["step 100 · a photo of zwx dog", "step 100 · zwx dog on the moon",
+                                                 "step 200 · a photo of zwx dog", "step 200 · zwx dog on the moon"]
+    assert all(isinstance(image, Image.Image) for image, _ in shown)
