@@ -228,3 +228,33 @@ def test_the_shipped_accelerate_configs_load_as_accelerate_reads_them(name, kind
         assert config.deepspeed_config["zero_stage"] == 2 and config.deepspeed_config["offload_optimizer_device"] == "cpu"
     if kind == "FSDP":  # the engine gathers weights with FSDP1's summon_full_params; LoRA needs orig params
         assert config.fsdp_config["fsdp_version"] == 1 and config.fsdp_config["fsdp_use_orig_params"] is True
+
+
+def test_the_eta_counts_the_checkpoints_scorings_and_samplings_to_come_and_does_not_rise() -> None:
+    """A run of 100 steps at 0.1 s, a scored checkpoint every 50 (2 s, as the base model's scoring took) and 4
+    validation images every 25 steps: the ETA is the steps left plus what is still to come, from the first
+    timed step on, and it never rises while the machine's pace holds."""
+    from types import SimpleNamespace
+
+    from trainer.loop import StepLog, upcoming
+
+    config = TrainConfig(max_train_steps=100, checkpointing_steps=50, score_checkpoints=True, score_samples=2,
+                         score_inference_steps=10, validation_prompts=("a", "b"), num_validation_images=2,
+                         validation_steps=25, validation_inference_steps=5)
+    assert upcoming(config, 0) == {"checkpoint": 2, "sample": 4}
+    assert upcoming(config.replace(max_train_steps=120), 100) == {"checkpoint": 1, "sample": 0}  # the last, scored
+    scorer = SimpleNamespace(images_per_checkpoint=8)  # 2 images x (the two fidelity prompts + 2 recontexts)
+    log = StepLog(SimpleNamespace(config=config, scoring=SimpleNamespace(last_seconds=2.0, scorer=scorer),
+                                  is_main=False), first_step=0)
+    per_image_step = 2.0 / (8 * 10)
+    etas = []
+    for step in range(1, 101):
+        etas.append(log.eta(step, 0.5 if step == 1 else 0.1))  # the first step warms up
+        if step % 50 == 0:
+            log.took("checkpoint", 2.0)
+        if step % 25 == 0:
+            log.took("sample", per_image_step * 4 * 5)
+    assert etas[0] is None
+    assert etas[1] == pytest.approx(98 * 0.1 + 2 * 2.0 + 4 * 0.5)  # 98 steps, 2 scored checkpoints, 4 samplings
+    assert all(later <= earlier + 1e-9 for earlier, later in zip(etas[1:], etas[2:], strict=False))
+    assert etas[-1] == pytest.approx(0.0)

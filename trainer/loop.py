@@ -372,6 +372,16 @@ def continue_batches(run: Run, batches: BatchSource, state: ckpt.TrainingState) 
                  "next sample and the learning-rate schedule by step.")
 
 
+def upcoming(config: TrainConfig, step: int) -> dict[str, int]:
+    """How many checkpoints and validation samplings are still to come after `step` (as train_loop makes them)."""
+    later = range(step + 1, config.max_train_steps + 1)
+    checkpoints = sum(1 for s in later if s % config.checkpointing_steps == 0)
+    if config.score_checkpoints and config.max_train_steps > step and config.max_train_steps % config.checkpointing_steps:
+        checkpoints += 1  # with scores on, the last step is a checkpoint too
+    samples = sum(1 for s in later if s % config.validation_steps == 0) if config.validation_prompts else 0
+    return {"checkpoint": checkpoints, "sample": samples}
+
+
 # --- 8. the loop ----------------------------------------------------------------------------
 def train_loop(run: Run, parts: Components, model: Trainables, batches: BatchSource,
                embeddings: PromptEmbeddings, state: ckpt.TrainingState, last_checkpoint: Path | None) -> Outcome:
@@ -396,17 +406,21 @@ def train_loop(run: Run, parts: Components, model: Trainables, batches: BatchSou
             # With scores on, the last step is a checkpoint too: every scored step can be exported.
             last_scored = config.score_checkpoints and step == config.max_train_steps
             if step % config.checkpointing_steps == 0 or outcome.cancelled or last_scored:
+                began = time.monotonic()
                 state = ckpt.TrainingState(step, te_frozen, samples_seen=batches.samples_seen(step))
                 outcome.checkpoint = save_checkpoint(run, model, state) or outcome.checkpoint
                 if not outcome.cancelled:
                     with run.unparked_parts():
                         score_weights(run, parts, model, step, when=True)
+                log.took("checkpoint", time.monotonic() - began)
             if outcome.cancelled:
                 break
             if config.validation_prompts and step % config.validation_steps == 0:
+                began = time.monotonic()
                 with sharded.whole_weights(run.accelerator, model.modules()), run.unparked_parts():
                     if run.is_main:
                         outcome.samples += sample(run, parts, model, step, log)
+                log.took("sample", time.monotonic() - began)
     return outcome
 
 
@@ -508,15 +522,30 @@ def last_finite_checkpoint(run_dir: Path) -> tuple[Path | None, list[Path]]:
     return None, removed
 
 
+ETA_WINDOW = 50  # the recent steps whose mean time predicts the rest: it follows a change of load
+
+
 class StepLog:
-    """Reports each step: metrics.jsonl (main process), the trackers, and a StepEvent with an ETA."""
+    """Reports each step: metrics.jsonl (main process), the trackers, and a StepEvent with an ETA that counts
+    what is left of everything: the steps at their recent measured time, and the checkpoints (with their
+    scoring) and validation samplings still to come at what the last of each took (scoring at the base
+    model's measured cost until a checkpoint is scored; a sampling, until one is timed, at the scoring's
+    cost per image and denoising step)."""
 
     def __init__(self, run: Run, first_step: int) -> None:
         self.run = run
         self.first_step = first_step
         self.trackers_on = run.config.report_to != "none"
         self.metrics = None
-        self.started, self.steps_timed = time.monotonic(), 0
+        self.step_seconds: list[float] = []
+        self.costs: dict[str, float] = {}  # seconds of the last "checkpoint" (with its scoring) and "sample"
+        scoring = getattr(run, "scoring", None)
+        if scoring is not None and scoring.last_seconds is not None:
+            self.costs["checkpoint"] = scoring.last_seconds
+            per_image_step = scoring.last_seconds / (scoring.scorer.images_per_checkpoint
+                                                     * run.config.score_inference_steps)
+            images = len(run.config.validation_prompts) * run.config.num_validation_images
+            self.costs["sample"] = per_image_step * images * run.config.validation_inference_steps
 
     def __enter__(self) -> StepLog:
         if self.run.is_main:
@@ -527,18 +556,22 @@ class StepLog:
         if self.metrics is not None:
             self.metrics.close()
 
-    def eta(self, step: int) -> float | None:
-        """Seconds left, from the mean step time so far; the first step pays for warm-up, so it is left out."""
+    def took(self, kind: str, seconds: float) -> None:
+        """A checkpoint ("checkpoint", its scoring included) or a validation sampling ("sample") took `seconds`."""
+        self.costs[kind] = seconds
+
+    def eta(self, step: int, seconds: float) -> float | None:
+        """Seconds left after `step` (which took `seconds`); the first step pays for warm-up, so it is left out."""
         if step > self.first_step + 1:
-            self.steps_timed += 1
-        else:
-            self.started = time.monotonic()
-        if not self.steps_timed:
+            self.step_seconds.append(seconds)
+        if not self.step_seconds:
             return None
-        return (time.monotonic() - self.started) / self.steps_timed * (self.run.config.max_train_steps - step)
+        recent = self.step_seconds[-ETA_WINDOW:]
+        left = sum(recent) / len(recent) * (self.run.config.max_train_steps - step)
+        return left + sum(self.costs.get(kind, 0.0) * count for kind, count in upcoming(self.run.config, step).items())
 
     def record(self, step: int, loss: LossParts, images: list[int], lr: float, seconds: float) -> None:
-        eta = self.eta(step)
+        eta = self.eta(step, seconds)
         record = {"step": step, **self.gathered(loss, images), "lr": lr, "seconds": seconds}
         if self.metrics is not None:
             self.metrics.write(json.dumps(record) + "\n")

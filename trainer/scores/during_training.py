@@ -38,6 +38,7 @@ class Scoring:
     warn: Callable[[str], None]
     autocast: Callable[[], contextlib.AbstractContextManager]
     pick: Pick = field(default_factory=lambda: Pick(None, "no checkpoint scored yet"))
+    last_seconds: float | None = None  # what the last scoring took (the ETA's cost of one)
 
     @classmethod
     def start(cls, config: TrainConfig, photos: Sequence[Path], run_dir: Path, device: torch.device,
@@ -76,6 +77,7 @@ class Scoring:
             row = self.scorer.score(pipe, step, self.autocast,
                                     lambda done, total: self.emit(ProgressEvent("scoring", done, total)))
         append_scores(self.run_dir, row)
+        self.last_seconds = float(row["seconds"])
         self.pick = pick_from_rows(read_scores(self.run_dir), ckpt.checkpoint_steps(self.run_dir))
         self.emit(ScoreEvent(step, row, self.pick.step, self.pick.reason))
         if row["memorised"] and step:
