@@ -66,6 +66,8 @@ def example_form(images: Sequence[str], base_model: str = TOY_MODEL) -> dict[str
         validation_prompt=EXAMPLE_PROMPTS[1],
         score_checkpoints=True,
         checkpointing_steps=checkpoint_every(config.max_train_steps),
+        # Sampled where it is scored: the samples of the picked step are there to look at.
+        validation_steps=checkpoint_every(config.max_train_steps),
     )
     return values
 

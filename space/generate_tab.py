@@ -26,7 +26,7 @@ from PIL import Image
 
 from space import texts
 from space.errors import error_message
-from space.example import suggested_prompts
+from space.example import TOY_PROMPTS, suggested_prompts
 from space.fair_use import FairUseError
 from space.hardware import Hardware
 from space.jobs import JobManager
@@ -51,7 +51,6 @@ from trainer.run_folder import read_status, run_family, run_kind, try_read_confi
 log = logging.getLogger(__name__)
 MAX_SEED = 2**31 - 1  # the dice's range; the engine takes any seed below 2**63
 DEFAULTS = GenerateRequest(prompt="")  # the engine's defaults, which the widgets start from
-DEFAULT_PROMPT = "a photo of zwx dog"
 
 
 @dataclass(frozen=True)
@@ -264,7 +263,7 @@ def build_generate_tab(deps: GenerateDeps) -> GenerateTab:
                 )
                 reload = gr.Button("↻ Refresh", scale=1, size="sm")
             prompt = gr.Textbox(
-                instance_prompt_of(first) or DEFAULT_PROMPT, label="Prompt", lines=2, elem_id="generate-prompt"
+                TOY_PROMPTS[0], label="Prompt", lines=2, elem_id="generate-prompt"  # what the first model draws
             )
             suggestions = gr.Dropdown(
                 suggestions0,

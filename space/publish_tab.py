@@ -114,7 +114,8 @@ def build_publish_tab(runs: RunSpace, jobs: JobManager) -> PublishTab:
         gr.LoginButton()
     with gr.Row():
         # Custom values: an API client names its run; publish_run finds it among its own or refuses it.
-        run = gr.Dropdown(choices=[], value=None, allow_custom_value=True, label="Run", scale=4)
+        run = gr.Dropdown(choices=[], value=None, allow_custom_value=True, label="Run", scale=4,
+                          elem_id="publish-run")
         refresh = gr.Button("Refresh", scale=0)
     with gr.Row():
         repo = gr.Textbox(value="", label="Repo name", info=texts.PUBLISH_REPO_HELP, scale=4)

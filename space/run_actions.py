@@ -58,20 +58,26 @@ class RunActions:
         return gr.update(visible=bool(mine and snap.run_dir and not snap.pending))
 
 
-def sample_gallery(paths: Sequence[str]) -> list[tuple[Image.Image, str]]:
-    """The validation samples as images (never as server paths), each captioned with its step and prompt."""
-    captions: dict[str, str] = {}
+def sample_gallery(paths: Sequence[str], picked: int | None = None) -> list[tuple[Image.Image, str]]:
+    """The validation samples as images (never as server paths), each captioned with its step and prompt. With
+    the run's `picked` step (once it has ended), that step's samples come first, marked, then the last step's."""
+    captions: dict[str, tuple[int, str]] = {}
     for run_dir in {Path(p).parent.parent for p in paths}:
         config = try_read_config(run_dir)
         prompts = config.validation_prompts if config is not None else ()
         for sample in list_sample_files(run_dir):
             prompt = prompts[sample.prompt_index] if 0 <= sample.prompt_index < len(prompts) else None
-            captions[str(sample.path)] = f"step {sample.step}" + (f" · {prompt}" if prompt else "")
+            mark = " (picked)" if sample.step == picked else ""
+            captions[str(sample.path)] = (sample.step, f"step {sample.step}{mark}" + (f" · {prompt}" if prompt else ""))
+    if picked is not None:
+        last = max((captions[p][0] for p in paths if p in captions), default=None)
+        first = {picked: 0, last: 1}
+        paths = sorted(paths, key=lambda p: first.get(captions.get(p, (None,))[0], 2))  # stable: steps in order
     shown = []
     for path in paths:
         try:
             with Image.open(path) as image:
-                shown.append((image.copy(), captions.get(path, Path(path).stem)))
+                shown.append((image.copy(), captions[path][1] if path in captions else Path(path).stem))
         except OSError:  # deleted with its run, or still being written: the next poll has it
             continue
     return shown

@@ -163,7 +163,8 @@ def others_line(running: int, waiting: int) -> str:
     return f"Other visitors: {' and '.join(parts)}." if parts else ""
 EXAMPLE_HELP = (
     "Five pictures of a star painted half yellow, half purple: a subject the toy model cannot draw "
-    "from text. The button loads them and the settings that teach it in a few minutes on a CPU."
+    "from text. The button loads them and the settings that teach it: about 2 minutes on a 2-core CPU, "
+    "scoring included."
 )
 
 LORA_RANK_HELP = "Size of the LoRA: higher learns more detail, in a bigger file. Empty: the base model's default."

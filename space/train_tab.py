@@ -307,7 +307,9 @@ def poll(deps: TrainDeps, last: PollState, request: gr.Request | None = None) ->
     same_job = now.job_id == last.job_id
     done = (snap.state in ("completed", "cancelled") or snap.publishing) and snap.run_dir
     others = texts.others_line(running, waiting) if not snap.queued else ""
-    samples = None if same_job and now.n_samples == last.n_samples else sample_gallery(snap.samples)
+    picked = snap.scores.pick if not snap.pending else None  # marked once the run has ended
+    redraw = not same_job or now.n_samples != last.n_samples or not now.same_scores(last)
+    samples = sample_gallery(snap.samples, picked) if redraw else None
     warnings = None if same_job and now.n_warnings == last.n_warnings else "\n".join(map(snap.shown, snap.warnings))
     return (  # the plot, the samples and the warnings show once there is something in them
         now,

@@ -24,6 +24,7 @@ from trainer.toyworld import EXAMPLE_CLASS_PROMPT, EXAMPLE_SETTINGS, TOY_MODEL_L
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 README_PICTURE = Path(__file__).resolve().parents[1] / "docs" / "app.png"
+IMAGES = Path(__file__).resolve().parents[1] / "docs" / "images"
 CHROMIUM_ARGS = [
     "--no-sandbox",
     "--disable-gpu",
@@ -125,6 +126,87 @@ def test_train_then_generate_in_a_browser(tmp_path: Path, tiny_model_dir: Path, 
         expect(page.locator("#class-prompt textarea")).to_have_value(EXAMPLE_CLASS_PROMPT)
         browser.close()
     assert (ARTIFACTS / "train-tab.png").stat().st_size > 0 and (ARTIFACTS / "generate-tab.png").stat().st_size > 0
+
+
+def test_the_example_start_to_finish_in_a_browser(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """A new visitor's first minutes on the shipped toy model: Try the example, Start, "so far" scores while it
+    trains, then the pick, step-labelled samples, Download (the file loads in plain diffusers), and a page opened
+    afterwards lists the run for Publish, whose API reaches the token check. With UPDATE_SCREENSHOTS=1 the
+    page at start, mid-run and done, at 1400 and 390 px, goes to docs/images/."""
+    from gradio_client import Client
+    from playwright.sync_api import expect, sync_playwright
+
+    from space.visitors import COOKIE
+    from trainer.toyworld import TOY_MODEL_DIR
+
+    with serve_app(tmp_path, tiny_model_dir, toy_dir=TOY_MODEL_DIR) as (url, _), sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        context = browser.new_context(viewport={"width": 1400, "height": 1000})
+        page = context.new_page()
+        page.set_default_timeout(60_000)
+        page.goto(url)
+        expect(page.locator("#loss-plot")).to_be_hidden()  # nothing ran yet: no empty boxes
+        _pictures(page, "start")
+        page.locator("#try-example").click()
+        expect(page.locator("#image-count")).to_contain_text("5 photos")
+        page.locator("#start-training").click()
+        expect(page.locator("#scores-line")).to_contain_text(re.compile("so far", re.IGNORECASE), timeout=300_000)
+        expect(page.locator("#train-status")).to_contain_text("Training")  # no verdict while it trains
+        _pictures(page, "running")
+        expect(page.locator("#train-status")).to_contain_text("Completed", timeout=600_000)
+        expect(page.locator("#scores-line")).to_contain_text(re.compile("Picked: step|No checkpoint picked"))
+        expect(page.locator("#train-samples")).to_contain_text(re.compile(r"step \d+ · "))  # step and prompt
+        _pictures(page, "done")
+
+        page.locator("#download-run").click()
+        link = page.locator("#run-download a").first
+        expect(link).to_contain_text(".safetensors")
+        weights = tmp_path / "download" / "pytorch_lora_weights.safetensors"
+        weights.parent.mkdir()
+        weights.write_bytes(page.request.get(link.get_attribute("href")).body())
+        _loads_in_plain_diffusers(TOY_MODEL_DIR, weights.parent)
+
+        later = context.new_page()  # a page opened after the training, in the same browser
+        later.goto(url)
+        later.get_by_role("tab", name="Publish").click()
+        run = _listed_run(later)
+        cookie = {c["name"]: c["value"] for c in context.cookies()}[COOKIE]
+        client = Client(url, verbose=False, httpx_kwargs={"cookies": {COOKIE: cookie}})
+        with pytest.raises(Exception, match="No Hugging Face token"):  # the run is found; the token is next
+            client.predict(run, "zwx-star", True, "", api_name="/publish")
+        browser.close()
+
+
+def _listed_run(page) -> str:
+    """The run the Publish tab's list preselects, by name (its label is "<name> (LoRA)")."""
+    from playwright.sync_api import expect
+
+    field = page.locator("#publish-run input")
+    expect(field).to_have_value(re.compile(r"^\d{8}-\d{6}-"))
+    return field.input_value().split(" ")[0]
+
+
+def _pictures(page, moment: str) -> None:
+    """With UPDATE_SCREENSHOTS=1: the page at `moment`, 1400 and 390 px wide, into docs/images/."""
+    if os.environ.get("UPDATE_SCREENSHOTS") != "1":
+        return
+    IMAGES.mkdir(exist_ok=True)
+    for width, height in ((1400, 1000), (390, 844)):
+        page.set_viewport_size({"width": width, "height": height})
+        page.wait_for_timeout(500)  # the layout settles
+        page.screenshot(path=str(IMAGES / f"{moment}-{width}.png"), full_page=True)
+    page.set_viewport_size({"width": 1400, "height": 1000})
+
+
+def _loads_in_plain_diffusers(base: Path, lora_folder: Path) -> None:
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None)
+    pipe.load_lora_weights(lora_folder)
+    image = pipe("a photo of sks star", num_inference_steps=2, height=32, width=32,
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (32, 32)
 
 
 def test_picking_sdxl_on_a_16gb_card_sets_its_presets_and_the_memory_note(tmp_path: Path, toy_stand_in: Path) -> None:

@@ -136,3 +136,17 @@ def test_samples_reach_the_page_as_images_captioned_with_their_step_and_prompt(t
     assert [caption for _, caption in shown] == ["step 100 · a photo of zwx dog", "step 100 · zwx dog on the moon",
                                                  "step 200 · a photo of zwx dog", "step 200 · zwx dog on the moon"]
     assert all(isinstance(image, Image.Image) for image, _ in shown)
+
+
+def test_the_picked_steps_samples_come_first_beside_the_last_steps(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from space.run_actions import sample_gallery
+    from trainer.run_folder import sample_path
+
+    paths = [sample_path(tmp_path, step, 0, 0) for step in (200, 400, 600, 800)]
+    for path in paths:
+        path.parent.mkdir(exist_ok=True)
+        Image.new("RGB", (8, 8)).save(path)
+    shown = [caption for _, caption in sample_gallery([str(p) for p in paths], picked=400)]
+    assert shown == ["step 400 (picked)", "step 800", "step 200", "step 600"]
