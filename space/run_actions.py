@@ -153,18 +153,20 @@ def layout() -> RunActions:
             download = gr.Button("Download weights", elem_id="download-run")
             delete = gr.Button("Delete this run", variant="stop", elem_id="delete-run")
             confirm = gr.Button(texts.DELETE_CONFIRM, variant="stop", visible=False, elem_id="confirm-delete")
-        file = gr.File(label="Your weights", file_count="multiple", interactive=False, height=110,
-                       elem_id="run-download")
+        file = gr.File(label="Your weights", file_count="multiple", interactive=False, visible=False,
+                       elem_id="run-download")  # shown once there is something to download
     return RunActions(row, download, file, delete, confirm)
 
 
 def wire(actions: RunActions, jobs: JobManager, status: gr.Markdown) -> None:
     """Download (also the API's /download), and Delete behind a second, confirming button (/delete_run)."""
 
-    actions.download.click(bind(download_run, jobs), None, actions.file, api_name="download", **CONTROL)
+    actions.download.click(bind(download_run, jobs), None, actions.file, api_name="download", **CONTROL).then(
+        lambda: gr.update(visible=True), None, actions.file, **PRIVATE)
     actions.delete.click(lambda: gr.update(visible=True), None, actions.confirm, **PRIVATE)
     actions.confirm.click(bind(delete_run, jobs), None, status, api_name="delete_run", **CONTROL).then(
-        lambda: (gr.update(visible=False), None), None, [actions.confirm, actions.file], **PRIVATE)
+        lambda: (gr.update(visible=False), gr.update(value=None, visible=False)), None, [actions.confirm, actions.file],
+        **PRIVATE)
 
 
 class PlainFileRefusal:

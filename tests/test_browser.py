@@ -159,8 +159,8 @@ def test_the_example_start_to_finish_in_a_browser(tmp_path: Path, tiny_model_dir
         _pictures(page, "done")
 
         page.locator("#download-run").click()
-        link = page.locator("#run-download a").first
-        expect(link).to_contain_text(".safetensors")
+        link = page.locator("#run-download a[download$='.safetensors']").first
+        expect(link).to_be_visible()
         weights = tmp_path / "download" / "pytorch_lora_weights.safetensors"
         weights.parent.mkdir()
         weights.write_bytes(page.request.get(link.get_attribute("href")).body())
