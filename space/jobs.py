@@ -416,8 +416,7 @@ class JobManager:
             else:
                 mark_run(job.config, "failed", job.snapshot.step)
             resumable = not refused and is_run(Path(config.output_dir))
-            self._update(job, state="failed", error=error_message(err, not self.private), message="",
-                         resumable=resumable)
+            self._update(job, state="failed", error=error_message(err, not self.private), message="", resumable=resumable)
             return None
         else:
             publishing = job.publish is not None and not result.cancelled

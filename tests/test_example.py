@@ -27,9 +27,12 @@ def test_the_example_fills_the_form_with_what_example_config_trains(tmp_path: Pa
     )
     expected = example_config("/models/toy", tmp_path / "example", config.output_dir).to_dict()
     differ = {field for field, value in config.to_dict().items() if expected[field] != value}
-    # Files rather than their folder; one sample prompt; scored like the app's runs, at four checkpoints.
-    assert differ == {"instance_data", "validation_prompts", "score_checkpoints", "checkpointing_steps"}
+    # Files rather than their folder; one sample prompt; scored like the app's runs, at four checkpoints, and
+    # sampled at those checkpoints.
+    assert differ == {"instance_data", "validation_prompts", "score_checkpoints", "checkpointing_steps",
+                      "validation_steps"}
     assert config.score_checkpoints and config.checkpointing_steps == config.max_train_steps // 4
+    assert config.validation_steps == config.checkpointing_steps
     assert config.instance_data == tuple(photos) and config.validation_prompts == (EXAMPLE_PROMPTS[1],)
 
 

@@ -59,14 +59,14 @@ def test_a_shared_app_refuses_models_and_runs_outside_its_folders(
     images = [handle_file(str(p)) for p in sorted(subject_images.glob("*.png"))]
     with serve_app(tmp_path, tiny_model_dir, confined=True) as (url, services):
         client = Client(url, verbose=False)
-        with pytest.raises(Exception, match=r"`base_model`: '.*elsewhere/model' is a path on this server"):
+        with pytest.raises(Exception, match=r"`base_model`: 'model' is a path on this server"):  # no server path
             client.predict(images=images, **train_form(str(outside)), api_name="/train")
         assert services.jobs.snapshot().state == "idle"
         runs = tmp_path / "runs"
         assert not runs.exists() or not any(runs.iterdir()), "a refused training left something behind"
 
         generate = ["a photo of sks square", "", 5.0, 2, "DDIM", 0, 32, 32, 1, 1.0]
-        with pytest.raises(Exception, match=r"`model`: '.*elsewhere/model' is a path on this server"):
+        with pytest.raises(Exception, match=r"`model`: 'model' is a path on this server"):
             client.predict(str(outside), *generate, api_name="/generate")
         gallery = client.predict(str(tiny_model_dir), *generate, api_name="/generate")  # the toy model is allowed
         assert len(gallery) == 1 and os.path.isfile(gallery[0]["image"])
