@@ -102,6 +102,7 @@ class _Job:
     process: TrainingProcess | None = None
     timed_out: bool = False  # cancelled by the app at the shared app's time cap
     keep_photos: bool = True  # False: the copies of the photos go once the training completes
+    phase_began: dict[str, float] = field(default_factory=dict)  # when each progress phase began: its ETA
 
     @property
     def job_id(self) -> int:
@@ -481,6 +482,7 @@ class JobManager:
         if job.process is not None and snap.pid is None and job.process.pid is not None:
             self._update(job, pid=job.process.pid)
         if isinstance(event, PhaseEvent):
+            job.phase_began.setdefault(event.phase, time.monotonic())
             self._update(job, phase=event.phase, message=event.message or event.phase.capitalize())
         elif isinstance(event, StepEvent):
             if event.eta_seconds is not None and event.total > event.step:
@@ -496,7 +498,10 @@ class JobManager:
             with self._lock:
                 self._estimate()
         elif isinstance(event, ProgressEvent):
-            self._update(job, phase=event.phase, message=f"{event.phase}: {event.done}/{event.total}")
+            began = job.phase_began.setdefault(event.phase, time.monotonic())
+            left = (time.monotonic() - began) / event.done * (event.total - event.done) if event.done else None
+            more = f" · about {texts.eta_text(left)} left" if left is not None and event.done < event.total else ""
+            self._update(job, phase=event.phase, message=f"{event.phase}: {event.done}/{event.total}{more}")
         elif isinstance(event, SampleEvent):
             self._update(job, samples=(*snap.samples, *map(str, event.paths)))
         elif isinstance(event, CheckpointEvent):

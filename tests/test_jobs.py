@@ -42,3 +42,22 @@ def test_job_manager_raises_engine_errors_from_start(tmp_path: Path) -> None:
         jobs.start(TrainConfig(output_dir=str(tmp_path)))
     assert jobs.snapshot().state == "failed" and jobs.snapshot().error == "`mixed_precision` fp16 needs a CUDA GPU"
     assert not jobs.snapshot().active  # a failed job does not block the next one
+
+
+def test_a_phase_with_progress_says_about_how_long_it_has_left(tmp_path: Path) -> None:
+    from trainer.events import PhaseEvent, ProgressEvent, RunResult
+
+    seen = []
+
+    def train(config: TrainConfig, on_event, cancel) -> RunResult:
+        on_event(PhaseEvent("class-images", "Preparing 4 class images"))
+        for done in range(1, 5):
+            on_event(ProgressEvent("class-images", done, 4))
+            seen.append(jobs.snapshot().message)
+        return RunResult(Path(config.output_dir), "completed", 0, 1, None, None)
+
+    jobs = JobManager(train, gpu_count=0)
+    jobs.start(TrainConfig(output_dir=str(tmp_path / "run"), max_train_steps=1, instance_prompt="sks"))
+    jobs.wait(10)
+    assert seen[0].startswith("class-images: 1/4 · about ") and seen[0].endswith(" left")
+    assert seen[-1] == "class-images: 4/4"  # done: nothing left to estimate
