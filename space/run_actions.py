@@ -36,6 +36,7 @@ from trainer.run_folder import (
     WEIGHTS_STAGING,
     list_sample_files,
     run_kind,
+    scored_images,
     try_read_config,
 )
 
@@ -60,8 +61,11 @@ class RunActions:
 
 def sample_gallery(paths: Sequence[str], picked: int | None = None) -> list[tuple[Image.Image, str]]:
     """The validation samples as images (never as server paths), each captioned with its step and prompt. With
-    the run's `picked` step (once it has ended), that step's samples come first, marked, then the last step's."""
+    the run's `picked` step (once it has ended): first what the scorer drew at that step (the images its pick
+    was read from, which a validation prompt's sample may not show as well), then that step's samples, marked,
+    then the last step's, then the rest."""
     captions: dict[str, tuple[int, str]] = {}
+    scored: list[tuple[str, str]] = []
     for run_dir in {Path(p).parent.parent for p in paths}:
         config = try_read_config(run_dir)
         prompts = config.validation_prompts if config is not None else ()
@@ -69,15 +73,18 @@ def sample_gallery(paths: Sequence[str], picked: int | None = None) -> list[tupl
             prompt = prompts[sample.prompt_index] if 0 <= sample.prompt_index < len(prompts) else None
             mark = " (picked)" if sample.step == picked else ""
             captions[str(sample.path)] = (sample.step, f"step {sample.step}{mark}" + (f" · {prompt}" if prompt else ""))
+        if picked is not None and config is not None:
+            scored += [(str(path), f"step {picked} (picked), as scored · {config.instance_prompt}")
+                       for path in scored_images(run_dir, picked)]
     if picked is not None:
         last = max((captions[p][0] for p in paths if p in captions), default=None)
         first = {picked: 0, last: 1}
         paths = sorted(paths, key=lambda p: first.get(captions.get(p, (None,))[0], 2))  # stable: steps in order
     shown = []
-    for path in paths:
+    for path, caption in [*scored, *((p, captions[p][1] if p in captions else Path(p).stem) for p in paths)]:
         try:
             with Image.open(path) as image:
-                shown.append((image.copy(), captions[path][1] if path in captions else Path(path).stem))
+                shown.append((image.copy(), caption))
         except OSError:  # deleted with its run, or still being written: the next poll has it
             continue
     return shown

@@ -17,6 +17,7 @@ from ui_fixtures import CPU, GPU16, TINY_TRAINING, publishing, run_folder, serve
 
 from space.presets import TOY_MODEL
 from trainer.config import ConfigError
+from trainer.run_folder import scored_images
 from trainer.toyworld import EXAMPLE_PROMPTS, EXAMPLE_SETTINGS, TOY_MODEL_DIR, TOY_MODEL_LABEL
 
 
@@ -184,6 +185,8 @@ def test_the_example_trains_on_the_toy_model_through_the_api(tmp_path: Path, tin
         run_dir = run_folder(services.runs_dir, job["run"])
         run = TrainConfig.load(run_dir / "config.json")
         assert Path(run.pretrained_model) == TOY_MODEL_DIR and run.lora_rank == EXAMPLE_SETTINGS["lora_rank"]
+        # What the scorer drew of the instance prompt at each scored step stays beside the scores (not the base's).
+        assert len(scored_images(run_dir, 4)) == run.score_samples and not scored_images(run_dir, 0)
         gallery = client.predict(
             job["run"], EXAMPLE_PROMPTS[1], "", 5.0, 2, "DDIM", 0, 32, 32, 1, 1.0, api_name="/generate"
         )

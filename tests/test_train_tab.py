@@ -139,14 +139,21 @@ def test_samples_reach_the_page_as_images_captioned_with_their_step_and_prompt(t
 
 
 def test_the_picked_steps_samples_come_first_beside_the_last_steps(tmp_path: Path) -> None:
+    """Once the run has ended: what the scorer drew at the picked step (its pick's evidence), that step's samples,
+    then the last step's, then the rest."""
     from PIL import Image
 
     from space.run_actions import sample_gallery
-    from trainer.run_folder import sample_path
+    from trainer.config import TrainConfig
+    from trainer.run_folder import sample_path, scored_image_path, write_config
 
+    write_config(tmp_path, TrainConfig(instance_prompt="a photo of zwx dog"))
     paths = [sample_path(tmp_path, step, 0, 0) for step in (200, 400, 600, 800)]
-    for path in paths:
+    for path in [*paths, scored_image_path(tmp_path, 400, 0), scored_image_path(tmp_path, 800, 0)]:
         path.parent.mkdir(exist_ok=True)
         Image.new("RGB", (8, 8)).save(path)
     shown = [caption for _, caption in sample_gallery([str(p) for p in paths], picked=400)]
-    assert shown == ["step 400 (picked)", "step 800", "step 200", "step 600"]
+    assert shown == ["step 400 (picked), as scored · a photo of zwx dog", "step 400 (picked)", "step 800", "step 200",
+                     "step 600"]
+    assert [caption for _, caption in sample_gallery([str(p) for p in paths])] == [
+        "step 200", "step 400", "step 600", "step 800"]  # still training: in order, no pick

@@ -4,6 +4,7 @@
     <run>/run.json             status, step, total steps, model family (written at each change)
     <run>/metrics.jsonl        one line per step
     <run>/samples/             validation images, step-000400-p0-1.png
+    <run>/scored/              what each scored checkpoint drew of the instance prompt, step-000400-0.png
     <run>/checkpoints/         resumable checkpoints (never published)
     <run>/logs/                tracker logs (never published)
     <run>/instance_images/     the app's copy of the uploaded photos
@@ -30,6 +31,7 @@ CONFIG_NAME = "config.json"
 STATUS_NAME = "run.json"
 METRICS_NAME = "metrics.jsonl"
 SAMPLES_DIR = "samples"
+SCORED_DIR = "scored"  # not published: the scores' evidence, for the app to show beside its pick
 CHECKPOINTS_DIR = "checkpoints"
 LOGS_DIR = "logs"
 INSTANCE_IMAGES_DIR = "instance_images"
@@ -158,6 +160,15 @@ def list_sample_files(run_dir: Path) -> list[SampleFile]:
         match = _SAMPLE_NAME.match(path.name)
         found.append(SampleFile(path, int(match["step"]), int(match["prompt"])) if match else SampleFile(path, -1, -1))
     return found
+
+
+def scored_image_path(run_dir: Path, step: int, index: int) -> Path:
+    return Path(run_dir) / SCORED_DIR / f"step-{step:06d}-{index}.png"
+
+
+def scored_images(run_dir: Path, step: int) -> list[Path]:
+    """What the scorer drew of the instance prompt at `step`, the images its subject fidelity was read from."""
+    return sorted((Path(run_dir) / SCORED_DIR).glob(f"step-{step:06d}-*.png"))
 
 
 def metrics_path(run_dir: Path) -> Path:

@@ -18,6 +18,7 @@ from trainer.data.photos import load_rgb
 from trainer.events import EventHandler, PhaseEvent, ProgressEvent, ScoreEvent
 from trainer.families import Components
 from trainer.output import evaluating, pipeline_from_parts
+from trainer.run_folder import scored_image_path
 from trainer.scores.measure import (
     Scorer,
     ScoresUnavailable,
@@ -77,6 +78,11 @@ class Scoring:
             row = self.scorer.score(pipe, step, self.autocast,
                                     lambda done, total: self.emit(ProgressEvent("scoring", done, total)))
         append_scores(self.run_dir, row)
+        if step:  # kept beside the scores: the app shows the picked step's, which its subject fidelity was read from
+            for i, image in enumerate(self.scorer.subject_images):
+                path = scored_image_path(self.run_dir, step, i)
+                path.parent.mkdir(exist_ok=True)
+                image.save(path)
         self.last_seconds = float(row["seconds"])
         self.pick = pick_from_rows(read_scores(self.run_dir), ckpt.checkpoint_steps(self.run_dir))
         self.emit(ScoreEvent(step, row, self.pick.step, self.pick.reason))

@@ -189,6 +189,7 @@ class Scorer:
         n = self.photo_embeddings.shape[0]
         sims = self.photo_embeddings @ self.photo_embeddings.T
         self.photo_mutual = float((sims.sum() - sims.diagonal().sum()) / (n * (n - 1))) if n > 1 else 1.0
+        self.subject_images: list[Image.Image] = []  # what the last pipeline scored drew of the instance prompt
 
     @property
     def images_per_checkpoint(self) -> int:
@@ -213,7 +214,7 @@ class Scorer:
         """The scores of `pipe` as one row of scores.jsonl; the first pipeline scored becomes the base."""
         started = time.monotonic()
         jobs = 2 + len(self.recontext)
-        own = self._generate(pipe, self.subject_prompt, 0, autocast)
+        own = self.subject_images = self._generate(pipe, self.subject_prompt, 0, autocast)
         progress(1, jobs)
         own_embeddings = self.embedders.subject(own)
         own_similarity = own_embeddings @ self.photo_embeddings.T
