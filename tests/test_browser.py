@@ -154,8 +154,9 @@ def test_the_example_start_to_finish_in_a_browser(tmp_path: Path, tiny_model_dir
         expect(page.locator("#train-status")).to_contain_text("Training")  # no verdict while it trains
         _pictures(page, "running")
         expect(page.locator("#train-status")).to_contain_text("Completed", timeout=600_000)
-        expect(page.locator("#scores-line")).to_contain_text(re.compile("Picked: step|No checkpoint picked"))
+        expect(page.locator("#scores-line")).to_contain_text("Picked: step")  # the example learns its subject
         expect(page.locator("#train-samples")).to_contain_text(re.compile(r"step \d+ · "))  # step and prompt
+        expect(page.locator("#train-samples")).to_contain_text("(picked), as scored")  # the pick's evidence first
         _pictures(page, "done")
 
         page.locator("#download-run").click()
