@@ -19,6 +19,14 @@ def error_message(err: BaseException, hide_paths: bool = False) -> str:
     return without_paths(text) if hide_paths else text
 
 
+SHOWN_CHARS = 40  # of a value a message repeats back
+
+
+def shortened(text: str, limit: int = SHOWN_CHARS) -> str:
+    """`text` as a message repeats it: at most `limit` characters, then "…"."""
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
 def without_paths(text: str) -> str:
     """`text` with each absolute path on this server shortened to its last part."""
     return _PATH.sub(lambda match: match[1], text)

@@ -30,7 +30,6 @@ from space.example import TOY_PROMPTS, suggested_prompts
 from space.fair_use import FairUseError
 from space.hardware import Hardware
 from space.jobs import JobManager
-from space.local_paths import LocalPaths
 from space.presets import KNOWN_MODELS, SD, TOY_MODEL, ToyModel
 from space.visitors import RunSpace, identify
 from space.wiring import PRIVATE, bind, name_refusals
@@ -66,7 +65,7 @@ class GenerateDeps:
 
     def __post_init__(self) -> None:
         if self.runs is None:
-            object.__setattr__(self, "runs", RunSpace(self.runs_dir, LocalPaths([], confined=False), shared=False))
+            object.__setattr__(self, "runs", RunSpace.private(self.runs_dir))
 
 
 @dataclass(frozen=True)

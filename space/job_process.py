@@ -51,6 +51,9 @@ class ChildDied(RuntimeError):
         self.forced = forced  # killed by us, after a cancel it did not honour in time
 
 
+JOBS_DIR = ".jobs"  # in the runs folder: each training's config, log and cancel file
+
+
 @dataclass(frozen=True)
 class JobFiles:
     """A job's files in the app's own folder: the config the child reads, the cancel file, the log."""

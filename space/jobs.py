@@ -32,7 +32,7 @@ from pathlib import Path
 from space import texts
 from space.errors import error_message
 from space.fair_use import FairUse
-from space.job_process import ChildDied, JobFiles, TrainingProcess
+from space.job_process import JOBS_DIR, ChildDied, JobFiles, TrainingProcess
 from space.job_queue import GpuMode, Slot, SlotPool, gpu_slots, start_estimates
 from space.job_runs import (
     check_inputs,
@@ -333,7 +333,7 @@ class JobManager:
             job = self._queue.pop(0)
             job.slot = slot
             if self._train_fn is None:
-                folder = self.jobs_dir or Path(job.config.output_dir).parent / ".jobs"
+                folder = self.jobs_dir or Path(job.config.output_dir).parent / JOBS_DIR
                 name = f"{time.strftime('%Y%m%d-%H%M%S')}-job{job.job_id}"
                 job.process = TrainingProcess(JobFiles.make(folder, name), slot, self.cancel_grace)
             self._set(job, state="starting", phase="starting", message="Starting…", queue_position=None,

@@ -17,6 +17,7 @@ from space import login_page, texts
 from space.fair_use import FairUse
 from space.generate_tab import GenerateDeps, build_generate_tab
 from space.hardware import Hardware, SpaceInfo, default_runs_dir, detect_hardware, detect_space
+from space.job_process import JOBS_DIR
 from space.job_queue import GpuMode
 from space.jobs import JobManager, TrainFn
 from space.local_paths import LocalPaths
@@ -29,7 +30,6 @@ from trainer.inference import PipelineCache
 from trainer.toyworld import TOY_MODEL_DIR
 
 GPU_MODE_ENV = "DREAMBOOTH_GPU_MODE"  # per_gpu (default) or all_gpus
-JOBS_DIR = ".jobs"  # in the runs folder: each training's config, log and cancel file
 CSS = """
 #train-status { min-height: 4em; }
 footer { display: none !important; }

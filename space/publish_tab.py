@@ -17,7 +17,6 @@ import gradio as gr
 from space import texts
 from space.errors import error_message
 from space.jobs import JobManager
-from space.local_paths import LocalPaths
 from space.tokens import NO_TOKEN, oauth_enabled, pick_token, token_field
 from space.visitors import RunSpace, identify
 from space.wiring import CONTROL, bind, name_refusals
@@ -137,6 +136,6 @@ def build_publish_tab(runs: RunSpace, jobs: JobManager) -> PublishTab:
 if __name__ == "__main__":
     with gr.Blocks(title="Publish") as app:
         folder = Path(sys.argv[1] if len(sys.argv) > 1 else "runs")
-        tab = build_publish_tab(RunSpace(folder, LocalPaths([], confined=False), shared=False), JobManager())
+        tab = build_publish_tab(RunSpace.private(folder), JobManager())
         app.load(tab.refresh, None, tab.run)
     app.launch()

@@ -15,6 +15,8 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from space.job_process import JOBS_DIR
+
 log = logging.getLogger(__name__)
 SHARED_KEEP_DAYS = 2.0
 SWEEP_SECONDS = 3600.0
@@ -38,7 +40,7 @@ def expired(runs_dir: Path, days: float, busy: Iterable[Path], now: float | None
     found = []
     for visitor in sorted(Path(runs_dir).glob("visitor-*")):
         found += [run for run in sorted(visitor.iterdir()) if run.resolve() not in busy and last_change(run) < cutoff]
-    jobs = Path(runs_dir) / ".jobs"
+    jobs = Path(runs_dir) / JOBS_DIR
     if jobs.is_dir():
         found += [path for path in sorted(jobs.iterdir()) if path.lstat().st_mtime < cutoff]
     return found

@@ -107,11 +107,11 @@ def download_run(jobs: JobManager, request: gr.Request | None = None) -> list[st
             target = folder / f"{run_dir.name}.zip"
             zip_run(run_dir, target)
             return [str(target)]
-        files = [(LORA_WEIGHTS, f"{run_dir.name}.safetensors"), (KOHYA_LORA_WEIGHTS, f"{run_dir.name}-kohya.safetensors")]
-        for name, target_name in files:
+        copies = []
+        for name, copy in ((LORA_WEIGHTS, ".safetensors"), (KOHYA_LORA_WEIGHTS, "-kohya.safetensors")):
             if (run_dir / name).is_file():
-                shutil.copyfile(run_dir / name, folder / target_name)
-    return [str(folder / target_name) for name, target_name in files if (folder / target_name).is_file()]
+                copies.append(str(shutil.copyfile(run_dir / name, folder / f"{run_dir.name}{copy}")))
+    return copies
 
 
 def zip_run(run_dir: Path, target: Path) -> None:
@@ -185,7 +185,7 @@ class PlainFileRefusal:
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         path = scope.get("path", "")
-        if scope["type"] != "http" or not ("/file=" in path or path.startswith("/file")):
+        if scope["type"] != "http" or "/file=" not in path:
             await self.app(scope, receive, send)
             return
         refused = False

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from space.hardware import Hardware, SpaceInfo
@@ -287,7 +286,7 @@ def job_status(snap: JobSnapshot) -> str:
     if snap.publish_error:
         lines.append(f"**Publishing failed:** {snap.shown(snap.publish_error)}")
     if snap.run_dir and not snap.active and not snap.queued:
-        lines.append(f"Run: `{Path(snap.run_dir).name}`")
+        lines.append(f"Run: `{snap.run_name}`")
     return "\n\n".join(lines)
 
 

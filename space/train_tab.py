@@ -42,7 +42,6 @@ from space.hardware import Hardware, hub_offline
 from space.hardware_fit import base_model_values, form_memory_note, memory_pick, memory_settings, safe_defaults
 from space.job_snapshot import JobSnapshot
 from space.jobs import BusyError, JobManager, NotYourJob, Visitor
-from space.local_paths import LocalPaths
 from space.presets import SD, TOY_MODEL, ToyModel, model_choices, model_family, model_kind, model_settings
 from space.publishing import PublishRequest
 from space.run_actions import RunActions, sample_gallery
@@ -101,7 +100,7 @@ class TrainDeps:
 
     def __post_init__(self) -> None:
         if self.runs is None:
-            object.__setattr__(self, "runs", RunSpace(self.runs_dir, LocalPaths([], confined=False), shared=False))
+            object.__setattr__(self, "runs", RunSpace.private(self.runs_dir))
 
 
 @dataclass(frozen=True)

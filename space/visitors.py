@@ -19,6 +19,7 @@ import secrets
 from pathlib import Path
 from typing import Any
 
+from space.errors import shortened
 from space.jobs import Visitor
 from space.local_paths import LocalPaths
 from trainer.config import ConfigError
@@ -116,6 +117,11 @@ class RunSpace:
         self.paths = paths
         self.shared = shared
 
+    @classmethod
+    def private(cls, runs_dir: Path) -> RunSpace:
+        """Every run in `runs_dir`, and any folder may be named: a private app's (and a tab launched alone)."""
+        return cls(runs_dir, LocalPaths([], confined=False), shared=False)
+
     def folder(self, who: Visitor | None) -> Path:
         """Where `who`'s runs live: their own folder on a shared app; the runs folder on a private one,
         or for the app itself (`who` None)."""
@@ -136,16 +142,8 @@ class RunSpace:
             return Path(text)
         path = self.folder(who) / text
         if not text or Path(text).name != text or text in (".", "..") or not is_run(path):
-            raise ConfigError(NOT_YOURS.format(what=what, name=_shown(text)), field=what)
+            raise ConfigError(NOT_YOURS.format(what=what, name=shortened(text)), field=what)
         return path
-
-    def owns(self, who: Visitor | None, run_dir: str | Path | None) -> bool:
-        """True when `run_dir` is one of `who`'s runs (every run, on a private app)."""
-        if run_dir is None:
-            return False
-        if not self.shared or who is None or who.admin:
-            return True
-        return Path(run_dir).resolve().parent == self.folder(who).resolve()
 
     def resolve(self, who: Visitor | None, value: str, what: str) -> str:
         """A model a visitor names: one of their runs by name (its folder), else a Hub id or a folder they may
@@ -154,7 +152,3 @@ class RunSpace:
         if text and Path(text).name == text and is_run(self.folder(who) / text):
             return str(self.folder(who) / text)
         return self.paths.check(text, what, also=(self.folder(who),))
-
-
-def _shown(text: str, limit: int = 40) -> str:
-    return text if len(text) <= limit else text[:limit] + "…"

@@ -14,12 +14,13 @@ from typing import Any
 
 import gradio as gr
 
+from space.errors import shortened
+
 # Event options of the helpers that only redraw the page: no API endpoint, no spinner, no queue.
 PRIVATE: dict[str, Any] = {"api_visibility": "private", "show_progress": "hidden", "queue": False}
 # The controls (Start, Cancel, Resume, Use checkpoint, Publish, job status): a queue group of their own and
 # no limit, so that none waits behind a generation (the "gpu" group) or another visitor's control.
 CONTROL: dict[str, Any] = {"concurrency_id": "control", "concurrency_limit": None}
-SHOWN_CHARS = 40  # of a refused value, in its message
 
 
 def bind(fn: Callable[..., Any], first: object) -> Callable[..., Any]:
@@ -56,7 +57,7 @@ def _named(preprocess: Callable[[Any], Any], component: Any) -> Callable[[Any], 
         except Exception:
             plain = isinstance(payload, int | float | str) and getattr(component, "type", None) != "password"
             shown = repr(payload) if plain else type(payload).__name__
-            shown = shown if len(shown) <= SHOWN_CHARS else shown[:SHOWN_CHARS] + "…"
+            shown = shortened(shown)
             what = "must be a number" if number else "does not take this value"
             raise gr.Error(f"`{label}` {what}, got {shown}.", print_exception=False) from None
 

@@ -374,11 +374,11 @@ def continue_batches(run: Run, batches: BatchSource, state: ckpt.TrainingState) 
 
 def upcoming(config: TrainConfig, step: int) -> dict[str, int]:
     """How many checkpoints and validation samplings are still to come after `step` (as train_loop makes them)."""
-    later = range(step + 1, config.max_train_steps + 1)
-    checkpoints = sum(1 for s in later if s % config.checkpointing_steps == 0)
-    if config.score_checkpoints and config.max_train_steps > step and config.max_train_steps % config.checkpointing_steps:
+    last = config.max_train_steps
+    checkpoints = last // config.checkpointing_steps - step // config.checkpointing_steps
+    if config.score_checkpoints and last > step and last % config.checkpointing_steps:
         checkpoints += 1  # with scores on, the last step is a checkpoint too
-    samples = sum(1 for s in later if s % config.validation_steps == 0) if config.validation_prompts else 0
+    samples = last // config.validation_steps - step // config.validation_steps if config.validation_prompts else 0
     return {"checkpoint": checkpoints, "sample": samples}
 
 
