@@ -28,7 +28,7 @@ from space.errors import error_message
 from space.job_snapshot import JobSnapshot
 from space.jobs import JobManager
 from space.visitors import identify
-from space.wiring import CONTROL, PRIVATE, bind
+from space.wiring import CONTROL, INSTANT, PRIVATE, bind
 from trainer.model_files import LORA_WEIGHTS
 from trainer.run_folder import (
     CHECKPOINTS_DIR,
@@ -171,7 +171,7 @@ def wire(actions: RunActions, jobs: JobManager, status: gr.Markdown) -> None:
     actions.download.click(bind(download_run, jobs), None, actions.file, api_name="download", **CONTROL).then(
         lambda: gr.update(visible=True), None, actions.file, **PRIVATE)
     actions.delete.click(lambda: gr.update(visible=True), None, actions.confirm, **PRIVATE)
-    actions.confirm.click(bind(delete_run, jobs), None, status, api_name="delete_run", **CONTROL).then(
+    actions.confirm.click(bind(delete_run, jobs), None, status, api_name="delete_run", **INSTANT).then(
         lambda: (gr.update(visible=False), gr.update(value=None, visible=False)), None, [actions.confirm, actions.file],
         **PRIVATE)
 

@@ -48,7 +48,7 @@ from space.run_actions import RunActions, sample_gallery
 from space.scores_panel import ScoresPanel
 from space.tokens import NO_TOKEN, oauth_enabled, pick_token, token_field
 from space.visitors import RunSpace, identify
-from space.wiring import CONTROL, PRIVATE, bind, by_component, name_refusals
+from space.wiring import CONTROL, INSTANT, PRIVATE, bind, by_component, name_refusals
 from trainer.publish.hub import HubError, check_repo_id, check_token, suggest_repo_name
 
 log = logging.getLogger(__name__)
@@ -541,15 +541,15 @@ def _wire_job(deps: TrainDeps, form: _Form, hub: dict[str, Any], publish_box: gr
     gr.on([c.change for c in names], prefill_repo, names, hub["hub_repo"], **PRIVATE)
     name_refusals([*f.values(), *hub.values()])
     job.start.click(bind(start_training, deps), None, job.status,
-                    inputs_kwargs={**f, **hub, "keep_photos": form.photos.keep}, api_name="train", **CONTROL)
-    job.cancel.click(bind(cancel_training, deps), None, job.status, api_name="cancel", **CONTROL)
-    job.resume.click(bind(resume_training, deps), None, job.status, api_name="resume", **CONTROL)
+                    inputs_kwargs={**f, **hub, "keep_photos": form.photos.keep}, api_name="train", **INSTANT)
+    job.cancel.click(bind(cancel_training, deps), None, job.status, api_name="cancel", **INSTANT)
+    job.resume.click(bind(resume_training, deps), None, job.status, api_name="resume", **INSTANT)
     panel = job.scores
     # Not in the GPU queue: the JobManager's weights_lock keeps generations' loads and Resume off the run's weights
     # while they are rewritten; trainer.export works on the CPU, so no training holds it up. The API's
     # /use_checkpoint answers in words, not with the page's updates.
     panel.use.click(bind(use_checkpoint, deps), panel.replace, [panel.line, panel.result, panel.replace],
-                    api_name="use_checkpoint_page", api_visibility="private", **CONTROL)
+                    api_name="use_checkpoint_page", api_visibility="private", **INSTANT)
     gr.api(bind(use_checkpoint_api, deps), api_name="use_checkpoint", **CONTROL)
     polled = {
         "fn": bind(poll, deps),

@@ -21,6 +21,9 @@ PRIVATE: dict[str, Any] = {"api_visibility": "private", "show_progress": "hidden
 # The controls (Start, Cancel, Resume, Use checkpoint, Publish, job status): a queue group of their own and
 # no limit, so that none waits behind a generation (the "gpu" group) or another visitor's control.
 CONTROL: dict[str, Any] = {"concurrency_id": "control", "concurrency_limit": None}
+# The controls that answer at once (Start, Cancel, Resume, Delete): no timer on the status line, where gradio's
+# "0.1s" would otherwise stay beside the poll's text.
+INSTANT: dict[str, Any] = {**CONTROL, "show_progress": "hidden"}
 
 
 def bind(fn: Callable[..., Any], first: object) -> Callable[..., Any]:

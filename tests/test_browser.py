@@ -152,11 +152,13 @@ def test_the_example_start_to_finish_in_a_browser(tmp_path: Path, tiny_model_dir
         page.locator("#start-training").click()
         expect(page.locator("#scores-line")).to_contain_text(re.compile("so far", re.IGNORECASE), timeout=300_000)
         expect(page.locator("#train-status")).to_contain_text("Training")  # no verdict while it trains
+        assert _timers(page) == []
         _pictures(page, "running")
         expect(page.locator("#train-status")).to_contain_text("Completed", timeout=600_000)
         expect(page.locator("#scores-line")).to_contain_text("Picked: step")  # the example learns its subject
         expect(page.locator("#train-samples")).to_contain_text(re.compile(r"step \d+ · "))  # step and prompt
         expect(page.locator("#train-samples")).to_contain_text("(picked), as scored")  # the pick's evidence first
+        assert _timers(page) == []
         _pictures(page, "done")
 
         page.locator("#download-run").click()
@@ -176,6 +178,15 @@ def test_the_example_start_to_finish_in_a_browser(tmp_path: Path, tiny_model_dir
         with pytest.raises(Exception, match="No Hugging Face token"):  # the run is found; the token is next
             client.predict(run, "zwx-star", True, "", api_name="/publish")
         browser.close()
+
+
+def _timers(page) -> list[str]:
+    """The texts of gradio's progress timers ("0.1s") shown on the page now."""
+    return page.evaluate(
+        """() => [...document.querySelectorAll('.progress-text, .meta-text, .meta-text-center')]
+            .filter(e => e.offsetParent !== null && /\\d+(\\.\\d+)?s/.test(e.textContent))
+            .map(e => e.textContent.trim())"""
+    )
 
 
 def _listed_run(page) -> str:

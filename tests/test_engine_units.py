@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import DDPMScheduler
+from diffusers.training_utils import compute_snr
 from train_helpers import tiny_config
 
 from trainer import TrainConfig, train
 from trainer.checkpoints import list_checkpoints
-from trainer.loss import dreambooth_loss, target_for
+from trainer.loss import Denoising, FlowMatching, Noised, dreambooth_loss, target_for
 from trainer.models import load_components, prepare_for_training
 from trainer.optim import make_optimizer
 
@@ -24,7 +25,7 @@ def test_bf16_keeps_trainable_weights_fp32_and_frozen_ones_bf16(tiny_base, subje
     parts = load_components(config)
     prepare_for_training(parts, config, torch.device("cpu"))
     assert len(parts.text_encoders) == len(tiny_base.text_encoders)
-    for module in (parts.unet, *parts.text_encoders):
+    for module in (parts.denoiser, *parts.text_encoders):
         trainable = [p for p in module.parameters() if p.requires_grad]
         frozen = [p for p in module.parameters() if not p.requires_grad]
         assert trainable and all(p.dtype == torch.float32 for p in trainable)
@@ -72,18 +73,52 @@ def test_loss_target_follows_prediction_type():
 
 
 def test_prior_loss_is_weighted_and_min_snr_downweights_easy_timesteps(tiny_model_dir, subject_images, tmp_path):
-    sched = DDPMScheduler()
     pred, target = torch.zeros(2, 4, 8, 8), torch.ones(2, 4, 8, 8)
     target[1] *= 2  # class row error 4, instance row error 1
-    t = torch.tensor([5, 5])
     config = tiny_config(tiny_model_dir, subject_images, tmp_path, prior_loss_weight=0.5)
-    parts = dreambooth_loss(pred, target, t, n_instance=1, noise_scheduler=sched, config=config)
+    parts = dreambooth_loss(pred, Noised(pred, torch.tensor([5, 5]), target, None), n_instance=1, config=config)
     assert parts.instance == pytest.approx(1.0) and parts.prior == pytest.approx(4.0)
     assert parts.total.item() == pytest.approx(1.0 + 0.5 * 4.0)
 
-    # At t=5 the SNR is huge, so min-SNR-5 scales the loss down by about 5/SNR.
-    weighted = dreambooth_loss(pred[:1], target[:1], t[:1], 1, sched, config.replace(snr_gamma=5.0))
+    # Min-SNR-5 weighs each row by min(SNR, 5) / SNR: about 5/SNR at t=5 (SNR huge), 1 at t=999 (SNR < 5).
+    latents = torch.zeros(2, 4, 8, 8)
+    gens = [torch.Generator().manual_seed(i) for i in range(2)]
+    noised = Denoising().noised(DDPMScheduler(), latents, gens, config.replace(snr_gamma=5.0))
+    assert noised.weights is not None and noised.weights.shape == (2,)
+    easy = Noised(pred[:1], torch.tensor([5]), target[:1], None)
+    weights = torch.clamp(compute_snr(DDPMScheduler(), easy.timesteps), max=5.0) / compute_snr(DDPMScheduler(), easy.timesteps)
+    weighted = dreambooth_loss(pred[:1], Noised(pred[:1], easy.timesteps, target[:1], weights), 1, config)
     assert weighted.instance < 0.01
+
+
+def test_flow_matching_interpolates_noise_and_latents_on_the_schedulers_sigmas(tiny_model_dir, subject_images, tmp_path):
+    """noisy = (1 - σ)·x + σ·ε with σ one of the scheduler's (shifted) sigmas, target ε − x; logit-normal σ
+    cluster in the middle, the same generators give the same draw (a resume's bit-exact batches)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    config = tiny_config(tiny_model_dir, subject_images, tmp_path)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    latents = torch.randn(64, 4, 4, 4)
+
+    def draw(scheme: str) -> Noised:
+        gens = [torch.Generator().manual_seed(i) for i in range(64)]
+        return FlowMatching().noised(scheduler, latents, gens, config.replace(weighting_scheme=scheme))
+
+    noised = draw("logit_normal")
+    noise = noised.target + latents
+    sigma = ((noised.noisy - latents) / (noise - latents)).flatten(1).median(dim=1).values
+    assert torch.allclose(noised.noisy, (1 - sigma.view(-1, 1, 1, 1)) * latents + sigma.view(-1, 1, 1, 1) * noise,
+                          atol=1e-5)
+    known = scheduler.sigmas[:-1]
+    assert all(torch.isclose(known, s, atol=1e-4).any() for s in sigma)  # on the schedule
+    assert torch.allclose(noised.timesteps, sigma * 1000, atol=0.1)
+    assert torch.equal(draw("logit_normal").noisy, noised.noisy)
+    assert torch.equal(noised.weights, torch.ones(64))
+    uniform = draw("uniform")
+    # σ shifted by 3 sits high; logit-normal draws fewer of the extremes than uniform does.
+    extreme = lambda n: ((n.timesteps < 300) | (n.timesteps > 980)).float().mean()  # noqa: E731
+    assert extreme(noised) < extreme(uniform)
+    assert draw("sigma_sqrt").weights.min() >= 1  # 1/σ², σ ≤ 1
 
 
 def test_only_the_last_k_checkpoints_are_kept(tiny_model_dir, subject_images, tmp_path):

@@ -18,8 +18,11 @@ from trainer.run_folder import load_pipeline, read_status
 REFUSED = {
     "StableDiffusionXLImg2ImgPipeline": "refiner",
     "StableDiffusionXLInpaintPipeline": "inpainting",
-    "StableDiffusion3Pipeline": "Stable Diffusion 3",
-    "FluxPipeline": "Flux",
+    "FluxKontextPipeline": "Kontext",
+    "FluxFillPipeline": "inpainting",
+    "FluxPriorReduxPipeline": "Redux",
+    "FluxControlPipeline": "control image",
+    "Flux2Pipeline": "FLUX.2",
     "StableDiffusionInpaintPipeline": "inpainting",
     "SomeCommunityPipeline": "SomeCommunityPipeline",
 }
@@ -70,6 +73,7 @@ def test_unsupported_families_are_refused_before_anything_is_written(
     assert class_name in message and REFUSED[class_name] in message
     assert "Stable Diffusion 1.x/2.x (StableDiffusionPipeline)" in message  # the families we do train
     assert "Stable Diffusion XL (StableDiffusionXLPipeline)" in message
+    assert "FLUX.1 (FluxPipeline)" in message and "Stable Diffusion 3 (StableDiffusion3Pipeline)" in message
     assert not (tmp_path / "run").exists()
 
 
@@ -86,8 +90,8 @@ def test_a_model_index_naming_no_pipeline_is_refused(tiny_model_dir: Path, subje
 
 
 def test_generate_refuses_an_unsupported_pipeline_folder(tmp_path: Path) -> None:
-    model = _model_of_class(tmp_path / "flux", "FluxPipeline")
-    with pytest.raises(UnsupportedModelError, match="FluxPipeline"):
+    model = _model_of_class(tmp_path / "kontext", "FluxKontextPipeline")
+    with pytest.raises(UnsupportedModelError, match="FluxKontextPipeline"):
         load_pipeline(model, torch.float32)
 
 

@@ -98,7 +98,7 @@ def test_weights_and_gradients_are_those_of_the_engines_setup(
             shapes = read_shapes(str(folder))
             parts = training_parts(shapes, config)
             modules = {
-                "unet": parts.unet,
+                "unet": parts.denoiser,
                 "vae": parts.vae,
                 **dict(zip(shapes.text_encoder_names, parts.text_encoders, strict=True)),
             }
@@ -197,7 +197,7 @@ def test_the_prediction_matches_a_real_steps_tensors(tiny_model_dir: Path) -> No
     config = _tiny(tiny_model_dir, resolution=64, train_batch_size=2, use_8bit_adam=True)
     parts = detect_family(str(tiny_model_dir)).load_components(str(tiny_model_dir), None, None)
     prepare_for_training(parts, config, torch.device("cpu"))
-    params = [p for p in parts.unet.parameters() if p.requires_grad]
+    params = [p for p in parts.denoiser.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, [], config, print)
     ids = torch.zeros(2, 77, dtype=torch.long)
     with torch.no_grad():
@@ -205,7 +205,7 @@ def test_the_prediction_matches_a_real_steps_tensors(tiny_model_dir: Path) -> No
 
     def step() -> None:
         latents = torch.randn(2, 4, 32, 32)
-        pred = parts.family.predict(parts.unet, latents, torch.tensor([3, 500]), cond, torch.zeros(2, 6))
+        pred = parts.family.predict(parts.denoiser, latents, torch.tensor([3, 500]), cond, torch.zeros(2, 6))
         torch.nn.functional.mse_loss(pred.float(), latents).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -213,7 +213,7 @@ def test_the_prediction_matches_a_real_steps_tensors(tiny_model_dir: Path) -> No
 
     step()  # the optimizer's state exists from here on
     tracker = MemTracker()
-    tracker.track_external(parts.unet, parts.vae, parts.text_encoder, optimizer)
+    tracker.track_external(parts.denoiser, parts.vae, parts.text_encoder, optimizer)
     with tracker:
         step()
     measured = max(snap["Total"] for snap in tracker.get_tracker_snapshot("peak").values())

@@ -84,7 +84,7 @@ def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
 def save_checkpoint(
     run_dir: Path,
     state: TrainingState,
-    unet: torch.nn.Module,
+    denoiser: tuple[str, torch.nn.Module],
     text_encoders: Sequence[torch.nn.Module],
     optimizer: torch.optim.Optimizer,
     lr_scheduler,
@@ -103,7 +103,8 @@ def save_checkpoint(
     _remove_unfinished(root)
     tmp.mkdir()
     with atomic.cleaned_up(tmp, final):
-        save_file(trainable_state_dict(unet), tmp / "unet.safetensors")
+        name, module = denoiser  # the pipeline's name for it: unet, transformer
+        save_file(trainable_state_dict(module), tmp / f"{name}.safetensors")
         for name, text_encoder in zip(text_encoder_names(len(text_encoders)), text_encoders, strict=True):
             save_file(trainable_state_dict(text_encoder), tmp / f"{name}.safetensors")
         _torch_save(optimizer.state_dict(), tmp / "optimizer.pt")
@@ -152,16 +153,25 @@ def _remove_unfinished(root: Path) -> None:
         atomic.remove(leftover)
 
 
+def load_denoiser(path: Path, name: str, module: torch.nn.Module) -> None:
+    """The checkpoint's trainable weights of the denoiser (the pipeline's `name` for it: unet, transformer)."""
+    file = path / f"{name}.safetensors"
+    if not file.is_file():
+        raise ConfigError(f"`resume_from_checkpoint`: {path} has no {name} weights: it was made from another "
+                          "kind of base model")
+    load_trainable_state_dict(module, load_file(file), name)
+
+
 def load_checkpoint(
     path: Path,
-    unet: torch.nn.Module,
+    denoiser: tuple[str, torch.nn.Module],
     text_encoders: Sequence[torch.nn.Module],
     optimizer: torch.optim.Optimizer,
     lr_scheduler,
 ) -> TrainingState:
     """Restore a checkpoint; `text_encoders` are the trained ones (none when they are frozen)."""
     info = json.loads((path / STATE).read_text())
-    load_trainable_state_dict(unet, load_file(path / "unet.safetensors"), "UNet")
+    load_denoiser(path, *denoiser)
     for name, text_encoder in zip(text_encoder_names(len(text_encoders)), text_encoders, strict=True):
         te_file = path / f"{name}.safetensors"
         if not te_file.is_file():

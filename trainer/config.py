@@ -18,11 +18,13 @@ Method = Literal["full", "lora"]
 Preservation = Literal["class-images", "base-prediction"]
 Precision = Literal["no", "fp16", "bf16"]
 Reporter = Literal["tensorboard", "wandb", "none"]
+WeightingScheme = Literal["logit_normal", "mode", "uniform", "sigma_sqrt", "cosmap"]
 
 METHODS: tuple[str, ...] = ("full", "lora")
 PRESERVATIONS: tuple[str, ...] = ("class-images", "base-prediction")
 PRECISIONS: tuple[str, ...] = ("no", "fp16", "bf16")
 REPORTERS: tuple[str, ...] = ("tensorboard", "wandb", "none")
+WEIGHTING_SCHEMES: tuple[str, ...] = ("logit_normal", "mode", "uniform", "sigma_sqrt", "cosmap")
 LR_SCHEDULERS: tuple[str, ...] = (
     "constant",
     "constant_with_warmup",
@@ -179,6 +181,23 @@ class TrainConfig:
         default=None, metadata={"help": "Min-SNR-gamma loss weighting (5.0 is usual)."}
     )
     offset_noise: float = field(default=0.0, metadata={"help": "Offset-noise strength (0.1 usual)."})
+    # --- flow-matching models (SD 3, FLUX) ------------------------------------------------
+    weighting_scheme: WeightingScheme = field(
+        default="logit_normal",
+        metadata={"help": "SD 3 / FLUX: how noise levels are drawn (logit_normal, mode, uniform) or rows weighted "
+                          "(sigma_sqrt, cosmap), as diffusers' scripts."},
+    )
+    logit_mean: float = field(default=0.0, metadata={"help": "logit_normal: mean."})
+    logit_std: float = field(default=1.0, metadata={"help": "logit_normal: standard deviation."})
+    mode_scale: float = field(default=1.29, metadata={"help": "mode: scale."})
+    guidance: float = field(
+        default=1.0,
+        metadata={"help": "FLUX.1-dev (guidance-distilled): the guidance value the transformer is given while "
+                          "training; sampling uses its own (3.5)."},
+    )
+    max_sequence_length: int | None = field(
+        default=None, metadata={"help": "T5 tokens per prompt (SD 3 / FLUX; default: FLUX 512, SD 3 77)."}
+    )
     cache_latents: bool = field(
         default=True, metadata={"help": "Encode images with the VAE once (when not augmenting)."}
     )
@@ -491,6 +510,12 @@ CHECKS: tuple[Check, ...] = (
     _one_of("preservation", PRESERVATIONS),
     _one_of("mixed_precision", PRECISIONS),
     _one_of("report_to", REPORTERS),
+    _one_of("weighting_scheme", WEIGHTING_SCHEMES),
+    _rule("logit_std", lambda c: c.logit_std > 0, lambda c: f"must be > 0, got {c.logit_std}"),
+    _rule("guidance", lambda c: 0 <= c.guidance <= MAX_GUIDANCE,
+          lambda c: f"must be in [0, {MAX_GUIDANCE:g}] (FLUX.1-dev trains at 1 to 3.5), got {c.guidance}"),
+    _rule("max_sequence_length", lambda c: c.max_sequence_length is None or c.max_sequence_length >= 1,
+          lambda c: f"must be at least 1, got {c.max_sequence_length}"),
     _one_of("lr_scheduler", LR_SCHEDULERS),
     _rule("resolution", lambda c: c.resolution >= 8 and c.resolution % 8 == 0,
           lambda c: f"must be a positive multiple of 8, got {c.resolution}"),

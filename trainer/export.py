@@ -97,11 +97,11 @@ def _save_from_checkpoint(config: TrainConfig, checkpoint: Path, run_dir: Path) 
 
     parts = load_components(config)
     mark_trainable(parts, config)
-    load_trainable_state_dict(parts.unet, load_file(checkpoint / "unet.safetensors"), "UNet")
-    names = ModelFamily.text_encoder_names(len(parts.text_encoders))
-    for name, text_encoder in zip(names, parts.text_encoders, strict=True):
+    ckpt.load_denoiser(checkpoint, parts.family.denoiser_name, parts.denoiser)
+    names = ModelFamily.text_encoder_names(len(parts.trainable_text_encoders))
+    for name, text_encoder in zip(names, parts.trainable_text_encoders, strict=True):
         if (checkpoint / f"{name}.safetensors").is_file():
             load_trainable_state_dict(text_encoder, load_file(checkpoint / f"{name}.safetensors"), name)
         elif config.train_text_encoder:
             raise ConfigError(f"{checkpoint} has no {name} weights, but this run trains it", field="checkpoint")
-    return save_weights(config, parts, parts.unet, parts.text_encoders, run_dir)
+    return save_weights(config, parts, parts.denoiser, parts.text_encoders, run_dir)

@@ -47,7 +47,7 @@ from trainer.events import (
 )
 from trainer.families import Components, Conditioning
 from trainer.families.base import first_line
-from trainer.loss import LossParts, dreambooth_loss, noise_and_timesteps, target_for
+from trainer.loss import LossParts, dreambooth_loss
 from trainer.memory.parking import Parking
 from trainer.models import load_components, prepare_for_training, trainable_parameters, weight_dtype
 from trainer.optim import make_lr_scheduler, make_optimizer
@@ -158,24 +158,29 @@ class Inputs:
 class Trainables:
     """The prepared (accelerate-wrapped) modules, their trainable parameters and the optimizer."""
 
-    unet: torch.nn.Module
+    denoiser_name: str  # the pipeline's name for it (unet, transformer): its file in a checkpoint
+    denoiser: torch.nn.Module
     text_encoders: list[torch.nn.Module]  # all of them, in the family's order, trained or not
-    unet_params: list[torch.nn.Parameter]
+    trained: int  # how many of the text encoders (the first ones) train: 0 when none does
+    denoiser_params: list[torch.nn.Parameter]
     text_params: list[torch.nn.Parameter]  # empty when the text encoders are not trained
     optimizer: torch.optim.Optimizer
     lr_scheduler: object
     base: BasePrediction | None = None  # preservation from the base model's predictions
 
     def unwrapped(self, accelerator: Accelerator) -> tuple[torch.nn.Module, list[torch.nn.Module]]:
-        return accelerator.unwrap_model(self.unet), [accelerator.unwrap_model(te) for te in self.text_encoders]
+        return accelerator.unwrap_model(self.denoiser), [accelerator.unwrap_model(te) for te in self.text_encoders]
 
     def modules(self) -> list[torch.nn.Module]:
         """The prepared modules that train (the ones FSDP shards)."""
-        return [self.unet, *(self.text_encoders if self.text_params else [])]
+        return [self.denoiser, *self.text_encoders[: self.trained]]
+
+    def named_denoiser(self, accelerator: Accelerator) -> tuple[str, torch.nn.Module]:
+        return self.denoiser_name, accelerator.unwrap_model(self.denoiser)
 
     def trained_text_encoders(self, accelerator: Accelerator) -> list[torch.nn.Module]:
-        """The text encoders whose weights a checkpoint holds: all of them when trained, else none."""
-        return self.unwrapped(accelerator)[1] if self.text_params else []
+        """The text encoders whose weights a checkpoint holds: those that train, else none."""
+        return self.unwrapped(accelerator)[1][: self.trained]
 
 
 @dataclass
@@ -255,11 +260,11 @@ def prepare_class_images(run: Run, parts: Components) -> ImageSet | None:
     config, device = run.config, run.accelerator.device
     split = f", split across {run.processes} processes" if run.processes > 1 else ""
     run.emit(PhaseEvent("class-images", f"Preparing {config.num_class_images} class images{split}"))
-    for module in (parts.unet, *parts.text_encoders, parts.vae):
+    for module in (parts.denoiser, *parts.text_encoders, parts.vae):
         module.to(device)
     autocast = contextlib.nullcontext
     if device.type == "cuda":  # generating in half precision is fine and twice as fast
-        for module in (parts.unet, *parts.text_encoders):
+        for module in (parts.denoiser, *parts.text_encoders):
             module.to(dtype=weight_dtype(config.mixed_precision))
         autocast = run.accelerator.autocast  # the fp32 VAE meets the half-precision latents
     accelerator = run.accelerator
@@ -278,9 +283,9 @@ def setup_training(run: Run, parts: Components) -> Trainables:
     if checkpointing:
         run.emit(PhaseEvent("loading", f"Memory: {checkpointing}"))
     base = BasePrediction.create(config, parts, accelerator.device, weight_dtype(config.mixed_precision))
-    unet_params = trainable_parameters(parts.unet)
-    text_params = ([p for te in parts.text_encoders for p in trainable_parameters(te)]
-                   if config.train_text_encoder else [])
+    denoiser_params = trainable_parameters(parts.denoiser)
+    trained = parts.trainable_text_encoders if config.train_text_encoder else []
+    text_params = [p for te in trained for p in trainable_parameters(te)]
     how, offload = strategy(accelerator)
     if how != "ddp" and base is not None:
         raise ConfigError("`preservation`: base-prediction needs the whole UNet in every process; under DeepSpeed "
@@ -290,14 +295,12 @@ def setup_training(run: Run, parts: Components) -> Trainables:
                           "UNet alone here, or use the DDP or FSDP configuration (configs/accelerate/)")
     if how == "deepspeed":
         sharded.fit_deepspeed_config(accelerator, config)
-    optimizer = make_optimizer(unet_params, text_params, config, run.warn, how, offload)
+    optimizer = make_optimizer(denoiser_params, text_params, config, run.warn, how, offload)
     lr_scheduler = make_lr_scheduler(optimizer, config)
-    if text_params:
-        unet, *text_encoders, optimizer = accelerator.prepare(parts.unet, *parts.text_encoders, optimizer)
-    else:
-        unet, optimizer = accelerator.prepare(parts.unet, optimizer)
-        text_encoders = parts.text_encoders
-    return Trainables(unet, list(text_encoders), unet_params, text_params, optimizer, lr_scheduler, base)
+    denoiser, *prepared, optimizer = accelerator.prepare(parts.denoiser, *trained, optimizer)
+    text_encoders = [*prepared, *parts.text_encoders[len(trained):]]  # a frozen one (T5) is not wrapped
+    return Trainables(parts.family.denoiser_name, denoiser, text_encoders, len(trained), denoiser_params,
+                      text_params, optimizer, lr_scheduler, base)
 
 
 # --- 5b. scores of the base model ---------------------------------------------------------------
@@ -314,8 +317,8 @@ def score_weights(run: Run, parts: Components, model: Trainables, step: int, whe
         return
     with sharded.whole_weights(run.accelerator, model.modules()):
         if when and run.scoring is not None:
-            unet, text_encoders = model.unwrapped(run.accelerator)
-            run.scoring.score(parts, unet, text_encoders, step)
+            denoiser, text_encoders = model.unwrapped(run.accelerator)
+            run.scoring.score(parts, denoiser, text_encoders, step)
     run.accelerator.wait_for_everyone()
 
 
@@ -356,8 +359,8 @@ def resume_state(run: Run, model: Trainables, resume: Path | None) -> ckpt.Train
     if sharded.is_sharded(run.accelerator):
         state = sharded.load_checkpoint(resume, run.accelerator, model.lr_scheduler)
     else:
-        unet = run.accelerator.unwrap_model(model.unet)
-        state = ckpt.load_checkpoint(resume, unet, model.trained_text_encoders(run.accelerator),
+        state = ckpt.load_checkpoint(resume, model.named_denoiser(run.accelerator),
+                                     model.trained_text_encoders(run.accelerator),
                                      model.optimizer, model.lr_scheduler)
     run.emit(PhaseEvent("training", f"Resumed from {resume.name} at step {state.step}"))
     return state
@@ -430,33 +433,30 @@ def train_step(run: Run, parts: Components, model: Trainables, batches: BatchSou
     Returns the last micro-batch's loss and the photos this process's rows showed."""
     config, accelerator = run.config, run.accelerator
     train_te = bool(model.text_params) and not te_frozen
-    modules = [model.unet, *(model.text_encoders if model.text_params else [])]
     images: list[int] = []
     for micro in range(config.gradient_accumulation_steps):
         batch = batches.batch(step, micro)
         images += batch.images
-        noise, timesteps = noise_and_timesteps(batch.latents, parts.noise_scheduler.config.num_train_timesteps,
-                                               config.offset_noise, batch.noise_generators)
-        noisy = parts.noise_scheduler.add_noise(batch.latents, noise, timesteps)
-        target = target_for(parts.noise_scheduler, batch.latents, noise, timesteps)
+        noised = parts.family.objective.noised(parts.noise_scheduler, batch.latents, batch.noise_generators, config)
         input_ids, image_info = batch.input_ids, batch.image_info
         if model.base is not None:  # the same noisy latents again, with the class prompt: see trainer/preservation/base_prediction.py
             n = batch.n_instance
-            with accelerator.autocast():  # the unwrapped UNet has no autocast of its own
-                base = model.base.targets(parts, accelerator.unwrap_model(model.unet), noisy, timesteps, image_info)
-            target = torch.cat([target, base.to(target.dtype)])
+            with accelerator.autocast():  # the unwrapped denoiser has no autocast of its own
+                base = model.base.targets(parts, accelerator.unwrap_model(model.denoiser), noised.noisy,
+                                          noised.timesteps, image_info)
+            noised = noised.doubled(base)
             input_ids = torch.cat([input_ids, model.base.rows(n, input_ids.device)])
-            noisy, timesteps, image_info = (torch.cat([x, x]) for x in (noisy, timesteps, image_info))
-        with accelerator.accumulate(*modules):
+            image_info = torch.cat([image_info, image_info])
+        with accelerator.accumulate(*model.modules()):
             cond: Conditioning = (parts.family.encode(parts, input_ids, model.text_encoders) if train_te
                                   else embeddings.cached(input_ids))
             with sharded.half_precision_forward(accelerator):
-                model_pred = parts.family.predict(model.unet, noisy, timesteps, cond, image_info)
-            loss = dreambooth_loss(model_pred, target, timesteps, batch.n_instance, parts.noise_scheduler, config)
+                model_pred = parts.family.predict(model.denoiser, noised.noisy, noised.timesteps, cond, image_info)
+            loss = dreambooth_loss(model_pred, noised, batch.n_instance, config)
             stop_unless_finite(run, parts, step, "loss", loss.total)
             accelerator.backward(loss.total)
             if accelerator.sync_gradients:
-                params = model.unet_params + (model.text_params if train_te else [])
+                params = model.denoiser_params + (model.text_params if train_te else [])
                 norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
                 if config.mixed_precision != "fp16":  # under fp16 the grad scaler skips such a step itself
                     stop_unless_finite(run, parts, step, "gradient norm", norm)
@@ -615,8 +615,8 @@ def save_checkpoint(run: Run, model: Trainables, state: ckpt.TrainingState) -> P
     if sharded.is_sharded(run.accelerator):  # (scores run on the main process, the one that prunes)
         path = sharded.save_checkpoint(run.dir, state, run.accelerator, model.lr_scheduler, keep, protect=best)
     elif run.is_main:
-        unet = run.accelerator.unwrap_model(model.unet)
-        path = ckpt.save_checkpoint(run.dir, state, unet, model.trained_text_encoders(run.accelerator),
+        path = ckpt.save_checkpoint(run.dir, state, model.named_denoiser(run.accelerator),
+                                    model.trained_text_encoders(run.accelerator),
                                     model.optimizer, model.lr_scheduler, keep, protect=best)
     else:
         return None
@@ -625,8 +625,8 @@ def save_checkpoint(run: Run, model: Trainables, state: ckpt.TrainingState) -> P
 
 
 def sample(run: Run, parts: Components, model: Trainables, step: int, log: StepLog) -> list[Path]:
-    unet, text_encoders = model.unwrapped(run.accelerator)
-    paths = make_samples(run.config, parts, unet, text_encoders, step, run.dir,
+    denoiser, text_encoders = model.unwrapped(run.accelerator)
+    paths = make_samples(run.config, parts, denoiser, text_encoders, step, run.dir,
                          run.accelerator.autocast)
     log.images(paths, step)
     run.emit(SampleEvent(step, tuple(paths)))
@@ -649,8 +649,8 @@ def finish(run: Run, parts: Components, model: Trainables | None, outcome: Outco
         if run.is_main and model is not None:
             from trainer.publish.card import write_model_card
 
-            unet, text_encoders = model.unwrapped(accelerator)
-            weights = save_weights(config, parts, unet, text_encoders, run.dir)
+            denoiser, text_encoders = model.unwrapped(accelerator)
+            weights = save_weights(config, parts, denoiser, text_encoders, run.dir)
             # The card reads which step the weights are from (and publishes that step's scores).
             run_folder.write_status(run.dir, "running", step, config.max_train_steps, family=parts.family.name,
                                     weights_step=step)

@@ -24,6 +24,7 @@ def load_components(config: TrainConfig) -> Components:
     refused before any weights load), then its parts through `from_pretrained`."""
     family = detect_family(config.pretrained_model, config.revision)
     parts = family.load_components(config.pretrained_model, config.revision, config.variant)
+    parts.config = config
     if config.pretrained_vae:
         parts.vae = load_vae(config.pretrained_vae, parts)
     return parts
@@ -44,9 +45,9 @@ def load_vae(source: str, parts: Components):
     if found.get("_class_name") != "AutoencoderKL":
         raise fail(f"is a {found.get('_class_name')}, not an AutoencoderKL")
     channels, base = found.get("latent_channels", 4), parts.vae.config
-    if channels != parts.unet.config.in_channels:
-        raise fail(f"makes {channels}-channel latents; this {parts.family.label} UNet takes "
-                   f"{parts.unet.config.in_channels}")
+    takes = parts.family.latent_channels(parts)
+    if channels != takes:
+        raise fail(f"makes {channels}-channel latents; this {parts.family.label} model takes {takes}")
     if len(found.get("block_out_channels", ())) != len(base.block_out_channels):
         raise fail(f"downsamples by 2^{len(found.get('block_out_channels', ())) - 1}, the base VAE by "
                    f"2^{len(base.block_out_channels) - 1}")
@@ -72,7 +73,7 @@ def prepare_for_training(parts: Components, config: TrainConfig, device: torch.d
     parts.vae.to(device)
     if config.mixed_precision == "bf16":
         parts.vae.to(dtype=frozen_dtype)
-    for module in (parts.unet, *text_encoders):
+    for module in (parts.denoiser, *text_encoders):
         module.to(device)
         if frozen_dtype != torch.float32:
             module.to(dtype=frozen_dtype)
@@ -82,13 +83,14 @@ def prepare_for_training(parts: Components, config: TrainConfig, device: torch.d
 
     checkpointing = None
     if config.gradient_checkpointing:
-        checkpointing = enable_checkpointing(parts.unet, config.resolution // parts.vae_scale_factor)
+        checkpointing = enable_checkpointing(parts.denoiser, config.resolution // parts.vae_scale_factor)
     parts.vae.eval()
-    parts.unet.train()
+    parts.denoiser.train()
+    trained = parts.trainable_text_encoders if config.train_text_encoder else []
     for text_encoder in text_encoders:
-        if config.gradient_checkpointing and config.train_text_encoder:
+        if config.gradient_checkpointing and text_encoder in trained:
             text_encoder.activation_checkpointing_enable()
-        text_encoder.train(config.train_text_encoder)
+        text_encoder.train(text_encoder in trained)
     return checkpointing
 
 
@@ -99,7 +101,7 @@ def mark_trainable(parts: Components, config: TrainConfig) -> None:
     parts.vae.requires_grad_(False)
     for text_encoder in text_encoders:
         text_encoder.requires_grad_(False)
-    parts.unet.requires_grad_(config.method == "full")
+    parts.denoiser.requires_grad_(config.method == "full")
 
     if config.method == "lora":
         from peft import LoraConfig
@@ -110,11 +112,11 @@ def mark_trainable(parts: Components, config: TrainConfig) -> None:
             return LoraConfig(r=config.lora_rank, lora_alpha=alpha, init_lora_weights="gaussian",
                               target_modules=list(targets))
 
-        parts.unet.add_adapter(lora(parts.family.unet_lora_targets))
-        for text_encoder in text_encoders if config.train_text_encoder else ():
+        parts.denoiser.add_adapter(lora(parts.family.denoiser_lora_targets))
+        for text_encoder in parts.trainable_text_encoders if config.train_text_encoder else ():
             text_encoder.add_adapter(lora(parts.family.text_lora_targets))
     elif config.train_text_encoder:
-        for text_encoder in text_encoders:
+        for text_encoder in parts.trainable_text_encoders:
             text_encoder.requires_grad_(True)
 
 

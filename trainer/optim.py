@@ -28,7 +28,7 @@ def sharding_optimizer_note(config: TrainConfig, strategy: str, offload: bool) -
 
 
 def make_optimizer(
-    unet_params: list[torch.nn.Parameter],
+    denoiser_params: list[torch.nn.Parameter],
     text_params: list[torch.nn.Parameter],
     config: TrainConfig,
     warn: Callable[[str], None],
@@ -37,7 +37,7 @@ def make_optimizer(
 ) -> torch.optim.Optimizer:
     """One optimizer, one parameter group per model so the text encoder keeps its own LR. `strategy`
     is how accelerate spreads the run (ddp, fsdp, deepspeed); `offload`: ZeRO's optimizer CPU offload."""
-    groups = [{"params": unet_params, "lr": config.lr}]
+    groups = [{"params": denoiser_params, "lr": config.lr}]
     if text_params:
         groups.append({"params": text_params, "lr": config.te_lr})
     kwargs = {

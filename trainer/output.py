@@ -7,7 +7,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-from diffusers import DPMSolverMultistepScheduler
 
 from trainer import atomic
 from trainer.config import TrainConfig
@@ -22,16 +21,15 @@ from trainer.run_folder import (
 )
 
 
-def pipeline_from_parts(parts: Components, unet: torch.nn.Module, text_encoders: Sequence[torch.nn.Module]):
-    """The family's inference pipeline over the in-memory modules (no copy), with a fast multistep sampler."""
-    scheduler = DPMSolverMultistepScheduler.from_config(parts.noise_scheduler.config)
-    return parts.family.pipeline(parts, unet, text_encoders, scheduler)
+def pipeline_from_parts(parts: Components, denoiser: torch.nn.Module, text_encoders: Sequence[torch.nn.Module]):
+    """The family's inference pipeline over the in-memory modules (no copy), with its sampler."""
+    return parts.family.pipeline(parts, denoiser, text_encoders, parts.family.sampling_scheduler(parts))
 
 
 def make_samples(
     config: TrainConfig,
     parts: Components,
-    unet: torch.nn.Module,
+    denoiser: torch.nn.Module,
     text_encoders: Sequence[torch.nn.Module],
     step: int,
     run_dir: Path,
@@ -39,9 +37,9 @@ def make_samples(
 ) -> list[Path]:
     """One image per (prompt, index) with seed `config.seed + index`: comparable across steps."""
     samples_dir(run_dir).mkdir(parents=True, exist_ok=True)
-    pipe = pipeline_from_parts(parts, unet, text_encoders)
+    pipe = pipeline_from_parts(parts, denoiser, text_encoders)
     paths = []
-    with evaluating([unet, *text_encoders]):
+    with evaluating([denoiser, *text_encoders]):
         for p, prompt in enumerate(config.validation_prompts):
             for i in range(config.num_validation_images):
                 generator = torch.Generator(device="cpu").manual_seed(config.seed + i)
@@ -53,6 +51,7 @@ def make_samples(
                         height=config.resolution,
                         width=config.resolution,
                         generator=generator,
+                        **parts.family.sampling_kwargs(config),
                     ).images[0]
                 path = sample_path(run_dir, step, p, i)
                 with atomic.written(path) as tmp:
@@ -74,7 +73,7 @@ def evaluating(modules: Sequence[torch.nn.Module]):
             module.train(training)
 
 
-def save_weights(config: TrainConfig, parts: Components, unet: torch.nn.Module,
+def save_weights(config: TrainConfig, parts: Components, denoiser: torch.nn.Module,
                  text_encoders: Sequence[torch.nn.Module], run_dir: Path) -> Path:
     """Full: a pipeline folder plain `from_pretrained` loads. LoRA: the diffusers LoRA file (and kohya's).
 
@@ -89,9 +88,9 @@ def save_weights(config: TrainConfig, parts: Components, unet: torch.nn.Module,
     staging.mkdir()
     with atomic.cleaned_up(staging, marker if config.method == "lora" else run_dir):
         if config.method == "lora":
-            weights = _save_lora(config, parts, unet, text_encoders, staging)
+            weights = _save_lora(config, parts, denoiser, text_encoders, staging)
         else:
-            weights = parts.family.save_full(config.pretrained_model, config.revision, parts, unet, text_encoders,
+            weights = parts.family.save_full(config.pretrained_model, config.revision, parts, denoiser, text_encoders,
                                              staging, to_fp32=config.mixed_precision != "no")
     _move_into(staging, run_dir, last=marker.name)
     return run_dir / weights.relative_to(staging)
@@ -108,7 +107,7 @@ def _move_into(staging: Path, run_dir: Path, last: str) -> None:
     staging.rmdir()
 
 
-def _save_lora(config: TrainConfig, parts: Components, unet: torch.nn.Module,
+def _save_lora(config: TrainConfig, parts: Components, denoiser: torch.nn.Module,
                text_encoders: Sequence[torch.nn.Module], run_dir: Path) -> Path:
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
@@ -118,13 +117,15 @@ def _save_lora(config: TrainConfig, parts: Components, unet: torch.nn.Module,
         # vocabulary changed (a network call, and a warning, at every save of the text encoder).
         return convert_state_dict_to_diffusers(get_peft_model_state_dict(model, save_embedding_layers=False))
 
-    trained = {"unet": unet}
+    trained = {parts.family.denoiser_name: denoiser}
     if config.train_text_encoder:
-        trained.update(zip(parts.family.text_encoder_names(len(text_encoders)), text_encoders, strict=True))
+        trainable = text_encoders[: parts.family.trainable_text_encoders]
+        trained.update(zip(parts.family.text_encoder_names(len(trainable)), trainable, strict=True))
     layers = {part: lora_state(model) for part, model in trained.items()}
     metadata = {part: model.peft_config["default"].to_dict() for part, model in trained.items()}
     weights = parts.family.save_lora(run_dir, layers, metadata)
-    save_kohya_lora(parts.family, run_dir, rank=config.lora_rank, alpha=config.lora_alpha or config.lora_rank)
+    if parts.family.writes_kohya_lora:
+        save_kohya_lora(parts.family, run_dir, rank=config.lora_rank, alpha=config.lora_alpha or config.lora_rank)
     return weights
 
 

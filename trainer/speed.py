@@ -50,7 +50,10 @@ def selective_checkpoint(module: torch.nn.Module, *args):
 
 
 def enable_checkpointing(unet: torch.nn.Module, latent_size: int) -> str:
-    """Turn on the UNet's gradient checkpointing, selective where it pays; the line that says which."""
+    """Turn on the denoiser's gradient checkpointing, selective where it pays (a UNet's); the line that says which."""
+    if not hasattr(unet.config, "down_block_types"):  # a transformer (SD 3, FLUX): diffusers' own, per block
+        unet.enable_gradient_checkpointing()
+        return "gradient checkpointing per transformer block"
     tokens = self_attention_tokens(unet.config, latent_size)
     if tokens >= SELECTIVE_MIN_TOKENS:
         unet.enable_gradient_checkpointing(selective_checkpoint)

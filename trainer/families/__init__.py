@@ -14,11 +14,12 @@ from pathlib import Path
 
 from trainer.config import UserError
 from trainer.families.base import Components, Conditioning, ModelFamily, ModelLoadError, first_line
+from trainer.families.flow import Flux, StableDiffusion3
 from trainer.families.sd import StableDiffusion
 from trainer.families.sdxl import StableDiffusionXL
 from trainer.model_files import PIPELINE_INDEX
 
-FAMILIES: tuple[ModelFamily, ...] = (StableDiffusion(), StableDiffusionXL())
+FAMILIES: tuple[ModelFamily, ...] = (StableDiffusion(), StableDiffusionXL(), StableDiffusion3(), Flux())
 
 # Pipelines people try as a base that we recognise but do not train, with the reason.
 _NOT_TRAINED: dict[str, str] = {
@@ -30,8 +31,20 @@ _NOT_TRAINED: dict[str, str] = {
     "StableDiffusionXLInstructPix2PixPipeline": "an image-editing model",
     "StableDiffusionDepth2ImgPipeline": "a depth-to-image model",
     "StableDiffusionUpscalePipeline": "an upscaler",
-    "StableDiffusion3Pipeline": "Stable Diffusion 3 is not supported",
-    "FluxPipeline": "Flux is not supported",
+    "StableDiffusion3Img2ImgPipeline": "an SD 3 image-to-image pipeline: train the text-to-image model",
+    "StableDiffusion3InpaintPipeline": "an SD 3 inpainting pipeline (its transformer takes a mask)",
+    "StableDiffusion3ControlNetPipeline": "an SD 3 ControlNet pipeline: train the base model",
+    "FluxKontextPipeline": "FLUX.1 Kontext, an image-editing model: it learns from pairs of images, not a "
+    "subject's photos",
+    "FluxKontextInpaintPipeline": "FLUX.1 Kontext inpainting, an image-editing model",
+    "FluxFillPipeline": "FLUX.1 Fill, an inpainting/outpainting model (its transformer takes a mask)",
+    "FluxPriorReduxPipeline": "FLUX.1 Redux, an image-variation adapter, not a text-to-image model",
+    "FluxControlPipeline": "a FLUX.1 Control model (Canny/Depth: its transformer takes a control image)",
+    "FluxControlNetPipeline": "a FLUX.1 ControlNet pipeline: train the base model",
+    "FluxImg2ImgPipeline": "a FLUX.1 image-to-image pipeline: train the text-to-image model",
+    "FluxInpaintPipeline": "a FLUX.1 inpainting pipeline: train the text-to-image model",
+    "Flux2Pipeline": "FLUX.2, a different architecture (one Mistral text encoder, a new VAE) not yet trained here",
+    "Flux2KleinPipeline": "FLUX.2 klein, a different architecture not yet trained here",
 }
 
 
@@ -107,7 +120,9 @@ __all__ = [
     "Conditioning",
     "ModelFamily",
     "ModelLoadError",
+    "Flux",
     "StableDiffusion",
+    "StableDiffusion3",
     "StableDiffusionXL",
     "UnsupportedModelError",
     "detect_family",

@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 import torch
 
 from trainer.config import TrainConfig, UserError
+from trainer.loss import Denoising, FlowMatching
 from trainer.model_files import text_encoder_names
 
 
@@ -25,20 +26,29 @@ def first_line(err: BaseException) -> str:
 
 @dataclass
 class Components:
-    """The loaded parts of a base model; SDXL has a second tokenizer and text encoder."""
+    """The loaded parts of a base model. The denoiser is a UNet (SD 1.x/2.x, SDXL) or a transformer
+    (SD 3, FLUX); SDXL and FLUX have a second tokenizer and text encoder, SD 3 a third."""
 
     family: ModelFamily
     tokenizer: Any
     text_encoder: torch.nn.Module
     vae: torch.nn.Module
-    unet: torch.nn.Module
-    noise_scheduler: Any  # DDPMScheduler: the training noise schedule
+    denoiser: torch.nn.Module
+    noise_scheduler: Any  # the training noise schedule: DDPMScheduler, FlowMatchEulerDiscreteScheduler
     tokenizer_2: Any = None
     text_encoder_2: torch.nn.Module | None = None
+    tokenizer_3: Any = None
+    text_encoder_3: torch.nn.Module | None = None
+    config: TrainConfig | None = None  # the run's settings the family reads (FLUX's guidance, the T5 length)
 
     @property
     def text_encoders(self) -> list[torch.nn.Module]:
-        return [te for te in (self.text_encoder, self.text_encoder_2) if te is not None]
+        return [te for te in (self.text_encoder, self.text_encoder_2, self.text_encoder_3) if te is not None]
+
+    @property
+    def trainable_text_encoders(self) -> list[torch.nn.Module]:
+        """The text encoders `train_text_encoder` trains: the CLIP ones (never T5)."""
+        return self.text_encoders[: self.family.trainable_text_encoders]
 
     @property
     def vae_scale_factor(self) -> int:
@@ -62,15 +72,19 @@ class Conditioning:
 
 
 class ModelFamily:
-    """One Stable Diffusion generation. Subclasses fill the class attributes and the methods."""
+    """One kind of base model. Subclasses fill the class attributes and the methods."""
 
     name: ClassVar[str]  # short id, recorded in the run folder's run.json
     label: ClassVar[str]  # for people: "Stable Diffusion 1.x/2.x"
     pipeline_names: ClassVar[tuple[str, ...]]  # model_index.json `_class_name`s of this family
     default_resolution: ClassVar[int]
+    denoiser_name: ClassVar[str] = "unet"  # the pipeline's component: unet, transformer
+    objective: ClassVar[Denoising | FlowMatching] = Denoising()  # what a training step asks of the denoiser
     # The attention projections of diffusers' UNet2DConditionModel and of transformers' CLIP encoders.
-    unet_lora_targets: ClassVar[tuple[str, ...]] = ("to_k", "to_q", "to_v", "to_out.0")
+    denoiser_lora_targets: ClassVar[tuple[str, ...]] = ("to_k", "to_q", "to_v", "to_out.0")
     text_lora_targets: ClassVar[tuple[str, ...]] = ("q_proj", "k_proj", "v_proj", "out_proj")
+    trainable_text_encoders: ClassVar[int] = 2  # the first N text encoders may train (the CLIP ones)
+    writes_kohya_lora: ClassVar[bool] = True  # also a LoRA file in kohya's layout (trainer/output.py)
     card_tags: ClassVar[tuple[str, ...]]
     # diffusers' kohya converter names the text encoders lora_te1_, lora_te2_; what this family's
     # A1111/ComfyUI/kohya files call them instead, where that differs.
@@ -88,10 +102,25 @@ class ModelFamily:
         """Raise ConfigError for settings this family cannot train well (checked before training)."""
 
     def native_resolution(self, parts: Components) -> int:
-        """The image size the base model was trained at: the UNet's sample size in pixels."""
-        return int(parts.unet.config.sample_size) * parts.vae_scale_factor
+        """The image size the base model was trained at: the denoiser's sample size in pixels."""
+        return int(parts.denoiser.config.sample_size) * parts.vae_scale_factor
 
-    def pipeline(self, parts: Components, unet: torch.nn.Module, text_encoders: Sequence[torch.nn.Module],
+    def latent_channels(self, parts: Components) -> int:
+        """The channels of the VAE latents the denoiser takes."""
+        return int(parts.denoiser.config.in_channels)
+
+    def sampling_scheduler(self, parts: Components) -> Any:
+        """The scheduler samples and class images are drawn with: a fast multistep solver on the training
+        schedule's config."""
+        from diffusers import DPMSolverMultistepScheduler
+
+        return DPMSolverMultistepScheduler.from_config(parts.noise_scheduler.config)
+
+    def sampling_kwargs(self, config: TrainConfig) -> dict[str, Any]:
+        """Further pipeline arguments for samples, class images and scores (FLUX/SD 3: the T5 length)."""
+        return {}
+
+    def pipeline(self, parts: Components, denoiser: torch.nn.Module, text_encoders: Sequence[torch.nn.Module],
                  scheduler: Any) -> Any:
         """An inference pipeline over the in-memory modules (no copy); `text_encoders` as in parts."""
         raise NotImplementedError
@@ -110,19 +139,20 @@ class ModelFamily:
         use, in the order of `parts.text_encoders` (default: those)."""
         raise NotImplementedError
 
-    def predict(self, unet: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor,
+    def predict(self, denoiser: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor,
                 cond: Conditioning, image_info: torch.Tensor) -> torch.Tensor:
         """The UNet's prediction. `image_info` holds each row's (original height, original width, crop
         top, crop left, target height, target width), for families conditioned on them (SDXL)."""
-        return unet(noisy, timesteps, cond.hidden_states).sample
+        return denoiser(noisy, timesteps, cond.hidden_states).sample
 
     # --- weights --------------------------------------------------------------------------
-    def save_full(self, source: str, revision: str | None, parts: Components, unet: torch.nn.Module,
+    def save_full(self, source: str, revision: str | None, parts: Components, denoiser: torch.nn.Module,
                   text_encoders: Sequence[torch.nn.Module], run_dir: Path, to_fp32: bool) -> Path:
         raise NotImplementedError
 
     def save_lora(self, run_dir: Path, layers: dict[str, dict], metadata: dict[str, dict]) -> Path:
-        """`layers`/`metadata` keyed by "unet", "text_encoder" (and "text_encoder_2"); returns the file."""
+        """`layers`/`metadata` keyed by the pipeline's names: the denoiser's ("unet", "transformer"),
+        "text_encoder" (and "text_encoder_2"); returns the file."""
         raise NotImplementedError
 
     @staticmethod

@@ -44,7 +44,7 @@ def load_clip_unet_parts(family: ModelFamily, source: str, revision: str | None,
         tokenizer=load("tokenizer", CLIPTokenizer.from_pretrained),
         text_encoder=load(TEXT_ENCODER, CLIPTextModel.from_pretrained),
         vae=load("vae", AutoencoderKL.from_pretrained),
-        unet=load("unet", UNet2DConditionModel.from_pretrained),
+        denoiser=load("unet", UNet2DConditionModel.from_pretrained),
         noise_scheduler=DDPMScheduler.from_config(schedule),
         **second,
     )
@@ -113,13 +113,13 @@ class StableDiffusion(ModelFamily):
     def load_components(self, source: str, revision: str | None, variant: str | None) -> Components:
         return load_clip_unet_parts(self, source, revision, variant)
 
-    def pipeline(self, parts: Components, unet: torch.nn.Module, text_encoders: Sequence[torch.nn.Module],
+    def pipeline(self, parts: Components, denoiser: torch.nn.Module, text_encoders: Sequence[torch.nn.Module],
                  scheduler: Any) -> Any:
         pipe = self.pipeline_class(
             vae=parts.vae,
             text_encoder=text_encoders[0],
             tokenizer=parts.tokenizer,
-            unet=unet,
+            unet=denoiser,
             scheduler=scheduler,
             **_NO_SAFETY_CHECKER,
         )
@@ -146,9 +146,9 @@ class StableDiffusion(ModelFamily):
         encoder = text_encoders[0] if text_encoders else parts.text_encoder
         return Conditioning(encoder(input_ids)[0])
 
-    def save_full(self, source: str, revision: str | None, parts: Components, unet: torch.nn.Module,
+    def save_full(self, source: str, revision: str | None, parts: Components, denoiser: torch.nn.Module,
                   text_encoders: Sequence[torch.nn.Module], run_dir: Path, to_fp32: bool) -> Path:
-        modules = {"vae": parts.vae, TEXT_ENCODER: text_encoders[0], "tokenizer": parts.tokenizer, "unet": unet}
+        modules = {"vae": parts.vae, TEXT_ENCODER: text_encoders[0], "tokenizer": parts.tokenizer, "unet": denoiser}
         return save_full_pipeline(self.pipeline_class, source, revision, {**modules, **_NO_SAFETY_CHECKER},
                                   run_dir, to_fp32)
 

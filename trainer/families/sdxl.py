@@ -43,9 +43,9 @@ class StableDiffusionXL(ModelFamily):
                 f"or more ({native} is best)."
             )
 
-    def pipeline(self, parts: Components, unet: torch.nn.Module, text_encoders: Sequence[torch.nn.Module],
+    def pipeline(self, parts: Components, denoiser: torch.nn.Module, text_encoders: Sequence[torch.nn.Module],
                  scheduler: Any) -> Any:
-        pipe = self.pipeline_class(**self._modules(parts, unet, text_encoders), scheduler=scheduler, **_NO_WATERMARK)
+        pipe = self.pipeline_class(**self._modules(parts, denoiser, text_encoders), scheduler=scheduler, **_NO_WATERMARK)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
@@ -76,20 +76,20 @@ class StableDiffusionXL(ModelFamily):
             hidden.append(out.hidden_states[-2])
         return Conditioning(torch.cat(hidden, dim=-1), {"text_embeds": pooled})
 
-    def predict(self, unet: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor,
+    def predict(self, denoiser: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor,
                 cond: Conditioning, image_info: torch.Tensor) -> torch.Tensor:
         added = {"text_embeds": cond.added["text_embeds"], "time_ids": image_info.to(cond.hidden_states.dtype)}
-        return unet(noisy, timesteps, cond.hidden_states, added_cond_kwargs=added).sample
+        return denoiser(noisy, timesteps, cond.hidden_states, added_cond_kwargs=added).sample
 
-    def save_full(self, source: str, revision: str | None, parts: Components, unet: torch.nn.Module,
+    def save_full(self, source: str, revision: str | None, parts: Components, denoiser: torch.nn.Module,
                   text_encoders: Sequence[torch.nn.Module], run_dir: Path, to_fp32: bool) -> Path:
         return save_full_pipeline(self.pipeline_class, source, revision,
-                                  {**self._modules(parts, unet, text_encoders), **_NO_WATERMARK}, run_dir, to_fp32)
+                                  {**self._modules(parts, denoiser, text_encoders), **_NO_WATERMARK}, run_dir, to_fp32)
 
     @staticmethod
-    def _modules(parts: Components, unet: torch.nn.Module, text_encoders: Sequence[torch.nn.Module]) -> dict:
+    def _modules(parts: Components, denoiser: torch.nn.Module, text_encoders: Sequence[torch.nn.Module]) -> dict:
         return {"vae": parts.vae, TEXT_ENCODER: text_encoders[0], TEXT_ENCODER_2: text_encoders[1],
-                "tokenizer": parts.tokenizer, "tokenizer_2": parts.tokenizer_2, "unet": unet}
+                "tokenizer": parts.tokenizer, "tokenizer_2": parts.tokenizer_2, "unet": denoiser}
 
     def save_lora(self, run_dir: Path, layers: dict[str, dict], metadata: dict[str, dict]) -> Path:
         return save_lora_file(self.pipeline_class, run_dir, layers, metadata)

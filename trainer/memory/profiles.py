@@ -51,7 +51,7 @@ class StepSettings:
 
     @classmethod
     def of(cls, shapes: ModelShapes, config: TrainConfig, device_type: str) -> StepSettings:
-        unet = pristine_parts(shapes).unet
+        unet = pristine_parts(shapes).denoiser
         latent = config.resolution // shapes.vae_scale_factor
         return cls(
             config.method,
@@ -91,7 +91,7 @@ def generation_parts(shapes: ModelShapes, mixed_precision: str, device_type: str
     encoders in the mixed-precision dtype (the VAE stays fp32)."""
     parts = build_parts(shapes)
     with _quiet():
-        for module in (parts.unet, *parts.text_encoders) if device_type == "cuda" else ():
+        for module in (parts.denoiser, *parts.text_encoders) if device_type == "cuda" else ():
             module.to(dtype=weight_dtype(mixed_precision))
     return parts
 
@@ -136,7 +136,7 @@ def step_profile(
     return _traced(
         key,
         parts,
-        [parts.unet, *parts.text_encoders, parts.vae],
+        [parts.denoiser, *parts.text_encoders, parts.vae],
         lambda p: training_step(p, config.train_text_encoder, _autocast(precision)),
         _unit(shapes),
         device_type == "cuda",
@@ -157,7 +157,7 @@ def generation_profile(
     return _traced(
         key,
         parts,
-        [parts.unet, *parts.text_encoders, parts.vae],
+        [parts.denoiser, *parts.text_encoders, parts.vae],
         lambda p: generation(p, _autocast(precision)),
         _unit(shapes),
         device_type == "cuda",

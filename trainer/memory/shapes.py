@@ -209,7 +209,7 @@ def build_parts(shapes: ModelShapes) -> Components:
         tokenizer=None,
         text_encoder=encoders[0],
         vae=vae,
-        unet=unet,
+        denoiser=unet,
         noise_scheduler=None,
         text_encoder_2=second,
     )
@@ -237,11 +237,11 @@ def part_tensors(shapes: ModelShapes) -> dict[str, PartTensors]:
     LoRA wraps the Linear layers whose names end in the family's targets, as peft's target_modules."""
     parts = pristine_parts(shapes)
     modules = {
-        "unet": parts.unet,
+        "unet": parts.denoiser,
         "vae": parts.vae,
         **dict(zip(shapes.text_encoder_names, parts.text_encoders, strict=True)),
     }
-    targets = {"unet": shapes.family.unet_lora_targets, "vae": ()}
+    targets = {"unet": shapes.family.denoiser_lora_targets, "vae": ()}
     out = {}
     for name, module in modules.items():
         ends = tuple("." + t for t in targets.get(name, shapes.family.text_lora_targets))

@@ -211,7 +211,7 @@ def token_ids(parts: Components, rows: int) -> torch.Tensor:
 
 def training_step(parts: Components, train_text_encoder: bool, autocast: Callable) -> Phase:
     """trainer.loop.train_step's forward and backward (the optimizer is counted, not traced)."""
-    family, unet = parts.family, parts.unet
+    family, unet = parts.family, parts.denoiser
     channels = unet.config.in_channels
 
     def run(rows: int, side: int) -> None:
@@ -238,7 +238,7 @@ def training_step(parts: Components, train_text_encoder: bool, autocast: Callabl
 def generation(parts: Components, autocast: Callable, guidance: bool = True) -> Phase:
     """One denoising step of the family's pipeline on `rows` images (prompt and negative prompt:
     2·rows UNet rows), then the VAE decode of the batch: class images and validation samples."""
-    family, unet, vae = parts.family, parts.unet, parts.vae
+    family, unet, vae = parts.family, parts.denoiser, parts.vae
     channels = unet.config.in_channels
 
     def run(rows: int, side: int) -> None:

@@ -34,7 +34,7 @@ class BasePrediction:
 
     class_ids: torch.Tensor  # the class prompt's token ids, one row
     conditioning: Conditioning  # the base text encoders' conditioning of it, one row
-    frozen_unet: torch.nn.Module | None  # full fine-tuning: the base UNet; LoRA: None (adapters off)
+    frozen_denoiser: torch.nn.Module | None  # full fine-tuning: the base UNet; LoRA: None (adapters off)
 
     @classmethod
     def create(cls, config: TrainConfig, parts: Components, device: torch.device,
@@ -47,7 +47,7 @@ class BasePrediction:
             conditioning = parts.family.encode(parts, ids)
         frozen = None
         if config.method == "full":
-            frozen = copy.deepcopy(parts.unet).requires_grad_(False).eval()
+            frozen = copy.deepcopy(parts.denoiser).requires_grad_(False).eval()
             if dtype != next(frozen.parameters()).dtype:  # (diffusers warns on any .to(dtype))
                 frozen.to(dtype=dtype)
         return cls(ids[0], conditioning, frozen)
@@ -57,15 +57,15 @@ class BasePrediction:
         return self.class_ids.to(device)[None].expand(n, *self.class_ids.shape)  # SDXL's ids are [2, tokens]
 
     @torch.no_grad()
-    def targets(self, parts: Components, unet: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor,
+    def targets(self, parts: Components, denoiser: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor,
                 image_info: torch.Tensor) -> torch.Tensor:
-        """The base model's prediction for the class prompt on these noisy latents. `unet` is the
+        """The base model's prediction for the class prompt on these noisy latents. `denoiser` is the
         trained UNet, unwrapped (its adapters are switched off for this forward)."""
         cond = Conditioning.cat([self.conditioning] * noisy.shape[0])
-        if self.frozen_unet is not None:
-            return parts.family.predict(self.frozen_unet, noisy, timesteps, cond, image_info)
-        with _adapters_off([unet]):
-            return parts.family.predict(unet, noisy, timesteps, cond, image_info)
+        if self.frozen_denoiser is not None:
+            return parts.family.predict(self.frozen_denoiser, noisy, timesteps, cond, image_info)
+        with _adapters_off([denoiser]):
+            return parts.family.predict(denoiser, noisy, timesteps, cond, image_info)
 
 
 @contextlib.contextmanager

@@ -107,7 +107,7 @@ def _generate(
     from trainer.output import pipeline_from_parts
 
     cache.mkdir(parents=True, exist_ok=True)
-    pipe = pipeline_from_parts(parts, parts.unet, parts.text_encoders)
+    pipe = pipeline_from_parts(parts, parts.denoiser, parts.text_encoders)
     done = 0
     while done < len(indices) and not should_stop():
         batch = indices[done : done + config.sample_batch_size]
@@ -119,6 +119,7 @@ def _generate(
                 height=config.resolution,
                 width=config.resolution,
                 generator=generators,
+                **parts.family.sampling_kwargs(config),
             ).images
         for index, image in zip(batch, images, strict=True):
             # Written under a temporary name, then renamed: a killed run leaves no half image, and a full

@@ -65,16 +65,16 @@ class Scoring:
     def needs_base(self) -> bool:
         return self.scorer.base is None
 
-    def score(self, parts: Components, unet: torch.nn.Module, text_encoders: Sequence[torch.nn.Module],
+    def score(self, parts: Components, denoiser: torch.nn.Module, text_encoders: Sequence[torch.nn.Module],
               step: int) -> dict:
         """Score the weights in memory as step `step` (0: the base model), append the row, update the pick."""
         what = "the base model" if step == 0 else f"step {step}"
         self.emit(PhaseEvent("scoring", f"Scoring {what}: {self.scorer.images_per_checkpoint} images "
                                         f"({self.scorer.embedders.label})"))
-        pipe = pipeline_from_parts(parts, unet, text_encoders)
-        cuda = [unet.device] if unet.device.type == "cuda" else []
+        pipe = pipeline_from_parts(parts, denoiser, text_encoders)
+        cuda = [denoiser.device] if denoiser.device.type == "cuda" else []
         # The random state is left as it was: a run scored and one not scored train the same.
-        with torch.random.fork_rng(devices=cuda), evaluating([unet, *text_encoders]):
+        with torch.random.fork_rng(devices=cuda), evaluating([denoiser, *text_encoders]):
             row = self.scorer.score(pipe, step, self.autocast,
                                     lambda done, total: self.emit(ProgressEvent("scoring", done, total)))
         append_scores(self.run_dir, row)

@@ -24,6 +24,7 @@ TOY_MODEL_DIR = ASSETS_DIR / "toy-sd"
 # The real CLIP tokenizer of SD 1.5 (written by tools/build_clip_tokenizer.py): the toy model and
 # the tests' tiny model tokenize prompts to the ids SD 1.5 sees.
 CLIP_TOKENIZER_DIR = ASSETS_DIR / "clip-tokenizer"
+T5_TOKENIZER_DIR = ASSETS_DIR / "t5-tokenizer"
 TOY_MODEL_LABEL = "Toy model (shapes world, runs on CPU)"
 TOY_RESOLUTION = 32
 
@@ -35,6 +36,7 @@ __all__ = [
     "EXAMPLE_INSTANCE_PROMPT",
     "EXAMPLE_PROMPTS",
     "EXAMPLE_SETTINGS",
+    "T5_TOKENIZER_DIR",
     "TOY_MODEL_DIR",
     "TOY_MODEL_LABEL",
     "TOY_RESOLUTION",
