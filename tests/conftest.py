@@ -23,6 +23,7 @@ import pytest
 
 # Fixtures that several test modules use, imported here so that pytest finds them by name.
 from hub_fixtures import *  # noqa: F403
+from tiny_model import tiny_base_of
 from ui_fixtures import *  # noqa: F403
 
 SUBJECT_SIZE = 64
@@ -56,14 +57,32 @@ def tiny_sdxl_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_sdxl_pipeline(tmp_path_factory.mktemp("tiny-sdxl") / "model")
 
 
-@pytest.fixture(params=["sd", "sdxl"])
-def tiny_base(request: pytest.FixtureRequest):
-    """Each tiny base model in turn (SD 1.x, SDXL): for the tests every model family must pass."""
-    from tiny_model import TinyBase
+@pytest.fixture(scope="session")
+def tiny_sd3_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Stable Diffusion 3 (MMDiT transformer, CLIP-L, CLIP-G, T5), saved once for the whole session."""
+    from tiny_transformers import build_tiny_sd3
 
-    if request.param == "sdxl":
-        return TinyBase(request.getfixturevalue("tiny_sdxl_model_dir"), "sdxl", ("text_encoder", "text_encoder_2"))
-    return TinyBase(request.getfixturevalue("tiny_model_dir"), "sd", ("text_encoder",))
+    return build_tiny_sd3(tmp_path_factory.mktemp("tiny-sd3") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny FLUX.1-dev (guidance-embedding transformer, CLIP, T5), saved once for the whole session."""
+    from tiny_transformers import build_tiny_flux
+
+    return build_tiny_flux(tmp_path_factory.mktemp("tiny-flux") / "model")
+
+
+@pytest.fixture(params=["sd", "sdxl", "sd3", "flux"])
+def tiny_base(request: pytest.FixtureRequest):
+    """Each tiny base model in turn (SD 1.x, SDXL, SD 3, FLUX.1): for the tests every model family must pass."""
+    return tiny_base_of(request, request.param)
+
+
+@pytest.fixture(params=["sd", "sdxl", "sd3"])
+def tiny_full_base(request: pytest.FixtureRequest):
+    """Each tiny base model whose family trains in full on one card (FLUX.1's ~120 GB is refused)."""
+    return tiny_base_of(request, request.param)
 
 
 @pytest.fixture

@@ -7,13 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_model import tiny_base_of
 from train_helpers import denoising_loss, max_abs_diff, safetensors_dir, tiny_config
 
 from trainer import CancelToken, train
 from trainer.events import CheckpointEvent, PhaseEvent, ProgressEvent, SampleEvent, StepEvent
 
 
-def test_full_with_prior_8bit_and_checkpointing_moves_unet_not_vae(tiny_base, subject_images, tmp_path):
+def test_full_with_prior_8bit_and_checkpointing_moves_the_denoiser_not_vae(tiny_full_base, subject_images, tmp_path):
+    tiny_base = tiny_full_base
     events = []
     config = tiny_config(
         tiny_base.path, subject_images, tmp_path / "run", method="full", learning_rate=1e-3,
@@ -25,8 +27,9 @@ def test_full_with_prior_8bit_and_checkpointing_moves_unet_not_vae(tiny_base, su
 
     assert result.status == "completed" and result.step == 6
     run = result.run_dir
-    base_unet, new_unet = safetensors_dir(tiny_base.path / "unet"), safetensors_dir(run / "unet")
-    assert max_abs_diff(base_unet, new_unet) > 1e-4, "the UNet did not move"
+    denoiser = tiny_base.denoiser
+    base_denoiser, new_denoiser = safetensors_dir(tiny_base.path / denoiser), safetensors_dir(run / denoiser)
+    assert max_abs_diff(base_denoiser, new_denoiser) > 1e-4, f"the {denoiser} did not move"
     for frozen in ("vae", *tiny_base.text_encoders):
         assert max_abs_diff(safetensors_dir(tiny_base.path / frozen), safetensors_dir(run / frozen)) == 0.0, frozen
 
@@ -80,12 +83,14 @@ def test_class_image_cache_is_reused(tiny_base, subject_images, tmp_path):
 def test_overfitting_lowers_the_loss_on_the_instance_images(tiny_base, subject_images, tmp_path):
     tiny_model_dir = tiny_base.path
     prompt = "a photo of sks square"
-    config = tiny_config(tiny_model_dir, subject_images, tmp_path / "run", method="lora", learning_rate=1e-2,
+    # The tiny SD 3's LoRA reaches only its one block's attention (diffusers' SD 3 targets), so it learns slower.
+    lr, kept = (3e-2, 0.9) if tiny_base.family == "sd3" else (1e-2, 0.8)
+    config = tiny_config(tiny_model_dir, subject_images, tmp_path / "run", method="lora", learning_rate=lr,
                          lora_rank=8, max_train_steps=40, train_batch_size=2)
     result = train(config)
     before = denoising_loss(tiny_model_dir, subject_images, prompt)
     after = denoising_loss(tiny_model_dir, subject_images, prompt, lora_dir=result.run_dir)
-    assert after < 0.8 * before, f"loss {before:.4f} -> {after:.4f}"
+    assert after < kept * before, f"loss {before:.4f} -> {after:.4f}"
 
 
 def test_lora_output_loads_in_plain_diffusers_and_changes_the_image(tiny_base, subject_images, tmp_path):
@@ -145,9 +150,10 @@ def _trainable(run: Path) -> dict[str, torch.Tensor]:
     return safetensors_dir(run / "checkpoints" / sorted(p.name for p in (run / "checkpoints").iterdir())[-1])
 
 
-@pytest.mark.parametrize("method", ["lora", "full"])
-def test_resume_after_cancel_ends_with_the_same_weights(tiny_base, subject_images, tmp_path, method):
-    tiny_model_dir = tiny_base.path
+@pytest.mark.parametrize(("family", "method"), [(family, method) for family in ("sd", "sdxl", "sd3", "flux")
+                                                 for method in ("lora", "full") if (family, method) != ("flux", "full")])
+def test_resume_after_cancel_ends_with_the_same_weights(request, subject_images, tmp_path, family, method):
+    tiny_model_dir = tiny_base_of(request, family).path
     common = dict(method=method, learning_rate=1e-3, max_train_steps=8, checkpointing_steps=8,
                   train_text_encoder=True, random_flip=True, with_prior_preservation=True,
                   class_prompt="a photo of a square", num_class_images=2, class_cache_dir=str(tmp_path / "cc"),
@@ -182,10 +188,13 @@ def test_v_prediction_model_trains(tiny_vpred_model_dir, subject_images, tmp_pat
     assert all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics)
 
 
-def test_the_lora_is_also_saved_for_a1111_comfyui_and_kohya(tiny_base, subject_images, tmp_path):
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_the_lora_is_also_saved_for_a1111_comfyui_and_kohya(request, subject_images, tmp_path, family):
     """The kohya-layout file holds the same matrices and the run's alpha, and a reader of that
     layout (diffusers' own kohya loader) draws with it exactly what the diffusers file draws."""
     from safetensors.torch import load_file
+
+    tiny_base = tiny_base_of(request, family)
 
     config = tiny_config(tiny_base.path, subject_images, tmp_path / "run", learning_rate=1e-2, max_train_steps=4,
                          train_text_encoder=True, lora_rank=8, lora_alpha=4)
@@ -216,13 +225,14 @@ def test_the_lora_is_also_saved_for_a1111_comfyui_and_kohya(tiny_base, subject_i
 
 
 @pytest.mark.parametrize("preservation", ["class-images", "base-prediction"])
-def test_parked_parts_are_not_used_by_any_step_and_change_nothing(tiny_base, subject_images, tmp_path,
+def test_parked_parts_are_not_used_by_any_step_and_change_nothing(tiny_full_base, subject_images, tmp_path,
                                                                   monkeypatch, preservation):
     """On a GPU the VAE and the frozen text encoders wait in CPU RAM during the steps (trainer/memory/parking.py).
     Forced here on the CPU (where they would not move): no step may call them while parked, samples
     bring them back, and the run trains to the same weights as one that keeps them."""
     import trainer.memory.parking as parking
 
+    tiny_base = tiny_full_base
     common = dict(method="full", learning_rate=1e-3, max_train_steps=4, with_prior_preservation=True,
                   preservation=preservation, class_prompt="a photo of a square", num_class_images=2,
                   class_cache_dir=str(tmp_path / "cache"), validation_prompts=("a photo of sks square",),
@@ -261,7 +271,7 @@ def test_parked_parts_are_not_used_by_any_step_and_change_nothing(tiny_base, sub
     assert not [c for c in calls if c[1]], "a parked part was used"
     assert {name for name, _ in calls} == {"vae", "text_encoder"}  # before parking, and for the samples
     assert [e.step for e in events if isinstance(e, SampleEvent)] == [2, 4] and not made[0].parked
-    for name in ("unet", "vae", *tiny_base.text_encoders):
+    for name in (tiny_base.denoiser, "vae", *tiny_base.text_encoders):
         assert max_abs_diff(safetensors_dir(kept.run_dir / name), safetensors_dir(parked.run_dir / name)) == 0.0, name
 
 
@@ -287,6 +297,7 @@ def test_parking_the_vae_alone_keeps_a_trained_text_encoders_embeddings_fresh(ti
     the encoder freezes, or the second half would train on the untrained encoder's embeddings."""
     import trainer.memory.parking as parking
 
+    tiny_base = tiny_full_base
     common = dict(method="full", learning_rate=1e-3, max_train_steps=4, train_text_encoder=True,
                   text_encoder_steps_fraction=0.5)
     kept = train(tiny_config(tiny_model_dir, subject_images, tmp_path / "kept", **common))

@@ -105,14 +105,32 @@ class TinyBase:
     """A built tiny base model and what tests need to know of its family."""
 
     path: Path
-    family: str  # "sd" or "sdxl", as trainer.families names them
+    family: str  # "sd", "sdxl", "sd3" or "flux", as trainer.families names them
     text_encoders: tuple[str, ...]  # the pipeline folder's text-encoder subfolders
+    trainable: tuple[str, ...]  # those that `train_text_encoder` trains (the CLIP ones, never T5)
 
     @property
     def pipeline_class(self) -> type:
         import diffusers
 
-        return getattr(diffusers, "StableDiffusionXLPipeline" if self.family == "sdxl" else "StableDiffusionPipeline")
+        return getattr(diffusers, PIPELINES[self.family])
+
+    @property
+    def denoiser(self) -> str:
+        """The pipeline folder's denoiser subfolder."""
+        return "unet" if self.family in ("sd", "sdxl") else "transformer"
+
+
+def tiny_base_of(request, family: str) -> TinyBase:
+    """The tiny base model of `family`, from the session's fixtures (conftest.py) that build them."""
+    te = ("text_encoder", "text_encoder_2", "text_encoder_3")
+    folder, encoders, trainable = {"sd": ("tiny_model_dir", 1, 1), "sdxl": ("tiny_sdxl_model_dir", 2, 2),
+                                   "sd3": ("tiny_sd3_model_dir", 3, 2), "flux": ("tiny_flux_model_dir", 2, 1)}[family]
+    return TinyBase(request.getfixturevalue(folder), family, te[:encoders], te[:trainable])
+
+
+PIPELINES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline",
+             "flux": "FluxPipeline"}
 
 
 def _check_tokenizer() -> None:

@@ -48,34 +48,41 @@ def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> floa
 @torch.no_grad()
 def denoising_loss(model_dir: Path, images: Path, prompt: str, lora_dir: Path | None = None,
                    resolution: int = 32, draws: int = 64) -> float:
-    """The epsilon-MSE of a model on the images, over fixed noise and timesteps.
+    """The training objective's MSE of a model on the images, over fixed noise and timesteps.
 
     The training loss is noisy (random timesteps each step); this is the same quantity averaged
     over the same draws for every model compared, so a drop means the model learned the images.
-    The prompt is encoded and the UNet called as the engine's model family does (SD or SDXL).
+    The prompt is encoded, the noise drawn and the denoiser called as the engine's model family does
+    (DDPM for SD 1.x/SDXL, flow matching for SD 3/FLUX).
     """
     from diffusers import DDPMScheduler
 
     from trainer.families import Components, detect_family
+    from trainer.loss import Denoising
     from trainer.run_folder import load_pipeline
 
     pipe = load_pipeline(model_dir, torch.float32, lora_dir=lora_dir)
     family = detect_family(str(model_dir))
-    parts = Components(family, pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet, pipe.scheduler,
-                       tokenizer_2=getattr(pipe, "tokenizer_2", None), text_encoder_2=getattr(pipe, "text_encoder_2", None))
+    denoiser = getattr(pipe, family.denoiser_name)
+    schedule = DDPMScheduler if isinstance(family.objective, Denoising) else type(pipe.scheduler)
+    scheduler = schedule.from_config(pipe.scheduler.config)  # the training noise schedule
+    parts = Components(family, pipe.tokenizer, pipe.text_encoder, pipe.vae, denoiser, scheduler,
+                       **{name: getattr(pipe, name, None) for name in ("tokenizer_2", "text_encoder_2",
+                                                                        "tokenizer_3", "text_encoder_3")})
+    parts.config = TrainConfig(max_sequence_length=16)
     paths = sorted(p for p in images.iterdir() if p.suffix == ".png")
     image_set = ImageSet(paths)
     pixels = torch.stack([prepare_image(image_set.image(i), resolution, True, False) for i in range(len(paths))])
-    latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
+    vae = pipe.vae.config
+    latents = (pipe.vae.encode(pixels).latent_dist.mean - (vae.shift_factor or 0.0)) * vae.scaling_factor
     cond = family.encode(parts, torch.stack([family.tokenize(parts, prompt)] * len(paths)))
     info = torch.tensor([[*image_set.original_size(i), 0, 0, resolution, resolution] for i in range(len(paths))],
                         dtype=torch.float32)  # the square images are resized, so the centre crop is at 0, 0
-    gen = torch.Generator().manual_seed(1234)
-    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the training noise schedule
     total = 0.0
-    for _ in range(draws // len(paths)):
-        noise = torch.randn(latents.shape, generator=gen)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(paths),), generator=gen)
-        noisy = scheduler.add_noise(latents, noise, t)
-        total += torch.nn.functional.mse_loss(family.predict(pipe.unet, noisy, t, cond, info), noise).item()
-    return total / (draws // len(paths))
+    rounds = draws // len(paths)
+    for r in range(rounds):
+        gens = [torch.Generator().manual_seed(1234 + r * len(paths) + i) for i in range(len(paths))]
+        noised = family.objective.noised(scheduler, latents, gens, parts.config)
+        pred = family.predict(denoiser, noised.noisy, noised.timesteps, cond, info)
+        total += torch.nn.functional.mse_loss(pred, noised.target).item()
+    return total / rounds

@@ -22,7 +22,7 @@ import torch
 
 from trainer.config import TrainConfig
 from trainer.families import Components
-from trainer.model_files import TEXT_ENCODER, TEXT_ENCODER_2, TEXT_ENCODERS, text_encoder_names
+from trainer.model_files import TEXT_ENCODER, TEXT_ENCODER_2, TEXT_ENCODER_3, TEXT_ENCODERS, text_encoder_names
 
 
 def parked_parts(config: TrainConfig, text_encoder_names: Sequence[str], device_type: str) -> list[str]:
@@ -32,7 +32,8 @@ def parked_parts(config: TrainConfig, text_encoder_names: Sequence[str], device_
 
 
 def unused_by_steps(config: TrainConfig, text_encoder_names: Sequence[str]) -> list[str]:
-    """The VAE when latents are cached, the text encoders when not trained."""
+    """The VAE when latents are cached, the text encoders when none trains (a step that trains CLIP
+    encodes its prompts anew, with FLUX's and SD 3's T5 beside it)."""
     names = ["vae"] if config.cache_latents and not config.augments else []
     return names + ([] if config.train_text_encoder else list(text_encoder_names))
 
@@ -69,7 +70,8 @@ class Parking:
                    for t in (*m.parameters(), *m.buffers()))
 
     def describe(self) -> str:
-        names = {"vae": "the VAE", TEXT_ENCODER: "the text encoder", TEXT_ENCODER_2: "the second text encoder"}
+        names = {"vae": "the VAE", TEXT_ENCODER: "the text encoder", TEXT_ENCODER_2: "the second text encoder",
+                 TEXT_ENCODER_3: "the third text encoder"}
         which = " and ".join(names[n] for n in self.modules)
         verb = "wait" if len(self.modules) > 1 else "waits"
         return (f"Memory: {which} {verb} in CPU RAM during the steps ({self.bytes() / 2**30:.2f} GiB more for "
