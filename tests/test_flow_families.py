@@ -1,0 +1,86 @@
+"""SD 3 and FLUX.1 as a user meets them: a Hub id, the CLI, and a LoRA that plain diffusers loads.
+
+The tiny models (tests/tiny_transformers.py) are put on the fake Hub (tests/hub_server.py) and
+downloaded once into a Hub cache; the training then runs offline from that cache, as on a machine
+that downloaded the base model before, and its LoRA is loaded by a Python process that only has
+diffusers: it never imports this project.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hub_server import USER, WRITE_TOKEN
+from train_helpers import tiny_config
+
+from trainer import train
+from trainer.config import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+PIPELINES = {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
+
+# Run by a bare interpreter in an empty folder: the base from the Hub cache (offline), with and without the LoRA.
+_PLAIN_DIFFUSERS = """
+import sys, torch, diffusers
+pipe = getattr(diffusers, sys.argv[1]).from_pretrained(sys.argv[2])
+def draw():
+    return pipe("a photo of sks square", num_inference_steps=2, height=32, width=32, output_type="pt",
+                max_sequence_length=16, generator=torch.Generator().manual_seed(0)).images
+plain = draw()
+pipe.load_lora_weights(sys.argv[3])
+print(float((draw() - plain).abs().mean()), any(m.split(".")[0] in ("trainer", "space") for m in sys.modules))
+"""
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_a_cli_run_on_a_hub_id_loads_in_plain_diffusers(request, hub, subject_images: Path, tmp_path: Path,
+                                                        family: str) -> None:
+    from huggingface_hub import HfApi, constants, snapshot_download
+
+    folder = request.getfixturevalue(f"tiny_{family}_model_dir")
+    repo = f"{USER}/tiny-{family}"
+    api = HfApi(endpoint=hub.url, token=WRITE_TOKEN)
+    api.create_repo(repo)
+    api.upload_folder(repo_id=repo, folder_path=folder)
+    snapshot_download(repo, token=WRITE_TOKEN)  # into the test's Hub cache: from now on, offline
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": constants.HF_HUB_CACHE}
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "trainer", "train", "--quiet", "--pretrained-model", repo,
+           "--instance-data", str(subject_images), "--identifier", "sks", "--instance-prompt", "a photo of sks square",
+           "--output-dir", str(run), "--resolution", "32", "--max-train-steps", "6", "--learning-rate", "1e-2",
+           "--max-sequence-length", "16", "--train-text-encoder", "--report-to", "none"]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((run / "run.json").read_text())["family"] == family
+
+    bare = {k: v for k, v in env.items() if k != "PYTHONPATH"}
+    empty = tmp_path / "elsewhere"
+    empty.mkdir()
+    plain = subprocess.run([sys.executable, "-c", _PLAIN_DIFFUSERS, PIPELINES[family], repo, str(run)], cwd=empty,
+                           env=bare, capture_output=True, text=True, timeout=300)
+    assert plain.returncode == 0, plain.stderr[-2000:]
+    change, imported_project = plain.stdout.split()
+    assert float(change) > 1e-3 and imported_project == "False"
+
+
+@pytest.mark.parametrize(
+    ("family", "change", "field", "words"),
+    [
+        ("flux", {"method": "full"}, "method", "120 GB"),
+        ("flux", {"max_sequence_length": 600}, "max_sequence_length", "512"),
+        ("sd3", {"snr_gamma": 5.0}, "snr_gamma", "flow matching"),
+    ],
+)
+def test_settings_a_flow_family_cannot_train_are_refused_before_anything_is_written(
+    request, subject_images: Path, tmp_path: Path, family: str, change: dict, field: str, words: str
+) -> None:
+    folder = request.getfixturevalue(f"tiny_{family}_model_dir")
+    with pytest.raises(ConfigError, match=words) as err:
+        train(tiny_config(folder, subject_images, tmp_path / "run", **change))
+    assert err.value.field == field and f"`{field}`" in str(err.value)
+    assert not (tmp_path / "run").exists()
