@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hub_server import USER, WRITE_TOKEN
 from train_helpers import tiny_config
 
@@ -84,3 +85,43 @@ def test_settings_a_flow_family_cannot_train_are_refused_before_anything_is_writ
         train(tiny_config(folder, subject_images, tmp_path / "run", **change))
     assert err.value.field == field and f"`{field}`" in str(err.value)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_a_lora_on_a_quantized_flux_trains_on_the_cpu_and_loads_onto_the_plain_base(
+    tiny_flux_model_dir: Path, subject_images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """QLoRA: the transformer's block layers are bitsandbytes 4-/8-bit ones while the fp32 LoRA on them
+    trains; the LoRA, loaded onto the unquantized base, has learned the photos."""
+    import bitsandbytes as bnb
+    from train_helpers import denoising_loss
+
+    import trainer.loop as loop
+
+    seen = {}
+    original = loop.load_components
+
+    def watched(config):
+        seen["parts"] = original(config)
+        return seen["parts"]
+
+    monkeypatch.setattr(loop, "load_components", watched)
+    config = tiny_config(tiny_flux_model_dir, subject_images, tmp_path / "run", learning_rate=1e-2, lora_rank=8,
+                         max_train_steps=40, train_batch_size=2, quantize_base=kind, max_sequence_length=16)
+    result = train(config)
+
+    transformer = seen["parts"].denoiser
+    layer = bnb.nn.Linear4bit if kind == "nf4" else bnb.nn.Linear8bitLt
+    quantized = [m for m in transformer.modules() if isinstance(m, layer)]
+    assert quantized and all(m.weight.dtype in (torch.uint8, torch.int8) for m in quantized)
+    trained = [p for p in transformer.parameters() if p.requires_grad]
+    assert trained and all(p.dtype == torch.float32 for p in trained)
+    before = denoising_loss(tiny_flux_model_dir, subject_images, "a photo of sks square")
+    after = denoising_loss(tiny_flux_model_dir, subject_images, "a photo of sks square", lora_dir=result.run_dir)
+    assert after < 0.8 * before, f"loss {before:.4f} -> {after:.4f}"
+
+
+def test_a_quantized_base_trains_only_a_lora(tiny_flux_model_dir: Path, subject_images: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="needs method lora") as err:
+        train(tiny_config(tiny_flux_model_dir, subject_images, tmp_path / "run", method="full", quantize_base="nf4"))
+    assert err.value.field == "quantize_base" and not (tmp_path / "run").exists()

@@ -25,6 +25,10 @@ def load_components(config: TrainConfig) -> Components:
     family = detect_family(config.pretrained_model, config.revision)
     parts = family.load_components(config.pretrained_model, config.revision, config.variant)
     parts.config = config
+    if config.quantize_base != "none":
+        from trainer.quantize import quantize
+
+        quantize(parts.denoiser, config.quantize_base, family.quantized_blocks, weight_dtype(config.mixed_precision))
     if config.pretrained_vae:
         parts.vae = load_vae(config.pretrained_vae, parts)
     return parts

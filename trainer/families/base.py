@@ -84,6 +84,8 @@ class ModelFamily:
     denoiser_lora_targets: ClassVar[tuple[str, ...]] = ("to_k", "to_q", "to_v", "to_out.0")
     text_lora_targets: ClassVar[tuple[str, ...]] = ("q_proj", "k_proj", "v_proj", "out_proj")
     trainable_text_encoders: ClassVar[int] = 2  # the first N text encoders may train (the CLIP ones)
+    # The denoiser's children whose linear layers `quantize_base` quantizes (trainer/quantize.py).
+    quantized_blocks: ClassVar[tuple[str, ...]] = ("down_blocks", "mid_block", "up_blocks")
     writes_kohya_lora: ClassVar[bool] = True  # also a LoRA file in kohya's layout (trainer/output.py)
     card_tags: ClassVar[tuple[str, ...]]
     # diffusers' kohya converter names the text encoders lora_te1_, lora_te2_; what this family's

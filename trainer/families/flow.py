@@ -36,6 +36,7 @@ class _FlowTransformer(ModelFamily):
 
     denoiser_name = "transformer"
     objective = FlowMatching()
+    quantized_blocks = ("transformer_blocks", "single_transformer_blocks")
     default_t5_tokens: int
     writes_kohya_lora = False
 
