@@ -34,7 +34,12 @@ def draw():
                 max_sequence_length=16, generator=torch.Generator().manual_seed(0)).images
 plain = draw()
 pipe.load_lora_weights(sys.argv[3])
-print(float((draw() - plain).abs().mean()), any(m.split(".")[0] in ("trainer", "space") for m in sys.modules))
+from safetensors import safe_open
+with safe_open(sys.argv[3] + "/pytorch_lora_weights.safetensors", "pt") as f:
+    in_file = sum(1 for k in f.keys() if k.startswith("transformer."))
+loaded = sum(1 for n, _ in pipe.transformer.named_parameters() if "lora_" in n)
+print(float((draw() - plain).abs().mean()), in_file == loaded > 0,
+      any(m.split(".")[0] in ("trainer", "space") for m in sys.modules))
 """
 
 
@@ -65,8 +70,8 @@ def test_a_cli_run_on_a_hub_id_loads_in_plain_diffusers(request, hub, subject_im
     plain = subprocess.run([sys.executable, "-c", _PLAIN_DIFFUSERS, PIPELINES[family], repo, str(run)], cwd=empty,
                            env=bare, capture_output=True, text=True, timeout=300)
     assert plain.returncode == 0, plain.stderr[-2000:]
-    change, imported_project = plain.stdout.split()
-    assert float(change) > 1e-3 and imported_project == "False"
+    change, all_loaded, imported_project = plain.stdout.split()
+    assert float(change) > 1e-3 and all_loaded == "True" and imported_project == "False"
 
 
 @pytest.mark.parametrize(
@@ -125,3 +130,48 @@ def test_a_quantized_base_trains_only_a_lora(tiny_flux_model_dir: Path, subject_
     with pytest.raises(ConfigError, match="needs method lora") as err:
         train(tiny_config(tiny_flux_model_dir, subject_images, tmp_path / "run", method="full", quantize_base="nf4"))
     assert err.value.field == "quantize_base" and not (tmp_path / "run").exists()
+
+
+def test_text_encoders_nothing_needs_again_are_freed_during_the_steps(
+    tiny_flux_model_dir: Path, subject_images: Path, tmp_path: Path
+) -> None:
+    """Every caption's embedding is cached, then CLIP and T5 hold no memory while the steps run; with samples
+    to draw they stay (and draw them)."""
+    from trainer.events import PhaseEvent, SampleEvent, StepEvent
+    from trainer.memory import parking
+
+    made: list[parking.Parking] = []
+    original = parking.Parking.for_run
+
+    def recorded(*args, **kwargs):
+        made.append(original(*args, **kwargs))
+        return made[-1]
+
+    devices: list[set[str]] = []
+
+    def on_event(event) -> None:
+        if isinstance(event, StepEvent):
+            encoders = made[-1].freed.values() if made[-1] is not None else ()
+            devices.append({p.device.type for module in encoders for p in module.parameters()})
+        events.append(event)
+
+    events: list = []
+    captioned = tmp_path / "captioned"
+    captioned.mkdir()
+    for i, image in enumerate(sorted(subject_images.glob("*.png"))):
+        (captioned / image.name).write_bytes(image.read_bytes())
+        (captioned / f"{image.stem}.txt").write_text(f"a photo of sks square, view {i}")
+    common = dict(learning_rate=1e-2, max_train_steps=4, max_sequence_length=16, with_prior_preservation=True,
+                  class_prompt="a photo of a square", num_class_images=2, class_cache_dir=str(tmp_path / "cc"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(parking.Parking, "for_run", recorded)
+        train(tiny_config(tiny_flux_model_dir, captioned, tmp_path / "freed", **common), on_event=on_event)
+        assert set(made[-1].freed) == {"text_encoder", "text_encoder_2"}
+        assert devices == [{"meta"}] * 4  # every step ran with CLIP and T5 gone
+        assert any("freed once every prompt is embedded" in e.message for e in events if isinstance(e, PhaseEvent))
+
+        events.clear()
+        train(tiny_config(tiny_flux_model_dir, captioned, tmp_path / "sampled", validation_prompts=("a photo of sks square",),
+                          validation_steps=2, **common), on_event=on_event)
+        assert made[-1] is None or not made[-1].freed
+        assert [e.step for e in events if isinstance(e, SampleEvent)] == [2, 4]

@@ -186,7 +186,7 @@ def test_pruning_keeps_the_pick_besides_the_newest_checkpoints(tmp_path, sharded
         if sharded:
             sharded_ckpt.save_checkpoint(tmp_path, state, _OneShardedProcess(), scheduler, keep=1, **protect)
         else:
-            ckpt.save_checkpoint(tmp_path, state, layer, [], optimizer, scheduler, keep=1, **protect)
+            ckpt.save_checkpoint(tmp_path, state, ("unet", layer), [], optimizer, scheduler, keep=1, **protect)
 
     for step in (1, 2, 3, 4):
         save(step, protect=2)

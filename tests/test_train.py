@@ -83,14 +83,12 @@ def test_class_image_cache_is_reused(tiny_base, subject_images, tmp_path):
 def test_overfitting_lowers_the_loss_on_the_instance_images(tiny_base, subject_images, tmp_path):
     tiny_model_dir = tiny_base.path
     prompt = "a photo of sks square"
-    # The tiny SD 3's LoRA reaches only its one block's attention (diffusers' SD 3 targets), so it learns slower.
-    lr, kept = (3e-2, 0.9) if tiny_base.family == "sd3" else (1e-2, 0.8)
-    config = tiny_config(tiny_model_dir, subject_images, tmp_path / "run", method="lora", learning_rate=lr,
+    config = tiny_config(tiny_model_dir, subject_images, tmp_path / "run", method="lora", learning_rate=1e-2,
                          lora_rank=8, max_train_steps=40, train_batch_size=2)
     result = train(config)
     before = denoising_loss(tiny_model_dir, subject_images, prompt)
     after = denoising_loss(tiny_model_dir, subject_images, prompt, lora_dir=result.run_dir)
-    assert after < kept * before, f"loss {before:.4f} -> {after:.4f}"
+    assert after < 0.8 * before, f"loss {before:.4f} -> {after:.4f}"
 
 
 def test_lora_output_loads_in_plain_diffusers_and_changes_the_image(tiny_base, subject_images, tmp_path):
@@ -281,14 +279,21 @@ def test_nothing_parks_when_the_steps_need_the_part(tiny_model_dir, subject_imag
     from trainer.families import detect_family
 
     parts = detect_family(str(tiny_model_dir)).load_components(str(tiny_model_dir), None, None)
-    config = tiny_config(tiny_model_dir, subject_images, tmp_path / "run")
-    cuda = torch.device("cuda")  # nothing moves here: for_run only decides
+    # Samples need the text encoder again: it parks, it is not freed.
+    config = tiny_config(tiny_model_dir, subject_images, tmp_path / "run", validation_prompts=("a photo of sks square",))
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")  # nothing moves here: for_run only decides
     assert set(parking.Parking.for_run(config, parts, cuda).modules) == {"vae", "text_encoder"}
     assert set(parking.Parking.for_run(config.replace(train_text_encoder=True), parts, cuda).modules) == {"vae"}
     augmented = config.replace(random_flip=True, center_crop=False)
     assert augmented.augments and set(parking.Parking.for_run(augmented, parts, cuda).modules) == {"text_encoder"}
     assert parking.Parking.for_run(augmented.replace(train_text_encoder=True), parts, cuda) is None
-    assert parking.Parking.for_run(config, parts, torch.device("cpu")) is None
+    assert parking.Parking.for_run(config, parts, cpu) is None
+    # Nothing needs it again (no samples, no scores, a LoRA): it is freed, on any device.
+    unsampled = config.replace(validation_prompts=())
+    for device, waiting in ((cuda, {"vae"}), (cpu, set())):
+        parked = parking.Parking.for_run(unsampled, parts, device)
+        assert set(parked.modules) == waiting and set(parked.freed) == {"text_encoder"}
+    assert parking.Parking.for_run(unsampled.replace(method="full"), parts, cpu) is None  # saved with the pipeline
 
 
 def test_parking_the_vae_alone_keeps_a_trained_text_encoders_embeddings_fresh(tiny_model_dir, subject_images,
@@ -297,7 +302,6 @@ def test_parking_the_vae_alone_keeps_a_trained_text_encoders_embeddings_fresh(ti
     the encoder freezes, or the second half would train on the untrained encoder's embeddings."""
     import trainer.memory.parking as parking
 
-    tiny_base = tiny_full_base
     common = dict(method="full", learning_rate=1e-3, max_train_steps=4, train_text_encoder=True,
                   text_encoder_steps_fraction=0.5)
     kept = train(tiny_config(tiny_model_dir, subject_images, tmp_path / "kept", **common))

@@ -183,6 +183,16 @@ def _check_lora_fits(name: str, lora_dir: Path, base: str, base_dir: Path) -> No
     """A LoRA made for another model generation than its base is refused, naming both, before loading."""
     from safetensors import safe_open
 
+    from trainer.families import detect_family
+
+    with safe_open(lora_dir / LORA_WEIGHTS, framework="pt") as weights:
+        parts = {key.split(".", 1)[0] for key in weights.keys()}  # noqa: SIM118 (safe_open is no dict)
+    denoiser = detect_family(str(base_dir)).denoiser_name
+    made_for = {"unet", "transformer"} & parts
+    if made_for and denoiser not in made_for:
+        lora_kind = "a UNet (Stable Diffusion 1.x, 2.x or XL)" if "unet" in made_for else "a transformer (SD 3 or FLUX)"
+        raise ValueError(f"{name} is a LoRA for {lora_kind}, but its base model {base} is "
+                         f"{detect_family(str(base_dir)).label}: a LoRA only loads onto the model it was trained on.")
     unet_config = base_dir / "unet" / "config.json"
     if not unet_config.is_file():
         return
@@ -202,6 +212,15 @@ def _check_lora_fits(name: str, lora_dir: Path, base: str, base_dir: Path) -> No
         f"{name} is a LoRA for {generation(lora_width)}, but its base model {base} is {generation(base_width)}: "
         "a LoRA only loads onto the model generation it was trained on."
     )
+
+
+def is_flow_pipeline(pipe: Any) -> bool:
+    """An SD 3 or FLUX pipeline: a transformer denoiser sampled by a flow-matching scheduler."""
+    return "FlowMatch" in type(pipe.scheduler).__name__
+
+
+def _is_t5(tokenizer: Any) -> bool:
+    return "T5" in type(tokenizer).__name__
 
 
 def _stop_after(deadline: float) -> Any:
@@ -274,9 +293,13 @@ def generate(pipe: DiffusionPipeline, request: GenerateRequest, deadline: float 
     """Images for `request`; image i is what seed `seed + i` gives alone, on any device. Past `deadline`
     (a time.monotonic() value) it stops at the next step with TimeLimit."""
     request.validate()
-    request.check_prompt_length([t for t in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)) if t is not None])
-    # 1. a scheduler for this request, without touching the cached pipeline
-    scheduler = SCHEDULERS[request.scheduler].from_config(pipe.scheduler.config)
+    flow = is_flow_pipeline(pipe)
+    tokenizers = [getattr(pipe, name, None) for name in ("tokenizer", "tokenizer_2", "tokenizer_3")]
+    # CLIP reads 77 tokens, and SD 3 and FLUX read the rest of a longer prompt through T5: check what reads it.
+    request.check_prompt_length([t for t in tokenizers if t is not None and (not flow or _is_t5(t))])
+    # 1. a scheduler for this request, without touching the cached pipeline (SD 3 and FLUX: their own flow sampler)
+    chosen = type(pipe.scheduler) if flow else SCHEDULERS[request.scheduler]
+    scheduler = chosen.from_config(pipe.scheduler.config)
     options = inspect.signature(type(pipe).__init__).parameters
     extra_config = {name: False for name in ("requires_safety_checker", "add_watermarker") if name in options}
     run = type(pipe)(**{**pipe.components, "scheduler": scheduler}, **extra_config)
@@ -287,7 +310,8 @@ def generate(pipe: DiffusionPipeline, request: GenerateRequest, deadline: float 
     ]
     # 3. the LoRA strength, when a LoRA is loaded
     has_lora = any(ADAPTER_NAME in names for names in pipe.get_list_adapters().values())
-    extra: dict[str, Any] = {"cross_attention_kwargs": {"scale": request.lora_scale}} if has_lora else {}
+    scale = "joint_attention_kwargs" if flow else "cross_attention_kwargs"  # the transformers' name for it
+    extra: dict[str, Any] = {scale: {"scale": request.lora_scale}} if has_lora else {}
     if deadline is not None:
         extra["callback_on_step_end"] = _stop_after(deadline)
     with torch.inference_mode():

@@ -115,7 +115,10 @@ def _save_lora(config: TrainConfig, parts: Components, denoiser: torch.nn.Module
     def lora_state(model: torch.nn.Module) -> dict:
         # No embedding layers are trained; "auto" would ask the Hub whether the base model's
         # vocabulary changed (a network call, and a warning, at every save of the text encoder).
-        return convert_state_dict_to_diffusers(get_peft_model_state_dict(model, save_embedding_layers=False))
+        state = get_peft_model_state_dict(model, save_embedding_layers=False)
+        # diffusers' UNet scripts rename PEFT's keys to its older (lora.down/up) layout; its transformer
+        # scripts (SD 3, FLUX) keep PEFT's, which is what their pipelines load.
+        return convert_state_dict_to_diffusers(state) if parts.family.denoiser_name == "unet" else state
 
     trained = {parts.family.denoiser_name: denoiser}
     if config.train_text_encoder:

@@ -9,8 +9,10 @@ which is what takes full fine-tuning at 512 px under 10 GB (`trainer.memory.esti
 way: `parked_parts`). diffusers' scripts delete them for the same reason, and only when nothing
 needs them again: the text encoders once the prompts are embedded (train_dreambooth_lora_sdxl.py;
 `--pre_compute_text_embeddings`), the VAE once latents are cached and no validation prompt is given
-(train_dreambooth_lora_sdxl_advanced.py). Here they stay loaded, so samples and scores still run.
-On the CPU nothing moves: the parts are already where they would wait.
+(train_dreambooth_lora_sdxl_advanced.py). Here they stay loaded, so samples and scores still run;
+on the CPU they do not move, being already where they would wait. Frozen text encoders that nothing
+needs again (no validation prompts, no scores, a LoRA) are freed instead, on any device: for FLUX.1
+that is T5-XXL's 9.5 GB (bf16), also when the photos have their own captions (all are embedded first).
 """
 
 from __future__ import annotations
@@ -38,6 +40,16 @@ def unused_by_steps(config: TrainConfig, text_encoder_names: Sequence[str]) -> l
     return names + ([] if config.train_text_encoder else list(text_encoder_names))
 
 
+def needed_again(config: TrainConfig) -> bool:
+    """Whether anything after the steps start uses the frozen text encoders: samples, scores, or the
+    complete pipeline a full fine-tune saves."""
+    return bool(config.validation_prompts) or config.score_checkpoints or config.method == "full"
+
+
+def _bytes(modules) -> int:
+    return sum(t.numel() * t.element_size() for m in modules for t in (*m.parameters(), *m.buffers()))
+
+
 def parking_device(device: torch.device) -> torch.device | None:
     """Where parked parts wait while steps run on `device`; None: they stay (the CPU is where they would go)."""
     return torch.device("cpu") if device.type == "cuda" else None
@@ -46,38 +58,49 @@ def parking_device(device: torch.device) -> torch.device | None:
 class Parking:
     """The parked parts of one run, and moving them off the device and back."""
 
-    def __init__(self, modules: dict[str, torch.nn.Module], home: torch.device, away: torch.device) -> None:
+    def __init__(self, modules: dict[str, torch.nn.Module], home: torch.device, away: torch.device | None,
+                 freed: dict[str, torch.nn.Module] | None = None) -> None:
         self.modules, self.home, self.away = modules, home, away
+        self.freed = freed or {}  # gone for good at park(): nothing needs them again
         self.parked = False
 
     @classmethod
     def for_run(cls, config: TrainConfig, parts: Components, device: torch.device) -> Parking | None:
-        away = parking_device(device)
-        if away is None:
-            return None
         names = text_encoder_names(len(parts.text_encoders))
         by_name = dict(zip(names, parts.text_encoders, strict=True)) | {"vae": parts.vae}
         chosen = unused_by_steps(config, names)
-        return cls({name: by_name[name] for name in chosen}, device, away) if chosen else None
+        freed = {name: by_name[name] for name in chosen if name in TEXT_ENCODERS and not needed_again(config)}
+        away = parking_device(device)
+        kept = {name: by_name[name] for name in chosen if name not in freed} if away is not None else {}
+        return cls(kept, device, away, freed) if kept or freed else None
 
     @property
     def text_encoders(self) -> bool:
-        """Whether text encoders park (then every prompt's embedding must be cached first)."""
-        return any(name in TEXT_ENCODERS for name in self.modules)
+        """Whether text encoders park or are freed (then every prompt's embedding must be cached first)."""
+        return any(name in TEXT_ENCODERS for name in (*self.modules, *self.freed))
 
     def bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for m in self.modules.values()
-                   for t in (*m.parameters(), *m.buffers()))
+        return _bytes(self.modules.values())
 
     def describe(self) -> str:
         names = {"vae": "the VAE", TEXT_ENCODER: "the text encoder", TEXT_ENCODER_2: "the second text encoder",
                  TEXT_ENCODER_3: "the third text encoder"}
-        which = " and ".join(names[n] for n in self.modules)
-        verb = "wait" if len(self.modules) > 1 else "waits"
-        return (f"Memory: {which} {verb} in CPU RAM during the steps ({self.bytes() / 2**30:.2f} GiB more for "
-                "training on the GPU) and come back for samples, scores and saving")
+        lines = []
+        if self.modules:
+            which = " and ".join(names[n] for n in self.modules)
+            verb = "wait" if len(self.modules) > 1 else "waits"
+            lines.append(f"{which} {verb} in CPU RAM during the steps ({self.bytes() / 2**30:.2f} GiB more for "
+                         "training on the GPU) and come back for samples, scores and saving")
+        if self.freed:
+            which = " and ".join(names[n] for n in self.freed)
+            lines.append(f"{which} {'are' if len(self.freed) > 1 else 'is'} freed once every prompt is embedded "
+                         f"({_bytes(self.freed.values()) / 2**30:.2f} GiB): no sample, score or saved pipeline "
+                         "needs them again")
+        return "Memory: " + "; ".join(lines)
 
     def park(self) -> None:
+        for module in self.freed.values():
+            module.to("meta")  # the weights' memory goes back to the system; the module stays, empty
         if not self.parked:
             self._move(self.away)
             self.parked = True
