@@ -27,7 +27,7 @@ def quantize(denoiser: torch.nn.Module, kind: str, blocks: tuple[str, ...], comp
         parent = getattr(denoiser, block, None)
         if parent is None:
             continue
-        for name, module in list(parent.named_modules()):
+        for module in list(parent.modules()):
             for child_name, child in list(module.named_children()):
                 if type(child) is not torch.nn.Linear:
                     continue
