@@ -46,14 +46,9 @@ print(float((draw() - plain).abs().mean()), in_file == loaded > 0,
 @pytest.mark.parametrize("family", ["sd3", "flux"])
 def test_a_cli_run_on_a_hub_id_loads_in_plain_diffusers(request, hub, subject_images: Path, tmp_path: Path,
                                                         family: str) -> None:
-    from huggingface_hub import HfApi, constants, snapshot_download
+    from huggingface_hub import constants
 
-    folder = request.getfixturevalue(f"tiny_{family}_model_dir")
-    repo = f"{USER}/tiny-{family}"
-    api = HfApi(endpoint=hub.url, token=WRITE_TOKEN)
-    api.create_repo(repo)
-    api.upload_folder(repo_id=repo, folder_path=folder)
-    snapshot_download(repo, token=WRITE_TOKEN)  # into the test's Hub cache: from now on, offline
+    repo = _in_the_hub_cache(hub, request.getfixturevalue(f"tiny_{family}_model_dir"), family)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": constants.HF_HUB_CACHE}
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "trainer", "train", "--quiet", "--pretrained-model", repo,
@@ -72,6 +67,52 @@ def test_a_cli_run_on_a_hub_id_loads_in_plain_diffusers(request, hub, subject_im
     assert plain.returncode == 0, plain.stderr[-2000:]
     change, all_loaded, imported_project = plain.stdout.split()
     assert float(change) > 1e-3 and all_loaded == "True" and imported_project == "False"
+
+
+def _in_the_hub_cache(hub, folder: Path, family: str) -> str:
+    """Put a tiny model on the fake Hub and download it into the test's Hub cache; its repo id."""
+    from huggingface_hub import HfApi, snapshot_download
+
+    repo = f"{USER}/tiny-{family}"
+    api = HfApi(endpoint=hub.url, token=WRITE_TOKEN)
+    api.create_repo(repo)
+    api.upload_folder(repo_id=repo, folder_path=folder)
+    snapshot_download(repo, token=WRITE_TOKEN)  # from now on, offline
+    return repo
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_the_app_trains_a_hub_id_from_the_offline_cache(request, hub, subject_images: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch, family: str) -> None:
+    """The Train form's base model is the Hub id; the training (a subprocess of the app) finds it in the cache
+    without the network, and its LoRA loads onto that base in plain diffusers."""
+    from gradio_client import Client, handle_file
+    from huggingface_hub import constants
+    from ui_fixtures import serve_app, train_form
+
+    repo = _in_the_hub_cache(hub, request.getfixturevalue(f"tiny_{family}_model_dir"), family)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", constants.HF_HUB_CACHE)
+    images = [handle_file(str(p)) for p in sorted(subject_images.glob("*.png"))]
+    with serve_app(tmp_path, request.getfixturevalue("tiny_model_dir")) as (url, services):
+        client = Client(url, verbose=False)
+        client.predict(images=images, **{**train_form(repo), "learning_rate": 1e-2}, api_name="/train")
+        job = services.jobs.wait(300).as_dict()
+    assert job["state"] == "completed", job
+    run = next((tmp_path / "runs").rglob("pytorch_lora_weights.safetensors")).parent
+    assert json.loads((run / "run.json").read_text())["family"] == family
+
+    import diffusers
+
+    pipe = getattr(diffusers, PIPELINES[family]).from_pretrained(repo)
+
+    def draw():
+        return pipe("a photo of sks square", num_inference_steps=2, height=32, width=32, output_type="pt",
+                    max_sequence_length=16, generator=torch.Generator().manual_seed(0)).images
+    plain = draw()
+    pipe.load_lora_weights(run)
+    assert (draw() - plain).abs().mean() > 1e-3
 
 
 @pytest.mark.parametrize(
