@@ -227,6 +227,9 @@ FORM: tuple[FormField, ...] = (
     _row("score_checkpoints",           gr.Checkbox, "outputs",      "flag",  "score_checkpoints", optional=True,
          label="Score each checkpoint", elem_id="score-checkpoints",
          info=texts.score_checkpoints_help(TrainConfig.score_samples, SCORED_CHECKPOINTS)),
+    _row("quantize_base",               gr.Radio,    "memory",       "choice", "quantize_base", optional=True,
+         choices=[("None", "none"), ("4-bit NF4", "nf4"), ("8-bit", "int8")], label="Quantize the base model",
+         info=texts.QUANTIZE_HELP, elem_id="quantize-base"),
 )
 # fmt: on
 FIELDS: dict[str, FormField] = {f.key: f for f in FORM}

@@ -112,6 +112,38 @@ def native_size(toy: ToyModel, source: str) -> int | None:
     return family.default_resolution if family.name != SD else None
 
 
+def source_family(toy: ToyModel, source: str) -> Any:
+    """The model family of a Generate source where the app knows it without the network; None otherwise."""
+    from trainer.families import detect_family, family_by_name
+
+    source = (source or "").strip()
+    if not source or toy.is_toy(source):
+        return None
+    known = KNOWN_MODELS.get(source)
+    if known is not None:
+        return family_by_name(known.family)
+    folder = Path(source)
+    try:
+        if try_read_config(folder) is not None:
+            return run_family(folder)
+        return detect_family(source) if folder.is_dir() else None
+    except (UserError, OSError, ValueError):
+        return None
+
+
+def sampling_updates(toy: ToyModel, source: str) -> tuple[Any, Any, Any, Any]:
+    """Negative prompt, guidance, steps and sampler as the source's family samples (SD 3, FLUX: their own
+    scheduler, FLUX no negative prompt, their guidance and steps); left alone for SD 1.x/SDXL and the unknown."""
+    family = source_family(toy, source)
+    if family is None:
+        return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+    defaults = family.sampling_defaults
+    if defaults["sampler"]:  # SD 1.x/2.x, SDXL: the visitor's own guidance and steps stay
+        return gr.update(visible=True), gr.skip(), gr.skip(), gr.update(visible=True)
+    return (gr.update(visible=defaults["negative"]), defaults["guidance_scale"], defaults["steps"],
+            gr.update(visible=False))
+
+
 def refresh(deps: GenerateDeps, request: gr.Request | None = None) -> Any:
     """The visitor's runs as they are on disk now (page load, the refresh button)."""
     return gr.update(choices=model_sources(deps.runs, identify(request, deps.jobs.private)))
@@ -134,7 +166,7 @@ def on_model(deps: GenerateDeps, model: str, request: gr.Request | None = None) 
     try:
         source = deps.runs.resolve(identify(request, deps.jobs.private), model, "`model`")
     except UserError:  # a folder this visitor may not read: Generate will say so
-        return gr.skip(), gr.skip(), gr.skip(), gr.update(choices=[], value=None, visible=False)
+        return (gr.skip(),) * 3 + (gr.update(choices=[], value=None, visible=False),) + (gr.skip(),) * 4
     size = native_size(deps.toy, source) or gr.skip()
     suggested = suggested_prompts(source, deps.toy)
     return (
@@ -142,6 +174,7 @@ def on_model(deps: GenerateDeps, model: str, request: gr.Request | None = None) 
         size,
         size,
         gr.update(choices=suggested, value=None, visible=bool(suggested)),
+        *sampling_updates(deps.toy, source),
     )
 
 
@@ -285,7 +318,9 @@ def build_generate_tab(deps: GenerateDeps) -> GenerateTab:
         )
 
     # --- wiring
-    model.change(bind(on_model, deps), model, [prompt, settings["width"], settings["height"], suggestions], **PRIVATE)
+    model.change(bind(on_model, deps), model, [prompt, settings["width"], settings["height"], suggestions, negative,
+                                               settings["guidance_scale"], settings["steps"], settings["scheduler"]],
+                 **PRIVATE)
     suggestions.input(use_suggestion, suggestions, prompt, **PRIVATE)
     dice.click(random_seed, None, settings["seed"], **PRIVATE)
     name_refusals([model, prompt, negative, *settings.values()])

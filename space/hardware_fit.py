@@ -41,6 +41,7 @@ from trainer.toyworld import TOY_RESOLUTION
 # kernels are slow) and no checkpointing (the toy model's activations are tiny).
 CPU_SETTINGS: dict[str, Any] = {
     "method": "lora",
+    "quantize_base": "none",
     "mixed_precision": "no",
     "use_8bit_adam": False,
     "gradient_checkpointing": False,
@@ -163,12 +164,57 @@ def candidates(native: int, precision: str) -> Iterator[dict[str, Any]]:
                 "train_batch_size": batch,
                 "sample_batch_size": samples,
                 "resolution": resolution,
+                "quantize_base": "none",
             }
+
+
+# SD 3 and FLUX, which the memory model does not size yet: LoRA settings by GPU memory, from the peaks
+# their trainers publish, best first: (least GB, model ids or None for any of the family, settings, why).
+# FLUX.1-dev: diffusers' QLoRA write-up measures 9 GB at 512x768 (NF4, rank 4, 8-bit AdamW, checkpointing,
+# cached latents and text embeddings) against 26 GB in bf16; SimpleTuner 9.1 GB with NF4 at 512 px;
+# kohya's sd-scripts 12 GB at 1024 px with fp8 and block swapping. SD 3.5 Medium's 2.5 B transformer is
+# 5 GB in bf16; Large's 8 B is 16 GB in bf16 and about 4.5 GB in NF4.
+_LORA = {"method": "lora", "train_text_encoder": False, "use_8bit_adam": True, "gradient_checkpointing": True,
+         "cache_latents": True, "train_batch_size": 1, "sample_batch_size": 1}
+_LARGE = ("stabilityai/stable-diffusion-3.5-large",)
+TRANSFORMER_FITS: dict[str, tuple[tuple[int, tuple[str, ...] | None, dict[str, Any], str], ...]] = {
+    "flux": (
+        (32, None, {"quantize_base": "none", "resolution": 1024}, "a bf16 base needs about 26 GB (diffusers)"),
+        (16, None, {"quantize_base": "nf4", "resolution": 1024}, "an NF4 base at 1024 px: about 14 GB"),
+        (12, None, {"quantize_base": "nf4", "resolution": 512}, "an NF4 base at 512 px: about 9 GB (diffusers' "
+                                                                 "QLoRA write-up)"),
+    ),
+    "sd3": (
+        (40, _LARGE, {"quantize_base": "none", "resolution": 1024}, "SD 3.5 Large in bf16 needs about 30 GB"),
+        (24, _LARGE, {"quantize_base": "nf4", "resolution": 1024}, "SD 3.5 Large in NF4 at 1024 px"),
+        (16, _LARGE, {"quantize_base": "nf4", "resolution": 512}, "SD 3.5 Large in NF4 at 512 px"),
+        (16, None, {"quantize_base": "none", "resolution": 1024}, "SD 3.5 Medium in bf16 at 1024 px"),
+        (12, None, {"quantize_base": "none", "resolution": 512}, "SD 3.5 Medium in bf16 at 512 px"),
+        (8, None, {"quantize_base": "nf4", "resolution": 512}, "SD 3.5 Medium in NF4 at 512 px"),
+    ),
+}
+
+
+def transformer_pick(hardware: Hardware, family: str, base_model: str) -> MemoryPick:
+    """The best LoRA settings of TRANSFORMER_FITS for this GPU, and the sentence that says why."""
+    precision = "bf16" if hardware.bf16 else "fp16"
+    rows = [row for row in TRANSFORMER_FITS[family] if row[1] is None or base_model in row[1]]
+    if family == "sd3" and base_model in _LARGE:
+        rows = [row for row in rows if row[1] is not None]
+    for least, _, settings, why in rows:
+        if hardware.memory_gb >= least:
+            picked = {**_LORA, "mixed_precision": precision, **settings}
+            return MemoryPick(picked, texts.MEMORY_PUBLISHED.format(what=why, have=hardware.memory_gb))
+    least, _, settings, why = rows[-1]
+    return MemoryPick({**_LORA, "mixed_precision": precision, **settings},
+                      texts.MEMORY_PUBLISHED_SHORT.format(what=why, least=least, have=hardware.memory_gb))
 
 
 @functools.lru_cache(maxsize=32)
 def pick(hardware: Hardware, family: str, base_model: str, lora_rank: int) -> MemoryPick:
     """The best-quality settings (`candidates`) that the memory model says fit this GPU."""
+    if hardware.device == "cuda" and hardware.memory_gb and family in TRANSFORMER_FITS:
+        return transformer_pick(hardware, family, base_model)
     shapes = model_shapes(base_model, family)
     if hardware.device != "cuda" or not hardware.memory_gb or shapes is None:
         return MemoryPick(dict(CPU_SETTINGS), "")

@@ -33,7 +33,7 @@ from trainer.toyworld import (
 
 TOY_MODEL = "toy-demo"  # the value the model lists use for the toy model
 TOY_CLASS_BATCH = int(EXAMPLE_SETTINGS["sample_batch_size"])  # its 32 px class images: many at once
-SD, SDXL = "sd", "sdxl"  # trainer.families' names of the families the app lists models of
+SD, SDXL, SD3, FLUX = "sd", "sdxl", "sd3", "flux"  # trainer.families' names of the families the app lists models of
 
 
 class KnownModel(NamedTuple):
@@ -48,6 +48,10 @@ KNOWN_MODELS: dict[str, KnownModel] = {
     "stabilityai/stable-diffusion-2-1-base": KnownModel(SD, 512),
     "stabilityai/stable-diffusion-2-1": KnownModel(SD, 768),
     "stabilityai/stable-diffusion-xl-base-1.0": KnownModel(SDXL, 1024),
+    "stabilityai/stable-diffusion-3.5-medium": KnownModel(SD3, 1024),
+    "stabilityai/stable-diffusion-3.5-large": KnownModel(SD3, 1024),
+    "black-forest-labs/FLUX.1-dev": KnownModel(FLUX, 1024),
+    "black-forest-labs/FLUX.1-schnell": KnownModel(FLUX, 1024),
 }
 
 
@@ -70,6 +74,11 @@ FAMILY_PRESETS: dict[str, FamilyPreset] = {
     # 1e-6, but over thousands of captioned images; a few photos over a few hundred steps need the
     # DreamBooth rate, and the larger UNet overfits no slower, so no reason to go above SD's.
     SDXL: FamilyPreset({"lora": 1e-4, "full": 5e-6}, 16),
+    # diffusers' train_dreambooth_lora_flux / _sd3 READMEs train their LoRAs at 1e-4; rank 16 as for SDXL
+    # (ai-toolkit's and SimpleTuner's FLUX defaults are 16; 4 is diffusers' script default). SD 3 full: the
+    # DreamBooth rate. FLUX is never fine-tuned in full here (about 120 GB: trainer/families/flow.py).
+    SD3: FamilyPreset({"lora": 1e-4, "full": 5e-6}, 16),
+    FLUX: FamilyPreset({"lora": 1e-4, "full": 5e-6}, 16),
 }
 
 

@@ -205,6 +205,12 @@ MEMORY_ASSUMED = " (Sized as {label}: this model's config files are not on this 
 # The preset the app picked for this GPU (space.hardware_fit.pick), under the memory line.
 MEMORY_PICKED = "**Picked for your GPU:** {what} (about {need:.1f} of {have:.1f} GB).{better}"
 MEMORY_BETTER = " The next better setting ({difference}) would need {need:.1f} GB."
+QUANTIZE_HELP = ("LoRA only: the base model's transformer or UNet in 4-bit (NF4) or 8-bit while the LoRA trains in "
+                 "full precision (QLoRA). FLUX.1 then fits 12-16 GB; the LoRA loads onto the full-precision base.")
+MEMORY_PUBLISHED = ("**Picked for your GPU** ({have:.0f} GB): LoRA with 8-bit Adam and gradient checkpointing; "
+                    "{what}, as its trainers publish it.")
+MEMORY_PUBLISHED_SHORT = ("**Likely too small:** {what} needs a GPU of about {least} GB; yours has {have:.0f} GB. "
+                          "Try it, or train on a larger card.")
 MEMORY_NOTHING_FITS = "**Nothing fits your GPU:** even {what} needs about {need:.1f} of {have:.1f} GB."
 
 

@@ -67,6 +67,7 @@ BASE_MODEL_FIELDS = (
     "cache_latents",
     "train_batch_size",
     "sample_batch_size",
+    "quantize_base",
 )
 # The fields the memory line reads (space.hardware_fit.form_config), in memory_hint's order.
 MEMORY_FIELDS = (

@@ -113,3 +113,31 @@ def test_scores_take_no_gpu_memory_from_the_training_only_ram() -> None:
     assert SCORERS not in scored.weights_by_part  # the scorers run on the CPU
     assert scored.peak_ram - plain.peak_ram == SCORER_BYTES
     assert scored.peak_accelerator >= plain.peak_accelerator  # the scoring phase draws a prompt's images at once
+
+
+@pytest.mark.parametrize(
+    ("model", "gb", "expected", "words"),
+    [
+        ("black-forest-labs/FLUX.1-dev", 11.7, {"quantize_base": "nf4", "resolution": 512}, "Likely too small"),
+        ("black-forest-labs/FLUX.1-dev", 12.0, {"quantize_base": "nf4", "resolution": 512}, "about 9 GB"),
+        ("black-forest-labs/FLUX.1-dev", 15.77, {"quantize_base": "nf4", "resolution": 512}, "about 9 GB"),
+        ("black-forest-labs/FLUX.1-dev", 16.0, {"quantize_base": "nf4", "resolution": 1024}, "1024 px"),
+        ("black-forest-labs/FLUX.1-dev", 80.0, {"quantize_base": "none", "resolution": 1024}, "bf16"),
+        ("stabilityai/stable-diffusion-3.5-medium", 12.0, {"quantize_base": "none", "resolution": 512}, "Medium"),
+        ("stabilityai/stable-diffusion-3.5-medium", 24.0, {"quantize_base": "none", "resolution": 1024}, "Medium"),
+        ("stabilityai/stable-diffusion-3.5-large", 16.0, {"quantize_base": "nf4", "resolution": 512}, "Large in NF4"),
+        ("stabilityai/stable-diffusion-3.5-large", 24.0, {"quantize_base": "nf4", "resolution": 1024}, "Large in NF4"),
+    ],
+)
+def test_sd3_and_flux_get_the_lora_settings_their_trainers_publish_for_the_card(
+    model: str, gb: float, expected: dict, words: str
+) -> None:
+    """Until the memory model sizes transformers: LoRA, 8-bit Adam, checkpointing, and the quantization and size
+    that the published peaks say fit (space.hardware_fit.TRANSFORMER_FITS), with the reason on the form."""
+    from space.hardware_fit import pick
+    from space.presets import model_family
+
+    picked = pick(Hardware("cuda", "card", gb, bf16=True), model_family(model), model, 16)
+    assert {key: picked.settings[key] for key in expected} == expected, picked
+    assert picked.settings["method"] == "lora" and picked.settings["use_8bit_adam"]
+    assert picked.settings["gradient_checkpointing"] and words in picked.why

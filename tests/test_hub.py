@@ -170,6 +170,28 @@ def test_card_of_a_hub_base_names_it_and_inherits_its_license(lora_run: Path, fu
         assert build_model_card(full_run).data.license == license_
 
 
+def test_a_flux_lora_card_carries_the_non_commercial_license_and_the_flux_snippet(lora_run: Path) -> None:
+    """FLUX.1-dev's license is none of the Hub's own: `other`, with its name and link, as the base's card has it."""
+    from trainer.run_folder import write_status
+
+    config = TrainConfig.load(lora_run / "config.json")
+    for base, license_, name in [
+        ("black-forest-labs/FLUX.1-dev", "other", "flux-1-dev-non-commercial-license"),
+        ("black-forest-labs/FLUX.1-schnell", "apache-2.0", None),
+    ]:
+        config.replace(pretrained_model=base).save(lora_run / "config.json")
+        write_status(lora_run, "completed", 2, 2, family="flux")
+        card = build_model_card(lora_run, "tester/sks-flux")
+        assert (card.data.license, card.data.get("license_name")) == (license_, name)
+        assert "flux" in card.data.tags and card.data.base_model == base
+        assert f'FluxPipeline.from_pretrained(\n    "{base}", dtype=torch.bfloat16' in card.text
+        assert "guidance_scale=3.5" in card.text
+    assert card.data.get("license_link") is None
+    config.replace(pretrained_model="black-forest-labs/FLUX.1-dev").save(lora_run / "config.json")
+    link = build_model_card(lora_run).data.get("license_link")
+    assert link == "https://huggingface.co/black-forest-labs/FLUX.1-dev/blob/main/LICENSE.md"
+
+
 def test_card_inherits_the_license_of_a_local_base_folder(tmp_path: Path, full_run: Path) -> None:
     base = tmp_path / "my-base"
     base.mkdir()

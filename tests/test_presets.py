@@ -28,7 +28,7 @@ from trainer.toyworld import EXAMPLE_SETTINGS, TOY_MODEL_DIR, TOY_MODEL_LABEL, T
 
 def test_known_models_name_their_family_and_native_size() -> None:
     families = {f.name: f for f in FAMILIES}
-    assert {known.family for known in KNOWN_MODELS.values()} == {"sd", "sdxl"} <= set(families)
+    assert {known.family for known in KNOWN_MODELS.values()} == {"sd", "sdxl", "sd3", "flux"} == set(families)
     sdxl = [model_id for model_id, known in KNOWN_MODELS.items() if known.family == "sdxl"]
     assert sdxl[0] == SDXL_BASE and KNOWN_MODELS[SDXL_BASE].resolution == 1024 == default_resolution(SDXL_BASE)
     assert families["sdxl"].default_resolution == 1024
@@ -43,13 +43,15 @@ def test_a_base_models_family_is_read_without_the_network(tmp_path: Path) -> Non
         "sdxl",
         "sd",
     )
-    folders = {"xl": "StableDiffusionXLPipeline", "sd": "StableDiffusionPipeline", "flux": "FluxPipeline"}
+    folders = {"xl": "StableDiffusionXLPipeline", "sd": "StableDiffusionPipeline", "flux": "FluxPipeline",
+               "kontext": "FluxKontextPipeline"}
     for name, class_name in folders.items():
         (tmp_path / name).mkdir()
         (tmp_path / name / "model_index.json").write_text(json.dumps({"_class_name": class_name}))
     assert model_family(str(tmp_path / "xl")) == "sdxl" and model_resolution(str(tmp_path / "xl")) == 1024
     assert model_family(str(tmp_path / "sd")) == "sd" and model_resolution(str(tmp_path / "sd")) == 512
-    assert model_family(str(tmp_path / "flux")) is None  # not a family we train: the engine says so at Start
+    assert model_family(str(tmp_path / "flux")) == "flux" and model_resolution(str(tmp_path / "flux")) == 1024
+    assert model_family(str(tmp_path / "kontext")) is None  # not a family we train: the engine says so at Start
     # A Hub id neither known nor in the Hub cache, a folder that is not there: unknown, nothing fetched.
     assert model_family("nobody-here/never-downloaded-model") is None
     assert model_resolution("nobody-here/never-downloaded-model") is None

@@ -86,7 +86,11 @@ class ModelFamily:
     trainable_text_encoders: ClassVar[int] = 2  # the first N text encoders may train (the CLIP ones)
     # The denoiser's children whose linear layers `quantize_base` quantizes (trainer/quantize.py).
     quantized_blocks: ClassVar[tuple[str, ...]] = ("down_blocks", "mid_block", "up_blocks")
-    writes_kohya_lora: ClassVar[bool] = True  # also a LoRA file in kohya's layout (trainer/output.py)
+    writes_kohya_lora: ClassVar[bool] = True
+    # How its pipeline samples best: the card's snippet and Generate's defaults (`negative`: it takes a
+    # negative prompt; `sampler`: any of Generate's samplers, else its own scheduler).
+    sampling_defaults: ClassVar[dict[str, Any]] = {"guidance_scale": 7.5, "steps": 25, "dtype": "float16",
+                                                   "negative": True, "sampler": True}  # also a LoRA file in kohya's layout (trainer/output.py)
     card_tags: ClassVar[tuple[str, ...]]
     # diffusers' kohya converter names the text encoders lora_te1_, lora_te2_; what this family's
     # A1111/ComfyUI/kohya files call them instead, where that differs.

@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
+from typing import NamedTuple
 
 from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
@@ -31,12 +32,32 @@ from trainer.run_folder import (
 
 MAX_CARD_SAMPLES = 8
 
-# Licenses of well-known bases, for when the base's own card is not at hand (offline training).
-_KNOWN_LICENSES: tuple[tuple[str, str], ...] = (  # (fnmatch pattern of the Hub id, license)
-    ("runwayml/stable-diffusion-v1-5", "creativeml-openrail-m"),
-    ("stable-diffusion-v1-5/*", "creativeml-openrail-m"),
-    ("CompVis/*", "creativeml-openrail-m"),
-    ("stabilityai/stable-diffusion-2*", "openrail++"),
+class License(NamedTuple):
+    """A model card's license: a Hub license id, or "other" with the license's name and link."""
+
+    id: str
+    name: str | None = None
+    link: str | None = None
+
+    def card_fields(self) -> dict[str, str]:
+        fields = {"license": self.id, "license_name": self.name, "license_link": self.link}
+        return {key: value for key, value in fields.items() if value}
+
+
+# Licenses of well-known bases, for when the base's own card is not at hand (offline training): the Hub's
+# metadata, `license: other` with the license's name and link where it is none of the Hub's own.
+_FLUX_DEV = License("other", "flux-1-dev-non-commercial-license",
+                    "https://huggingface.co/black-forest-labs/FLUX.1-dev/blob/main/LICENSE.md")
+_SD35 = License("other", "stabilityai-ai-community",
+                "https://huggingface.co/stabilityai/stable-diffusion-3.5-large/blob/main/LICENSE.md")
+_KNOWN_LICENSES: tuple[tuple[str, License], ...] = (  # (fnmatch pattern of the Hub id, license)
+    ("runwayml/stable-diffusion-v1-5", License("creativeml-openrail-m")),
+    ("stable-diffusion-v1-5/*", License("creativeml-openrail-m")),
+    ("CompVis/*", License("creativeml-openrail-m")),
+    ("stabilityai/stable-diffusion-2*", License("openrail++")),
+    ("stabilityai/stable-diffusion-3*", _SD35),
+    ("black-forest-labs/FLUX.1-dev", _FLUX_DEV),
+    ("black-forest-labs/FLUX.1-schnell", License("apache-2.0")),
 )
 # A local folder inside the Hugging Face cache still knows which Hub repo it came from.
 _CACHE_SNAPSHOT = re.compile(r"models--(?P<org>[^/\\]+?)--(?P<name>[^/\\]+)[/\\]snapshots[/\\]")
@@ -77,13 +98,13 @@ def hub_base_model(pretrained_model: str) -> str | None:
     return pretrained_model if "/" in pretrained_model else None
 
 
-def base_license(pretrained_model: str) -> str | None:
+def base_license(pretrained_model: str) -> License | None:
     """The base model's license: from its own card when it is on disk, else from the known list."""
     local = Path(pretrained_model).expanduser()
     if (local / CARD_NAME).is_file():
-        license_ = ModelCard.load(local / CARD_NAME, ignore_metadata_errors=True).data.license
-        if license_:
-            return str(license_)
+        data = ModelCard.load(local / CARD_NAME, ignore_metadata_errors=True).data
+        if data.license:
+            return License(str(data.license), data.get("license_name"), data.get("license_link"))
     hub_id = hub_base_model(pretrained_model)
     if hub_id is None:
         return None
@@ -107,9 +128,10 @@ def build_model_card(run_dir: Path, repo_id: str | None = None) -> ModelCard:
     tags = ["text-to-image", "diffusers", "dreambooth", *family.card_tags, "diffusers-training"]
     if kind == "lora":
         tags.append("lora")
+    license_ = base_license(config.pretrained_model)
     data = ModelCardData(
         base_model=base_id,
-        license=base_license(config.pretrained_model),
+        **(license_.card_fields() if license_ else {}),
         library_name="diffusers",
         pipeline_tag="text-to-image",
         tags=tags,
@@ -131,7 +153,7 @@ def build_model_card(run_dir: Path, repo_id: str | None = None) -> ModelCard:
             "## Use it",
             "",
             "```python",
-            _usage(kind, where, base_id or config.pretrained_model, config, family.pipeline_class.__name__),
+            _usage(kind, where, base_id or config.pretrained_model, config, family),
             "```",
             "",
             *(_kohya_note(run_dir) if kind == "lora" else []),
@@ -165,25 +187,28 @@ def _describe(kind: str, config: TrainConfig, base_id: str | None, family_label:
     return f"A full {family_label} pipeline fine-tuned from {base}."
 
 
-def _usage(kind: str, where: str, base: str, config: TrainConfig, pipeline: str) -> str:
+def _usage(kind: str, where: str, base: str, config: TrainConfig, family) -> str:
     prompt = config.instance_prompt.replace('"', '\\"')
+    pipeline, sampling = family.pipeline_class.__name__, family.sampling_defaults
+    dtype = f"torch.{sampling['dtype']}"
     lines = ["import torch", f"from diffusers import {pipeline}", ""]
     if kind == "lora":
         revision = f', revision="{config.revision}"' if config.revision else ""
         lines += [
             f"pipe = {pipeline}.from_pretrained(",
-            f'    "{base}"{revision}, dtype=torch.float16, use_safetensors=True',
+            f'    "{base}"{revision}, dtype={dtype}, use_safetensors=True',
             ').to("cuda")',
             f'pipe.load_lora_weights("{where}", weight_name="{LORA_WEIGHTS}")',
         ]
     else:
         lines += [
             f"pipe = {pipeline}.from_pretrained(",
-            f'    "{where}", dtype=torch.float16, use_safetensors=True',
+            f'    "{where}", dtype={dtype}, use_safetensors=True',
             ').to("cuda")',
         ]
     lines += [
-        f'image = pipe("{prompt}", num_inference_steps=25, guidance_scale=7.5).images[0]',
+        f'image = pipe("{prompt}", num_inference_steps={sampling["steps"]}, '
+        f'guidance_scale={sampling["guidance_scale"]}).images[0]',
         f'image.save("{config.identifier}.png")',
     ]
     return "\n".join(lines)
