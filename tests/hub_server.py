@@ -79,6 +79,8 @@ class Repo:
     repo_id: str
     private: bool
     commits: list[Commit] = field(default_factory=list)
+    gated: bool = False  # its files only for accounts in `granted` (as FLUX.1-dev's after accepting its license)
+    granted: set[str] = field(default_factory=set)
 
     @property
     def head(self) -> Commit:
@@ -321,7 +323,7 @@ def _repo_info(h: _Handler, method: str, match: re.Match, query: dict, body: byt
             "sha": commit.oid,
             "private": repo.private,
             "disabled": False,
-            "gated": False,
+            "gated": "manual" if repo.gated else False,
             "tags": [],
             "lastModified": commit.date,
             "createdAt": repo.commits[0].date,
@@ -448,6 +450,11 @@ def _commit(h: _Handler, method: str, match: re.Match, query: dict, body: bytes)
 
 def _resolve_file(h: _Handler, method: str, match: re.Match, query: dict, body: bytes) -> None:
     repo = h.readable_repo(match["repo"])
+    if repo.gated:
+        account = h.account(required=False)
+        if account is None or account.name not in repo.granted:
+            raise HubError(401 if account is None else 403, f"Access to model {repo.repo_id} is restricted. You must "
+                           "have access to it and be authenticated to access it. Please log in.", code="GatedRepo")
     commit = _resolve(repo, match["rev"])
     blob = commit.files.get(match["path"])
     if blob is None:

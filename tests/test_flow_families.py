@@ -216,3 +216,29 @@ def test_text_encoders_nothing_needs_again_are_freed_during_the_steps(
                           validation_steps=2, **common), on_event=on_event)
         assert made[-1] is None or not made[-1].freed
         assert [e.step for e in events if isinstance(e, SampleEvent)] == [2, 4]
+
+
+def test_a_gated_base_without_access_says_what_to_do(hub, tiny_flux_model_dir: Path, subject_images: Path,
+                                                     tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """FLUX.1-dev and SD 3.5 are gated: training from one, or generating with it, without a token that accepted its
+    license says to accept it and log in, naming the repo: not a 401 traceback, not "does not exist"."""
+    from huggingface_hub import HfApi, constants
+
+    from trainer.families import ModelLoadError
+    from trainer.inference import resolve_model
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    repo = f"{USER}/gated-flux"
+    api = HfApi(endpoint=hub.url, token=WRITE_TOKEN)
+    api.create_repo(repo)
+    api.upload_folder(repo_id=repo, folder_path=tiny_flux_model_dir)
+    hub.repos[repo].gated = True  # and USER has not accepted its license
+    with pytest.raises(ModelLoadError) as err:
+        train(tiny_config(repo, subject_images, tmp_path / "run"))
+    words = str(err.value)
+    assert words.startswith("`pretrained_model`: ") and f"{repo} is gated" in words and "accept its license" in words
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(Exception, match=f"{repo} is gated: open https://huggingface.co/{repo}"):
+        resolve_model(repo, token=WRITE_TOKEN)
+    hub.repos[repo].granted.add(USER)  # accepted: the same token now reads it
+    assert resolve_model(repo, token=WRITE_TOKEN).kind == "full"

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from huggingface_hub.errors import GatedRepoError
+
 from trainer.config import UserError
 from trainer.families.base import Components, Conditioning, ModelFamily, ModelLoadError, first_line
 from trainer.families.flow import Flux, StableDiffusion3
@@ -100,6 +102,8 @@ def read_model_index(source: str, revision: str | None = None, *, cached_only: b
 
             path = Path(hf_hub_download(source, PIPELINE_INDEX, revision=revision))
         data = json.loads(path.read_text(encoding="utf-8"))
+    except GatedRepoError:
+        raise ModelLoadError(f"`pretrained_model`: {gated_words(source)}") from None
     except (OSError, ValueError) as err:  # not found, offline, unknown repo, not JSON
         raise ModelLoadError(
             f"`pretrained_model`: could not load the {PIPELINE_INDEX} of {source!r}: {first_line(err)}"
@@ -107,6 +111,12 @@ def read_model_index(source: str, revision: str | None = None, *, cached_only: b
     if not isinstance(data, dict):
         raise ModelLoadError(f"`pretrained_model`: the {PIPELINE_INDEX} of {source!r} is not a JSON object")
     return data
+
+
+def gated_words(repo_id: str) -> str:
+    """What to do about a gated Hub model (FLUX.1-dev, SD 3.5) that the token may not read."""
+    return (f"{repo_id} is gated: open https://huggingface.co/{repo_id}, log in and accept its license, then "
+            "give a token of that account (the HF_TOKEN variable, `hf auth login`, or the token field)")
 
 
 def detect_family(source: str, revision: str | None = None) -> ModelFamily:
@@ -128,6 +138,7 @@ __all__ = [
     "detect_family",
     "family_by_name",
     "family_for_class",
+    "gated_words",
     "read_model_index",
     "supported_families",
 ]

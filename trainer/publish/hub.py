@@ -18,6 +18,7 @@ import httpx2
 from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token, snapshot_download
 from huggingface_hub.errors import (
     EntryNotFoundError,
+    GatedRepoError,
     HfHubHTTPError,
     HFValidationError,
     LocalEntryNotFoundError,
@@ -298,6 +299,10 @@ def _hub_error(
             f"Cannot {action}: the Hugging Face Hub at {endpoint} cannot be reached "
             f"({type(err.__cause__ or err).__name__}). Check the network connection and retry."
         )
+    elif isinstance(err, GatedRepoError):
+        from trainer.families import gated_words
+
+        message = f"Cannot {action}: {gated_words(repo_id or 'the repo')}."
     elif isinstance(err, RepositoryNotFoundError):
         message = (
             f"Cannot {action}: the repo {repo_id} does not exist, or it is private and the token "
