@@ -162,6 +162,8 @@ def test_a_lora_on_a_quantized_flux_trains_on_the_cpu_and_loads_onto_the_plain_b
     assert quantized and all(m.weight.dtype in (torch.uint8, torch.int8) for m in quantized)
     trained = [p for p in transformer.parameters() if p.requires_grad]
     assert trained and all(p.dtype == torch.float32 for p in trained)
+    t5 = seen["parts"].text_encoders[1]  # the frozen T5 is quantized too: it never trains, and it is the largest
+    assert any(isinstance(m, layer) for m in t5.modules()) and not any(p.requires_grad for p in t5.parameters())
     before = denoising_loss(tiny_flux_model_dir, subject_images, "a photo of sks square")
     after = denoising_loss(tiny_flux_model_dir, subject_images, "a photo of sks square", lora_dir=result.run_dir)
     assert after < 0.8 * before, f"loss {before:.4f} -> {after:.4f}"

@@ -32,15 +32,17 @@ SEED = 0
 # 4 x the VAE's latent_channels (64 = 4 x 16 in the real model, 16 = 4 x 4 here). The rotary
 # embedding splits each attention head over (text index, row, column): axes_dims_rope sums to
 # attention_head_dim, each axis even. Text tokens come from T5 (joint_attention_dim = its d_model),
-# the pooled vector from CLIP's pooler output (pooled_projection_dim = its hidden size).
+# the pooled vector from CLIP's pooler output (pooled_projection_dim = its hidden size). Widths of 64
+# (4 heads of 16; T5's d_model): bitsandbytes quantizes each weight row in blocks of 64, so the
+# QLoRA tests quantize every block layer and T5, as in the real model.
 FLUX_TRANSFORMER_CONFIG: dict[str, Any] = {
     "patch_size": 1,
     "in_channels": 16,
     "num_layers": 1,
     "num_single_layers": 1,
     "attention_head_dim": 16,
-    "num_attention_heads": 2,
-    "joint_attention_dim": 32,
+    "num_attention_heads": 4,
+    "joint_attention_dim": 64,
     "pooled_projection_dim": 32,
     "axes_dims_rope": (4, 4, 8),
 }
@@ -184,7 +186,7 @@ def build_tiny_flux(folder: Path, guidance_embeds: bool = True) -> Path:
         vae=_seeded(SEED, lambda: AutoencoderKL(**FLUX_VAE_CONFIG)),
         text_encoder=_seeded(SEED, lambda: CLIPTextModel(CLIPTextConfig(**TEXT_ENCODER_CONFIG))),
         tokenizer=CLIPTokenizer.from_pretrained(CLIP_TOKENIZER_DIR),
-        text_encoder_2=_seeded(SEED, lambda: T5EncoderModel(t5_config(32, len(t5_tokenizer)))),
+        text_encoder_2=_seeded(SEED, lambda: T5EncoderModel(t5_config(64, len(t5_tokenizer)))),
         tokenizer_2=t5_tokenizer,
         transformer=_seeded(SEED, lambda: FluxTransformer2DModel(**transformer_config)),
     )

@@ -178,8 +178,9 @@ class TrainConfig:
     )
     quantize_base: Quantization = field(
         default="none",
-        metadata={"help": "LoRA only: the base model's denoiser in 4-bit NF4 or 8-bit (bitsandbytes) while the LoRA "
-                          "trains in full precision (QLoRA): FLUX.1 in about a quarter of its memory."},
+        metadata={"help": "LoRA only: the base model's denoiser (and SD 3's or FLUX's frozen T5) in 4-bit NF4 or 8-bit "
+                          "(bitsandbytes) while the LoRA trains in full precision (QLoRA): FLUX.1 in about a quarter "
+                          "of its memory."},
     )
     mixed_precision: Precision = field(
         default="no", metadata={"help": "no, fp16 (CUDA only) or bf16; trainable weights stay fp32."}

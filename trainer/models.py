@@ -28,7 +28,10 @@ def load_components(config: TrainConfig) -> Components:
     if config.quantize_base != "none":
         from trainer.quantize import quantize
 
-        quantize(parts.denoiser, config.quantize_base, family.quantized_blocks, weight_dtype(config.mixed_precision))
+        dtype = weight_dtype(config.mixed_precision)
+        quantize(parts.denoiser, config.quantize_base, family.quantized_blocks, dtype)
+        for index in family.quantized_text_encoders:  # T5's linear layers all sit in its encoder stack
+            quantize(parts.text_encoders[index], config.quantize_base, ("encoder",), dtype)
     if config.pretrained_vae:
         parts.vae = load_vae(config.pretrained_vae, parts)
     return parts

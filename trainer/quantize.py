@@ -1,4 +1,5 @@
-"""The base model's denoiser in 4-bit NF4 or 8-bit, while the LoRA on it trains in full precision (QLoRA).
+"""The base model's denoiser (and the T5 of SD 3 and FLUX) in 4-bit NF4 or 8-bit, while the LoRA on the
+denoiser trains in full precision (QLoRA).
 
 The linear layers inside the denoiser's blocks (where nearly all of its weights are) become
 bitsandbytes' own `Linear4bit` / `Linear8bitLt`, quantized here, on the CPU, as they are made;
@@ -14,22 +15,26 @@ from __future__ import annotations
 
 import torch
 
+BLOCK = 64  # bitsandbytes quantizes each weight row in blocks of this many inputs (every real model's widths divide)
 # Bits per weight of each quantization, for the memory model (NF4 also stores one fp32 absmax per 64 weights).
 BITS: dict[str, float] = {"none": 16.0, "nf4": 4.0 + 32 / 64, "int8": 8.0}
 
 
-def quantize(denoiser: torch.nn.Module, kind: str, blocks: tuple[str, ...], compute_dtype: torch.dtype) -> int:
+def quantize(model: torch.nn.Module, kind: str, blocks: tuple[str, ...], compute_dtype: torch.dtype) -> int:
     """Replace the linear layers under `blocks` (top-level child names) by quantized ones, in place; how many."""
     import bitsandbytes as bnb
 
+    # What the model itself keeps in full precision (T5's `wo`, whose input it casts to the weight's dtype), as
+    # transformers' own quantization does.
+    kept = set(getattr(model, "_keep_in_fp32_modules", None) or ())
     replaced = 0
     for block in blocks:
-        parent = getattr(denoiser, block, None)
+        parent = getattr(model, block, None)
         if parent is None:
             continue
         for module in list(parent.modules()):
             for child_name, child in list(module.named_children()):
-                if type(child) is not torch.nn.Linear:
+                if type(child) is not torch.nn.Linear or child_name in kept or child.in_features % BLOCK:
                     continue
                 setattr(module, child_name, _quantized(bnb, child, kind, compute_dtype))
                 replaced += 1

@@ -86,6 +86,9 @@ class ModelFamily:
     trainable_text_encoders: ClassVar[int] = 2  # the first N text encoders may train (the CLIP ones)
     # The denoiser's children whose linear layers `quantize_base` quantizes (trainer/quantize.py).
     quantized_blocks: ClassVar[tuple[str, ...]] = ("down_blocks", "mid_block", "up_blocks")
+    # The text encoders (by index) `quantize_base` also quantizes: the frozen T5 of SD 3 and FLUX, which would
+    # otherwise hold 9.5 GB in bf16 beside the denoiser while the prompts are embedded.
+    quantized_text_encoders: ClassVar[tuple[int, ...]] = ()
     writes_kohya_lora: ClassVar[bool] = True
     # How its pipeline samples best: the card's snippet and Generate's defaults (`negative`: it takes a
     # negative prompt; `sampler`: any of Generate's samplers, else its own scheduler).

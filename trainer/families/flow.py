@@ -98,6 +98,7 @@ class StableDiffusion3(_FlowTransformer):
     pipeline_names = ("StableDiffusion3Pipeline",)
     default_resolution = 1024
     default_t5_tokens = 77  # diffusers' SD 3 DreamBooth script's default
+    quantized_text_encoders = (2,)  # T5
     sampling_defaults = {"guidance_scale": 7.0, "steps": 28, "dtype": "bfloat16", "negative": True, "sampler": False}
     card_tags = ("sd3", "sd3-diffusers")
     denoiser_lora_targets = ("attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0",
@@ -183,6 +184,7 @@ class Flux(_FlowTransformer):
     # FLUX.1-dev embeds guidance 3.5 and takes no negative prompt (FLUX.1-schnell: 4 steps, guidance 0).
     sampling_defaults = {"guidance_scale": 3.5, "steps": 28, "dtype": "bfloat16", "negative": False, "sampler": False}
     trainable_text_encoders = 1  # CLIP; T5 never trains
+    quantized_text_encoders = (1,)  # T5
     # diffusers' train_dreambooth_lora_flux.py's default target modules.
     denoiser_lora_targets = ("attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0",
                              "attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",

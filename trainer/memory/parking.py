@@ -46,6 +46,19 @@ def needed_again(config: TrainConfig) -> bool:
     return bool(config.validation_prompts) or config.score_checkpoints or config.method == "full"
 
 
+def _empty(module: torch.nn.Module) -> None:
+    """Every tensor of the module replaced by an empty one on the meta device: its memory goes back to the
+    system, the module object stays. (Not `module.to("meta")`: bitsandbytes' quantized weights refuse it.)"""
+    for sub in module.modules():
+        for name, param in sub._parameters.items():
+            if param is not None:
+                sub._parameters[name] = torch.nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device="meta"),
+                                                           requires_grad=False)
+        for name, buffer in sub._buffers.items():
+            if buffer is not None:
+                sub._buffers[name] = torch.empty(buffer.shape, dtype=buffer.dtype, device="meta")
+
+
 def _bytes(modules) -> int:
     return sum(t.numel() * t.element_size() for m in modules for t in (*m.parameters(), *m.buffers()))
 
@@ -100,7 +113,7 @@ class Parking:
 
     def park(self) -> None:
         for module in self.freed.values():
-            module.to("meta")  # the weights' memory goes back to the system; the module stays, empty
+            _empty(module)
         if not self.parked:
             self._move(self.away)
             self.parked = True
