@@ -189,7 +189,7 @@ def test_only_caption_files_is_refused(tiny_model_dir, subject_images, tmp_path)
         train(tiny_config(tiny_model_dir, subject_images, tmp_path / "run", instance_data=(str(caption),)))
 
 
-def test_a_separate_vae_is_used_and_a_wrong_one_refused(tiny_base, subject_images, tmp_path):
+def test_a_separate_vae_is_used_and_a_wrong_one_refused(tiny_full_base, subject_images, tmp_path):
     import json
     import shutil
 
@@ -199,6 +199,7 @@ def test_a_separate_vae_is_used_and_a_wrong_one_refused(tiny_base, subject_image
     from trainer.models import load_components
 
     # A VAE of the right shape with other weights: the run encodes with it and a full run ships it.
+    tiny_base = tiny_full_base
     vae = AutoencoderKL.from_pretrained(tiny_base.path / "vae")
     with torch.no_grad():
         for param in vae.parameters():
@@ -211,13 +212,13 @@ def test_a_separate_vae_is_used_and_a_wrong_one_refused(tiny_base, subject_image
     saved = AutoencoderKL.from_pretrained(result.run_dir / "vae")
     assert torch.equal(saved.encoder.conv_in.weight, vae.encoder.conv_in.weight)
 
-    # A VAE whose latents the UNet cannot take is refused, naming the field, before training.
+    # A VAE whose latents the denoiser cannot take is refused, naming the field, before training.
     wrong = tmp_path / "wrong-vae"
     shutil.copytree(tmp_path / "other-vae", wrong)
     cfg = json.loads((wrong / "config.json").read_text())
     (wrong / "config.json").write_text(json.dumps({**cfg, "latent_channels": 16}))
     bad = config.replace(output_dir=str(tmp_path / "bad"), pretrained_vae=str(wrong))
-    with pytest.raises(ModelLoadError, match="`pretrained_vae`: .*16-channel latents; this .* UNet takes 4"):
+    with pytest.raises(ModelLoadError, match="`pretrained_vae`: .*16-channel latents; this .* model takes 4"):
         train(bad)
     assert not (tmp_path / "bad").exists()
     (wrong / "config.json").write_text(json.dumps({**cfg, "_class_name": "AutoencoderTiny"}))

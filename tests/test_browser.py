@@ -181,11 +181,13 @@ def test_the_example_start_to_finish_in_a_browser(tmp_path: Path, tiny_model_dir
 
 
 def _timers(page) -> list[str]:
-    """The texts of gradio's progress timers ("0.1s") shown on the page now."""
+    """Gradio's progress timers ("0.1s") shown on the page now, each as "<id of its component>: <text>". An event
+    with show_progress="hidden" has its timer too, at opacity 0: only what can be seen counts."""
     return page.evaluate(
         """() => [...document.querySelectorAll('.progress-text, .meta-text, .meta-text-center')]
-            .filter(e => e.offsetParent !== null && /\\d+(\\.\\d+)?s/.test(e.textContent))
-            .map(e => e.textContent.trim())"""
+            .filter(e => e.checkVisibility({opacityProperty: true, visibilityProperty: true})
+                         && /\\d+(\\.\\d+)?s/.test(e.textContent))
+            .map(e => `${(e.closest('[id]') || {id: '?'}).id}: ${e.textContent.trim()}`)"""
     )
 
 

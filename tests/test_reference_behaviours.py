@@ -112,10 +112,10 @@ def samples_an_image(pipe) -> None:
 
 
 # --- outputs --------------------------------------------------------------------------------
-@pytest.mark.parametrize("text_encoder", [False, True], ids=["unet", "unet+text"])
+@pytest.mark.parametrize("text_encoder", [False, True], ids=["denoiser", "denoiser+text"])
 def test_the_lora_file_holds_exactly_the_parts_trained(tiny_base, subject_images, tmp_path, text_encoder):
-    """Only LoRA layers, named by the part they belong to (unet, text_encoder, text_encoder_2); the file
-    also says each part's rank and alpha, so a loader scales it right (alpha 8 is not the rank 4)."""
+    """Only LoRA layers, named by the part they belong to (unet or transformer, the CLIP text encoders: never
+    T5); the file also says each part's rank and alpha, so a loader scales it right (alpha 8 is not the rank 4)."""
     from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
     from safetensors import safe_open
 
@@ -126,7 +126,7 @@ def test_the_lora_file_holds_exactly_the_parts_trained(tiny_base, subject_images
     with safe_open(run / LORA_WEIGHTS, framework="pt") as weights:
         keys, metadata = list(weights.keys()), weights.metadata()
     assert keys and all("lora" in key for key in keys)
-    parts = {"unet", *(tiny_base.text_encoders if text_encoder else ())}
+    parts = {tiny_base.denoiser, *(tiny_base.trainable if text_encoder else ())}
     assert {key.split(".", 1)[0] for key in keys} == parts
     adapters = json.loads(metadata[LORA_ADAPTER_METADATA_KEY])
     assert {part: (adapters[f"{part}.r"], adapters[f"{part}.lora_alpha"]) for part in parts} == dict.fromkeys(
@@ -237,9 +237,9 @@ def test_an_edm_style_base_is_refused_before_anything_is_written(tiny_sdxl_model
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("pipeline", ["IFPipeline", "FluxPipeline", "Flux2Pipeline", "Flux2KleinPipeline",
-                                      "FluxKontextPipeline", "HiDreamImagePipeline", "Lumina2Pipeline",
-                                      "QwenImagePipeline", "SanaPipeline", "StableDiffusion3Pipeline"])
+@pytest.mark.parametrize("pipeline", ["IFPipeline", "Flux2Pipeline", "Flux2KleinPipeline", "FluxKontextPipeline",
+                                      "FluxFillPipeline", "HiDreamImagePipeline", "Lumina2Pipeline",
+                                      "QwenImagePipeline", "SanaPipeline", "StableDiffusion3InpaintPipeline"])
 def test_families_we_do_not_train_are_refused_by_the_cli(pipeline, subject_images, tmp_path):
     """The families of diffusers' other DreamBooth tests: refused with exit status 2, naming the pipeline."""
     model = tmp_path / "model"
