@@ -70,6 +70,24 @@ class _FlowTransformer(ModelFamily):
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
+    def pipeline(self, parts: Components, denoiser: torch.nn.Module, text_encoders: Sequence[torch.nn.Module],
+                 scheduler: Any) -> Any:
+        pipe = self.pipeline_class(**self._modules(parts, denoiser, text_encoders), scheduler=scheduler)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def save_full(self, source: str, revision: str | None, parts: Components, denoiser: torch.nn.Module,
+                  text_encoders: Sequence[torch.nn.Module], run_dir: Path, to_fp32: bool) -> Path:
+        return save_full_pipeline(self.pipeline_class, source, revision, self._modules(parts, denoiser, text_encoders),
+                                  run_dir, to_fp32)
+
+    def _modules(self, parts: Components, denoiser: torch.nn.Module, text_encoders: Sequence[torch.nn.Module]) -> dict:
+        """The pipeline's components: the VAE, the transformer, each text encoder and its tokenizer by its name."""
+        names = self.text_encoder_names(len(text_encoders))
+        tokenizers = (parts.tokenizer, parts.tokenizer_2, parts.tokenizer_3)
+        return {"vae": parts.vae, "transformer": denoiser, **dict(zip(names, text_encoders, strict=True)),
+                **{name.replace("text_encoder", "tokenizer"): tok for name, tok in zip(names, tokenizers, strict=False)}}
+
     def save_lora(self, run_dir: Path, layers: dict[str, dict], metadata: dict[str, dict]) -> Path:
         return save_lora_file(self.pipeline_class, run_dir, layers, metadata)
 
@@ -150,23 +168,6 @@ class StableDiffusion3(_FlowTransformer):
                 cond: Conditioning, image_info: torch.Tensor) -> torch.Tensor:
         return denoiser(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=cond.hidden_states,
                         pooled_projections=cond.added["pooled"], return_dict=False)[0]
-
-    def pipeline(self, parts: Components, denoiser: torch.nn.Module, text_encoders: Sequence[torch.nn.Module],
-                 scheduler: Any) -> Any:
-        pipe = self.pipeline_class(**self._modules(parts, denoiser, text_encoders), scheduler=scheduler)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
-
-    def save_full(self, source: str, revision: str | None, parts: Components, denoiser: torch.nn.Module,
-                  text_encoders: Sequence[torch.nn.Module], run_dir: Path, to_fp32: bool) -> Path:
-        return save_full_pipeline(self.pipeline_class, source, revision, self._modules(parts, denoiser, text_encoders),
-                                  run_dir, to_fp32)
-
-    @staticmethod
-    def _modules(parts: Components, denoiser: torch.nn.Module, text_encoders: Sequence[torch.nn.Module]) -> dict:
-        return {"vae": parts.vae, TEXT_ENCODER: text_encoders[0], TEXT_ENCODER_2: text_encoders[1],
-                TEXT_ENCODER_3: text_encoders[2], "tokenizer": parts.tokenizer, "tokenizer_2": parts.tokenizer_2,
-                "tokenizer_3": parts.tokenizer_3, "transformer": denoiser}
 
 
 # FLUX.1 [dev]'s full fine-tune, from diffusers' DreamBooth README and SimpleTuner's notes: the 12 B
@@ -253,19 +254,3 @@ class Flux(_FlowTransformer):
                        txt_ids=text_ids, img_ids=image_ids, return_dict=False)[0]
         # _unpack_latents takes the image size in pixels and the VAE's factor: the latent size with factor 1.
         return pipeline._unpack_latents(out, height, width, 1)
-
-    def pipeline(self, parts: Components, denoiser: torch.nn.Module, text_encoders: Sequence[torch.nn.Module],
-                 scheduler: Any) -> Any:
-        pipe = self.pipeline_class(**self._modules(parts, denoiser, text_encoders), scheduler=scheduler)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
-
-    def save_full(self, source: str, revision: str | None, parts: Components, denoiser: torch.nn.Module,
-                  text_encoders: Sequence[torch.nn.Module], run_dir: Path, to_fp32: bool) -> Path:
-        return save_full_pipeline(self.pipeline_class, source, revision, self._modules(parts, denoiser, text_encoders),
-                                  run_dir, to_fp32)
-
-    @staticmethod
-    def _modules(parts: Components, denoiser: torch.nn.Module, text_encoders: Sequence[torch.nn.Module]) -> dict:
-        return {"vae": parts.vae, TEXT_ENCODER: text_encoders[0], TEXT_ENCODER_2: text_encoders[1],
-                "tokenizer": parts.tokenizer, "tokenizer_2": parts.tokenizer_2, "transformer": denoiser}
