@@ -140,8 +140,10 @@ def sampling_updates(toy: ToyModel, source: str) -> tuple[Any, Any, Any, Any]:
     defaults = family.sampling_defaults
     if defaults["sampler"]:  # SD 1.x/2.x, SDXL: the visitor's own guidance and steps stay
         return gr.update(visible=True), gr.skip(), gr.skip(), gr.update(visible=True)
-    return (gr.update(visible=defaults["negative"]), defaults["guidance_scale"], defaults["steps"],
-            gr.update(visible=False))
+    config = try_read_config(Path((source or "").strip()))
+    known = KNOWN_MODELS.get(config.pretrained_model if config is not None else (source or "").strip())
+    steps = known.steps if known is not None and known.steps else defaults["steps"]  # FLUX.1-schnell: 4
+    return gr.update(visible=defaults["negative"]), defaults["guidance_scale"], steps, gr.update(visible=False)
 
 
 def refresh(deps: GenerateDeps, request: gr.Request | None = None) -> Any:

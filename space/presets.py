@@ -39,6 +39,7 @@ SD, SDXL, SD3, FLUX = "sd", "sdxl", "sd3", "flux"  # trainer.families' names of 
 class KnownModel(NamedTuple):
     family: str  # a trainer.families name
     resolution: int  # the size it was trained at, which it samples best at
+    steps: int | None = None  # denoising steps it was distilled for, where not its family's (FLUX.1-schnell: 4)
 
 
 # Known base models, smallest memory first (SDXL last); the key is what the engine loads.
@@ -51,7 +52,7 @@ KNOWN_MODELS: dict[str, KnownModel] = {
     "stabilityai/stable-diffusion-3.5-medium": KnownModel(SD3, 1024),
     "stabilityai/stable-diffusion-3.5-large": KnownModel(SD3, 1024),
     "black-forest-labs/FLUX.1-dev": KnownModel(FLUX, 1024),
-    "black-forest-labs/FLUX.1-schnell": KnownModel(FLUX, 1024),
+    "black-forest-labs/FLUX.1-schnell": KnownModel(FLUX, 1024, steps=4),
 }
 
 

@@ -50,6 +50,7 @@ def test_a_flux_or_sd3_source_samples_as_its_family_does(tmp_path: Path, toy: To
     assert negative["visible"] is False and sampler["visible"] is False
     *_, negative, guidance, steps, sampler = on_model(deps, "stabilityai/stable-diffusion-3.5-medium")
     assert negative["visible"] is True and sampler["visible"] is False and (guidance, steps) == (7.0, 28)
+    assert on_model(deps, "black-forest-labs/FLUX.1-schnell")[6] == 4  # distilled for 4 steps
     *_, negative, guidance, steps, sampler = on_model(deps, SDXL_BASE)
     assert negative["visible"] is True and sampler["visible"] is True
     assert isinstance(guidance, type(gr.skip())) and isinstance(steps, type(gr.skip()))
