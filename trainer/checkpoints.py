@@ -1,7 +1,7 @@
 """Resumable checkpoints: trainable weights, optimizer, LR schedule, step; written atomically.
 
 Only trainable tensors are stored (the frozen base model is reloaded on resume), so a LoRA
-checkpoint is megabytes, not the whole UNet. Data order and noise are derived from (seed,
+checkpoint is megabytes, not the whole denoiser. Data order and noise are derived from (seed,
 step) in `batches.py`, so the step number is all the data-loader state a resume needs.
 """
 

@@ -288,11 +288,11 @@ def setup_training(run: Run, parts: Components) -> Trainables:
     text_params = [p for te in trained for p in trainable_parameters(te)]
     how, offload = strategy(accelerator)
     if how != "ddp" and base is not None:
-        raise ConfigError("`preservation`: base-prediction needs the whole UNet in every process; under DeepSpeed "
+        raise ConfigError("`preservation`: base-prediction needs the whole denoiser (UNet or transformer) in every process; under DeepSpeed "
                           "or FSDP use class-images (or the DDP configuration, configs/accelerate/multi_gpu.yaml)")
     if how == "deepspeed" and text_params:
         raise ConfigError("`train_text_encoder`: under DeepSpeed accelerate trains one model per engine; train the "
-                          "UNet alone here, or use the DDP or FSDP configuration (configs/accelerate/)")
+                          "UNet or transformer alone here, or use the DDP or FSDP configuration (configs/accelerate/)")
     if how == "deepspeed":
         sharded.fit_deepspeed_config(accelerator, config)
     optimizer = make_optimizer(denoiser_params, text_params, config, run.warn, how, offload)
@@ -513,7 +513,7 @@ def last_finite_checkpoint(run_dir: Path) -> tuple[Path | None, list[Path]]:
         finite = True
         for file in sorted(path.glob("*.safetensors")):
             with safe_open(file, framework="pt") as weights:
-                names = weights.keys()  # one tensor at a time: a full UNet's checkpoint is gigabytes
+                names = weights.keys()  # one tensor at a time: a full denoiser's checkpoint is gigabytes
                 finite = finite and all(bool(torch.isfinite(weights.get_tensor(name)).all()) for name in names)
         if finite:
             return path, removed

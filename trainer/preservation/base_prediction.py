@@ -6,8 +6,8 @@ trainers ask the base model directly: each step, the instance rows' noisy latent
 model a second time with the class prompt, and the target is what the base model predicts for them
 (ai-toolkit's "differential output preservation"). Nothing to generate before the first step, and
 the target is the base model itself rather than a hundred samples of it; the cost is a forward pass
-of the base model a step, and for a full fine-tune a frozen copy of the UNet (in the mixed-precision
-dtype: `trainer.memory.estimate` counts it). A LoRA's base model is the same UNet with its adapters switched
+of the base model a step, and for a full fine-tune a frozen copy of the denoiser (in the mixed-precision
+dtype: `trainer.memory.estimate` counts it). A LoRA's base model is the same denoiser with its adapters switched
 off, so it costs no memory.
 
 The class prompt's conditioning for the base model is computed once, when the run is set up and
@@ -34,7 +34,7 @@ class BasePrediction:
 
     class_ids: torch.Tensor  # the class prompt's token ids, one row
     conditioning: Conditioning  # the base text encoders' conditioning of it, one row
-    frozen_denoiser: torch.nn.Module | None  # full fine-tuning: the base UNet; LoRA: None (adapters off)
+    frozen_denoiser: torch.nn.Module | None  # full fine-tuning: the base denoiser; LoRA: None (adapters off)
 
     @classmethod
     def create(cls, config: TrainConfig, parts: Components, device: torch.device,
@@ -60,7 +60,7 @@ class BasePrediction:
     def targets(self, parts: Components, denoiser: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor,
                 image_info: torch.Tensor) -> torch.Tensor:
         """The base model's prediction for the class prompt on these noisy latents. `denoiser` is the
-        trained UNet, unwrapped (its adapters are switched off for this forward)."""
+        trained denoiser, unwrapped (its adapters are switched off for this forward)."""
         cond = Conditioning.cat([self.conditioning] * noisy.shape[0])
         if self.frozen_denoiser is not None:
             return parts.family.predict(self.frozen_denoiser, noisy, timesteps, cond, image_info)

@@ -60,12 +60,12 @@ def class_images(
     """Return `num_class_images` paths: the user's folder first, then cached/generated ones.
 
     `should_stop` is asked between batches; images generated until then stay in the cache.
-    `autocast` is the run's mixed-precision context: the UNet and text encoders may be in half
+    `autocast` is the run's mixed-precision context: the denoiser and text encoders may be in half
     precision while the VAE stays in fp32, and autocast lets their tensors meet.
     With several processes, `share` is (this process, how many) and `wait` their barrier: every
     process lists what is missing, cuts it into the batches one process would generate and makes
     every n-th batch, so none is made twice and each image comes out of the same batch as in a
-    one-process run: the same bytes (a UNet's output for one image depends, at float rounding, on
+    one-process run: the same bytes (a denoiser's output for one image depends, at float rounding, on
     what else is in its batch; a split by image flipped a pixel of the toy model's class images).
     """
     own = _images_in(Path(config.class_data_dir)) if config.class_data_dir else []
