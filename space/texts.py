@@ -83,7 +83,7 @@ CONCEPT_HELP = (
     "for 30% (object), 65% (person) or 15% (style) of the steps."
 )
 METHOD_HELP = (
-    "LoRA: small file, less memory, fast. Full: the whole UNet, best fidelity, needs more memory (the line below "
+    "LoRA: small file, less memory, fast. Full: the whole UNet or transformer, best fidelity, needs more memory (the line below "
     "says whether it fits your GPU)."
 )
 BASE_MODEL_HELP = "Pick one, or type any Hub id (user/model) or a local diffusers folder."
