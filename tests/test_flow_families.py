@@ -244,3 +244,20 @@ def test_a_gated_base_without_access_says_what_to_do(hub, tiny_flux_model_dir: P
         resolve_model(repo, token=WRITE_TOKEN)
     hub.repos[repo].granted.add(USER)  # accepted: the same token now reads it
     assert resolve_model(repo, token=WRITE_TOKEN).kind == "full"
+
+
+def test_the_memory_command_says_it_does_not_size_flux_yet(tiny_flux_model_dir: Path, subject_images: Path,
+                                                           tmp_path: Path) -> None:
+    """`python -m trainer memory` on a FLUX model names the families it sizes, not a missing config.json; the
+    engine's own check before a GPU training warns with the same words and lets it train."""
+    from cli_helpers import run_cli
+
+    from trainer.loop import Run, check_memory
+
+    status, stderr = run_cli(["memory", "--pretrained-model", str(tiny_flux_model_dir)])
+    assert status == 1 and "is a FLUX.1 model; the memory model sizes Stable Diffusion 1.x/2.x and" in stderr
+    warnings: list[str] = []
+    run = Run(tiny_config(tiny_flux_model_dir, subject_images, tmp_path / "run"), lambda event: None, None)
+    run.warn = warnings.append
+    check_memory(run, torch.device("cuda"))  # the shapes are read before any CUDA call: refused there
+    assert len(warnings) == 1 and "Memory not estimated" in warnings[0] and "FLUX.1 model" in warnings[0]

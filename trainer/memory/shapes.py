@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from trainer.config import UserError
 from trainer.families import Components, ModelFamily, family_by_name, family_for_class, read_model_index
 from trainer.families.base import first_line
 from trainer.model_files import TEXT_ENCODER, TEXT_ENCODER_2, TEXT_ENCODERS, text_encoder_names
@@ -67,6 +68,10 @@ KNOWN_CONFIGS: dict[str, dict[str, dict[str, Any]]] = {
 }
 # fmt: on
 KNOWN_LABELS = {"sd": "Stable Diffusion 1.5", "sdxl": "SDXL base 1.0"}
+
+
+class UnsizedFamilyError(UserError, RuntimeError):
+    """The base model is of a family the memory model does not size (yet): SD 3, FLUX."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -161,8 +166,15 @@ def read_shapes(
 
     try:
         found = family_for_class(read_model_index(source, revision, cached_only=local_only).get("_class_name"), source)
+        if found.name not in KNOWN_CONFIGS:
+            sized = " and ".join(family_by_name(name).label for name in KNOWN_CONFIGS)
+            raise UnsizedFamilyError(
+                f"`pretrained_model`: {source} is a {found.label} model; the memory model sizes {sized} only so far "
+                "(the app picks SD 3 and FLUX settings from the peaks their trainers publish)")
         configs = _read_configs(found, source, revision, pretrained_vae, local_only)
         return ModelShapes(found, configs)
+    except UnsizedFamilyError:
+        raise
     except (ModelLoadError, OSError, ValueError) as err:
         name = family or (found.name if "found" in locals() else None)
         if name not in KNOWN_CONFIGS:
