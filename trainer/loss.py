@@ -52,8 +52,6 @@ def row_noise(latents: torch.Tensor, offset_noise: float, gen: torch.Generator) 
 class Denoising:
     """DDPM: noise added at a uniformly drawn timestep; the target by the scheduler's prediction type."""
 
-    name = "ddpm"
-
     def noised(self, scheduler, latents: torch.Tensor, gens: list[torch.Generator], config: TrainConfig) -> Noised:
         noise, timesteps = noise_and_timesteps(latents, scheduler.config.num_train_timesteps, config.offset_noise, gens)
         noisy = scheduler.add_noise(latents, noise, timesteps)
@@ -70,8 +68,6 @@ class FlowMatching:
     """Rectified flow (SD 3, FLUX): σ drawn by the config's weighting scheme (diffusers'
     `compute_density_for_timestep_sampling`) and mapped through the scheduler's own (shifted) sigmas;
     noisy = (1 − σ)·x + σ·ε, target ε − x, rows weighted by `compute_loss_weighting_for_sd3`."""
-
-    name = "flow-matching"
 
     def noised(self, scheduler, latents: torch.Tensor, gens: list[torch.Generator], config: TrainConfig) -> Noised:
         count = scheduler.config.num_train_timesteps

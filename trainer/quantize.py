@@ -16,8 +16,6 @@ from __future__ import annotations
 import torch
 
 BLOCK = 64  # bitsandbytes quantizes each weight row in blocks of this many inputs (every real model's widths divide)
-# Bits per weight of each quantization, for the memory model (NF4 also stores one fp32 absmax per 64 weights).
-BITS: dict[str, float] = {"none": 16.0, "nf4": 4.0 + 32 / 64, "int8": 8.0}
 
 
 def quantize(model: torch.nn.Module, kind: str, blocks: tuple[str, ...], compute_dtype: torch.dtype) -> int:

@@ -54,7 +54,7 @@ class _FlowTransformer(ModelFamily):
                               field="resolution")
 
     def t5_tokens(self, parts: Components) -> int:
-        config = getattr(parts, "config", None)
+        config = parts.config
         return (config.max_sequence_length if config is not None and config.max_sequence_length
                 else self.default_t5_tokens)
 
@@ -234,7 +234,7 @@ class Flux(_FlowTransformer):
         n = parts.tokenizer.model_max_length
         pooled = clip(input_ids[:, :n], output_hidden_states=False).pooler_output
         states = t5(input_ids[:, n:], output_hidden_states=False)[0]
-        config = getattr(parts, "config", None)
+        config = parts.config
         guidance = torch.full((input_ids.shape[0],), config.guidance if config is not None else 1.0,
                               device=input_ids.device, dtype=torch.float32)
         return Conditioning(states, {"pooled": pooled, "guidance": guidance})
